@@ -1,0 +1,158 @@
+"""Central-slice extraction from a padded 3D Fourier transform (RELION ``Projector``).
+
+``make_reference`` builds the padded transform of a map (ALGORITHM.md §1.2): divide by the trilinear kernel
+transform ``sinc^2(|r| / (pN))``, zero-pad to ``pN``, centred forward FFT scaled by ``1/N^2`` (so a central slice
+is the ``1/N^2``-normalised 2D transform of a projection), keep ``|q| <= round(p r_max)``.
+
+``project`` extracts slices for a batch of rotations by trilinear interpolation with the Friedel rule (§1.5),
+filling only ``kx^2 + ky^2 <= r^2`` with ``r = min(n/2, r_max)``.  Checked against ``relion_project`` images
+(``tests/test_relion_golden.py``: max relative error ~1e-6 on all 12 golden rows at box 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import get_xp
+from ..conventions import freq_indices_2d
+from .fourier import PaddedGrid, layout_shape, sinc2_correction
+
+__all__ = ["FourierReference", "make_reference", "project", "slice_coordinates", "trilinear_gather",
+           "reference_power_spectrum"]
+
+
+@dataclass(frozen=True)
+class FourierReference:
+    """A padded, sphere-cut 3D Fourier transform in the layout of :mod:`gerelion_dask.ops.fourier`."""
+
+    data: object  # (P, P, r_pad + 2) complex
+    grid: PaddedGrid
+
+
+def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dtype=None) -> FourierReference:
+    """Padded 3D transform of a real map ``(N, N, N)`` (origin at voxel N//2), cut to ``r_max`` shells.
+
+    ``dtype`` defaults to complex128 for float64 input and complex64 otherwise.
+    """
+    xp = get_xp(volume)
+    n = volume.shape[-1]
+    if volume.shape != (n, n, n):
+        raise ValueError(f"reference map must be a cube, got shape {volume.shape}")
+    grid = PaddedGrid.create(n, r_max, padding)
+    pad_n = grid.pad_n
+    if dtype is None:
+        dtype = xp.complex128 if volume.dtype == np.float64 else xp.complex64
+    real_dtype = np.float64 if np.dtype(dtype) == np.complex128 else np.float32
+    v = volume.astype(real_dtype) / sinc2_correction(n, pad_n, xp, dtype=real_dtype)
+    padded = xp.zeros((pad_n,) * 3, dtype=real_dtype)
+    o = pad_n // 2 - n // 2
+    padded[o : o + n, o : o + n, o : o + n] = v
+    F = xp.fft.rfftn(xp.roll(padded, (-(pad_n // 2),) * 3, axis=(0, 1, 2))) / (n * n)
+    return FourierReference(_cut_to_layout(F.astype(dtype), grid.r_pad, pad_n), grid)
+
+
+def _cut_to_layout(F, r_pad: int, pad_n: int):
+    """Copy the sphere ``|q| <= r_pad`` of an rfftn array ``(pad_n, pad_n, pad_n/2+1)`` into the centred layout."""
+    xp = get_xp(F)
+    P, _, px = layout_shape(r_pad)
+    c = r_pad + 1
+    k = xp.arange(-c, c + 1)
+    idx = k % pad_n
+    kx = xp.arange(px)
+    out = F[idx[:, None, None], idx[None, :, None], xp.minimum(kx, pad_n // 2)[None, None, :]]
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    return xp.where(r2 <= r_pad * r_pad, out, 0).astype(F.dtype)
+
+
+def slice_coordinates(rotations, n: int, grid: PaddedGrid, *, xp=None, half_plane: bool = False):
+    """3D padded-grid coordinates of the central slices of a window of size ``n``.
+
+    Returns ``(q, valid)``: ``q`` of shape ``(B, n, n//2+1, 3)`` (x, y, z) and a boolean mask of the pixels a
+    projection fills (``kx^2 + ky^2 <= min(n/2, r_max)^2`` and ``|q| <= r_pad``).  With ``half_plane`` the
+    redundant pixels ``kx = 0, ky < 0`` are also masked out (back-projection and likelihood sums).
+    """
+    xp = xp or get_xp(rotations)
+    A = xp.asarray(rotations)
+    ky, kx = freq_indices_2d(n, xp)
+    r = min(n // 2, grid.r_max)
+    inside = kx * kx + ky * ky <= r * r
+    if half_plane:
+        inside = inside & ~((kx == 0) & (ky < 0))
+    p = grid.padding
+    kxf = kx.astype(A.dtype)[None]
+    kyf = ky.astype(A.dtype)[None]
+    qx = p * (A[:, 0, 0, None, None] * kxf + A[:, 1, 0, None, None] * kyf)
+    qy = p * (A[:, 0, 1, None, None] * kxf + A[:, 1, 1, None, None] * kyf)
+    qz = p * (A[:, 0, 2, None, None] * kxf + A[:, 1, 2, None, None] * kyf)
+    q = xp.stack([qx, qy, qz], axis=-1)
+    valid = inside[None] & ((qx * qx + qy * qy + qz * qz) <= grid.r_pad**2 + 1e-6)
+    return q, valid
+
+
+def _corner_indices(q, r_pad: int, xp):
+    """Friedel-folded trilinear corners: (flat base index, fractions fx fy fz, conj flag, strides)."""
+    P, _, px = layout_shape(r_pad)
+    conj = q[..., 0] < 0
+    s = xp.where(conj, -1.0, 1.0).astype(q.dtype)[..., None]
+    qq = q * s
+    c = r_pad + 1
+    x, y, z = qq[..., 0], qq[..., 1] + c, qq[..., 2] + c
+    x0, y0, z0 = xp.floor(x), xp.floor(y), xp.floor(z)
+    fx, fy, fz = x - x0, y - y0, z - z0
+    x0 = xp.clip(x0.astype(xp.int64), 0, px - 2)
+    y0 = xp.clip(y0.astype(xp.int64), 0, P - 2)
+    z0 = xp.clip(z0.astype(xp.int64), 0, P - 2)
+    base = (z0 * P + y0) * px + x0
+    return base, (fx, fy, fz), conj, (P * px, px, 1)
+
+
+def trilinear_gather(data, q, valid):
+    """Trilinear interpolation of a layout array at coordinates ``q (..., 3)``; 0 where not ``valid``."""
+    xp = get_xp(data, q)
+    r_pad = data.shape[-1] - 2
+    base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(q, r_pad, xp)
+    flat = data.reshape(-1)
+    out = xp.zeros(q.shape[:-1], dtype=data.dtype)
+    for dz, wz in ((0, 1 - fz), (1, fz)):
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                out += (wz * wy * wx) * flat[base + dz * sz + dy * sy + dx * sx]
+    out = xp.where(conj, xp.conj(out), out)
+    return xp.where(valid, out, 0)
+
+
+def project(ref: FourierReference, rotations, n: int | None = None):
+    """Central slices ``(B, n, n//2+1)`` of ``ref`` for rotation matrices ``(B, 3, 3)`` (RELION ``get2DFourierTransform``).
+
+    ``n`` defaults to ``2 * r_max``.  The result is in the windowed half-complex layout of
+    :func:`gerelion_dask.conventions.window_rfft2`; frequencies are in units of the original box.
+    """
+    xp = get_xp(ref.data)
+    n = 2 * ref.grid.r_max if n is None else n
+    real = np.float64 if ref.data.dtype == np.complex128 else np.float32
+    A = xp.asarray(rotations, dtype=real)
+    if A.ndim == 2:
+        A = A[None]
+    q, valid = slice_coordinates(A, n, ref.grid, xp=xp)
+    return trilinear_gather(ref.data, q, valid)
+
+
+def reference_power_spectrum(ref: FourierReference):
+    """tau^2 of a reference: per original shell, mean of ``|V(q)|^2 / 2`` over stored voxels with
+    ``round(|q| / p) = shell`` (RELION records it while building the projector).  Returns ``(r_max + 1,)`` float64.
+    """
+    xp = get_xp(ref.data)
+    from .fourier import layout_coordinates
+
+    kz, ky, kx = layout_coordinates(ref.grid.r_pad, xp)
+    r = xp.sqrt((kz * kz + ky * ky + kx * kx).astype(np.float64))
+    inside = r <= ref.grid.r_pad
+    shell = xp.floor(r / ref.grid.padding + 0.5).astype(np.int64)
+    nsh = ref.grid.r_max + 1
+    sel = inside & (shell < nsh)
+    p2 = (xp.abs(ref.data) ** 2 / 2).astype(np.float64)
+    sums = xp.bincount(shell[sel], weights=p2[sel], minlength=nsh)[:nsh]
+    cnt = xp.bincount(shell[sel], minlength=nsh)[:nsh]
+    return sums / xp.maximum(cnt, 1)

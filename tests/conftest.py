@@ -1,0 +1,36 @@
+"""Shared fixtures: the array backend (NumPy always, CuPy on a GPU machine) and the shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gerelion_dask.backend import gpu_count
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GOLDEN = SHARED_DATA / "golden"
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module under test: every op test runs on NumPy, and on CuPy where a CUDA device exists."""
+    if request.param == "cupy":
+        if gpu_count() == 0:
+            pytest.skip("no CUDA device here: CuPy twins are run on the GPU machine (benchmarks/RESULTS.md)")
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_np(a):
+    """Host copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def need_golden():
+    if not GOLDEN.is_dir():
+        pytest.skip(f"RELION golden data not found at {GOLDEN}")
+    return GOLDEN
