@@ -19,3 +19,7 @@ class InputError(ValueError):
         if hint:
             text += f" ({hint})"
         super().__init__(text)
+
+    def __reduce__(self):
+        # picklable with its fields, so an error raised in a Dask task reaches the client intact
+        return (InputError, (self.path, self.problem, self.hint))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 from gerelion_dask.backend import gpu_count
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; GERELION_SHARED_DATA points elsewhere (the GPU machine gets a copy)
+SHARED_DATA = Path(os.environ.get("GERELION_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GOLDEN = SHARED_DATA / "golden"
 
 
