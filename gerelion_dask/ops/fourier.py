@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PaddedGrid", "padded_size", "layout_shape", "layout_coordinates", "sinc2_correction"]
+__all__ = ["PaddedGrid", "padded_size", "layout_shape", "layout_coordinates", "sinc2_correction", "shells_2d",
+           "likelihood_pixels", "npix_per_shell"]
 
 
 def padded_size(ori_size: int, padding: float) -> int:
@@ -87,3 +88,32 @@ def sinc2_correction(n: int, pad_n: int, xp=np, ndim: int = 3, dtype=np.float64)
     else:
         r = xp.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
     return xp.sinc(r / pad_n) ** 2
+
+
+def shells_2d(n: int, xp=np):
+    """Shell index ``floor(|k| + 0.5)`` (RELION's ROUND) of every pixel of the ``[n][n/2+1]`` window."""
+    from ..conventions import freq_indices_2d
+
+    ky, kx = freq_indices_2d(n, xp)
+    return xp.floor(xp.sqrt((kx * kx + ky * ky).astype(np.float64)) + 0.5).astype(np.int64)
+
+
+def likelihood_pixels(n: int, xp=np, include_dc: bool = False):
+    """Boolean mask of the window pixels that enter likelihood sums (ALGORITHM.md §4.2).
+
+    Shell ``1 <= nu <= n/2`` (``0 <= nu`` with ``include_dc``, as in the weighted sums of §4.6), and not one of the
+    redundant half-plane pixels ``kx = 0, ky < 0``.
+    """
+    from ..conventions import freq_indices_2d
+
+    ky, kx = freq_indices_2d(n, xp)
+    sh = shells_2d(n, xp)
+    lo = 0 if include_dc else 1
+    return (sh >= lo) & (sh <= n // 2) & ~((kx == 0) & (ky < 0))
+
+
+def npix_per_shell(n: int) -> np.ndarray:
+    """Number of non-redundant half-plane pixels of an ``n x n`` transform per shell 0..n/2 (RELION ``Npix``)."""
+    sh = shells_2d(n)
+    m = likelihood_pixels(n, include_dc=True)
+    return np.bincount(sh[m], minlength=n // 2 + 1)[: n // 2 + 1]
