@@ -82,16 +82,13 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjectio
     wts = xp.asarray(fweight)[valid].astype(bp.weight.dtype)
     base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(qv, bp.grid.r_pad, xp)
     vals = xp.where(conj, xp.conj(vals), vals)
-    idx_all, w_all = [], []
     for dz, wz in ((0, 1 - fz), (1, fz)):
         for dy, wy in ((0, 1 - fy), (1, fy)):
             for dx, wx in ((0, 1 - fx), (1, fx)):
-                idx_all.append(base + dz * sz + dy * sy + dx * sx)
-                w_all.append(wz * wy * wx)
-    idx = xp.concatenate(idx_all)
-    tw = xp.concatenate(w_all)
-    _scatter_add(xp, bp.data, idx, xp.tile(vals, 8) * tw)
-    _scatter_add(xp, bp.weight, idx, xp.tile(wts, 8) * tw)
+                idx = base + dz * sz + dy * sy + dx * sx
+                tw = wz * wy * wx
+                _scatter_add(xp, bp.data, idx, vals * tw)
+                _scatter_add(xp, bp.weight, idx, wts * tw)
     return bp
 
 

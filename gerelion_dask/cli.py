@@ -1,0 +1,191 @@
+"""The ``gerelion`` command: refine, classify, simulate, import, reconstruct, demo.
+
+``refine`` and ``classify`` take ``relion_refine``'s flag names (README: flag table).  Bad input prints one line
+``gerelion: error: <file>: <problem>`` and exits with code 2; existing results are never overwritten unless
+``--overwrite`` is given.  Logging is configured here only (the library uses module loggers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["main", "refine_parser"]
+
+# relion_refine flags accepted for compatibility whose meaning here differs (documented in the README)
+_COMPAT_VALUE = {"--j": "threads per task (ignored: one task per worker)",
+                 "--memory_per_thread": "ignored (memory is planned from the GPU/host size)",
+                 "--mode": "ignored (GeRelion's --mode 1 is our only mode)",
+                 "--gpu": "ignored (GPUs are found automatically)",
+                 "--free_gpu_memory": "ignored"}
+_COMPAT_FLAG = {"--dont_combine_weights_via_disc": "always (partial sums travel in memory)",
+                "--no_parallel_disc_io": "ignored", "--preread_images": "ignored (images are read per pool)",
+                "--scratch_dir": "ignored"}
+
+
+def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "3D classification" if classify else "3D auto-refinement (gold-standard halves)") +
+        " with relion_refine's flags. Example: see README.")
+    a = p.add_argument
+    a("--i", required=True, help="input particles STAR file (RELION 3.0 or 3.1)")
+    a("--o", required=True, help="output root, e.g. Refine3D/job001/run")
+    a("--ref", required=True, help="initial reference map (MRC), or a STAR file of K maps")
+    a("--ini_high", type=float, default=0.0, help="low-pass filter the reference to this resolution (Å)")
+    a("--particle_diameter", type=float, default=0.0, help="mask diameter (Å)")
+    for f, h in (("--ctf", "do CTF correction"), ("--ctf_corrected_ref", "the reference is CTF-corrected"),
+                 ("--ctf_intact_first_peak", "ignore CTFs until their first peak"),
+                 ("--ctf_phase_flipped", "images are phase flipped"), ("--only_flip_phases", "phase flipping only"),
+                 ("--firstiter_cc", "cross-correlation in iteration 1"), ("--flatten_solvent", "solvent flattening"),
+                 ("--zero_mask", "zero (not noise) background"), ("--norm", "normalisation correction"),
+                 ("--scale", "intensity-scale correction"), ("--auto_refine", "auto-refine"),
+                 ("--split_random_halves", "gold-standard halves"),
+                 ("--dont_skip_gridding", "iterative gridding in the reconstruction"),
+                 ("--fix_sigma_noise", "keep the noise spectra"), ("--fix_sigma_offset", "keep sigma_offset"),
+                 ("--overwrite", "replace the results of an earlier run under --o")):
+        a(f, action="store_true", help=h)
+    a("--healpix_order", type=int, default=2)
+    a("--oversampling", type=int, default=1)
+    a("--offset_range", type=float, default=6.0, help="pixels")
+    a("--offset_step", type=float, default=2.0, help="pixels")
+    a("--sym", default="C1")
+    a("--K", type=int, default=1)
+    a("--iter", type=int, default=25)
+    a("--tau2_fudge", type=float, default=1.0)
+    a("--low_resol_join_halves", type=float, default=0.0)
+    a("--auto_local_healpix_order", type=int, default=4)
+    a("--random_seed", type=int, default=-1)
+    a("--pad", type=float, default=2.0)
+    a("--adaptive_fraction", type=float, default=0.999)
+    a("--maxsig", type=int, default=-1)
+    a("--offset", type=float, default=10.0, help="sigma of the offset prior (Å)")
+    a("--perturb", type=float, default=0.5)
+    a("--incr_size", type=int, default=10)
+    a("--maskedge", type=float, default=5.0)
+    a("--sigma_ang", type=float, default=0.0)
+    a("--auto_iter_max", type=int, default=999)
+    a("--pool", type=int, default=64, help="particles per E-step task")
+    a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="array backend (auto: GPU when present)")
+    for f, h in _COMPAT_VALUE.items():
+        a(f, default=None, help=h)
+    for f, h in _COMPAT_FLAG.items():
+        a(f, action="store_true", help=h)
+    return p
+
+
+def _job_config(ns, classify: bool):
+    from .config import JobConfig
+
+    fields = set(JobConfig.__dataclass_fields__)
+    kw = {k: v for k, v in vars(ns).items() if k in fields}
+    if not classify:
+        kw["auto_refine"] = True
+        kw["split_random_halves"] = True
+    return JobConfig(**kw)
+
+
+def _check_output(cfg) -> None:
+    root = Path(cfg.o)
+    folder = root.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = folder / ".gerelion_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(folder, f"output folder is not writable ({e.strerror})") from None
+    existing = sorted(folder.glob(root.name + "_it*_data.star")) + sorted(folder.glob(root.name + "_data.star"))
+    if existing and not cfg.overwrite:
+        raise InputError(existing[0], "an earlier run's results are there", "use another --o, or --overwrite")
+    if cfg.overwrite:
+        pj = folder / (root.name + "_progress.jsonl")
+        if pj.exists():
+            pj.unlink()
+
+
+def cmd_refine(argv, classify: bool) -> int:
+    ns = refine_parser("gerelion classify" if classify else "gerelion refine", classify).parse_args(argv)
+    from .driver import InProcessRunner, run_job
+    from .job_files import make_writer
+
+    cfg = _job_config(ns, classify).validate()
+    _check_output(cfg)
+    res = run_job(cfg, runner=InProcessRunner(ns.device if ns.device != "gpu" else "auto"), writer=make_writer(cfg.o))
+    last = res.iterations[-1] if res.iterations else None
+    if last:
+        print(f"done: {len(res.iterations)} iterations, resolution {last.resolution_angst:.2f} Å; "
+              f"files under {Path(cfg.o).parent}")
+    return 0
+
+
+def cmd_reconstruct(argv) -> int:
+    p = argparse.ArgumentParser(prog="gerelion reconstruct", description="reconstruct a map from particles at "
+                                "their poses (like relion_reconstruct)")
+    p.add_argument("--i", required=True)
+    p.add_argument("--o", required=True)
+    p.add_argument("--ctf", action="store_true")
+    p.add_argument("--sym", default="C1")
+    p.add_argument("--subset", type=int, default=0)
+    p.add_argument("--class", dest="class_number", type=int, default=0)
+    p.add_argument("--pad", type=float, default=2.0)
+    p.add_argument("--skip_gridding", action="store_true")
+    ns = p.parse_args(argv)
+    from .io.mrc import write_map
+    from .reconstruct_job import reconstruct_star
+
+    vol, apix = reconstruct_star(ns.i, ctf=ns.ctf, sym=ns.sym, subset=ns.subset, class_number=ns.class_number,
+                                 gridding_iterations=0 if ns.skip_gridding else 10, pad=ns.pad)
+    write_map(ns.o, vol, apix)
+    print(ns.o)
+    return 0
+
+
+def cmd_import(argv) -> int:
+    p = argparse.ArgumentParser(prog="gerelion import", description="copy a STAR + MRCS data set into particles.zarr")
+    p.add_argument("--i", required=True)
+    p.add_argument("--o", required=True, help="output folder")
+    p.add_argument("--pool", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true")
+    ns = p.parse_args(argv)
+    from .io.particles import ParticleSet
+    from .io.zarr_store import import_particles
+
+    out = import_particles(ParticleSet.from_star(ns.i), ns.o, pool_size=ns.pool, overwrite=ns.overwrite)
+    print(out)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmds = {"refine": lambda a: cmd_refine(a, False), "classify": lambda a: cmd_refine(a, True),
+            "reconstruct": cmd_reconstruct, "import": cmd_import}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds | {"simulate": 0, "demo": 0}:
+        print("usage: gerelion {refine,classify,simulate,import,reconstruct,demo} ...  (each takes --help)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "simulate":
+            from .simulate_cli import simulate_main
+
+            return simulate_main(rest)
+        if cmd == "demo":
+            from .demo import demo_main
+
+            return demo_main(rest)
+        return cmds[cmd](rest)
+    except InputError as e:
+        print(f"gerelion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gerelion: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Validated settings of a refinement or classification job, named after ``relion_refine``'s flags.
+
+A :class:`JobConfig` is frozen; :func:`JobConfig.validate` turns impossible combinations into one-line
+:class:`~gerelion_dask.errors.InputError` messages (the command line exits with code 2 on them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .errors import InputError
+
+__all__ = ["JobConfig"]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    i: str  # particles STAR
+    o: str  # output root, e.g. Refine3D/job001/run
+    ref: str  # initial reference MRC
+    auto_refine: bool = False
+    split_random_halves: bool = False
+    K: int = 1
+    iter: int = 25  # classification iterations (RELION CLI default 50; GUI Class3D 25)
+    ini_high: float = 0.0
+    particle_diameter: float = 0.0  # Å, 0 = box * pixel size
+    ctf: bool = False
+    ctf_corrected_ref: bool = False
+    ctf_intact_first_peak: bool = False
+    ctf_phase_flipped: bool = False
+    only_flip_phases: bool = False
+    firstiter_cc: bool = False
+    healpix_order: int = 2
+    oversampling: int = 1
+    offset_range: float = 6.0  # pixels
+    offset_step: float = 2.0  # pixels
+    sym: str = "C1"
+    tau2_fudge: float = 1.0
+    low_resol_join_halves: float = 0.0
+    auto_local_healpix_order: int = 4
+    flatten_solvent: bool = False
+    zero_mask: bool = False
+    norm: bool = False
+    scale: bool = False
+    random_seed: int = -1
+    pad: float = 2.0
+    adaptive_fraction: float = 0.999
+    maxsig: int = -1
+    offset: float = 10.0  # sigma of the offset prior, Å
+    perturb: float = 0.5
+    incr_size: int = 10
+    maskedge: float = 5.0
+    sigma_ang: float = 0.0  # local angular searches in classification
+    auto_iter_max: int = 999
+    pool: int = 64  # particles per E-step task
+    dont_skip_gridding: bool = False
+    fix_sigma_noise: bool = False
+    fix_sigma_offset: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> JobConfig:
+        if self.K < 1:
+            raise InputError(None, f"--K {self.K}: the number of classes must be at least 1")
+        if self.auto_refine and self.K != 1:
+            raise InputError(None, f"--auto_refine with --K {self.K}: auto-refine refines one class", "use --K 1")
+        if self.auto_refine and not self.split_random_halves:
+            raise InputError(None, "--auto_refine needs --split_random_halves (gold-standard refinement)",
+                             "add --split_random_halves")
+        if not 0 <= self.healpix_order <= 8:
+            raise InputError(None, f"--healpix_order {self.healpix_order} is out of range", "use 0..8")
+        if self.oversampling != 1:
+            raise InputError(None, f"--oversampling {self.oversampling} is not supported", "use --oversampling 1")
+        if self.offset_range < 0 or self.offset_step <= 0:
+            raise InputError(None, f"--offset_range {self.offset_range} / --offset_step {self.offset_step}: the range "
+                             "must be >= 0 and the step > 0 (pixels)")
+        if self.tau2_fudge <= 0:
+            raise InputError(None, f"--tau2_fudge {self.tau2_fudge} must be positive")
+        if not 0 < self.adaptive_fraction <= 1:
+            raise InputError(None, f"--adaptive_fraction {self.adaptive_fraction} must be in (0, 1]")
+        if self.iter < 1 and not self.auto_refine:
+            raise InputError(None, f"--iter {self.iter} must be at least 1")
+        if self.pool < 1:
+            raise InputError(None, f"--pool {self.pool} must be at least 1")
+        if self.particle_diameter < 0:
+            raise InputError(None, f"--particle_diameter {self.particle_diameter} must be positive (Å)")
+        if self.pad < 1:
+            raise InputError(None, f"--pad {self.pad} must be >= 1")
+        from .ops.symmetry import symmetry_operators
+
+        symmetry_operators(self.sym)  # raises InputError for an unknown group
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> JobConfig:
+        names = {f.name for f in fields(JobConfig)}
+        return JobConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,316 @@
+"""The iteration loop of 3D auto-refine and 3D classification (RELION ``MlOptimiser::iterate``).
+
+The driver holds no large arrays beyond the current maps: each iteration it builds the E-step inputs per half set,
+hands the pools to a runner (in process here; on Dask workers with :mod:`gerelion_dask.distributed`), sums the
+partials per half, runs the M-step, updates the schedule and writes the iteration's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import JobConfig
+from .conventions import euler_to_matrix
+from .expectation.estep import EStepModel, EStepSettings, expectation_pool
+from .expectation.grid import OrientationGrid
+from .expectation.partials import Partials, PoolResult
+from .expectation.preprocess import PoolParticles, PreprocessSettings
+from .maximization.accuracy import estimate_accuracies
+from .maximization.model import Model
+from .maximization.mstep import MStepSettings, lowpass_map, maximization
+from .maximization.schedule import (ScheduleState, coarse_size, hidden_variable_changes, is_converged,
+                                    next_current_size, update_counters, update_sampling)
+from .ops.ctf import CtfParams
+from .ops.projector import make_reference, reference_power_spectrum
+from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
+from .ops.symmetry import direction_operators, symmetry_operators
+from .setup_job import JobInputs, ParticleState, initial_sigma2, load_inputs, particle_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_job", "JobResult", "InProcessRunner", "IterationRecord"]
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    resolution_angst: float
+    current_size: int
+    healpix_order: int
+    changes_orient: float
+    changes_offset: float
+    changes_class: float
+    class_fractions: list
+    ave_pmax: float
+    loglik: float
+    seconds: dict = field(default_factory=dict)
+    fsc: list = field(default_factory=list)
+
+
+@dataclass
+class JobResult:
+    output_root: str
+    iterations: list
+    model: Model
+    state: ParticleState
+    final_files: dict
+
+
+class InProcessRunner:
+    """Runs every E-step task in this process, in pool order (the reference the distributed runner must match)."""
+
+    def __init__(self, device: str = "auto"):
+        self.device = device
+
+    def run(self, tasks, models: dict, settings: dict, read_images, progress=None):
+        parts: dict[int, Partials] = {}
+        results = []
+        xp = _array_module(self.device)
+        for k, (rows, pp) in enumerate(tasks):
+            imgs = xp.asarray(read_images(rows))
+            m = models[pp.half]
+            if xp is not np:
+                m = replace(m, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in m.refs])
+            part, res = expectation_pool(imgs, pp, m, settings[pp.half])
+            part = part.to_host()
+            parts[pp.half] = part if pp.half not in parts else parts[pp.half] + part
+            results.append(res)
+            if progress:
+                progress(k + 1, len(tasks))
+        return parts, PoolResult.concat(results)
+
+
+def _array_module(device: str):
+    if device == "cpu":
+        return np
+    from .backend import gpu_count
+
+    if gpu_count() > 0:
+        import cupy
+
+        return cupy
+    return np
+
+
+def _pool_particles(inp: JobInputs, st: ParticleState, rows, half: int) -> PoolParticles:
+    c = inp.ctf
+    if c is None:
+        ctf = CtfParams(np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows)))
+    else:
+        ctf = CtfParams(*(np.asarray(getattr(c, f))[rows] if np.ndim(getattr(c, f)) else getattr(c, f)
+                          for f in c.__dataclass_fields__))
+    md = inp.particles.metadata
+    prior = np.zeros((len(rows), 2))
+    for j, name in enumerate(("rlnOriginXPriorAngst", "rlnOriginYPriorAngst")):
+        if name in md:
+            prior[:, j] = md[name].to_numpy(dtype=np.float64)[rows] / inp.pixel_size
+    return PoolParticles(np.asarray(rows), inp.optics_index[rows], inp.group_index[rows], half, ctf,
+                         st.offsets_px[rows], st.angles[rows], st.class_index[rows], st.norm[rows], prior)
+
+
+def _make_tasks(inp, st, pool_size):
+    tasks = []
+    for h in sorted(set(st.half.tolist())):
+        rows = np.nonzero(st.half == h)[0]
+        for s in range(0, len(rows), pool_size):
+            r = rows[s : s + pool_size]
+            tasks.append((r, _pool_particles(inp, st, r, int(h))))
+    return tasks
+
+
+def _initial_model(inp: JobInputs, cfg: JobConfig, sigma2, n_dir: int, halves: list) -> Model:
+    N, a = inp.box, inp.pixel_size
+    K = cfg.K
+    maps = [np.asarray(lowpass_map(m, cfg.ini_high, a)) if cfg.ini_high > 0 else m for m in inp.reference]
+    nsh = N // 2 + 1
+    H = len(halves)
+    res = (round(N * a / cfg.ini_high) if cfg.ini_high > 0 else nsh - 1) / (N * a)
+    return Model(N, a, [[m.copy() for m in maps] for _ in range(H)], np.full(K, 1.0 / K), np.full((K, n_dir), 1.0 / (K * n_dir)),
+                 sigma2, np.zeros((H, K, nsh)), np.full((H, K, nsh), 999.0), np.zeros((K, nsh)), np.zeros((H, K, nsh)),
+                 cfg.offset, 1.0, np.ones(len(inp.group_names)), res, tau2_fudge=cfg.tau2_fudge)
+
+
+def _resolution_shell(model: Model) -> int:
+    return int(round(model.current_resolution * model.ori_size * model.pixel_size))
+
+
+def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResult:
+    """Run a refinement or classification to the end; ``writer(iteration, ...)`` writes the files of each iteration."""
+    cfg = cfg.validate()
+    seed = cfg.random_seed if cfg.random_seed >= 0 else int(time.time())
+    rng = np.random.default_rng(seed)
+    inp = load_inputs(cfg)
+    runner = runner or InProcessRunner()
+    st = particle_state(inp, cfg, seed)
+    N, a = inp.box, inp.pixel_size
+    halves = [1, 2] if cfg.split_random_halves else [0]
+    sym_ops = symmetry_operators(cfg.sym)
+    dir_ops = direction_operators(cfg.sym)
+    sched = ScheduleState(cfg.healpix_order, cfg.offset_range, cfg.offset_step)
+    if cfg.auto_refine and cfg.healpix_order >= cfg.auto_local_healpix_order:
+        s = 2 * angular_step(cfg.healpix_order + 1)
+        sched = replace(sched, local_sigma_rot=s, local_sigma_psi=s)
+    if cfg.sigma_ang > 0:
+        sched = replace(sched, local_sigma_rot=cfg.sigma_ang, local_sigma_psi=cfg.sigma_ang)
+    dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+    pool_rows = [np.arange(s, min(s + 256, inp.particles.n)) for s in range(0, inp.particles.n, 256)]
+    sigma2 = initial_sigma2(inp, cfg, pool_rows)
+    model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
+    if writer:
+        writer(0, cfg, inp, model, st, sched, None, final=False)
+    records = []
+    prev_A = None
+    prev_off = st.offsets_px * a
+    prev_cls = st.class_index.copy()
+    max_iter = cfg.auto_iter_max if cfg.auto_refine else cfg.iter
+    it = 0
+    final = False
+    unfil = None
+    seed_classes = cfg.K > 1 and len(inp.reference) == cfg.K and not cfg.ref.endswith(".star")
+    while it < max_iter:
+        it += 1
+        t0 = time.time()
+        cc_iter = cfg.firstiter_cc and it == 1
+        if cfg.auto_refine and it > 1 and is_converged(sched):
+            final = True
+        shell = _resolution_shell(model)
+        cur = next_current_size(N, shell, cfg.incr_size, model.fsc[0] if cfg.auto_refine else None,
+                                sched.high_fsc_at_limit, model.ave_pmax, final) if it > 1 else \
+            min(2 * (shell + cfg.incr_size), N)
+        sched = replace(sched, current_size=cur, perturb=next_perturbation(sched.perturb, cfg.perturb, rng))
+        # accuracies and auto-sampling (not in CC iterations)
+        if it > 1 and not cc_iter and cfg.auto_refine and not final:
+            ref0 = make_reference(model.maps[0][0], r_max=cur // 2, padding=cfg.pad)
+            acc_r, acc_t = estimate_accuracies(ref0, st.angles[st.half == halves[0]],
+                                               _sub_ctf(inp.ctf, st.half == halves[0]), model.sigma2_noise[0], cur,
+                                               N, a, np.random.default_rng(seed + it))
+            model = replace(model, acc_rot=np.array([acc_r]), acc_trans_angst=np.array([acc_t]))
+            old_order = sched.healpix_order
+            sched = update_sampling(sched, acc_r, acc_t, a, cfg.auto_local_healpix_order)
+            if sched.healpix_order != old_order:
+                dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+                K = cfg.K
+                model = replace(model, pdf_direction=np.full((K, len(dirs.pix)), 1.0 / (K * len(dirs.pix))))
+        grid = OrientationGrid(sched.healpix_order, dirs.pix, angular_step(sched.healpix_order),
+                               sched.offset_range_px, sched.offset_step_px, sched.perturb)
+        cs = coarse_size(N, a, sched.healpix_order, inp.diameter, cur)
+        # classification seeding: random class per particle in the first non-CC iteration
+        seed_iter = seed_classes and ((it == 1 and not cfg.firstiter_cc) or (it == 2 and cfg.firstiter_cc))
+        if seed_classes and it == 1 and cfg.firstiter_cc:
+            models_pdf = np.zeros(cfg.K)
+            models_pdf[0] = 1.0
+            model = replace(model, pdf_class=models_pdf)
+        seeds = np.random.default_rng(seed + 7).integers(0, cfg.K, inp.particles.n) if seed_iter else None
+        models, settings, ref_tau2 = {}, {}, []
+        for hi, h in enumerate(halves):
+            refs = [None if m is None or model.pdf_class[c] <= 0 else make_reference(m, r_max=cur // 2, padding=cfg.pad)
+                    for c, m in enumerate(model.maps[hi])]
+            ref_tau2.append([np.zeros(N // 2 + 1) if r is None else _pad_spec(reference_power_spectrum(r), N)
+                             for r in refs])
+            models[h] = EStepModel(refs, model.pdf_class, model.pdf_direction, model.sigma2_noise,
+                                   model.data_vs_prior[hi], model.sigma_offset_angst, model.scales, model.avg_norm)
+            pp = PreprocessSettings(N, a, cur, inp.diameter, cfg.maskedge, cfg.zero_mask, cfg.norm, model.avg_norm,
+                                    cfg.ctf, cfg.ctf_intact_first_peak, cfg.ctf_phase_flipped, cfg.only_flip_phases,
+                                    seed)
+            settings[h] = EStepSettings(pp, grid, cs, cfg.adaptive_fraction, cfg.maxsig,
+                                        do_cc=cc_iter, do_scale=cfg.scale and not cc_iter,
+                                        ctf_on_reference=cfg.ctf_corrected_ref or it > 1,
+                                        local_sigma_rot=sched.local_sigma_rot, local_sigma_psi=sched.local_sigma_psi,
+                                        symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
+                                        n_groups=len(inp.group_names), seed_classes=None)
+        tasks = _make_tasks(inp, st, cfg.pool)
+        if seeds is not None:
+            tasks = [(r, p) for r, p in tasks]
+            settings = {h: s for h, s in settings.items()}
+        t1 = time.time()
+        parts, res = _run_estep(runner, tasks, models, settings, inp, seeds, progress)
+        t2 = time.time()
+        ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
+                           cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
+                           10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
+                           cfg.scale)
+        new_model, unfil = maximization(parts, model, ms, ref_tau2)
+        if seed_classes and it == 1 and cfg.firstiter_cc:
+            m0 = new_model.maps[0][0]
+            new_model = replace(new_model, maps=[[m0.copy() for _ in range(cfg.K)]], pdf_class=np.full(cfg.K, 1.0 / cfg.K),
+                                pdf_direction=np.repeat(new_model.pdf_direction[:1], cfg.K, axis=0))
+        model = new_model
+        t3 = time.time()
+        st = _update_state(st, res, a)
+        new_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2])
+        changes = hidden_variable_changes(prev_A, new_A, prev_off, st.offsets_px * a, prev_cls, st.class_index, sym_ops)
+        prev_A, prev_off, prev_cls = new_A, st.offsets_px * a, st.class_index.copy()
+        sched = update_counters(sched, model.current_resolution, changes, model.fsc[0] if cfg.auto_refine else None,
+                                cur)
+        rec = IterationRecord(it, model.resolution_angst(), cur, sched.healpix_order, *changes,
+                              model.pdf_class.tolist(), model.ave_pmax, model.loglik,
+                              {"estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},
+                              model.fsc[0].tolist())
+        records.append(rec)
+        log.info("iteration %d: resolution %.2f Å, size %d, order %d, changes %.2f deg %.2f Å %.3f, Pmax %.3f",
+                 it, rec.resolution_angst, cur, sched.healpix_order, *changes, model.ave_pmax)
+        if writer:
+            writer(it, cfg, inp, model, st, sched, rec, final=final, unfil=unfil)
+        if final:
+            break
+    files = writer("final", cfg, inp, model, st, sched, records[-1] if records else None, final=True, unfil=unfil) \
+        if writer else {}
+    return JobResult(cfg.o, records, model, st, files or {})
+
+
+def _run_estep(runner, tasks, models, settings, inp, seeds, progress):
+    if seeds is not None:
+        # seed iteration of classification: each pool runs with its particles' random classes
+        tasks2, sets = [], {}
+        for r, p in tasks:
+            tasks2.append((r, p))
+        settings = {h: s for h, s in settings.items()}
+        runner_settings = {}
+        parts, results = {}, []
+        for r, p in tasks2:
+            s = replace(settings[p.half], seed_classes=seeds[r])
+            runner_settings = {p.half: s}
+            pa, rs = runner.run([(r, p)], models, runner_settings, inp.particles.read_images)
+            for h, v in pa.items():
+                parts[h] = v if h not in parts else parts[h] + v
+            results.append(rs)
+        return parts, PoolResult.concat(results)
+    return runner.run(tasks, models, settings, inp.particles.read_images, progress)
+
+
+def _pad_spec(s, N):
+    out = np.zeros(N // 2 + 1)
+    s = np.asarray(s)
+    out[: min(len(s), len(out))] = s[: len(out)]
+    return out
+
+
+def _sub_ctf(ctf, mask):
+    if ctf is None:
+        return None
+    return CtfParams(*(np.asarray(getattr(ctf, f))[mask] if np.ndim(getattr(ctf, f)) else getattr(ctf, f)
+                       for f in ctf.__dataclass_fields__))
+
+
+def _update_state(st: ParticleState, res: PoolResult, pixel_size: float) -> ParticleState:
+    idx = res.index
+    angles = st.angles.copy()
+    offs = st.offsets_px.copy()
+    cls = st.class_index.copy()
+    norm = st.norm.copy()
+    pmax, nsig, ll = st.pmax.copy(), st.n_significant.copy(), st.loglik.copy()
+    angles[idx] = np.stack([res.rot, res.tilt, res.psi], 1)
+    offs[idx] = np.stack([res.origin_x_angst, res.origin_y_angst], 1) / pixel_size
+    cls[idx] = res.class_number - 1
+    norm[idx] = res.norm
+    pmax[idx], nsig[idx], ll[idx] = res.pmax, res.n_significant, res.loglik
+    return replace(st, angles=angles, offsets_px=offs, class_index=cls, norm=norm, pmax=pmax, n_significant=nsig,
+                   loglik=ll)
+
+
+_ = Path

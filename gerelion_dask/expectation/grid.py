@@ -1,0 +1,121 @@
+"""The hidden-variable grid of one iteration: coarse orientations and translations and their oversampled children.
+
+Index conventions follow ALGORITHM.md §3.3 and §4.3: coarse orientation ``o = dir * n_psi + psi``; with
+oversampling 1 each coarse orientation has 8 children ``i_over_rot = child_direction * 2 + psi_sub`` (children of
+HEALPix pixel p at order n+1 are 4p..4p+3, NESTED) and each coarse translation 4 children
+``i_over_trans = x_sub * 2 + y_sub``.  The random perturbation of §3.4 is applied to every matrix (``A @ E(d, d, d)``)
+and every translation (``+ r S`` in x and y).  Fine orientations get a global id so that back-projection sums of all
+particles of a pool can be merged before one 3D insertion per orientation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from ..conventions import euler_to_matrix
+
+__all__ = ["OrientationGrid", "coarse_translations"]
+
+
+def coarse_translations(offset_range_px: float, offset_step_px: float) -> np.ndarray:
+    """Square grid of step S inside the disc of radius R (pixels), ``(T, 2)`` (x, y), centre first."""
+    if offset_step_px <= 0:
+        return np.zeros((1, 2))
+    m = int(np.floor(offset_range_px / offset_step_px + 1e-9))
+    v = np.arange(-m, m + 1) * offset_step_px
+    xx, yy = np.meshgrid(v, v, indexing="ij")
+    t = np.stack([xx.ravel(), yy.ravel()], -1)
+    keep = (t**2).sum(-1) <= offset_range_px**2 + 1e-6
+    t = t[keep]
+    order = np.argsort((t**2).sum(-1), kind="stable")
+    return t[order]
+
+
+@dataclass(frozen=True)
+class OrientationGrid:
+    """Coarse and fine sampling of one iteration (3D, oversampling order 1)."""
+
+    healpix_order: int
+    dir_pix: np.ndarray  # (n_dir,) NESTED pixel ids at healpix_order of the directions searched
+    psi_step: float  # degrees
+    offset_range_px: float
+    offset_step_px: float
+    perturb: float = 0.0  # r in [-f, f]; angles move by r * psi_step, translations by r * offset_step
+    oversampling: int = 1
+
+    @property
+    def n_dir(self) -> int:
+        return len(self.dir_pix)
+
+    @property
+    def n_psi(self) -> int:
+        return int(np.ceil(360.0 / self.psi_step - 1e-9))
+
+    @cached_property
+    def psi(self) -> np.ndarray:
+        return np.arange(self.n_psi) * self.psi_step
+
+    @cached_property
+    def dir_angles(self) -> tuple[np.ndarray, np.ndarray]:
+        from ..ops.sampling import healpix_directions
+
+        rot, tilt = healpix_directions(self.healpix_order)
+        return rot[self.dir_pix], tilt[self.dir_pix]
+
+    @cached_property
+    def _perturb_matrix(self) -> np.ndarray:
+        d = self.perturb * self.psi_step
+        return euler_to_matrix(d, d, d)
+
+    @cached_property
+    def translations(self) -> np.ndarray:
+        """Coarse translations (pixels, perturbed), ``(T, 2)``."""
+        return coarse_translations(self.offset_range_px, self.offset_step_px) + self.perturb * self.offset_step_px
+
+    def coarse_matrices(self, dir_idx=None, psi_idx=None) -> np.ndarray:
+        """Rotation matrices of coarse orientations; all of them (``o = dir * n_psi + psi``) by default."""
+        rot, tilt = self.dir_angles
+        if dir_idx is None:
+            dir_idx = np.repeat(np.arange(self.n_dir), self.n_psi)
+            psi_idx = np.tile(np.arange(self.n_psi), self.n_dir)
+        A = euler_to_matrix(rot[dir_idx], tilt[dir_idx], self.psi[psi_idx])
+        return A @ self._perturb_matrix
+
+    def fine_orientations(self, coarse_o: np.ndarray):
+        """Children of coarse orientations: matrices ``(len, 8, 3, 3)``, global ids ``(len, 8)`` and angles."""
+        from ..ops.sampling import healpix_directions
+
+        coarse_o = np.asarray(coarse_o, dtype=np.int64)
+        d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
+        rot_f, tilt_f = healpix_directions(self.healpix_order + 1)
+        child = 4 * self.dir_pix[d][:, None] + np.arange(4)[None, :]  # (len, 4)
+        psi_sub = self.psi[p][:, None] + np.array([-0.25, 0.25])[None, :] * self.psi_step  # (len, 2)
+        r = np.repeat(rot_f[child], 2, axis=1)
+        t = np.repeat(tilt_f[child], 2, axis=1)
+        s = np.tile(psi_sub, (1, 4))
+        A = euler_to_matrix(r, t, s) @ self._perturb_matrix
+        gid = (np.repeat(child, 2, axis=1) * self.n_psi + p[:, None]) * 2 + np.tile(np.arange(2), 4)[None, :]
+        return A, gid, (r, t, s)
+
+    def fine_translations(self, coarse_t: np.ndarray) -> np.ndarray:
+        """Children of coarse translations, ``(len, 4, 2)`` pixels (``x_sub * 2 + y_sub``)."""
+        base = self.translations[np.asarray(coarse_t, dtype=np.int64)]
+        q = 0.25 * self.offset_step_px
+        sub = np.array([[-q, -q], [-q, q], [q, -q], [q, q]])
+        return base[:, None, :] + sub[None, :, :]
+
+    def fine_matrices_from_ids(self, gid: np.ndarray) -> np.ndarray:
+        """Matrices of fine orientations from their global ids (inverse of the id rule)."""
+        from ..ops.sampling import healpix_directions
+
+        gid = np.asarray(gid, dtype=np.int64)
+        psi_sub = gid % 2
+        rest = gid // 2
+        p = rest % self.n_psi
+        child = rest // self.n_psi
+        rot_f, tilt_f = healpix_directions(self.healpix_order + 1)
+        s = self.psi[p] + np.where(psi_sub == 0, -0.25, 0.25) * self.psi_step
+        return euler_to_matrix(rot_f[child], tilt_f[child], s) @ self._perturb_matrix

@@ -1,0 +1,86 @@
+"""Partial sums of the E-step (RELION's ``wsum_*`` accumulators) and per-particle results.
+
+A :class:`Partials` holds everything the M-step needs from a set of particles of one half set; two of them add up
+(``a + b``) to the partials of the union, which is what the Dask tree reduction relies on (tested in
+``tests/test_engine.py``).  Halves are never mixed: adding partials of different halves raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..backend import to_host
+from ..ops.fourier import PaddedGrid
+
+__all__ = ["Partials", "PoolResult", "empty_partials"]
+
+
+@dataclass(frozen=True)
+class Partials:
+    half: int  # 1, 2, or 0 without halves
+    grid: PaddedGrid
+    bp_data: object  # (K, P, P, r_pad+2) complex128
+    bp_weight: object  # (K, P, P, r_pad+2) float64
+    wsum_sigma2: np.ndarray  # (n_optics, N/2+1)
+    sumw_optics: np.ndarray  # (n_optics,)
+    wsum_pdf_class: np.ndarray  # (K,)
+    wsum_pdf_direction: np.ndarray  # (K, n_dir)
+    wsum_sigma2_offset: float
+    wsum_avg_norm: float
+    wsum_scale_xa: np.ndarray  # (n_groups,)
+    wsum_scale_aa: np.ndarray  # (n_groups,)
+    group_counts: np.ndarray  # (n_groups,)
+    sum_ll: float
+    sum_pmax: float
+    n_particles: int
+    n_zero_weight: int
+
+    def __add__(self, other: Partials) -> Partials:
+        if self.half != other.half:
+            raise ValueError(f"refusing to add partial sums of half set {self.half} and half set {other.half}")
+        if self.grid != other.grid:
+            raise ValueError("partial sums on different Fourier grids cannot be added")
+        vals = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            vals[f.name] = a if f.name in ("half", "grid") else a + b
+        return Partials(**vals)
+
+    def to_host(self) -> Partials:
+        return Partials(**{f.name: (to_host(getattr(self, f.name)) if f.name in ("bp_data", "bp_weight")
+                                    else getattr(self, f.name)) for f in fields(self)})
+
+
+def empty_partials(half: int, grid: PaddedGrid, n_classes: int, n_dir: int, n_optics: int, n_groups: int,
+                   ori_size: int, xp=np) -> Partials:
+    from ..ops.fourier import layout_shape
+
+    shape = (n_classes,) + layout_shape(grid.r_pad)
+    nsh = ori_size // 2 + 1
+    return Partials(half, grid, xp.zeros(shape, np.complex128), xp.zeros(shape, np.float64),
+                    np.zeros((n_optics, nsh)), np.zeros(n_optics), np.zeros(n_classes),
+                    np.zeros((n_classes, n_dir)), 0.0, 0.0, np.zeros(n_groups), np.zeros(n_groups),
+                    np.zeros(n_groups), 0.0, 0.0, 0, 0)
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """Best pose and statistics per particle of a pool (host arrays, length B)."""
+
+    index: np.ndarray
+    rot: np.ndarray
+    tilt: np.ndarray
+    psi: np.ndarray
+    origin_x_angst: np.ndarray
+    origin_y_angst: np.ndarray
+    class_number: np.ndarray  # 1-based
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    loglik: np.ndarray
+    norm: np.ndarray
+
+    @staticmethod
+    def concat(results: list[PoolResult]) -> PoolResult:
+        return PoolResult(**{f.name: np.concatenate([getattr(r, f.name) for r in results]) for f in fields(PoolResult)})

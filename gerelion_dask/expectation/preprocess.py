@@ -1,0 +1,150 @@
+"""Per-pool preprocessing of particle images (RELION ``getFourierTransformsAndCtfs``, ALGORITHM.md §4.1).
+
+For a pool of images: ``--norm`` rescaling, integer pre-shift by the rounded previous offset (zero fill), the
+unmasked transform (for back-projection only), the soft-masked transform (``--zero_mask``: mean background; else
+coloured noise with the current noise spectrum), windowing to the current size, the per-shell power beyond it, and
+the CTF on the window.  Everything is batched over the pool; the array backend follows the images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import get_xp
+from ..conventions import centred_irfft2, centred_rfft2, window_rfft2
+from ..ops.ctf import CtfParams, ctf_rfft
+from ..ops.fourier import shells_2d
+from ..ops.masks import noise_fill_background, soft_mask_outside
+
+__all__ = ["PoolParticles", "PreprocessSettings", "PreprocessedPool", "integer_shift", "preprocess_pool",
+           "coloured_noise"]
+
+
+@dataclass(frozen=True)
+class PoolParticles:
+    """What the E-step needs of each particle of a pool (arrays of length B; host NumPy)."""
+
+    index: np.ndarray  # row in the data set
+    optics_group: np.ndarray  # 0-based
+    group: np.ndarray  # 0-based scale group (micrograph group)
+    half: int  # 1 or 2 (0 = no halves: classification)
+    ctf: CtfParams
+    offset_px: np.ndarray  # (B, 2) previous origin offsets in pixels (x, y)
+    angles: np.ndarray  # (B, 3) previous rot, tilt, psi (deg)
+    class_index: np.ndarray  # (B,) previous class, 0-based
+    norm: np.ndarray  # (B,) rlnNormCorrection
+    offset_prior_px: np.ndarray  # (B, 2) prior centre of the offsets (pixels)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    ori_size: int
+    pixel_size: float
+    current_size: int
+    particle_diameter_angst: float
+    width_mask_edge: float = 5.0
+    zero_mask: bool = True
+    do_norm: bool = True
+    avg_norm: float = 1.0
+    do_ctf: bool = True
+    ctf_intact_first_peak: bool = False
+    ctf_phase_flipped: bool = False
+    only_flip_phases: bool = False
+    random_seed: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessedPool:
+    """Transforms of a pool, windowed to ``current_size`` (``[n][n/2+1]`` layout)."""
+
+    fimg: object  # (B, n, n/2+1) complex, masked
+    fimg_nomask: object  # (B, n, n/2+1) complex, unmasked
+    ctf: object  # (B, n, n/2+1) real
+    power_highres: object  # (B, N/2+1) per-shell power beyond current_size (0 below)
+    highres_xi2: object  # (B,) total of power_highres
+    int_offset_px: np.ndarray  # (B, 2) rounded previous offsets applied to the images
+
+
+def integer_shift(images, shifts):
+    """Translate images ``(B, N, N)`` by integer pixels ``(B, 2)`` (x, y), filling with zeros (no wrap)."""
+    xp = get_xp(images)
+    b, n, _ = images.shape
+    s = xp.asarray(shifts, dtype=np.int64)
+    y = xp.arange(n)[None, :, None] - s[:, 1, None, None]
+    x = xp.arange(n)[None, None, :] - s[:, 0, None, None]
+    ok = (y >= 0) & (y < n) & (x >= 0) & (x < n)
+    bi = xp.arange(b)[:, None, None]
+    out = images[bi, xp.clip(y, 0, n - 1), xp.clip(x, 0, n - 1)]
+    return xp.where(ok, out, 0)
+
+
+def coloured_noise(shape_b: int, n: int, sigma2_per_shell, seeds, xp=np):
+    """Real-space noise images whose transform has variance ``sigma2(shell)`` per real/imag part.
+
+    One generator per particle (``seeds[i]``), so a particle gets the same noise whatever its pool.
+    """
+    sh = shells_2d(n)
+    sig = np.sqrt(np.asarray(sigma2_per_shell, dtype=np.float64)[np.minimum(sh, len(sigma2_per_shell) - 1)])
+    out = np.empty((shape_b, n, n // 2 + 1), dtype=np.complex128)
+    for i, s in enumerate(seeds):
+        rng = np.random.default_rng(int(s))
+        out[i] = (rng.normal(size=sig.shape) + 1j * rng.normal(size=sig.shape)) * sig
+    out[:, 0, 0] = 0
+    return centred_irfft2(xp.asarray(out), n)
+
+
+def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettings, sigma2_noise=None):
+    """Preprocess a pool of raw images ``(B, N, N)`` float (backend of ``images``).
+
+    ``sigma2_noise`` ``(n_optics, N/2+1)`` is needed only without ``--zero_mask`` (noise-filled background).
+    """
+    xp = get_xp(images)
+    N = settings.ori_size
+    n = settings.current_size
+    x = images.astype(np.float64) if images.dtype != np.float64 and xp is np else images
+    if settings.do_norm:
+        scale = settings.avg_norm / np.where(particles.norm > 0, particles.norm, 1.0)
+        x = x * xp.asarray(scale, dtype=x.dtype)[:, None, None]
+    int_off = np.rint(particles.offset_px).astype(np.int64)
+    x = integer_shift(x, xp.asarray(int_off))
+    fnomask = window_rfft2(centred_rfft2(x), n)
+    radius = settings.particle_diameter_angst / (2.0 * settings.pixel_size)
+    if settings.zero_mask or sigma2_noise is None:
+        xm = soft_mask_outside(x, radius=radius, width=settings.width_mask_edge, batch_2d=True)
+    else:
+        sig = np.asarray(sigma2_noise)
+        noise = xp.concatenate([
+            coloured_noise(1, N, sig[g], [settings.random_seed + int(i)], xp)
+            for g, i in zip(particles.optics_group, particles.index, strict=True)
+        ]).astype(x.dtype)
+        xm = noise_fill_background(x, noise, radius, settings.width_mask_edge)
+    ffull = centred_rfft2(xm)
+    # per-shell power beyond the current size (half plane, k != 0), RELION's highres_Xi2
+    sh = xp.asarray(shells_2d(N))
+    from ..ops.fourier import likelihood_pixels
+
+    hp = xp.asarray(likelihood_pixels(N))
+    beyond = hp & (sh > n // 2)
+    nsh = N // 2 + 1
+    p2 = (xp.abs(ffull) ** 2)[:, beyond]
+    shell_idx = sh[beyond]
+    power = xp.zeros((x.shape[0], nsh), dtype=np.float64)
+    if int(beyond.sum()) > 0:
+        onehot = (shell_idx[:, None] == xp.arange(nsh)[None, :]).astype(np.float64)
+        power = p2.astype(np.float64) @ onehot
+    fimg = window_rfft2(ffull, n)
+    if settings.do_ctf:
+        ctf = ctf_rfft(_to_xp_ctf(particles.ctf, xp), n, settings.pixel_size, N, xp=xp,
+                       intact_first_peak=settings.ctf_intact_first_peak, phase_flip=settings.only_flip_phases,
+                       abs_ctf=settings.ctf_phase_flipped)
+    else:
+        ctf = xp.ones(fimg.shape, dtype=np.float64)
+    return PreprocessedPool(fimg, fnomask, ctf, power, power.sum(axis=1), int_off)
+
+
+def _to_xp_ctf(p: CtfParams, xp) -> CtfParams:
+    if xp is np:
+        return p
+    return CtfParams(*(xp.asarray(getattr(p, f)) for f in p.__dataclass_fields__))

@@ -1,0 +1,94 @@
+"""Writing a job's files each iteration: RELION's names and columns, plus a JSON progress line.
+
+``make_writer(root)`` returns the callback that :func:`gerelion_dask.driver.run_job` calls after each iteration
+(``it000`` describes the starting state; ``"final"`` writes ``run_data.star``, ``run_model.star``,
+``run_class001.mrc`` and, in auto-refine, ``run_half1/2_class001_unfil.mrc``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .io.mrc import write_map
+from .outputs import output_names, write_data_star, write_model_star, write_optimiser_star, write_sampling_star
+
+__all__ = ["make_writer", "particles_table"]
+
+
+def particles_table(inp, st, auto_refine: bool):
+    """The particles table with this iteration's poses and statistics (RELION 3.1 columns, offsets in Å)."""
+    md = inp.particles.metadata.copy()
+    a = inp.pixel_size
+    md["rlnAngleRot"], md["rlnAngleTilt"], md["rlnAnglePsi"] = st.angles[:, 0], st.angles[:, 1], st.angles[:, 2]
+    md["rlnOriginXAngst"] = st.offsets_px[:, 0] * a
+    md["rlnOriginYAngst"] = st.offsets_px[:, 1] * a
+    md["rlnClassNumber"] = st.class_index + 1
+    md["rlnNormCorrection"] = st.norm
+    md["rlnLogLikeliContribution"] = st.loglik
+    md["rlnMaxValueProbDistribution"] = st.pmax
+    md["rlnNrOfSignificantSamples"] = st.n_significant
+    if auto_refine:
+        md["rlnRandomSubset"] = st.half
+    md["rlnGroupNumber"] = inp.group_index + 1
+    return md
+
+
+def make_writer(root: str):
+    root = str(root)
+    Path(root).parent.mkdir(parents=True, exist_ok=True)
+    original = {}
+
+    def write(iteration, cfg, inp, model, st, sched, rec, final=False, unfil=None):
+        if not original:
+            original["sched"] = sched
+        it = None if iteration == "final" else int(iteration)
+        halves = cfg.split_random_halves and not (it is None and cfg.auto_refine)
+        names = output_names(root, it, halves=halves, n_classes=cfg.K)
+        if it is None and cfg.auto_refine:
+            names["model"] = [f"{root}_model.star"]
+            names["classes"] = [[f"{root}_class{c:03d}.mrc" for c in range(1, cfg.K + 1)]]
+        write_data_star(names["data"], inp.particles.optics, particles_table(inp, st, cfg.auto_refine))
+        for hi, mnames in enumerate(names["classes"]):
+            for c, path in enumerate(mnames):
+                vol = model.maps[min(hi, model.n_halves - 1)][c]
+                write_map(path, np.zeros((model.ori_size,) * 3, np.float32) if vol is None else vol, model.pixel_size)
+        counts = np.bincount(inp.group_index, minlength=len(inp.group_names))
+        prior_mode = 1 if sched.local_sigma_rot > 0 else 0
+        for hi, mpath in enumerate(names["model"]):
+            ref_names = names["classes"][min(hi, len(names["classes"]) - 1)]
+            write_model_star(mpath, model, min(hi, model.n_halves - 1), cfg, n_groups_names=inp.group_names,
+                             group_counts=counts, ref_image_names=ref_names, iteration=it or 0,
+                             orientational_prior_mode=prior_mode, sigma_prior_rot=sched.local_sigma_rot,
+                             sigma_prior_psi=sched.local_sigma_psi, current_size=sched.current_size or None)
+        write_sampling_star(names["sampling"], schedule=sched, symmetry=cfg.sym, pixel_size=inp.pixel_size,
+                            perturb_factor=cfg.perturb, original=original["sched"])
+        write_optimiser_star(names["optimiser"], config=cfg, schedule=sched, iteration=it if it is not None else
+                             (rec.iteration if rec else 0), output_root=root, model_star=names["model"][0],
+                             model_star2=names["model"][1] if len(names["model"]) > 1 else None,
+                             data_star=names["data"], sampling_star=names["sampling"],
+                             acc_rot=float(model.acc_rot[0]), acc_trans_angst=float(model.acc_trans_angst[0]),
+                             has_converged=bool(final), particle_diameter=inp.diameter)
+        files = {"data": names["data"], "model": names["model"], "maps": names["classes"]}
+        if it is None and unfil is not None:
+            files["unfil"] = []
+            for h, maps in enumerate(unfil):
+                p = f"{root}_half{h + 1}_class001_unfil.mrc"
+                write_map(p, maps[0], model.pixel_size)
+                files["unfil"].append(p)
+        if rec is not None and it is not None:
+            line = {"iteration": rec.iteration, "resolution_angst": rec.resolution_angst,
+                    "current_size": rec.current_size, "healpix_order": rec.healpix_order,
+                    "changes_orientations_deg": rec.changes_orient, "changes_offsets_angst": rec.changes_offset,
+                    "changes_classes": rec.changes_class, "class_fractions": rec.class_fractions,
+                    "ave_pmax": rec.ave_pmax, "loglik": rec.loglik, "seconds": rec.seconds}
+            with open(f"{root}_progress.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        return files
+
+    return write

@@ -1,0 +1,228 @@
+"""Maximisation: reconstructions, spectra and the other model parameters (ALGORITHM.md §5, §6.2).
+
+Order per iteration (auto-refine, §6.2 steps 5-11): Hermitian fix-up and point-group symmetrisation of the summed
+arrays of each half; low-resolution join of the halves; gold-standard FSC from the arrays; (final iteration:
+halves combined); tau^2 from the FSC (refine) or from the reference power (classification); regularised
+reconstruction; solvent flattening (not in the final iteration).  Then class fractions, direction priors, the offset
+prior, noise spectra, norm and scale corrections (§5.4) and the current resolution (§5.6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import get_xp, to_host
+from ..ops.backprojector import BackProjection, enforce_hermitian
+from ..ops.fourier import npix_per_shell
+from ..ops.fsc import fsc_from_backprojections
+from ..ops.masks import soft_sphere
+from ..ops.reconstruct import reconstruct, shell_index
+from ..ops.symmetry import symmetrise_fourier
+from .model import Model, replace
+
+__all__ = ["MStepSettings", "maximization", "symmetrised", "ssnr_spectra", "lowpass_map", "update_resolution"]
+
+
+@dataclass(frozen=True)
+class MStepSettings:
+    auto_refine: bool
+    final: bool = False
+    cc_iteration: bool = False  # iteration run with --firstiter_cc: no noise/scale update, maps low-passed
+    ini_high_angst: float = 0.0
+    tau2_fudge: float = 1.0
+    low_resol_join_halves: float = 0.0  # Å, 0 = off
+    flatten_solvent: bool = False
+    particle_diameter_angst: float = 0.0
+    width_mask_edge: float = 5.0
+    symmetry_operators: np.ndarray | None = None
+    minres_map: int = 5
+    gridding_iterations: int = 0
+    fix_sigma_noise: bool = False
+    fix_sigma_offset: bool = False
+    do_norm: bool = False
+    do_scale: bool = False
+    min_sigma2_offset: float = 0.0  # Å^2 floor (RELION 5: 2); 0 keeps RELION 3.1 behaviour
+
+
+def symmetrised(data, weight, grid, ops) -> BackProjection:
+    bp = enforce_hermitian(BackProjection(data, weight, grid))
+    if ops is not None and len(ops) > 1:
+        d, w = symmetrise_fourier(bp.data, bp.weight, ops, grid.r_pad)
+        bp = BackProjection(d, w, grid)
+    return bp
+
+
+def _join_low_resolution(bp1: BackProjection, bp2: BackProjection, r_join: int):
+    xp = get_xp(bp1.data)
+    _, _, r = shell_index(bp1.grid, xp)
+    sel = r <= round(bp1.grid.padding * r_join)
+    d = (bp1.data + bp2.data) / 2
+    w = (bp1.weight + bp2.weight) / 2
+    return (BackProjection(xp.where(sel, d, bp1.data), xp.where(sel, w, bp1.weight), bp1.grid),
+            BackProjection(xp.where(sel, d, bp2.data), xp.where(sel, w, bp2.weight), bp2.grid))
+
+
+def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc=None):
+    """sigma2_recon, tau2 and data_vs_prior per shell (§5.2), from the weights of ``bp``.
+
+    With ``fsc`` (gold standard): ``SSNR = T FSC/(1-FSC)``, ``tau2 = SSNR sigma2_recon``.  Otherwise ``tau2`` is
+    the reference power spectrum and ``data_vs_prior = mean_shell(p^3 W T tau2)``.
+    """
+    xp = get_xp(bp.weight)
+    shell, inside, r = shell_index(bp.grid, xp)
+    sel = inside & (r * r < bp.grid.r_pad**2) & (shell < nsh)
+    pw = to_host((bp.grid.padding**3) * bp.weight[sel])
+    s = to_host(shell[sel])
+    cnt = np.bincount(s, minlength=nsh)[:nsh]
+    mean_pw = np.bincount(s, weights=pw, minlength=nsh)[:nsh] / np.maximum(cnt, 1)
+    sigma2_recon = np.where(mean_pw > 0, 1.0 / np.where(mean_pw > 0, mean_pw, 1.0), 0.0)
+    r_max = bp.grid.r_max
+    if fsc is not None:
+        f = np.clip(np.asarray(fsc, dtype=np.float64), 0.001, 0.999)
+        ssnr = tau2_fudge * f / (1.0 - f)
+        tau2_out = ssnr * sigma2_recon
+        dvp = ssnr.copy()
+    else:
+        tau2_out = np.asarray(tau2, dtype=np.float64)[:nsh].copy()
+        num = np.bincount(s, weights=pw * tau2_fudge * tau2_out[s], minlength=nsh)[:nsh]
+        dvp = np.where(cnt > 0, num / np.maximum(cnt, 1), 999.0)
+    beyond = np.arange(nsh) > r_max
+    dvp[beyond] = 0.0
+    tau2_out[beyond] = 0.0
+    return sigma2_recon, tau2_out, dvp
+
+
+def lowpass_map(vol, resolution_angst: float, pixel_size: float, edge_shells: float = 2.0):
+    """Raised-cosine low-pass at ``resolution_angst`` (edge ``edge_shells`` wide, centred there; RELION ``lowPassFilterMap``)."""
+    xp = get_xp(vol)
+    n = vol.shape[-1]
+    F = xp.fft.rfftn(vol)
+    c = xp.fft.fftfreq(n) * n
+    r = xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + (xp.arange(n // 2 + 1)[None, None, :]) ** 2)
+    shell = n * pixel_size / resolution_angst
+    lo, hi = shell - edge_shells / 2, shell + edge_shells / 2
+    filt = xp.where(r < lo, 1.0, xp.where(r > hi, 0.0, 0.5 + 0.5 * xp.cos(np.pi * (r - lo) / edge_shells)))
+    return xp.fft.irfftn(F * filt, s=vol.shape, axes=(0, 1, 2))
+
+
+def update_resolution(dvp_half1: np.ndarray, ori_size: int, pixel_size: float, auto_refine: bool,
+                      minres_map: int = 5) -> float:
+    """Current resolution (1/Å) from data_vs_prior (max over classes), §5.6."""
+    d = np.max(np.atleast_2d(dvp_half1), axis=0)
+    below = np.nonzero(d[1:] < 1.0)[0]
+    nu = (below[0] + 1 - 1) if below.size else len(d) - 1
+    if auto_refine:
+        above = np.nonzero(d[1:] > 1.0)[0]
+        if above.size and above[-1] + 1 > nu + 3:
+            nu = above[-1] + 1
+    nu = max(nu, minres_map)
+    return nu / (ori_size * pixel_size)
+
+
+def maximization(partials: dict, model: Model, ms: MStepSettings, ref_tau2=None):
+    """New model from the summed partials of each half (``{1: P1, 2: P2}`` or ``{0: P}``).
+
+    ``ref_tau2`` ``(H, K, nsh)``: power spectra of the references used in the E-step (classification prior).
+    Returns ``(model, unfiltered)``: ``unfiltered`` holds the unregularised half maps in the final iteration.
+    """
+    N, a = model.ori_size, model.pixel_size
+    nsh = N // 2 + 1
+    halves = sorted(partials)
+    K = model.n_classes
+    grid = partials[halves[0]].grid
+    bps = {h: [symmetrised(partials[h].bp_data[c], partials[h].bp_weight[c], grid, ms.symmetry_operators)
+               for c in range(K)] for h in halves}
+    fsc = np.zeros((K, nsh))
+    unfil = None
+    if ms.auto_refine and len(halves) == 2:
+        h1, h2 = halves
+        for c in range(K):
+            if ms.low_resol_join_halves > 0:
+                r_join = int(np.ceil(N * a / max(ms.low_resol_join_halves, model.resolution_angst())))
+                bps[h1][c], bps[h2][c] = _join_low_resolution(bps[h1][c], bps[h2][c], r_join)
+            f = to_host(fsc_from_backprojections(bps[h1][c], bps[h2][c]))
+            fsc[c, : len(f)] = f
+        if ms.final:
+            unfil = [[to_host(reconstruct(bps[h][c], tau2=None, minres_map=ms.minres_map,
+                                          gridding_iterations=ms.gridding_iterations)) for c in range(K)]
+                     for h in halves]
+            joined = [BackProjection(bps[h1][c].data + bps[h2][c].data, bps[h1][c].weight + bps[h2][c].weight, grid)
+                      for c in range(K)]
+            bps = {h1: joined, h2: joined}
+    H = len(halves)
+    maps = [[None] * K for _ in range(H)]
+    tau2 = np.zeros((H, K, nsh))
+    dvp = np.zeros((H, K, nsh))
+    s2r = np.zeros((H, K, nsh))
+    pdf_class = sum(partials[h].wsum_pdf_class for h in halves)
+    for hi, h in enumerate(halves):
+        for c in range(K):
+            if pdf_class[c] <= 0 and K > 1:
+                continue  # empty class: no map, skipped in later E-steps
+            bp = bps[h][c]
+            if ms.auto_refine:
+                f = fsc[c].copy()
+                if ms.final:
+                    f = np.sqrt(2 * np.clip(f, 0, None) / (1 + np.clip(f, 0, None)))
+                s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, fsc=f)
+            else:
+                s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, tau2=ref_tau2[hi][c])
+            vol = reconstruct(bp, tau2=tau2[hi, c], tau2_fudge=ms.tau2_fudge, minres_map=ms.minres_map,
+                              gridding_iterations=ms.gridding_iterations)
+            if ms.cc_iteration and ms.ini_high_angst > 0:
+                vol = lowpass_map(vol, ms.ini_high_angst, a)
+            if ms.flatten_solvent and not ms.final:
+                xp = get_xp(vol)
+                vol = vol * soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp)
+            maps[hi][c] = to_host(vol)
+    return _other_parameters(partials, model, ms, maps, tau2, dvp, s2r, fsc), unfil
+
+
+def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp, s2r, fsc):
+    halves = sorted(partials)
+    tot = partials[halves[0]]
+    for h in halves[1:]:
+        tot = replace(tot, **{k: getattr(tot, k) + getattr(partials[h], k) for k in (
+            "wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_sigma2_offset",
+            "wsum_avg_norm", "wsum_scale_xa", "wsum_scale_aa", "group_counts", "sum_ll", "sum_pmax", "n_particles")})
+    N = model.ori_size
+    S = float(tot.wsum_pdf_class.sum()) or 1.0
+    pdf_class = tot.wsum_pdf_class / S
+    pdf_class = pdf_class / pdf_class.sum() if pdf_class.sum() > 0 else pdf_class
+    pdf_dir = tot.wsum_pdf_direction / S
+    sigma_off = model.sigma_offset_angst
+    if not ms.fix_sigma_offset:
+        s2 = tot.wsum_sigma2_offset / (2.0 * S)
+        sigma_off = float(np.sqrt(max(s2, ms.min_sigma2_offset, 1e-6)))
+    sigma2 = model.sigma2_noise.copy()
+    avg_norm = model.avg_norm
+    scales = model.scales.copy()
+    if not ms.cc_iteration:
+        if not ms.fix_sigma_noise:
+            npix = npix_per_shell(N).astype(np.float64)
+            for g in range(sigma2.shape[0]):
+                if tot.sumw_optics[g] <= 0:
+                    continue
+                new = tot.wsum_sigma2[g] / (2.0 * tot.sumw_optics[g] * np.maximum(npix, 1))
+                for s in range(1, len(new)):
+                    if new[s] < 1e-14:
+                        new[s] = new[s - 1]
+                sigma2[g] = new
+        if ms.do_norm:
+            avg_norm = float(tot.wsum_avg_norm / max(tot.n_particles, 1))
+        if ms.do_scale and len(scales) > 1:
+            xa = tot.wsum_scale_xa / np.where(scales > 0, scales, 1.0)
+            aa = tot.wsum_scale_aa / np.where(scales > 0, scales, 1.0) ** 2
+            new = np.where(aa > 0, xa / np.where(aa > 0, aa, 1.0), 1.0)
+            med = np.median(new)
+            new = np.clip(new, med / 5, med * 5)
+            cnt = tot.group_counts
+            mean = (new * cnt).sum() / max(cnt.sum(), 1)
+            scales = new / mean if mean > 0 else np.ones_like(new)
+    res = update_resolution(dvp[0], N, model.pixel_size, ms.auto_refine, ms.minres_map)
+    n = max(tot.n_particles, 1)
+    return replace(model, maps=maps, pdf_class=pdf_class, pdf_direction=pdf_dir, sigma2_noise=sigma2, tau2=tau2,
+                   data_vs_prior=dvp, fsc=fsc, sigma2_recon=s2r, sigma_offset_angst=sigma_off, avg_norm=avg_norm,
+                   scales=scales, current_resolution=res, loglik=float(tot.sum_ll), ave_pmax=float(tot.sum_pmax / n))

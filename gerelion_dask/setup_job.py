@@ -1,0 +1,186 @@
+"""Job set-up: read and check the inputs, derive per-particle arrays, the initial noise spectra and model.
+
+Everything here runs once per job on the driver; bad input raises :class:`~gerelion_dask.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .config import JobConfig
+from .conventions import centred_rfft2
+from .errors import InputError
+from .io.mrc import read_map
+from .io.particles import ParticleSet
+from .ops.ctf import CtfParams
+from .ops.fourier import likelihood_pixels, shells_2d
+from .ops.masks import soft_mask_outside
+
+__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "ParticleState"]
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    particles: ParticleSet
+    reference: list  # K maps (N, N, N) float64
+    box: int
+    pixel_size: float
+    diameter: float  # Å
+    group_index: np.ndarray  # (n,) 0-based scale group
+    group_names: list
+    optics_index: np.ndarray  # (n,) 0-based optics group
+    ctf: CtfParams | None
+
+
+@dataclass(frozen=True)
+class ParticleState:
+    """Per-particle hidden-variable estimates between iterations (host arrays of length n)."""
+
+    angles: np.ndarray  # (n, 3)
+    offsets_px: np.ndarray  # (n, 2)
+    class_index: np.ndarray  # (n,) 0-based
+    norm: np.ndarray
+    half: np.ndarray  # (n,) 1/2, or 0 without halves
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    loglik: np.ndarray
+
+
+def _col(df: pd.DataFrame, name: str, default) -> np.ndarray:
+    return df[name].to_numpy(dtype=np.float64) if name in df else np.full(len(df), default, dtype=np.float64)
+
+
+def load_inputs(cfg: JobConfig) -> JobInputs:
+    ps = ParticleSet.from_star(cfg.i, require_ctf=cfg.ctf)
+    if ps.n == 0:
+        raise InputError(cfg.i, "the STAR file holds no particles")
+    box = ps.box_size
+    apix = ps.pixel_size
+    if box % 2:
+        raise InputError(cfg.i, f"odd box size {box}: refinement needs even boxes (as RELION)",
+                         "re-extract the particles with an even box")
+    refs = _read_references(cfg, box, apix)
+    diameter = cfg.particle_diameter if cfg.particle_diameter > 0 else box * apix
+    if diameter > box * apix * (1 + 1e-6):
+        raise InputError(None, f"--particle_diameter {cfg.particle_diameter} Å is larger than the box "
+                         f"({box} px x {apix:.4g} Å = {box * apix:.4g} Å)")
+    md = ps.metadata
+    gname = "rlnGroupName" if "rlnGroupName" in md else ("rlnMicrographName" if "rlnMicrographName" in md else None)
+    if gname is None:
+        names = ["group_1"]
+        gidx = np.zeros(ps.n, dtype=np.int64)
+    else:
+        codes, uniq = pd.factorize(md[gname].astype(str), sort=False)
+        gidx, names = codes.astype(np.int64), list(uniq)
+    og = md["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in md else np.ones(ps.n, dtype=np.int64)
+    optics_ids = list(ps.optics["rlnOpticsGroup"].to_numpy())
+    oidx = np.array([optics_ids.index(g) for g in og], dtype=np.int64)
+    ctf = _ctf_params(ps, oidx) if cfg.ctf else None
+    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf)
+
+
+def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
+    path = cfg.ref
+    if path.endswith(".star"):
+        from .io.star import read_star
+
+        blocks = read_star(path)
+        tab = next(iter(blocks.values()))
+        if "rlnReferenceImage" not in tab:
+            raise InputError(path, "a STAR file of references needs a rlnReferenceImage column")
+        from pathlib import Path
+
+        paths = [str(Path(path).parent / p) if not Path(p).is_absolute() else p
+                 for p in tab["rlnReferenceImage"].astype(str)]
+        if len(paths) != cfg.K:
+            raise InputError(path, f"holds {len(paths)} references but --K is {cfg.K}")
+    else:
+        paths = [path]
+    maps = []
+    for p in paths:
+        vol, vs = read_map(p)
+        if vol.ndim != 3 or vol.shape != (box, box, box):
+            raise InputError(p, f"reference map has shape {vol.shape} but the particles are {box} x {box} pixels",
+                             "resample the reference to the particle box")
+        if vs > 0 and abs(vs - apix) > 0.01 * apix:
+            raise InputError(p, f"reference voxel size {vs:.4g} Å differs from the particle pixel size {apix:.4g} Å "
+                             "by more than 1%")
+        if not np.all(np.isfinite(vol)):
+            raise InputError(p, "reference map contains NaN or infinite values")
+        maps.append(vol.astype(np.float64))
+    return maps if len(maps) == cfg.K else [maps[0].copy() for _ in range(cfg.K)]
+
+
+def _ctf_params(ps: ParticleSet, oidx: np.ndarray) -> CtfParams:
+    md, opt = ps.metadata, ps.optics
+
+    def optics_col(name, default):
+        v = opt[name].to_numpy(dtype=np.float64) if name in opt else np.full(len(opt), default)
+        return v[oidx]
+
+    return CtfParams(_col(md, "rlnDefocusU", 0.0), _col(md, "rlnDefocusV", 0.0), _col(md, "rlnDefocusAngle", 0.0),
+                     _col(md, "rlnVoltage", np.nan) if "rlnVoltage" in md else optics_col("rlnVoltage", 300.0),
+                     optics_col("rlnSphericalAberration", 2.7), optics_col("rlnAmplitudeContrast", 0.1),
+                     _col(md, "rlnPhaseShift", 0.0), _col(md, "rlnCtfBfactor", 0.0),
+                     _col(md, "rlnCtfScalefactor", 1.0))
+
+
+def particle_state(inp: JobInputs, cfg: JobConfig, seed: int) -> ParticleState:
+    md = inp.particles.metadata
+    n = inp.particles.n
+    apix = inp.pixel_size
+    angles = np.stack([_col(md, "rlnAngleRot", 0.0), _col(md, "rlnAngleTilt", 0.0), _col(md, "rlnAnglePsi", 0.0)], 1)
+    offs = np.stack([_col(md, "rlnOriginXAngst", 0.0), _col(md, "rlnOriginYAngst", 0.0)], 1) / apix
+    cls = np.zeros(n, dtype=np.int64)
+    if cfg.split_random_halves:
+        if "rlnRandomSubset" in md and set(np.unique(md["rlnRandomSubset"])) <= {1, 2}:
+            half = md["rlnRandomSubset"].to_numpy().astype(np.int64)
+        else:
+            half = np.random.default_rng(seed).integers(1, 3, n)
+    else:
+        half = np.zeros(n, dtype=np.int64)
+    norm = _col(md, "rlnNormCorrection", 1.0)
+    z = np.zeros(n)
+    return ParticleState(angles, offs, cls, norm, half, z, z.astype(np.int64), z)
+
+
+def initial_sigma2(inp: JobInputs, cfg: JobConfig, pool_rows: list) -> np.ndarray:
+    """Noise spectra before iteration 1 from the image power spectra (§5.4), per optics group."""
+    N = inp.box
+    nsh = N // 2 + 1
+    n_opt = len(inp.particles.optics)
+    sh = shells_2d(N)
+    m = likelihood_pixels(N, include_dc=True)
+    cnt = np.bincount(sh[m], minlength=nsh)[:nsh]
+    ps_sum = np.zeros((n_opt, nsh))
+    avg = np.zeros((n_opt, N, N))
+    count = np.zeros(n_opt)
+    radius = inp.diameter / (2 * inp.pixel_size)
+    for rows in pool_rows:
+        img = inp.particles.read_images(rows).astype(np.float64)
+        if cfg.zero_mask:
+            img = soft_mask_outside(img, radius=radius, width=cfg.maskedge, batch_2d=True)
+        F = centred_rfft2(img)
+        p = np.abs(F[:, m]) ** 2
+        o = inp.optics_index[rows]
+        for g in np.unique(o):
+            sel = o == g
+            ps_sum[g] += np.bincount(sh[m], weights=p[sel].sum(axis=0), minlength=nsh)[:nsh] / np.maximum(cnt, 1)
+            avg[g] += img[sel].sum(axis=0)
+            count[g] += sel.sum()
+    out = np.zeros((n_opt, nsh))
+    for g in range(n_opt):
+        if count[g] == 0:
+            continue
+        Fa = np.abs(centred_rfft2(avg[g] / count[g])[m]) ** 2
+        psa = np.bincount(sh[m], weights=Fa, minlength=nsh)[:nsh] / np.maximum(cnt, 1)
+        s = ps_sum[g] / count[g] / 2.0 - psa / 2.0
+        for k in range(nsh):
+            if s[k] <= 0:
+                pos = s[s > 0]
+                s[k] = s[k - 1] if k > 0 and s[k - 1] > 0 else (pos[0] if pos.size else 1.0)
+        out[g] = s
+    return out
