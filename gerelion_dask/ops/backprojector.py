@@ -52,15 +52,13 @@ def _scatter_add(xp, target, idx, values):
         else:
             target.flat[:] += np.bincount(idx, weights=values, minlength=target.size)
         return
-    import cupyx  # only reached with CuPy arrays
-
-    flat = target.reshape(-1)
+    flat = target.reshape(-1)  # CuPy: atomic adds
     if xp.iscomplexobj(flat):
         fr = flat.view(flat.real.dtype).reshape(-1, 2)
-        cupyx.scatter_add(fr[:, 0], idx, values.real.astype(fr.dtype))
-        cupyx.scatter_add(fr[:, 1], idx, values.imag.astype(fr.dtype))
+        xp.add.at(fr[:, 0], idx, values.real.astype(fr.dtype))
+        xp.add.at(fr[:, 1], idx, values.imag.astype(fr.dtype))
     else:
-        cupyx.scatter_add(flat, idx, values.astype(flat.dtype))
+        xp.add.at(flat, idx, values.astype(flat.dtype))
 
 
 def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjection:

@@ -1,0 +1,102 @@
+"""Time the E-step of one pool on NumPy and (if present) CuPy, on synthetic particles; print a table.
+
+Usage: python benchmarks/estep_pool.py [--box 64] [--n 128] [--order 2] [--cpu-n 32]
+The CPU is timed on --cpu-n particles and reported per particle, so a 2-core machine finishes quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gerelion_dask import conventions as cv  # noqa: E402
+from gerelion_dask.backend import gpu_count  # noqa: E402
+from gerelion_dask.expectation.estep import EStepModel, EStepSettings, expectation_pool  # noqa: E402
+from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
+from gerelion_dask.expectation.preprocess import PoolParticles, PreprocessSettings  # noqa: E402
+from gerelion_dask.maximization.schedule import coarse_size  # noqa: E402
+from gerelion_dask.ops.ctf import CtfParams, ctf_rfft  # noqa: E402
+from gerelion_dask.ops.projector import make_reference, project  # noqa: E402
+from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions  # noqa: E402
+from gerelion_dask.simulate import phantom_map  # noqa: E402
+
+
+def make_pool(n, box, apix, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    m = phantom_map(box, apix, "blobs")
+    rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
+    tilt = np.rad2deg(np.arccos(rng.uniform(-1, 1, n)))
+    A = cv.euler_to_matrix(rot, tilt, psi)
+    off = rng.normal(0, 1.0, (n, 2))
+    du = rng.uniform(10000, 20000, n)
+    ctfp = CtfParams(du, du - 300, rng.uniform(0, 180, n))
+    img = cv.centred_irfft2(project(make_reference(m), A, box) * cv.shift_phase_2d(box, box, -off)
+                            * ctf_rfft(ctfp, box, apix, box), box)
+    sigma = noise * img.std()
+    img = img + rng.normal(0, sigma, img.shape)
+    parts = PoolParticles(np.arange(n), np.zeros(n, int), np.zeros(n, int), 1, ctfp, np.zeros((n, 2)),
+                          np.zeros((n, 3)), np.zeros(n, int), np.ones(n), np.zeros((n, 2)))
+    return img, parts, m, np.full((1, box // 2 + 1), sigma**2 / (2 * box * box))
+
+
+def subset(p, k):
+    kw = {f.name: getattr(p, f.name)[:k] for f in fields(p) if isinstance(getattr(p, f.name), np.ndarray)}
+    kw["ctf"] = CtfParams(*(np.asarray(getattr(p.ctf, f))[:k] if np.ndim(getattr(p.ctf, f)) else getattr(p.ctf, f)
+                            for f in p.ctf.__dataclass_fields__))
+    return replace(p, **kw)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--box", type=int, default=64)
+    ap.add_argument("--apix", type=float, default=3.0)
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--cpu-n", type=int, default=16)
+    ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--noise", type=float, default=3.0)
+    ap.add_argument("--current", type=int, default=0)
+    a = ap.parse_args()
+    cur = a.current or a.box
+    img, parts, m, s2 = make_pool(a.n, a.box, a.apix, a.noise)
+    dirs = asymmetric_unit_directions(a.order, "C1")
+    grid = OrientationGrid(a.order, dirs.pix, angular_step(a.order), 5.0, 2.0, 0.25)
+    ref = make_reference(m, r_max=cur // 2)
+    model = EStepModel([ref], np.ones(1), np.full((1, len(dirs.pix)), 1 / len(dirs.pix)), s2,
+                       np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
+    cs = coarse_size(a.box, a.apix, a.order, 0.9 * a.box * a.apix, cur)
+    st = EStepSettings(PreprocessSettings(a.box, a.apix, cur, 0.9 * a.box * a.apix, do_norm=False), grid, cs)
+    rows = []
+    k = min(a.cpu_n, a.n)
+    t = time.perf_counter()
+    _, r_cpu = expectation_pool(img[:k], subset(parts, k), model, st)
+    dt = time.perf_counter() - t
+    rows.append(("numpy", k, dt, k / dt, float(np.median(r_cpu.n_significant))))
+    if gpu_count():
+        import cupy as cp
+
+        mg = replace(model, refs=[replace(ref, data=cp.asarray(ref.data))])
+        expectation_pool(cp.asarray(img[:8]), subset(parts, 8), mg, st)  # warm-up
+        cp.cuda.runtime.deviceSynchronize()
+        t = time.perf_counter()
+        _, r_gpu = expectation_pool(cp.asarray(img), parts, mg, st)
+        cp.cuda.runtime.deviceSynchronize()
+        dt = time.perf_counter() - t
+        rows.append(("cupy", a.n, dt, a.n / dt, float(np.median(r_gpu.n_significant))))
+        same = np.mean(r_gpu.rot[:k] == r_cpu.rot) if k else float("nan")
+        print(f"same best pose CPU vs GPU on {k} particles: {same:.3f}")
+    print(f"box {a.box}, current size {cur}, coarse size {cs}, healpix order {a.order}, "
+          f"{len(dirs.pix) * grid.n_psi} coarse orientations x {len(grid.translations)} translations")
+    print(f"{'backend':8s} {'particles':>9s} {'seconds':>9s} {'particles/s':>12s} {'median n_sig':>13s}")
+    for r in rows:
+        print(f"{r[0]:8s} {r[1]:9d} {r[2]:9.2f} {r[3]:12.2f} {r[4]:13.0f}")
+
+
+if __name__ == "__main__":
+    main()
