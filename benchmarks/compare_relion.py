@@ -1,0 +1,166 @@
+"""Side by side with RELION 3.1.3: the same data, the same flags, one table (issue 3).
+
+Runs Debian's ``relion_refine_mpi`` (3 ranks; RELION 3.1 needs a float32 copy of float16 stacks) and ours on a data
+set with known truth, or reads finished runs (``--relion-dir``, ``--ours-dir``), and prints:
+wall time, gold-standard resolution, resolution where the FSC against the true map falls below 0.5, median and
+90th-percentile angular error against the true poses, median shift error, and class-assignment accuracy.
+
+  python benchmarks/compare_relion.py --data ../shared/data/dev_refine --mode refine --work /tmp/cmp_refine
+  python benchmarks/compare_relion.py --data ../shared/data/dev_class --mode classify --work /tmp/cmp_class
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gerelion_dask.conventions import euler_to_matrix  # noqa: E402
+from gerelion_dask.io.mrc import read_map  # noqa: E402
+from gerelion_dask.io.star import read_particles  # noqa: E402
+from gerelion_dask.ops.fsc import fsc, resolution_at  # noqa: E402
+from gerelion_dask.ops.symmetry import symmetry_operators  # noqa: E402
+
+REFINE_FLAGS = ("--ini_high 60 --particle_diameter 160 --ctf --ctf_corrected_ref --firstiter_cc --flatten_solvent "
+                "--zero_mask --oversampling 1 --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 "
+                "--offset_step 2 --sym C1 --low_resol_join_halves 40 --norm --scale --auto_refine "
+                "--split_random_halves --pad 2 --random_seed 1")
+CLASS_FLAGS = ("--ini_high 60 --particle_diameter 80 --ctf --ctf_corrected_ref --firstiter_cc --flatten_solvent "
+               "--zero_mask --oversampling 1 --healpix_order 2 --offset_range 5 --offset_step 2 --sym C1 --K 2 "
+               "--iter 25 --tau2_fudge 4 --norm --scale --pad 2 --random_seed 1")
+
+
+def angular_errors(est, truth, sym="C1"):
+    A = euler_to_matrix(*(truth[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    B = euler_to_matrix(*(est[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    best = np.full(len(A), np.inf)
+    for R in symmetry_operators(sym):
+        tr = np.einsum("bij,bij->b", A, B @ R)
+        best = np.minimum(best, np.rad2deg(np.arccos(np.clip((tr - 1) / 2, -1, 1))))
+    return best
+
+
+def summarise(run_root: Path, data: Path, wall: float, gold_res: float, mode: str):
+    _, est, _ = read_particles(f"{run_root}_data.star")
+    _, truth, _ = read_particles(data / "truth.star")
+    truth_maps = sorted(data.glob("truth_*.mrc"))
+    apix = float(truth.get("rlnImagePixelSize", [0])[0]) if "rlnImagePixelSize" in truth else None
+    n = read_map(truth_maps[0])[0].shape[0]
+    apix = read_map(truth_maps[0])[1] if not apix else apix
+    row = {"wall_s": wall, "gold_standard_A": gold_res}
+    if mode == "refine":
+        m = read_map(f"{run_root}_class001.mrc")[0].astype(np.float64)
+        t = read_map(truth_maps[0])[0].astype(np.float64)
+        row["fsc_truth_0.5_A"] = resolution_at(fsc(m, t), 0.5, n, apix)
+        err = angular_errors(est, truth)
+    else:
+        k = int(est["rlnClassNumber"].max())
+        maps = [read_map(f"{run_root}_class{c:03d}.mrc")[0].astype(np.float64) for c in range(1, k + 1)]
+        tmaps = [read_map(p)[0].astype(np.float64) for p in truth_maps]  # sorted: closed, open
+        tlabels = truth["rlnClassNumber"].to_numpy()
+        best_acc, best_perm = -1, None
+        for perm in itertools.permutations(range(1, k + 1), len(tmaps)):
+            acc = float(np.mean(np.array(perm)[tlabels - 1] == est["rlnClassNumber"].to_numpy()))
+            if acc > best_acc:
+                best_acc, best_perm = acc, perm
+        row["class_accuracy"] = best_acc
+        # truth.star: class 1 = open, 2 = closed; maps sorted alphabetically: closed, open
+        order = {1: [p for p in truth_maps if "open" in p.name], 2: [p for p in truth_maps if "closed" in p.name]}
+        res = []
+        for tc, ec in zip((1, 2), best_perm, strict=False):
+            t = read_map(order[tc][0])[0].astype(np.float64)
+            res.append(resolution_at(fsc(maps[ec - 1], t), 0.5, n, apix))
+        row["fsc_truth_0.5_A"] = res
+        err = angular_errors(est, truth)
+    row["ang_err_median_deg"] = float(np.median(err))
+    row["ang_err_p90_deg"] = float(np.percentile(err, 90))
+    d = np.hypot(est["rlnOriginXAngst"].to_numpy() - truth["rlnOriginXAngst"].to_numpy(),
+                 est["rlnOriginYAngst"].to_numpy() - truth["rlnOriginYAngst"].to_numpy())
+    row["shift_err_median_A"] = float(np.median(d))
+    return row
+
+
+def run_relion(data: Path, work: Path, mode: str):
+    f32 = work / "data_f32"
+    if not (f32 / "particles.mrcs").exists():
+        subprocess.run([sys.executable, str(data.parent / "to_float32.py"), str(data), str(f32)], check=True)
+    out = f32 / ("Refine3D" if mode == "refine" else "Class3D")
+    out.mkdir(exist_ok=True)
+    ref = "ini_lp60.mrc"
+    flags = REFINE_FLAGS if mode == "refine" else CLASS_FLAGS
+    cmd = (f"mpirun --allow-run-as-root --oversubscribe -np 3 relion_refine_mpi --i particles.star "
+           f"--o {out.name}/run --ref {ref} {flags} --dont_combine_weights_via_disc --j 1")
+    t = time.time()
+    with open(out / "relion.log", "w") as log:
+        subprocess.run(cmd, shell=True, cwd=f32, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return out / "run", time.time() - t
+
+
+def relion_gold_res(root: Path) -> float:
+    log = (root.parent / "relion.log").read_text(errors="ignore") if (root.parent / "relion.log").exists() else ""
+    m = re.findall(r"Final resolution \(without masking\) is: ([0-9.]+)", log)
+    if m:
+        return float(m[-1])
+    from gerelion_dask.io.star import read_star
+
+    blocks = read_star(f"{root}_model.star")
+    return float(blocks["model_general"]["rlnCurrentResolution"].iloc[0])
+
+
+def run_ours(data: Path, work: Path, mode: str, extra: list):
+    out = work / ("ours_refine" if mode == "refine" else "ours_class")
+    flags = REFINE_FLAGS if mode == "refine" else CLASS_FLAGS
+    flags = flags.replace("--auto_refine --split_random_halves", "")
+    cmd = [sys.executable, "-m", "gerelion_dask.cli", "refine" if mode == "refine" else "classify",
+           "--i", str(data / "particles.star"), "--o", str(out / "run"), "--ref", str(data / "ini_lp60.mrc"),
+           "--overwrite", *flags.split(), *extra]
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+    return out / "run", time.time() - t
+
+
+def ours_gold_res(root: Path) -> float:
+    lines = Path(f"{root}_progress.jsonl").read_text().splitlines()
+    return float(json.loads(lines[-1])["resolution_angst"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--mode", choices=["refine", "classify"], required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/compare_relion"))
+    ap.add_argument("--relion-dir", type=Path, help="finished RELION run root (e.g. .../Refine3D/run)")
+    ap.add_argument("--relion-wall", type=float, default=float("nan"))
+    ap.add_argument("--ours-dir", type=Path, help="finished run root of ours")
+    ap.add_argument("--ours-wall", type=float, default=float("nan"))
+    ap.add_argument("--skip-relion", action="store_true")
+    ap.add_argument("extra", nargs="*", help="extra flags for our command line")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    if a.relion_dir or not a.skip_relion:
+        root, wall = (a.relion_dir, a.relion_wall) if a.relion_dir else run_relion(a.data.resolve(), a.work, a.mode)
+        rows["RELION 3.1.3 (3 MPI ranks)"] = summarise(root, a.data, wall, relion_gold_res(root), a.mode)
+    root, wall = (a.ours_dir, a.ours_wall) if a.ours_dir else run_ours(a.data.resolve(), a.work, a.mode, a.extra)
+    rows["gerelion-dask"] = summarise(root, a.data, wall, ours_gold_res(root), a.mode)
+    keys = list(next(iter(rows.values())).keys())
+    print("| metric | " + " | ".join(rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(str(r[k]) if not isinstance(r[k], float) else f"{r[k]:.3g}"
+                                        for r in rows.values()) + " |")
+    print(f"(machine: {os.uname().nodename}, {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
