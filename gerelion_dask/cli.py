@@ -1,8 +1,12 @@
-"""The ``gerelion`` command: refine, classify, simulate, import, reconstruct, demo.
+"""The ``gerelion`` command: refine, classify, simulate, import, reconstruct, demo, cluster.
 
 ``refine`` and ``classify`` take ``relion_refine``'s flag names (README: flag table).  Bad input prints one line
 ``gerelion: error: <file>: <problem>`` and exits with code 2; existing results are never overwritten unless
 ``--overwrite`` is given.  Logging is configured here only (the library uses module loggers).
+
+``refine``/``classify`` run the E-step tasks on Dask: by default on a new local cluster for the job (one worker per
+GPU, else one NumPy worker per core; ``--workers N``), or on a running scheduler (``--scheduler-address``,
+``--scheduler-file``, e.g. the one of ``gerelion cluster start``), or without Dask (``--in-process``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["main", "refine_parser"]
+__all__ = ["main", "refine_parser", "add_dask_flags", "run_with_dask_flags"]
 
 # relion_refine flags accepted for compatibility whose meaning here differs (documented in the README)
 _COMPAT_VALUE = {"--j": "threads per task (ignored: one task per worker)",
@@ -70,11 +74,54 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--auto_iter_max", type=int, default=999)
     a("--pool", type=int, default=64, help="particles per E-step task")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="array backend (auto: GPU when present)")
+    add_dask_flags(p)
     for f, h in _COMPAT_VALUE.items():
         a(f, default=None, help=h)
     for f, h in _COMPAT_FLAG.items():
         a(f, action="store_true", help=h)
     return p
+
+
+def add_dask_flags(p: argparse.ArgumentParser, default_workers: int | None = None) -> None:
+    """Where the E-step tasks run: an existing scheduler, a new local cluster (the default), or in this process."""
+    g = p.add_argument_group("execution (Dask)")
+    g.add_argument("--scheduler-address", default=None, help="join a running Dask scheduler, e.g. tcp://host:8786")
+    g.add_argument("--scheduler-file", default=None,
+                   help="join the scheduler named in this file (e.g. the one `gerelion cluster start` wrote)")
+    g.add_argument("--workers", type=int, default=default_workers,
+                   help="workers of a new local cluster (default: " +
+                   (f"{default_workers}" if default_workers else "one per GPU, else one per CPU core") + ")")
+    g.add_argument("--dashboard-address", default="127.0.0.1:8787", help="dashboard of a new local cluster "
+                   "('' for none)")
+    g.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds to wait for the scheduler named by --scheduler-address/--scheduler-file")
+    g.add_argument("--in-process", action="store_true", help="no Dask: run every task in this process (debugging)")
+
+
+def run_with_dask_flags(ns, cfg, writer, device: str = "auto"):
+    """``run_job`` on the runner the execution flags ask for; a local cluster started here is closed at the end."""
+    from .driver import InProcessRunner, run_job
+
+    joining = ns.scheduler_address or ns.scheduler_file
+    if ns.in_process and joining:
+        raise InputError(None, "--in-process runs without Dask: leave out --scheduler-address/--scheduler-file")
+    if ns.workers is not None and ns.workers < 1:
+        raise InputError(None, f"--workers {ns.workers} must be at least 1")
+    if ns.in_process:
+        return run_job(cfg, runner=InProcessRunner(device), writer=writer)
+    from .distributed.cluster import close_client, make_client
+    from .distributed.runner import DaskRunner
+
+    client, cluster = make_client(ns.scheduler_address, ns.scheduler_file,
+                                  n_workers=None if joining else ns.workers,
+                                  dashboard_address=ns.dashboard_address or None, timeout=ns.connect_timeout,
+                                  gpus=device != "cpu")
+    try:
+        logging.getLogger(__name__).info("Dask: %d workers; dashboard %s",
+                                         len(client.scheduler_info(n_workers=-1)["workers"]), client.dashboard_link)
+        return run_job(cfg, runner=DaskRunner(client, device=device), writer=writer)
+    finally:
+        close_client(client, cluster)
 
 
 def _job_config(ns, classify: bool):
@@ -109,12 +156,11 @@ def _check_output(cfg) -> None:
 
 def cmd_refine(argv, classify: bool) -> int:
     ns = refine_parser("gerelion classify" if classify else "gerelion refine", classify).parse_args(argv)
-    from .driver import InProcessRunner, run_job
     from .job_files import make_writer
 
     cfg = _job_config(ns, classify).validate()
     _check_output(cfg)
-    res = run_job(cfg, runner=InProcessRunner(ns.device if ns.device != "gpu" else "auto"), writer=make_writer(cfg.o))
+    res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto")
     last = res.iterations[-1] if res.iterations else None
     if last:
         print(f"done: {len(res.iterations)} iterations, resolution {last.resolution_angst:.2f} Å; "
@@ -159,12 +205,18 @@ def cmd_import(argv) -> int:
     return 0
 
 
+def _cmd_cluster(argv) -> int:
+    from .distributed.cluster import cluster_main
+
+    return cluster_main(argv)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = {"refine": lambda a: cmd_refine(a, False), "classify": lambda a: cmd_refine(a, True),
-            "reconstruct": cmd_reconstruct, "import": cmd_import}
+            "reconstruct": cmd_reconstruct, "import": cmd_import, "cluster": _cmd_cluster}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds | {"simulate": 0, "demo": 0}:
-        print("usage: gerelion {refine,classify,simulate,import,reconstruct,demo} ...  (each takes --help)")
+        print("usage: gerelion {refine,classify,simulate,import,reconstruct,demo,cluster} ...  (each takes --help)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("distributed").setLevel(logging.WARNING)

@@ -68,7 +68,9 @@ class InProcessRunner:
         self.device = device
 
     def run(self, tasks, models: dict, settings: dict, read_images, progress=None):
-        parts: dict[int, Partials] = {}
+        from .distributed.reduce import tree_sum
+
+        parts: dict[int, list[Partials]] = {}
         results = []
         xp = _array_module(self.device)
         for k, (rows, pp) in enumerate(tasks):
@@ -78,11 +80,12 @@ class InProcessRunner:
                 m = replace(m, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in m.refs])
             part, res = expectation_pool(imgs, pp, m, settings[pp.half])
             part = part.to_host()
-            parts[pp.half] = part if pp.half not in parts else parts[pp.half] + part
+            parts.setdefault(pp.half, []).append(part)
             results.append(res)
             if progress:
                 progress(k + 1, len(tasks))
-        return parts, PoolResult.concat(results)
+        # the fixed pairwise order of the Dask runner, so both give bit-identical sums
+        return {h: tree_sum(p) for h, p in parts.items()}, PoolResult.concat(results)
 
 
 def _array_module(device: str):
@@ -147,6 +150,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
     inp = load_inputs(cfg)
     runner = runner or InProcessRunner()
     st = particle_state(inp, cfg, seed)
+    if hasattr(runner, "prepare"):
+        runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]
     sym_ops = symmetry_operators(cfg.sym)
@@ -175,6 +180,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
     while it < max_iter:
         it += 1
         t0 = time.time()
+        if hasattr(runner, "start_iteration"):
+            runner.start_iteration(it)  # e.g. DaskRunner: the iteration number in its task keys
         cc_iter = cfg.firstiter_cc and it == 1
         if cfg.auto_refine and it > 1 and is_converged(sched):
             final = True

@@ -19,9 +19,31 @@ from .outputs import output_names, write_data_star, write_model_star, write_opti
 __all__ = ["make_writer", "particles_table"]
 
 
-def particles_table(inp, st, auto_refine: bool):
+def _image_names_for(md, star_path, out_dir):
+    """``rlnImageName`` values that still find their stacks from a STAR file written in ``out_dir``.
+
+    Names that resolve from the current directory (RELION's project-directory convention) or are absolute stay as
+    they are; names relative to the input STAR file's folder are rewritten relative to ``out_dir``.
+    """
+    from .io.particles import _resolve_stack, parse_image_names
+
+    idx, stacks = parse_image_names(md["rlnImageName"].to_numpy())
+    new = {}
+    for s in set(stacks.tolist()):
+        p = Path(s)
+        if p.is_absolute() or (Path.cwd() / p).is_file():
+            new[s] = s
+            continue
+        resolved = _resolve_stack(s, Path(star_path))
+        new[s] = os.path.relpath(resolved, Path(out_dir).resolve()) if resolved is not None else s
+    return [f"{i + 1:06d}@{new[s]}" for i, s in zip(idx, stacks, strict=True)]
+
+
+def particles_table(inp, st, auto_refine: bool, out_dir=None):
     """The particles table with this iteration's poses and statistics (RELION 3.1 columns, offsets in Å)."""
     md = inp.particles.metadata.copy()
+    if out_dir is not None and "rlnImageName" in md:
+        md["rlnImageName"] = _image_names_for(md, inp.particles.star_path, out_dir)
     a = inp.pixel_size
     md["rlnAngleRot"], md["rlnAngleTilt"], md["rlnAnglePsi"] = st.angles[:, 0], st.angles[:, 1], st.angles[:, 2]
     md["rlnOriginXAngst"] = st.offsets_px[:, 0] * a
@@ -51,7 +73,8 @@ def make_writer(root: str):
         if it is None and cfg.auto_refine:
             names["model"] = [f"{root}_model.star"]
             names["classes"] = [[f"{root}_class{c:03d}.mrc" for c in range(1, cfg.K + 1)]]
-        write_data_star(names["data"], inp.particles.optics, particles_table(inp, st, cfg.auto_refine))
+        write_data_star(names["data"], inp.particles.optics,
+                        particles_table(inp, st, cfg.auto_refine, Path(names["data"]).parent))
         for hi, mnames in enumerate(names["classes"]):
             for c, path in enumerate(mnames):
                 vol = model.maps[min(hi, model.n_halves - 1)][c]

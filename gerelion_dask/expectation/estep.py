@@ -139,7 +139,7 @@ def _diff2_block(xp, X, C, W, phase, P, cc: bool, ctf_on_ref: bool):
     """diff2 ``(B, T, O)`` for particles ``X (B, M)`` against projections ``P (O, M)``."""
     Cr = C if ctf_on_ref else xp.ones_like(C)
     if cc:
-        Y = (Cr * X)[:, None, :] * xp.conj(phase)[None] * 0 + (Cr * X)[:, None, :] * phase[None]
+        Y = (Cr * X)[:, None, :] * phase[None]
         g = xp.einsum("btm,om->bto", Y.real, P.real, optimize=True) + xp.einsum("btm,om->bto", Y.imag, P.imag,
                                                                                   optimize=True)
         normp = xp.sqrt((Cr * Cr) @ (xp.abs(P) ** 2).T)  # (B, O)
@@ -322,8 +322,10 @@ def _fine_pass(xp, pre, particles, model, settings, sig, coarse_lp, n_sig):
             S_nm = Wr @ Xnm_t  # (R, M)
             S_m = Wr @ Xt
             bp_rows[c][0].append(gid[rows])
-            bp_rows[c][1].append(to_host(S_nm * (Cr * Wbp)[None]))
-            bp_rows[c][2].append(to_host(wo[:, None] * (Cr * Cr * Wbp)[None]))
+            # back-projection always carries the CTF (RELION: Fimg = CTF X / sigma2, Fweight = CTF^2 / sigma2), also
+            # in iteration 1 when the reference is not CTF-corrected (that only changes the likelihood)
+            bp_rows[c][1].append(to_host(S_nm * (C * Wbp)[None]))
+            bp_rows[c][2].append(to_host(wo[:, None] * (C * C * Wbp)[None]))
             ws = float(wo.sum())
             wsum_total += ws
             resid_pix += (Cr * Cr) * ((wo[:, None] * xp.abs(Pr) ** 2).sum(axis=0)) \

@@ -1,0 +1,321 @@
+"""Getting a Dask client, and ``gerelion cluster start|stop|status`` (a persistent local cluster many jobs share).
+
+:func:`make_client` returns ``(client, cluster_or_None)``:
+
+* an existing scheduler (``scheduler_address`` or ``scheduler_file``); nobody answering within ``timeout`` seconds is
+  an :class:`~gerelion_dask.errors.InputError` (exit code 2 on the command line);
+* else a new ``dask_cuda.LocalCUDACluster`` (one worker per GPU, ``resources={"GPU": 1}``) when this machine has GPUs
+  (:func:`detect_gpus`: NVML, no CUDA context in the client) and CuPy; dask-cuda is imported only then;
+* else a ``distributed.LocalCluster`` of NumPy worker processes (one thread each, ``resources={"GPU": 1}`` so the same
+  ``client.submit(..., resources={"GPU": 1})`` runs there; one worker per core by default), on 127.0.0.1.
+
+Workers are started by nannies, which set ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` to 1
+before the worker process starts (distributed's ``nanny.pre-spawn-environ`` default): one BLAS thread per task.
+
+The service: ``gerelion cluster start`` starts ``python -m gerelion_dask.distributed.cluster serve`` in the background
+(its own session, log beside the scheduler file), which runs a local cluster as above and writes the scheduler file
+(default ``~/.gerelion/scheduler.json``; ``GERELION_HOME`` moves the folder).  Jobs join it with
+``--scheduler-file``.  ``stop`` shuts the scheduler down (which ends the service and its workers) and, should it not
+exit, signals the service's own process (its pid is kept in ``<scheduler file>.service.json``, and checked to be that
+service before it is signalled).  ``status`` lists the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InputError
+
+__all__ = ["make_client", "close_client", "detect_gpus", "connect", "new_local_cluster", "cluster_main",
+           "default_scheduler_file"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+_SERVICE_MODULE = "gerelion_dask.distributed.cluster"
+
+
+# ------------------------------------------------------------------------------------------------------ GPUs
+
+
+def _visible_devices(env: dict) -> int | None:
+    """Number of devices ``CUDA_VISIBLE_DEVICES`` allows (None: not set)."""
+    v = env.get("CUDA_VISIBLE_DEVICES")
+    if v is None:
+        return None
+    ids = [x.strip() for x in v.split(",") if x.strip()]
+    n = 0
+    for x in ids:  # CUDA stops at the first invalid (e.g. negative) id
+        if x.lstrip("-").isdigit() and int(x) < 0:
+            break
+        n += 1
+    return n
+
+
+def detect_gpus() -> int:
+    """GPUs this process could use, counted without creating a CUDA context here.
+
+    0 without CuPy (nothing could use a GPU).  Otherwise the NVML device count (no CUDA runtime call), limited by
+    ``CUDA_VISIBLE_DEVICES``; without NVML, CuPy's count in a short child process.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return 0
+    visible = _visible_devices(os.environ)
+    if visible == 0:
+        return 0
+    from distributed.diagnostics import nvml
+
+    n = nvml.device_get_count()
+    if n == 0:
+        code = "from gerelion_dask.backend import gpu_count; print(gpu_count())"
+        try:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            n = int(out.stdout.strip() or 0)
+        except (subprocess.SubprocessError, ValueError, OSError):
+            n = 0
+    return n if visible is None else min(n, visible)
+
+
+# ------------------------------------------------------------------------------------------------- clients
+
+
+def connect(scheduler_address: str | None = None, scheduler_file: str | os.PathLike | None = None,
+            timeout: float = CONNECT_TIMEOUT_S):
+    """A client of an existing scheduler; :class:`InputError` when nobody answers within ``timeout`` seconds."""
+    from distributed import Client
+
+    hint = "start one with `gerelion cluster start`, or leave out --scheduler-address/--scheduler-file to run " \
+           "a local cluster for this job"
+    if scheduler_file is not None:
+        path = Path(scheduler_file).expanduser()
+        if not path.is_file():
+            raise InputError(path, "scheduler file not found", hint)
+        try:
+            address = json.loads(path.read_text())["address"]
+        except (ValueError, KeyError, OSError) as e:
+            raise InputError(path, f"not a Dask scheduler file ({e})") from None
+        where = path
+    else:
+        address, where = scheduler_address, scheduler_address
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as e:
+        raise InputError(where, f"no Dask scheduler answers at {address} within {timeout:g} s "
+                         f"({type(e).__name__})", hint) from None
+
+
+def new_local_cluster(n_workers: int | None = None, threads_per_worker: int = 1,
+                      dashboard_address: str | None = "127.0.0.1:8787", in_process: bool = False,
+                      gpus: bool = True):
+    """A new local cluster: LocalCUDACluster with GPUs (unless ``gpus`` is false), else a LocalCluster of NumPy
+    worker processes."""
+    from distributed import LocalCluster
+
+    common = {"threads_per_worker": threads_per_worker, "dashboard_address": dashboard_address,
+              "resources": {"GPU": 1}}
+    if in_process:  # threads in this process (debugging); LocalCluster(processes=False) must not get a host
+        return LocalCluster(n_workers=n_workers or 1, processes=False, **common)
+    n_gpu = detect_gpus() if gpus else 0
+    if n_gpu > 0:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as e:
+            log.warning("%d GPU(s) but dask-cuda cannot be imported (%s): one worker on the first GPU "
+                        "(pip install 'gerelion-dask[gpu]' for one worker per GPU)", n_gpu, e)
+            return LocalCluster(n_workers=1, processes=True, host="127.0.0.1", **common)
+        kw = {"n_workers": min(n_workers, n_gpu)} if n_workers else {}
+        log.info("LocalCUDACluster: %d GPU worker(s)", kw.get("n_workers", n_gpu))
+        return LocalCUDACluster(host="127.0.0.1", **kw, **common)
+    n = n_workers or os.cpu_count() or 1
+    log.info("LocalCluster: %d NumPy worker process(es)", n)
+    return LocalCluster(n_workers=n, processes=True, host="127.0.0.1", **common)
+
+
+def make_client(scheduler_address: str | None = None, scheduler_file: str | os.PathLike | None = None,
+                n_workers: int | None = None, threads_per_worker: int = 1,
+                dashboard_address: str | None = "127.0.0.1:8787", in_process: bool = False,
+                timeout: float = CONNECT_TIMEOUT_S, gpus: bool = True):
+    """``(client, cluster_or_None)``: an existing scheduler if one is named, else a new local cluster (close both
+    with :func:`close_client`).  ``in_process``: a LocalCluster of threads in this process (debugging);
+    ``gpus=False``: NumPy workers even on a GPU machine."""
+    if scheduler_address or scheduler_file:
+        return connect(scheduler_address, scheduler_file, timeout), None
+    from distributed import Client
+
+    cluster = new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_process, gpus)
+    return Client(cluster), cluster
+
+
+def close_client(client, cluster) -> None:
+    """Close a client and, when :func:`make_client` started it, its cluster."""
+    try:
+        client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+# ------------------------------------------------------------------------------------------ the cluster service
+
+
+def default_scheduler_file() -> Path:
+    return Path(os.environ.get("GERELION_HOME", Path.home() / ".gerelion")) / "scheduler.json"
+
+
+def _state_path(scheduler_file: Path) -> Path:
+    return scheduler_file.with_name(scheduler_file.name + ".service.json")
+
+
+def _is_service(pid: int) -> bool:
+    """True if ``pid`` is a running ``gerelion_dask.distributed.cluster serve`` process."""
+    try:
+        import psutil
+
+        return any(_SERVICE_MODULE in part for part in psutil.Process(pid).cmdline())
+    except Exception:  # no such process, or not ours to inspect
+        return False
+
+
+def _serve(ns) -> int:
+    """The service process: run a local cluster until the scheduler closes or a signal arrives."""
+    from distributed import Client
+
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(1))
+    sched = Path(ns.scheduler_file)
+    cluster = new_local_cluster(ns.workers, ns.threads_per_worker, ns.dashboard_address or None)
+    try:
+        with Client(cluster) as client:
+            client.write_scheduler_file(str(sched))
+        print(f"scheduler {cluster.scheduler_address}; dashboard {cluster.dashboard_link}", flush=True)
+        while not stop and cluster.scheduler.status.name not in ("closing", "closed", "failed"):
+            time.sleep(0.5)
+    finally:
+        cluster.close()
+        sched.unlink(missing_ok=True)
+        _state_path(sched).unlink(missing_ok=True)
+    return 0
+
+
+def _start(ns) -> int:
+    sched = Path(ns.scheduler_file).expanduser().resolve()
+    try:
+        with connect(scheduler_file=sched, timeout=2) as client:
+            print(f"a cluster is already running: {client.scheduler.address} ({sched})")
+            return 0
+    except InputError:
+        sched.unlink(missing_ok=True)
+    sched.parent.mkdir(parents=True, exist_ok=True)
+    logfile = sched.with_name(sched.name + ".log")
+    cmd = [sys.executable, "-m", _SERVICE_MODULE, "serve", "--scheduler-file", str(sched),
+           "--threads-per-worker", str(ns.threads_per_worker), "--dashboard-address", ns.dashboard_address or ""]
+    if ns.workers:
+        cmd += ["--workers", str(ns.workers)]
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    _state_path(sched).write_text(json.dumps({"pid": proc.pid, "scheduler_file": str(sched), "log": str(logfile),
+                                              "started": time.time()}))
+    t0 = time.time()
+    while time.time() - t0 < ns.timeout:
+        if proc.poll() is not None:
+            print(f"gerelion cluster: the service exited (code {proc.returncode}); see {logfile}", file=sys.stderr)
+            return 1
+        if sched.is_file():
+            try:
+                with connect(scheduler_file=sched, timeout=5) as client:
+                    client.wait_for_workers(1, timeout=max(1.0, ns.timeout - (time.time() - t0)))
+                    print(f"started: scheduler {client.scheduler.address}, scheduler file {sched}, "
+                          f"log {logfile}\n  join it with: gerelion refine ... --scheduler-file {sched}")
+                    _print_workers(client)
+                    return 0
+            except (InputError, TimeoutError, OSError):
+                pass
+        time.sleep(0.3)
+    print(f"gerelion cluster: no scheduler after {ns.timeout:g} s; see {logfile}", file=sys.stderr)
+    return 1
+
+
+def _stop(ns) -> int:
+    sched = Path(ns.scheduler_file).expanduser().resolve()
+    state_file = _state_path(sched)
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    stopped = False
+    if sched.is_file():
+        try:
+            client = connect(scheduler_file=sched, timeout=3)
+            client.shutdown()
+            stopped = True
+        except InputError:
+            pass
+    pid = state.get("pid")
+    if pid:
+        t0 = time.time()
+        while _is_service(pid) and time.time() - t0 < 20:
+            time.sleep(0.2)
+        if _is_service(pid):
+            os.kill(pid, signal.SIGTERM)
+            stopped = True
+    sched.unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
+    print("stopped" if stopped else f"no cluster was running ({sched})")
+    return 0 if stopped else 1
+
+
+def _print_workers(client) -> None:
+    info = client.scheduler_info(n_workers=-1)
+    workers = info.get("workers", {})
+    print(f"scheduler {info.get('address')}  dashboard {client.dashboard_link}  workers {len(workers)}")
+    print(f"  {'worker':28s} {'name':>6s} {'threads':>7s} {'memory GiB':>10s}  resources")
+    for addr, w in sorted(workers.items()):
+        print(f"  {addr:28s} {str(w.get('name')):>6s} {w.get('nthreads', 0):7d} "
+              f"{(w.get('memory_limit') or 0) / 2**30:10.1f}  {w.get('resources', {})}")
+
+
+def _status(ns) -> int:
+    sched = Path(ns.scheduler_file).expanduser().resolve()
+    try:
+        with connect(scheduler_file=sched, timeout=3) as client:
+            _print_workers(client)
+            return 0
+    except InputError as e:
+        print(f"no cluster: {e}")
+        return 1
+
+
+def cluster_parser(prog: str = "gerelion cluster") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="a persistent local Dask cluster that jobs join with "
+                                "--scheduler-file")
+    p.add_argument("action", choices=["start", "stop", "status", "serve"],
+                   help="start | stop | status (serve: the service process itself)")
+    p.add_argument("--scheduler-file", default=str(default_scheduler_file()),
+                   help="where the scheduler's address is written (default %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="workers (default: one per GPU, else one per core)")
+    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--dashboard-address", default="127.0.0.1:8787", help="'' for no dashboard")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds `start` waits for the cluster")
+    return p
+
+
+def cluster_main(argv) -> int:
+    """``gerelion cluster start|stop|status``; returns the exit code."""
+    ns = cluster_parser().parse_args(argv)
+    if ns.workers is not None and ns.workers < 1:
+        raise InputError(None, f"--workers {ns.workers} must be at least 1")
+    return {"start": _start, "stop": _stop, "status": _status, "serve": _serve}[ns.action](ns)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    sys.exit(cluster_main(sys.argv[1:]))

@@ -1,0 +1,146 @@
+"""DaskRunner: the E-step of an iteration as Dask tasks (same ``run`` interface as the in-process runner).
+
+Per call of :meth:`DaskRunner.run` (one iteration):
+
+1. the per-half :class:`~gerelion_dask.expectation.estep.EStepModel` and settings are scattered once to every worker
+   (``client.scatter(..., broadcast=True, hash=False)``): tasks depend on those futures;
+2. one task per pool: ``client.submit(estep_task, source, selection, pool_particles, model, settings, pool,
+   key=f"estep-{iteration}-{pool}-{token}", resources={"GPU": 1}, retries=2, pure=False)``; the task reads its
+   images itself (``particles.zarr`` when :meth:`DaskRunner.prepare` imported one, else the picklable ParticleSet);
+3. per half set, the pairwise tree of :func:`~gerelion_dask.distributed.reduce.tree_reduce_futures` over the pools in
+   pool order (keys ``reduce-{iteration}-{half}-{level}-{i}-{token}``) and a last ``reduce-{iteration}-{half}-host``
+   task that copies the sums to host memory; the per-particle results ride up the same tree;
+4. the driver gathers one object per half set: the reduced Partials and the pools' PoolResults.
+
+Keys name the stage first (``estep``, ``reduce``), which is what the dashboard's task stream and progress bars group
+by (``dask.utils.key_split``); ``token`` (per runner and call) keeps keys unique on a scheduler shared by several jobs.
+Annotations are not used (graph optimisation drops them, ECOSYSTEM.md §2): every task is submitted with its key and
+resources.  A worker lost mid-iteration: the scheduler reruns its tasks elsewhere (they are pure, so the result is
+the same); should a scattered model be lost with every copy, the whole iteration is submitted again once
+(``iteration_retries``).
+
+Not done here (yet): the M-step still runs in the driver process (no ``mstep-`` tasks), and the classification seed
+iteration, which the driver hands over one pool per call, gets no parallelism across pools.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+
+from .reduce import tree_reduce_futures
+from .tasks import ImageSource, concat_results, estep_task, to_host
+
+__all__ = ["DaskRunner"]
+
+log = logging.getLogger(__name__)
+
+
+def _is_lost_data(err: BaseException) -> bool:
+    """An error that rerunning the iteration can cure (a scattered input lost with its workers)."""
+    from distributed.client import FutureCancelledError
+
+    return isinstance(err, FutureCancelledError) or "lost dependencies" in str(err).lower()
+
+
+class DaskRunner:
+    """Runs every E-step task on the workers of a Dask client.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    device : {"auto", "cpu"}
+        ``auto``: CuPy on workers that see a GPU, NumPy elsewhere; ``cpu``: NumPy everywhere.
+    use_zarr : bool
+        Import the images into ``<output folder>/particles.zarr`` in :meth:`prepare` and read them from there.
+    retries : int
+        Task retries (on top of the scheduler's rescheduling of the tasks of a lost worker).
+    iteration_retries : int
+        Times an iteration is submitted again when its scattered inputs were lost.
+    """
+
+    def __init__(self, client, device: str = "auto", use_zarr: bool = True, retries: int = 2,
+                 iteration_retries: int = 1):
+        self.client = client
+        self.device = device
+        self.use_zarr = use_zarr
+        self.retries = retries
+        self.iteration_retries = iteration_retries
+        self.store = None  # ParticleStore after prepare()
+        self.iteration = 0
+        self._token = uuid.uuid4().hex[:8]
+        self._calls = 0
+        self._read_images = None  # (callable, its scattered ImageSource future)
+
+    # ---------------------------------------------------------------------------------------------- driver hooks
+
+    def prepare(self, inp, st, cfg) -> None:
+        """Called once by the driver before iteration 1: import the images into ``particles.zarr`` (half order)."""
+        if self.use_zarr:
+            from pathlib import Path
+
+            from .store import prepare_particle_store
+
+            self.store = prepare_particle_store(inp.particles, st.half, Path(cfg.o).parent, cfg.pool)
+
+    def start_iteration(self, iteration: int) -> None:
+        """Called by the driver at the start of each iteration (the number goes into the task keys)."""
+        self.iteration = int(iteration)
+
+    # ------------------------------------------------------------------------------------------------------ run
+
+    def run(self, tasks, models: dict, settings: dict, read_images, progress=None):
+        """E-step of ``tasks`` (``[(rows, PoolParticles), ...]``) -> ``({half: Partials}, PoolResult)``."""
+        for attempt in range(self.iteration_retries + 1):
+            try:
+                return self._run_once(tasks, models, settings, read_images, progress)
+            except Exception as err:
+                if attempt == self.iteration_retries or not _is_lost_data(err):
+                    raise
+                log.warning("iteration %d: inputs lost with a worker (%s); submitting it again", self.iteration, err)
+        raise AssertionError("unreachable")
+
+    def _run_once(self, tasks, models, settings, read_images, progress):
+        from distributed import as_completed
+
+        client = self.client
+        self._calls += 1
+        tag = f"{self._token}{self._calls:x}"
+        it = self.iteration or self._calls
+        halves = sorted({pp.half for _, pp in tasks})
+        model_f = {h: client.scatter(models[h], broadcast=True, hash=False) for h in halves}
+        settings_f = {h: client.scatter(settings[h], broadcast=True, hash=False) for h in halves}
+        source = self._source(read_images)
+        leaves = defaultdict(list)
+        for k, (rows, pp) in enumerate(tasks):
+            sel = self.store.selection(rows) if self.store is not None else rows
+            leaves[pp.half].append(client.submit(
+                estep_task, source, sel, pp, model_f[pp.half], settings_f[pp.half], k, self.device,
+                key=f"estep-{it}-{k}-{tag}", resources={"GPU": 1}, retries=self.retries, pure=False))
+        roots = {}
+        for h in halves:
+            root = tree_reduce_futures(client, leaves[h], f"reduce-{it}-{h}", key_suffix=f"-{tag}",
+                                       retries=self.retries)
+            roots[h] = client.submit(to_host, root, key=f"reduce-{it}-{h}-host-{tag}", pure=False,
+                                     retries=self.retries)
+        pending = [f for h in halves for f in leaves[h]]
+        leaves.clear()  # the tree holds them now; each pool's sums are freed once added
+        for done, fut in enumerate(as_completed(pending), start=1):
+            if fut.status == "error":
+                fut.result()  # raise the task's error here
+            if progress:
+                progress(done, len(tasks))
+        pending = fut = None
+        outs = client.gather([roots[h] for h in halves])
+        parts = {h: o.partials for h, o in zip(halves, outs, strict=True)}
+        return parts, concat_results(outs)
+
+    def _source(self, read_images):
+        """The ImageSource future the tasks read from (the store, or the ParticleSet scattered once per runner)."""
+        if self.store is not None:
+            return ImageSource(zarr_path=self.store.path)
+        if self._read_images is None or self._read_images[0] != read_images:
+            fut = self.client.scatter(ImageSource(read_images=read_images), broadcast=True, hash=False)
+            self._read_images = (read_images, fut)
+        return self._read_images[1]

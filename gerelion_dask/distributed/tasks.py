@@ -1,0 +1,112 @@
+"""Functions that run on Dask workers: the expectation task of one pool and the steps of its reduction.
+
+Every task is a pure function of its arguments (pool rows, the iteration's model and settings): a task lost with its
+worker reruns elsewhere with the same result.  A task reads its own images (from ``particles.zarr``, or through a
+picklable :class:`~gerelion_dask.io.particles.ParticleSet`) and, on a worker with a GPU, moves them and the
+references to CuPy; the reference transforms are put on the device once per worker and model (:func:`device_model`),
+not once per task.  Partial sums stay where they were made (on the GPU) through the reduction tree; :func:`to_host`
+is the last step, so only host arrays travel to the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..expectation.partials import Partials, PoolResult
+
+__all__ = ["PoolOutput", "estep_task", "to_host", "worker_array_module", "device_model", "read_task_images",
+           "ImageSource"]
+
+
+@dataclass(frozen=True)
+class PoolOutput:
+    """Partial sums of some pools of one half set plus their per-particle results, tagged with the pool indices.
+
+    ``a + b`` adds the partial sums (refusing different halves) and concatenates the results, so the tree of
+    :mod:`~gerelion_dask.distributed.reduce` carries the small per-particle results up with the sums: the driver
+    gathers one object per half set.
+    """
+
+    partials: Partials
+    results: tuple  # ((pool index, PoolResult), ...)
+
+    def __add__(self, other: PoolOutput) -> PoolOutput:
+        return PoolOutput(self.partials + other.partials, self.results + other.results)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a task reads its images: a store path (Zarr) or a picklable ``read_images(rows)`` callable."""
+
+    zarr_path: str | None = None
+    read_images: Any = None
+
+
+def read_task_images(source: ImageSource, selection) -> np.ndarray:
+    """Images of one pool, float32 ``(B, D, D)``: store rows (``(start, stop)`` or indices) or particle rows."""
+    if source.zarr_path is not None:
+        from .store import read_store_rows
+
+        return read_store_rows(source.zarr_path, selection)
+    return np.asarray(source.read_images(selection), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def worker_array_module(device: str = "auto"):
+    """``cupy`` on a worker that sees a GPU (unless ``device == "cpu"``), else ``numpy``; decided once per process."""
+    if device == "cpu":
+        return np
+    from ..backend import gpu_count
+
+    if gpu_count() > 0:
+        import cupy
+
+        return cupy
+    return np
+
+
+_DEVICE_MODELS: dict[int, tuple[Any, Any]] = {}  # id(host model) -> (host model, device model); at most 2 (halves)
+
+
+def device_model(model, xp):
+    """The model with its reference transforms on ``xp``'s device, cached per worker process for the host object.
+
+    The cache keeps the host object alive with its copy, so an ``id`` is never reused for another model while
+    cached; at most two entries (one per half set) are kept.
+    """
+    if xp is np:
+        return model
+    hit = _DEVICE_MODELS.get(id(model))
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    dev = replace(model, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in model.refs])
+    while len(_DEVICE_MODELS) >= 2:
+        _DEVICE_MODELS.pop(next(iter(_DEVICE_MODELS)))
+    _DEVICE_MODELS[id(model)] = (model, dev)
+    return dev
+
+
+def estep_task(source: ImageSource, selection, particles, model, settings, index: int,
+               device: str = "auto") -> PoolOutput:
+    """Expectation of one pool on this worker: read the images, run the E-step, keep the sums on the device."""
+    from ..expectation.estep import expectation_pool
+
+    xp = worker_array_module(device)
+    images = xp.asarray(read_task_images(source, selection))
+    part, res = expectation_pool(images, particles, device_model(model, xp), settings)
+    return PoolOutput(part, ((int(index), res),))
+
+
+def to_host(out: PoolOutput) -> PoolOutput:
+    """The reduced output with its volumes copied to host memory (the last task of a half set's tree)."""
+    return PoolOutput(out.partials.to_host(), out.results)
+
+
+def concat_results(outputs) -> PoolResult:
+    """Per-particle results of all halves in pool-index order (the order the in-process runner returns)."""
+    pairs = sorted((p for out in outputs for p in out.results), key=lambda p: p[0])
+    return PoolResult.concat([r for _, r in pairs])
