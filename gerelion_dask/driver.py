@@ -183,8 +183,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
         if hasattr(runner, "start_iteration"):
             runner.start_iteration(it)  # e.g. DaskRunner: the iteration number in its task keys
         cc_iter = cfg.firstiter_cc and it == 1
-        if cfg.auto_refine and it > 1 and is_converged(sched):
-            final = True
+        if cfg.auto_refine and it > 1 and (is_converged(sched) or it == max_iter):
+            final = True  # converged (or out of iterations): one last iteration at full size with joined halves
         shell = _resolution_shell(model)
         cur = next_current_size(N, shell, cfg.incr_size, model.fsc[0] if cfg.auto_refine else None,
                                 sched.high_fsc_at_limit, model.ave_pmax, final) if it > 1 else \
@@ -229,13 +229,12 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
                                         ctf_on_reference=cfg.ctf_corrected_ref or it > 1,
                                         local_sigma_rot=sched.local_sigma_rot, local_sigma_psi=sched.local_sigma_psi,
                                         symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
-                                        n_groups=len(inp.group_names), seed_classes=None)
+                                        n_groups=len(inp.group_names))
         tasks = _make_tasks(inp, st, cfg.pool)
         if seeds is not None:
-            tasks = [(r, p) for r, p in tasks]
-            settings = {h: s for h, s in settings.items()}
+            tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]
         t1 = time.time()
-        parts, res = _run_estep(runner, tasks, models, settings, inp, seeds, progress)
+        parts, res = runner.run(tasks, models, settings, inp.particles.read_images, progress)
         t2 = time.time()
         ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
@@ -268,26 +267,6 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
     files = writer("final", cfg, inp, model, st, sched, records[-1] if records else None, final=True, unfil=unfil) \
         if writer else {}
     return JobResult(cfg.o, records, model, st, files or {})
-
-
-def _run_estep(runner, tasks, models, settings, inp, seeds, progress):
-    if seeds is not None:
-        # seed iteration of classification: each pool runs with its particles' random classes
-        tasks2, sets = [], {}
-        for r, p in tasks:
-            tasks2.append((r, p))
-        settings = {h: s for h, s in settings.items()}
-        runner_settings = {}
-        parts, results = {}, []
-        for r, p in tasks2:
-            s = replace(settings[p.half], seed_classes=seeds[r])
-            runner_settings = {p.half: s}
-            pa, rs = runner.run([(r, p)], models, runner_settings, inp.particles.read_images)
-            for h, v in pa.items():
-                parts[h] = v if h not in parts else parts[h] + v
-            results.append(rs)
-        return parts, PoolResult.concat(results)
-    return runner.run(tasks, models, settings, inp.particles.read_images, progress)
 
 
 def _pad_spec(s, N):

@@ -10,14 +10,18 @@
   ``client.submit(..., resources={"GPU": 1})`` runs there; one worker per core by default), on 127.0.0.1.
 
 Workers are started by nannies, which set ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` to 1
-before the worker process starts (distributed's ``nanny.pre-spawn-environ`` default): one BLAS thread per task.
+before the worker process starts (distributed's ``nanny.pre-spawn-environ``; set explicitly for the clusters made
+here): one BLAS thread per task.  This matters for reproducibility, not only for speed: OpenBLAS's dgemm gives
+results that differ in the last bits between 1 and 2 threads (measured here for (208 x 600)(600 x 500) and
+1000^3 products; zgemm did not differ), so bit-identical maps need the same BLAS thread count in every task.
+Workers of an external scheduler (``dask worker`` CLI) get the same default from distributed's configuration.
 
 The service: ``gerelion cluster start`` starts ``python -m gerelion_dask.distributed.cluster serve`` in the background
 (its own session, log beside the scheduler file), which runs a local cluster as above and writes the scheduler file
 (default ``~/.gerelion/scheduler.json``; ``GERELION_HOME`` moves the folder).  Jobs join it with
-``--scheduler-file``.  ``stop`` shuts the scheduler down (which ends the service and its workers) and, should it not
-exit, signals the service's own process (its pid is kept in ``<scheduler file>.service.json``, and checked to be that
-service before it is signalled).  ``status`` lists the workers.
+``--scheduler-file``.  ``stop`` sends SIGTERM to the service process (its pid is kept in
+``<scheduler file>.service.json`` and checked to be that service first), which closes its cluster; without a live
+service it shuts down the scheduler the file names (``Client.shutdown``).  ``status`` lists the workers.
 """
 
 from __future__ import annotations
@@ -114,13 +118,26 @@ def connect(scheduler_address: str | None = None, scheduler_file: str | os.PathL
                          f"({type(e).__name__})", hint) from None
 
 
+ONE_BLAS_THREAD = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+
+
 def new_local_cluster(n_workers: int | None = None, threads_per_worker: int = 1,
                       dashboard_address: str | None = "127.0.0.1:8787", in_process: bool = False,
                       gpus: bool = True):
     """A new local cluster: LocalCUDACluster with GPUs (unless ``gpus`` is false), else a LocalCluster of NumPy
-    worker processes."""
+    worker processes; their nannies set one BLAS thread per worker process before it starts."""
+    import dask
+
+    env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ONE_BLAS_THREAD}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        return _new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_process, gpus)
+
+
+def _new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_process, gpus):
     from distributed import LocalCluster
 
+    if dashboard_address is None:  # the scheduler's HTTP server always listens (default 8787): take a free port
+        dashboard_address = "127.0.0.1:0"
     common = {"threads_per_worker": threads_per_worker, "dashboard_address": dashboard_address,
               "resources": {"GPU": 1}}
     if in_process:  # threads in this process (debugging); LocalCluster(processes=False) must not get a host
@@ -187,25 +204,37 @@ def _is_service(pid: int) -> bool:
 
 
 def _serve(ns) -> int:
-    """The service process: run a local cluster until the scheduler closes or a signal arrives."""
+    """The service process: run a local cluster until a signal arrives or the scheduler is shut down remotely."""
+    import threading
+
     from distributed import Client
 
-    stop = []
+    stop = threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set():  # a second signal: leave now
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(1))
+        signal.signal(sig, on_signal)
     sched = Path(ns.scheduler_file)
     cluster = new_local_cluster(ns.workers, ns.threads_per_worker, ns.dashboard_address or None)
-    try:
-        with Client(cluster) as client:
-            client.write_scheduler_file(str(sched))
-        print(f"scheduler {cluster.scheduler_address}; dashboard {cluster.dashboard_link}", flush=True)
-        while not stop and cluster.scheduler.status.name not in ("closing", "closed", "failed"):
-            time.sleep(0.5)
-    finally:
+    with Client(cluster) as client:
+        client.write_scheduler_file(str(sched))
+    print(f"scheduler {cluster.scheduler_address}; dashboard {cluster.dashboard_link}", flush=True)
+    while not stop.wait(0.5) and cluster.scheduler.status.name not in ("closing", "closed", "failed"):
+        pass
+    sched.unlink(missing_ok=True)
+    _state_path(sched).unlink(missing_ok=True)
+    if stop.is_set():
         cluster.close()
-        sched.unlink(missing_ok=True)
-        _state_path(sched).unlink(missing_ok=True)
-    return 0
+        return 0
+    # shut down by a client: the nannies have closed their workers; LocalCluster.close() would wait for the
+    # scheduler that is gone (it hangs), so leave without it
+    print("scheduler shut down by a client", flush=True)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _start(ns) -> int:
@@ -232,16 +261,19 @@ def _start(ns) -> int:
         if proc.poll() is not None:
             print(f"gerelion cluster: the service exited (code {proc.returncode}); see {logfile}", file=sys.stderr)
             return 1
+        client = None
         if sched.is_file():
             try:
-                with connect(scheduler_file=sched, timeout=5) as client:
-                    client.wait_for_workers(1, timeout=max(1.0, ns.timeout - (time.time() - t0)))
-                    print(f"started: scheduler {client.scheduler.address}, scheduler file {sched}, "
-                          f"log {logfile}\n  join it with: gerelion refine ... --scheduler-file {sched}")
-                    _print_workers(client)
-                    return 0
+                client = connect(scheduler_file=sched, timeout=5)
+                client.wait_for_workers(1, timeout=max(1.0, ns.timeout - (time.time() - t0)))
             except (InputError, TimeoutError, OSError):
-                pass
+                client = None
+        if client is not None:
+            with client:
+                print(f"started: scheduler {client.scheduler.address}, scheduler file {sched}, "
+                      f"log {logfile}\n  join it with: gerelion refine ... --scheduler-file {sched}")
+                _print_workers(client)
+            return 0
         time.sleep(0.3)
     print(f"gerelion cluster: no scheduler after {ns.timeout:g} s; see {logfile}", file=sys.stderr)
     return 1
@@ -251,22 +283,23 @@ def _stop(ns) -> int:
     sched = Path(ns.scheduler_file).expanduser().resolve()
     state_file = _state_path(sched)
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    pid = state.get("pid")
     stopped = False
-    if sched.is_file():
+    if pid and _is_service(pid):  # our service: it closes its cluster on SIGTERM
+        os.kill(pid, signal.SIGTERM)
+        stopped = True
+    elif sched.is_file():  # someone else's scheduler named by the file, or the pid file is gone
         try:
-            client = connect(scheduler_file=sched, timeout=3)
-            client.shutdown()
+            connect(scheduler_file=sched, timeout=3).shutdown()
             stopped = True
         except InputError:
             pass
-    pid = state.get("pid")
-    if pid:
-        t0 = time.time()
-        while _is_service(pid) and time.time() - t0 < 20:
-            time.sleep(0.2)
-        if _is_service(pid):
-            os.kill(pid, signal.SIGTERM)
-            stopped = True
+    t0 = time.time()
+    while pid and _is_service(pid) and time.time() - t0 < 30:
+        time.sleep(0.2)
+    if pid and _is_service(pid):
+        print(f"gerelion cluster: the service (pid {pid}) did not exit in 30 s", file=sys.stderr)
+        return 1
     sched.unlink(missing_ok=True)
     state_file.unlink(missing_ok=True)
     print("stopped" if stopped else f"no cluster was running ({sched})")

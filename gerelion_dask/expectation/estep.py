@@ -62,7 +62,6 @@ class EStepSettings:
     n_optics: int = 1
     n_groups: int = 1
     batch: int = 16  # particles per coarse GEMM block
-    seed_classes: np.ndarray | None = None  # classification seed iteration: the one class each particle may take
 
 
 def _gather(a, mask):
@@ -121,9 +120,9 @@ def _orientation_log_prior(particles, model: EStepModel, settings: EStepSettings
             pd = np.log(np.asarray(model.pdf_direction, dtype=np.float64))
         lp = np.broadcast_to(pd[None, :, :, None], (B, K, grid.n_dir, grid.n_psi)).copy()
     lp[:, ~active] = -np.inf
-    if settings.seed_classes is not None:
+    if particles.seed_class is not None:
         keep = np.zeros((B, K), bool)
-        keep[np.arange(B), settings.seed_classes] = True
+        keep[np.arange(B), particles.seed_class] = True
         lp[~keep] = -np.inf
     # [3.0+] divide by the mean over the sampled orientations (changes only the log-likelihood values)
     fin = np.isfinite(lp)

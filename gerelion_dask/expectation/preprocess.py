@@ -36,6 +36,7 @@ class PoolParticles:
     class_index: np.ndarray  # (B,) previous class, 0-based
     norm: np.ndarray  # (B,) rlnNormCorrection
     offset_prior_px: np.ndarray  # (B, 2) prior centre of the offsets (pixels)
+    seed_class: np.ndarray | None = None  # classification seed iteration: the one class (0-based) each may take
 
 
 @dataclass(frozen=True)
