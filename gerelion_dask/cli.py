@@ -112,6 +112,9 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto"):
     from .distributed.cluster import close_client, make_client
     from .distributed.runner import DaskRunner
 
+    import distributed  # noqa: F401  (its import sets its loggers to INFO: quiet them after it)
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     client, cluster = make_client(ns.scheduler_address, ns.scheduler_file,
                                   n_workers=None if joining else ns.workers,
                                   dashboard_address=ns.dashboard_address or None, timeout=ns.connect_timeout,

@@ -19,8 +19,11 @@ resources.  A worker lost mid-iteration: the scheduler reruns its tasks elsewher
 the same); should a scattered model be lost with every copy, the whole iteration is submitted again once
 (``iteration_retries``).
 
-Not done here (yet): the M-step still runs in the driver process (no ``mstep-`` tasks), and the classification seed
-iteration, which the driver hands over one pool per call, gets no parallelism across pools.
+Results are bit-identical to :class:`~gerelion_dask.driver.InProcessRunner` (same pools, same summation tree) on the
+CPU when that runs with one BLAS thread, as every worker does (see :mod:`.cluster`); on GPUs no two runs are
+bit-identical yet, in process or not, because the back-projection adds with atomics (ops/backprojector.py).
+
+Not done here (yet): the M-step still runs in the driver process (no ``mstep-`` tasks).
 """
 
 from __future__ import annotations

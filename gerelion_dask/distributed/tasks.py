@@ -3,13 +3,14 @@
 Every task is a pure function of its arguments (pool rows, the iteration's model and settings): a task lost with its
 worker reruns elsewhere with the same result.  A task reads its own images (from ``particles.zarr``, or through a
 picklable :class:`~gerelion_dask.io.particles.ParticleSet`) and, on a worker with a GPU, moves them and the
-references to CuPy; the reference transforms are put on the device once per worker and model (:func:`device_model`),
-not once per task.  Partial sums stay where they were made (on the GPU) through the reduction tree; :func:`to_host`
-is the last step, so only host arrays travel to the driver.
+references to CuPy; the reference transforms are put on the device (and all host arrays of the model and settings
+re-aligned, :func:`realign`) once per worker and model, not once per task.  Partial sums stay where they were made
+(on the GPU) through the reduction tree; :func:`to_host` is the last step, so only host arrays travel to the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from ..expectation.partials import Partials, PoolResult
 
 __all__ = ["PoolOutput", "estep_task", "to_host", "worker_array_module", "device_model", "read_task_images",
-           "ImageSource"]
+           "ImageSource", "realign"]
 
 
 @dataclass(frozen=True)
@@ -69,25 +70,57 @@ def worker_array_module(device: str = "auto"):
     return np
 
 
-_DEVICE_MODELS: dict[int, tuple[Any, Any]] = {}  # id(host model) -> (host model, device model); at most 2 (halves)
+def realign(obj):
+    """``obj`` with every NumPy array that is not aligned replaced by an aligned copy (dataclasses, lists and tuples
+    are walked; anything else is returned as it is).
+
+    Arrays that reach a worker as out-of-band pickle buffers are views into received frames at any byte offset
+    (measured: a scattered complex128 reference at address % 64 = 33, ``flags.aligned`` False), and NumPy runs its
+    slow unaligned loops on them.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj if obj.flags.aligned else obj.copy()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {}
+        for f in dataclasses.fields(obj):
+            if f.init:
+                v = getattr(obj, f.name)
+                new = realign(v)
+                if new is not v:
+                    changes[f.name] = new
+        return dataclasses.replace(obj, **changes) if changes else obj
+    if isinstance(obj, list | tuple) and type(obj) in (list, tuple):
+        new = [realign(x) for x in obj]
+        return obj if all(a is b for a, b in zip(new, obj, strict=True)) else type(obj)(new)
+    return obj
+
+
+_PREPARED: dict[tuple, tuple[Any, Any]] = {}  # (what, id(host object)) -> (host object, prepared object)
+
+
+def _cached(what: str, obj, make):
+    """``make(obj)``, once per worker process for the same host object (the scattered model or settings).
+
+    The cache keeps the host object alive beside its prepared copy, so an ``id`` is never reused for another
+    object while cached; at most four entries (model and settings of two half sets) are kept.
+    """
+    key = (what, id(obj))
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    prepared = make(obj)
+    while len(_PREPARED) >= 4:
+        _PREPARED.pop(next(iter(_PREPARED)))
+    _PREPARED[key] = (obj, prepared)
+    return prepared
 
 
 def device_model(model, xp):
-    """The model with its reference transforms on ``xp``'s device, cached per worker process for the host object.
-
-    The cache keeps the host object alive with its copy, so an ``id`` is never reused for another model while
-    cached; at most two entries (one per half set) are kept.
-    """
+    """The model with aligned host arrays and its reference transforms on ``xp``'s device."""
+    model = realign(model)
     if xp is np:
         return model
-    hit = _DEVICE_MODELS.get(id(model))
-    if hit is not None and hit[0] is model:
-        return hit[1]
-    dev = replace(model, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in model.refs])
-    while len(_DEVICE_MODELS) >= 2:
-        _DEVICE_MODELS.pop(next(iter(_DEVICE_MODELS)))
-    _DEVICE_MODELS[id(model)] = (model, dev)
-    return dev
+    return replace(model, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in model.refs])
 
 
 def estep_task(source: ImageSource, selection, particles, model, settings, index: int,
@@ -97,7 +130,9 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
 
     xp = worker_array_module(device)
     images = xp.asarray(read_task_images(source, selection))
-    part, res = expectation_pool(images, particles, device_model(model, xp), settings)
+    model = _cached(f"model-{device}", model, lambda m: device_model(m, xp))
+    settings = _cached("settings", settings, realign)
+    part, res = expectation_pool(images, realign(particles), model, settings)
     return PoolOutput(part, ((int(index), res),))
 
 

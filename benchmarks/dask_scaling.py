@@ -1,0 +1,145 @@
+"""E-step time per iteration: in process, and on a LocalCluster of 1 and 2 NumPy worker processes.
+
+A small synthetic gold-standard refinement (phantom map, CTF, random halves) is run to ``--iters`` iterations with
+the same seed by each runner; the table gives the driver's E-step time per iteration (tasks + reduction + gather:
+everything between handing the pools to the runner and getting the partial sums back), the speed-up of each
+cluster size over 1 worker, and whether the maps and poses are bit-identical to the 1-worker run.  The in-process
+run uses this process's BLAS threads (all cores by default), the workers one each.  ``--gpu``: CuPy in process
+against a LocalCUDACluster (one worker per GPU); the base is then the in-process run (the Dask overhead).
+
+Usage: ``python benchmarks/dask_scaling.py [--n 240] [--box 32] [--pool 15] [--iters 3] [--workers 1,2] [--gpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def simulate(out: Path, n: int, box: int, apix: float):
+    from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
+
+    spec = SimulationSpec(n_particles=n, box=box, apix=apix, snr=0.5, seed=3, ini_lowpass_angst=30.0, boxpad=1,
+                          projector_padding=1)
+    return simulate_dataset([phantom_map(box, apix)], spec, out / "data")
+
+
+def job_config(paths, out: Path, ns):
+    from gerelion_dask.config import JobConfig
+
+    return JobConfig(i=str(paths.particles_star), o=str(out / "run"), ref=str(paths.initial_reference),
+                     auto_refine=True, split_random_halves=True, healpix_order=ns.healpix_order,
+                     auto_iter_max=ns.iters, pool=ns.pool, ini_high=30.0, ctf=True, random_seed=5,
+                     offset_range=3.0, offset_step=1.0, maxsig=ns.maxsig, overwrite=True)
+
+
+def run(cfg, n_workers: int | None, gpu: bool):
+    """(JobResult, cluster start seconds); ``n_workers`` None: in process."""
+    from gerelion_dask.driver import InProcessRunner, run_job
+
+    device = "auto" if gpu else "cpu"
+    if n_workers is None:
+        return run_job(cfg, runner=InProcessRunner(device)), 0.0
+    from gerelion_dask.distributed.cluster import close_client, make_client
+    from gerelion_dask.distributed.runner import DaskRunner
+
+    t0 = time.perf_counter()
+    client, cluster = make_client(n_workers=n_workers, dashboard_address=None, gpus=gpu)
+    client.wait_for_workers(n_workers)
+    start = time.perf_counter() - t0
+    try:
+        from distributed import get_task_stream
+
+        with get_task_stream(client) as stream:
+            res = run_job(cfg, runner=DaskRunner(client, device=device))
+        print_task_stream(stream.data, res)
+        return res, start
+    finally:
+        close_client(client, cluster)
+
+
+def print_task_stream(data, res) -> None:
+    """Per iteration: compute seconds and task count per worker, the longest task, and how busy the workers were."""
+    from collections import defaultdict
+
+    busy = defaultdict(lambda: defaultdict(float))
+    count = defaultdict(lambda: defaultdict(int))
+    longest = defaultdict(float)
+    for t in data:
+        key = str(t["key"])
+        if not key.startswith(("estep-", "reduce-")):
+            continue
+        it = int(key.split("-")[1])
+        sec = sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
+        busy[it][t["worker"]] += sec
+        count[it][t["worker"]] += 1
+        if key.startswith("estep-"):
+            longest[it] = max(longest[it], sec)
+    for rec in res.iterations:
+        w = busy[rec.iteration]
+        wall = rec.seconds["estep"]
+        eff = sum(w.values()) / (max(len(w), 1) * wall) if wall else 0.0
+        per = ", ".join(f"{v:.2f} s/{count[rec.iteration][k]} tasks" for k, v in sorted(w.items()))
+        print(f"  it {rec.iteration}: E-step {wall:.2f} s; workers busy {per}; longest E-step task "
+              f"{longest[rec.iteration]:.2f} s; busy fraction {eff:.2f}", flush=True)
+
+
+def same(a, b) -> bool:
+    import numpy as np
+
+    maps = all(np.array_equal(x, y) for ha, hb in zip(a.model.maps, b.model.maps, strict=True)
+               for x, y in zip(ha, hb, strict=True))
+    return maps and np.array_equal(a.state.angles, b.state.angles)
+
+
+def label_of(w: int | None, gpu: bool) -> str:
+    kind = "GPU " if gpu else "NumPy "
+    return ("in process" + (" (GPU)" if gpu else "")) if w is None else f"{w} {kind}worker{'s' if w > 1 else ''}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=240)
+    p.add_argument("--box", type=int, default=32)
+    p.add_argument("--apix", type=float, default=4.0)
+    p.add_argument("--pool", type=int, default=15)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--healpix-order", type=int, default=1)
+    p.add_argument("--maxsig", type=int, default=40)
+    p.add_argument("--workers", default="1,2", help="cluster sizes to time, comma-separated")
+    p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
+    p.add_argument("--gpu", action="store_true", help="CuPy in process vs LocalCUDACluster workers (one per GPU)")
+    ns = p.parse_args()
+    sizes = [int(x) for x in ns.workers.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = simulate(tmp, ns.n, ns.box, ns.apix)
+        runs = {}
+        for w in ([] if ns.no_in_process else [None]) + sizes:
+            label = label_of(w, ns.gpu)
+            res, start = run(job_config(paths, tmp / label.replace(" ", "_").replace("(", "").replace(")", ""), ns),
+                             w, ns.gpu)
+            runs[label] = (w, res, start)
+            print(f"{label}: E-step per iteration " +
+                  ", ".join(f"{r.seconds['estep']:.2f}" for r in res.iterations) + f" s (cluster start {start:.1f} s)",
+                  flush=True)
+    base_label = label_of(None if ns.gpu and not ns.no_in_process else sizes[0], ns.gpu)
+    base = runs[base_label][1]
+    n_it = len(base.iterations)
+    print(f"\nE-step seconds per iteration; {ns.n} particles, box {ns.box}, pool {ns.pool}, HEALPix order "
+          f"{ns.healpix_order}, maxsig {ns.maxsig}, {len(os.sched_getaffinity(0))} usable cores\n")
+    print("| runner | " + " | ".join(f"it {i + 1}" for i in range(n_it)) + " | total | speed-up vs "
+          f"{base_label} | bit-identical to {base_label} |")
+    print("|---" * (n_it + 4) + "|")
+    t_base = sum(r.seconds["estep"] for r in base.iterations)
+    for label, (_, res, _) in runs.items():
+        t = [r.seconds["estep"] for r in res.iterations]
+        print(f"| {label} | " + " | ".join(f"{x:.2f}" for x in t) + f" | {sum(t):.2f} | {t_base / sum(t):.2f}x | "
+              f"{'yes' if same(res, base) else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Dask execution on CPU worker processes.  Oracles: the in-process runner (bit-identical maps and poses whatever the
+number of workers, and after a worker is killed mid-iteration), the images as the ParticleSet reads them (the Zarr
+store in half order), a fixed summation order (non-associative floats), and the scheduler's task stream (stage names).
+
+The in-process reference runs in a child process with one BLAS thread, like every Dask worker: OpenBLAS dgemm with
+1 and 2 threads differs in the last bits (see gerelion_dask/distributed/cluster.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gerelion_dask.config import JobConfig
+from gerelion_dask.distributed.reduce import tree_pairs, tree_sum
+from gerelion_dask.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+BOX, APIX, N_PARTICLES = 24, 4.0, 60
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
+
+    spec = SimulationSpec(n_particles=N_PARTICLES, box=BOX, apix=APIX, snr=0.5, seed=3, ini_lowpass_angst=30.0,
+                          boxpad=1, projector_padding=1)
+    return simulate_dataset([phantom_map(BOX, APIX)], spec, tmp_path_factory.mktemp("dask_data"))
+
+
+def _config(dataset, out: Path, pool: int = 13) -> JobConfig:
+    # 60 particles, random halves (~30 each), pools of 13: every half ends in a short pool (uneven pool sizes)
+    return JobConfig(i=str(dataset.particles_star), o=str(out / "run"), ref=str(dataset.initial_reference),
+                     auto_refine=True, split_random_halves=True, healpix_order=1, auto_iter_max=2, pool=pool,
+                     ini_high=30.0, ctf=True, random_seed=5, offset_range=2.0, offset_step=1.0, maxsig=10,
+                     overwrite=True)
+
+
+_CHILD = """
+import json, sys
+import numpy as np
+from gerelion_dask.config import JobConfig
+from gerelion_dask.driver import InProcessRunner, run_job
+cfg = JobConfig.from_dict(json.loads(sys.argv[1]))
+r = run_job(cfg, runner=InProcessRunner("cpu"))
+np.savez(sys.argv[2], maps=np.stack([np.asarray(m) for hm in r.model.maps for m in hm]), angles=r.state.angles,
+         offsets=r.state.offsets_px)
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """The in-process run (InProcessRunner), in a child process with one BLAS thread."""
+    out = tmp_path_factory.mktemp("inproc")
+    cfg = _config(dataset, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", _CHILD, cfg.to_json(), str(out / "ref.npz")], env=env, check=True,
+                   timeout=120)
+    with np.load(out / "ref.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _arrays(result):
+    return {"maps": np.stack([np.asarray(m) for hm in result.model.maps for m in hm]), "angles": result.state.angles,
+            "offsets": result.state.offsets_px}
+
+
+def _assert_identical(ref, result):
+    got = _arrays(result)
+    for k in ("maps", "angles", "offsets"):
+        assert np.array_equal(ref[k], got[k]), f"{k} differ (max |diff| {np.abs(ref[k] - got[k]).max():.3g})"
+
+
+@pytest.fixture(scope="module")
+def client2():
+    from gerelion_dask.distributed.cluster import close_client, make_client
+
+    client, cluster = make_client(n_workers=2, dashboard_address=None, gpus=False)
+    yield client
+    close_client(client, cluster)
+
+
+# ------------------------------------------------------------------------------------------------- reductions
+
+
+def test_tree_sum_has_the_fixed_pairwise_order():
+    # oracle: floats are not associative -- 1e16 + 1 - 1e16 depends on the order; the tree is ((a+b)+(c+d))+e
+    a, b, c, d, e = 1e16, 1.0, -1e16, 1.0, 3.0
+    assert tree_sum([a, b, c, d, e]) == ((a + b) + (c + d)) + e
+    assert tree_sum([a, b, c, d, e]) != (((a + b) + c) + d) + e
+    assert tree_pairs(5) == [[(0, 1), (2, 3), (4,)], [(0, 1), (2,)], [(0, 1)]]
+    assert tree_sum(["x"]) == "x"
+    assert tree_sum([[0], [1], [2], [3], [4], [5], [6]]) == [0, 1, 2, 3, 4, 5, 6]  # order kept, nothing lost
+    with pytest.raises(ValueError):
+        tree_sum([])
+
+
+def test_store_in_half_order_reads_the_same_images(dataset, tmp_path):
+    # oracle: the ParticleSet's own images; half 1's pools are whole chunks, every pool one contiguous slice
+    from gerelion_dask.distributed.store import prepare_particle_store, read_store_rows
+    from gerelion_dask.io.particles import ParticleSet
+    from gerelion_dask.io.zarr_store import ZarrParticles
+
+    ps = ParticleSet.from_star(dataset.particles_star)
+    half = np.random.default_rng(1).integers(1, 3, ps.n)
+    store = prepare_particle_store(ps, half, tmp_path, pool_size=13)
+    zp = ZarrParticles(store.path)
+    assert zp.pool_size == 13 and zp.n == ps.n
+    for h in (1, 2):
+        rows = np.flatnonzero(half == h)
+        for p, s in enumerate(range(0, len(rows), 13)):
+            r = rows[s:s + 13]
+            sel = store.selection(r)
+            assert isinstance(sel, tuple) and sel[1] - sel[0] == len(r)
+            if h == 1:
+                assert sel == (13 * p, 13 * p + len(r))  # pool p of half 1 = chunk p
+            assert np.array_equal(read_store_rows(store.path, sel), ps.read_images(r))
+    scattered = np.array([5, 0, 40])
+    assert np.array_equal(read_store_rows(store.path, store.selection(scattered)), ps.read_images(scattered))
+    mtime = os.stat(Path(store.path) / "zarr.json").st_mtime_ns
+    prepare_particle_store(ps, half, tmp_path, pool_size=13)  # same layout: reused, not imported again
+    assert os.stat(Path(store.path) / "zarr.json").st_mtime_ns == mtime
+    again = prepare_particle_store(ps, 3 - half, tmp_path, pool_size=13)  # other halves: imported again
+    r = np.flatnonzero(half == 2)[:13]
+    assert np.array_equal(read_store_rows(again.path, again.selection(r)), ps.read_images(r))
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_match_in_process_bit_for_bit(dataset, reference, client2, tmp_path):
+    # oracle: the in-process runner -- same maps, poses and offsets to the last bit; and the task stream names
+    # the stages (estep-, reduce-)
+    from distributed import get_task_stream
+
+    from gerelion_dask.distributed.cluster import close_client, make_client
+    from gerelion_dask.distributed.runner import DaskRunner
+    from gerelion_dask.driver import run_job
+
+    client1, cluster1 = make_client(n_workers=1, dashboard_address=None, gpus=False)
+    try:
+        _assert_identical(reference, run_job(_config(dataset, tmp_path / "w1"), runner=DaskRunner(client1, "cpu")))
+    finally:
+        close_client(client1, cluster1)
+    with get_task_stream(client2) as stream:
+        result = run_job(_config(dataset, tmp_path / "w2"), runner=DaskRunner(client2, "cpu"))
+    _assert_identical(reference, result)
+    keys = [str(t["key"]) for t in stream.data]
+    assert any(k.startswith("estep-1-") for k in keys) and any(k.startswith("estep-2-") for k in keys)
+    assert any(k.startswith("reduce-1-1-") for k in keys) and any(k.startswith("reduce-2-2-") for k in keys)
+    workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("estep-")}
+    assert len(workers) == 2
+    assert (tmp_path / "w2" / "particles.zarr").is_dir()
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_iteration_gives_the_same_result(dataset, reference, client2, tmp_path):
+    # oracle: the in-process runner -- a worker process is killed (SIGKILL) while it runs an E-step task of
+    # iteration 2; the scheduler reruns its tasks elsewhere and the run ends bit-identical
+    from gerelion_dask.distributed.runner import DaskRunner
+    from gerelion_dask.driver import run_job
+
+    client2.wait_for_workers(2, timeout=30)
+    pids = client2.run(os.getpid)
+    killed = []
+
+    def executing(dask_worker):
+        return [str(ts.key) for ts in dask_worker.state.tasks.values() if ts.state == "executing"]
+
+    def killer():
+        t0 = time.time()
+        while not killed and time.time() - t0 < 60:
+            try:
+                running = client2.run(executing)
+            except Exception:
+                running = {}
+            for addr, keys in running.items():
+                if any(k.startswith("estep-2-") for k in keys) and addr in pids:
+                    os.kill(pids[addr], signal.SIGKILL)
+                    killed.append((addr, keys))
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_job(_config(dataset, tmp_path / "kill"), runner=DaskRunner(client2, "cpu"))
+    thread.join(5)
+    assert killed, "no E-step task of iteration 2 was seen running"
+    _assert_identical(reference, result)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_scheduler_answers_is_an_input_error(tmp_path):
+    from gerelion_dask.cli import main
+    from gerelion_dask.distributed.cluster import make_client
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(InputError, match="no Dask scheduler answers"):
+        make_client(scheduler_address=address, timeout=1)
+    with pytest.raises(InputError, match="scheduler file not found"):
+        make_client(scheduler_file=tmp_path / "missing.json", timeout=1)
+    dead = tmp_path / "dead.json"
+    dead.write_text(json.dumps({"address": address}))
+    with pytest.raises(InputError, match="no Dask scheduler answers"):
+        make_client(scheduler_file=dead, timeout=1)
+    # through the command line: one line on stderr, exit code 2
+    assert main(["refine", "--i", "p.star", "--o", str(tmp_path / "o" / "run"), "--ref", "r.mrc",
+                 "--scheduler-address", address, "--connect-timeout", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_cluster_service_start_status_stop(tmp_path):
+    # the persistent local cluster: start writes the scheduler file, status lists the workers, stop ends it
+    sched = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "cluster", *args, "--scheduler-file",
+                               str(sched)], env=env, capture_output=True, text=True, timeout=90)
+
+    started = cli("start", "--workers", "1", "--dashboard-address", "")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert sched.is_file()
+        status = cli("status")
+        assert status.returncode == 0 and "workers 1" in status.stdout and "'GPU': 1" in status.stdout
+    finally:
+        stopped = cli("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not sched.exists()
+    assert cli("status").returncode == 1
