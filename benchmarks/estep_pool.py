@@ -16,34 +16,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gerelion_dask import conventions as cv  # noqa: E402
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.expectation.estep import EStepModel, EStepSettings, expectation_pool  # noqa: E402
 from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
-from gerelion_dask.expectation.preprocess import PoolParticles, PreprocessSettings  # noqa: E402
+from gerelion_dask.expectation.preprocess import PreprocessSettings  # noqa: E402
 from gerelion_dask.maximization.schedule import coarse_size  # noqa: E402
-from gerelion_dask.ops.ctf import CtfParams, ctf_rfft  # noqa: E402
-from gerelion_dask.ops.projector import make_reference, project  # noqa: E402
+from gerelion_dask.ops.ctf import CtfParams  # noqa: E402
+from gerelion_dask.ops.projector import make_reference  # noqa: E402
 from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions  # noqa: E402
-from gerelion_dask.simulate import phantom_map  # noqa: E402
+from gerelion_dask.simulate import synthetic_pool  # noqa: E402
 
 
 def make_pool(n, box, apix, noise, seed=0):
-    rng = np.random.default_rng(seed)
-    m = phantom_map(box, apix, "blobs")
-    rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
-    tilt = np.rad2deg(np.arccos(rng.uniform(-1, 1, n)))
-    A = cv.euler_to_matrix(rot, tilt, psi)
-    off = rng.normal(0, 1.0, (n, 2))
-    du = rng.uniform(10000, 20000, n)
-    ctfp = CtfParams(du, du - 300, rng.uniform(0, 180, n))
-    img = cv.centred_irfft2(project(make_reference(m), A, box) * cv.shift_phase_2d(box, box, -off)
-                            * ctf_rfft(ctfp, box, apix, box), box)
-    sigma = noise * img.std()
-    img = img + rng.normal(0, sigma, img.shape)
-    parts = PoolParticles(np.arange(n), np.zeros(n, int), np.zeros(n, int), 1, ctfp, np.zeros((n, 2)),
-                          np.zeros((n, 3)), np.zeros(n, int), np.ones(n), np.zeros((n, 2)))
-    return img, parts, m, np.full((1, box // 2 + 1), sigma**2 / (2 * box * box))
+    img, parts, _, _, s2, maps = synthetic_pool(n, box, apix, noise, seed)
+    return img, parts, maps[0], s2
 
 
 def subset(p, k):

@@ -808,3 +808,37 @@ def simulate_dataset(maps, spec: SimulationSpec, out_dir) -> SimulationPaths:
     pjson = out / "params.json"
     pjson.write_text(json.dumps(params, indent=1) + "\n")
     return SimulationPaths(out, pstar, stack_path, tstar, tmaps, ini, pjson)
+
+
+def synthetic_pool(n: int, box: int, apix: float, noise: float, seed: int = 0, maps=None, classes=None):
+    """An in-memory pool of particles for tests and benchmarks: uniform random poses, Gaussian offsets (sd 1 px),
+    astigmatic CTFs, and white noise of ``noise`` times the clean images' s.d.
+
+    Returns ``(images (n, box, box), PoolParticles, rotations (n, 3, 3), offsets_px (n, 2), sigma2 (1, box/2+1),
+    maps)``; ``sigma2`` is the noise spectrum per Fourier component of the 1/N^2-normalised transform.
+    """
+    from .conventions import centred_irfft2, euler_to_matrix, shift_phase_2d
+    from .expectation.preprocess import PoolParticles
+    from .ops.ctf import CtfParams, ctf_rfft
+    from .ops.projector import make_reference, project
+
+    rng = np.random.default_rng(seed)
+    maps = maps or [phantom_map(box, apix, "blobs")]
+    rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
+    tilt = np.rad2deg(np.arccos(rng.uniform(-1, 1, n)))
+    A = euler_to_matrix(rot, tilt, psi)
+    off = rng.normal(0, 1.0, (n, 2))
+    du = rng.uniform(10000, 20000, n)
+    ctfp = CtfParams(du, du - 300, rng.uniform(0, 180, n))
+    cls = np.zeros(n, int) if classes is None else np.asarray(classes)
+    F = np.zeros((n, box, box // 2 + 1), complex)
+    for c, m in enumerate(maps):
+        sel = cls == c
+        F[sel] = project(make_reference(m), A[sel], box)
+    img = centred_irfft2(F * shift_phase_2d(box, box, -off) * ctf_rfft(ctfp, box, apix, box), box)
+    sigma = noise * img.std()
+    img = img + rng.normal(0, sigma, img.shape)
+    s2 = np.full((1, box // 2 + 1), sigma**2 / (2 * box * box))
+    parts = PoolParticles(np.arange(n), np.zeros(n, int), np.zeros(n, int), 1, ctfp, np.zeros((n, 2)),
+                          np.zeros((n, 3)), np.zeros(n, int), np.ones(n), np.zeros((n, 2)))
+    return img, parts, A, off, s2, maps

@@ -12,37 +12,17 @@ from conftest import to_np
 from gerelion_dask import conventions as cv
 from gerelion_dask.expectation.estep import EStepModel, EStepSettings, expectation_pool
 from gerelion_dask.expectation.grid import OrientationGrid
-from gerelion_dask.expectation.preprocess import PoolParticles, PreprocessSettings
-from gerelion_dask.ops.ctf import CtfParams, ctf_rfft
-from gerelion_dask.ops.projector import make_reference, project
+from gerelion_dask.expectation.preprocess import PreprocessSettings
+from gerelion_dask.ops.ctf import CtfParams
+from gerelion_dask.ops.projector import make_reference
 from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions
-from gerelion_dask.simulate import phantom_map
+from gerelion_dask.simulate import phantom_map, synthetic_pool
 
 N, APIX = 32, 4.0
 
 
 def _dataset(n, noise, seed=0, maps=None, classes=None):
-    rng = np.random.default_rng(seed)
-    maps = maps or [phantom_map(N, APIX, "blobs")]
-    rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
-    tilt = np.rad2deg(np.arccos(rng.uniform(-1, 1, n)))
-    A = cv.euler_to_matrix(rot, tilt, psi)
-    off = rng.normal(0, 1.0, (n, 2))
-    du = rng.uniform(10000, 20000, n)
-    ctfp = CtfParams(du, du - 300, rng.uniform(0, 180, n))
-    ctf = ctf_rfft(ctfp, N, APIX, N)
-    cls = np.zeros(n, int) if classes is None else classes
-    F = np.zeros((n, N, N // 2 + 1), complex)
-    for c, m in enumerate(maps):
-        sel = cls == c
-        F[sel] = project(make_reference(m), A[sel], N)
-    img = cv.centred_irfft2(F * cv.shift_phase_2d(N, N, -off) * ctf, N)
-    sigma = noise * img.std()
-    img = img + rng.normal(0, sigma, img.shape)
-    s2 = np.full((1, N // 2 + 1), sigma**2 / (2 * N * N))
-    parts = PoolParticles(np.arange(n), np.zeros(n, int), np.zeros(n, int), 1, ctfp, np.zeros((n, 2)),
-                          np.zeros((n, 3)), np.zeros(n, int), np.ones(n), np.zeros((n, 2)))
-    return img, parts, A, off, s2, maps
+    return synthetic_pool(n, N, APIX, noise, seed, maps, classes)
 
 
 def _model_settings(maps, s2, order=2):
@@ -124,3 +104,18 @@ def test_two_classes_separate():
     part, res = expectation_pool(img, parts, model, st)
     assert np.mean(res.class_number - 1 == cls) >= 0.95
     assert abs(part.wsum_pdf_class.sum() - 40 * st.adaptive_fraction) < 0.05 * 40
+
+
+def test_local_searches_around_prior_angles():
+    # oracle: the simulated poses -- with priors at the true angles and sigma 10 deg, only nearby orientations are
+    # searched (samples beyond 3 sigma get no weight) and the poses are recovered as with a global search
+    img, parts, A, off, s2, maps = _dataset(20, 0.5, seed=6)
+    rot, tilt, psi = cv.matrix_to_euler(A)
+    parts = replace(parts, angles=np.stack([rot, tilt, psi], 1))
+    model, st = _model_settings(maps, s2, order=2)
+    st = replace(st, local_sigma_rot=10.0, local_sigma_psi=10.0, symmetry_operators=np.eye(3)[None])
+    _, res = expectation_pool(img, parts, model, st)
+    B = cv.euler_to_matrix(res.rot, res.tilt, res.psi)
+    err = _ang_err(A, B)
+    assert np.max(err) < 3 * 10.0 + 8.0  # never outside the local window (plus the fine grid's reach)
+    assert np.median(err) < 8.0

@@ -79,31 +79,19 @@ def _offset_log_prior(u_px, prior_px, pixel_size, sigma_offset_angst, xp=np):
 
 
 def _local_log_prior(particles: PoolParticles, grid: OrientationGrid, settings: EStepSettings):
-    """Gaussian direction and psi priors around each particle's previous angles (§3.5): ``(B, n_dir, n_psi)``."""
-    from ..conventions import euler_to_matrix
+    """Gaussian direction and psi priors around each particle's previous angles (§3.5): ``(B, n_dir, n_psi)`` logs.
+
+    One implementation for the whole package: :func:`gerelion_dask.ops.sampling.local_search_priors`.
+    """
+    from ..ops.sampling import local_search_priors
 
     rot, tilt = grid.dir_angles
-    dirs = euler_to_matrix(rot, tilt, np.zeros_like(rot))[:, 2, :]  # (n_dir, 3) viewing directions
-    prev = euler_to_matrix(particles.angles[:, 0], particles.angles[:, 1], np.zeros(len(particles.angles)))[:, 2, :]
-    ops = settings.symmetry_operators if settings.symmetry_operators is not None else np.eye(3)[None]
-    # closest symmetry mate of each sampled direction (direction d maps to d @ R for map rotations R)
-    mates = np.einsum("dj,gjk->gdk", dirs, ops)  # (G, n_dir, 3)
-    cosang = np.clip(np.einsum("bk,gdk->bgd", prev, mates).max(axis=1), -1, 1)
-    ang = np.rad2deg(np.arccos(cosang))  # (B, n_dir)
-    sr = settings.local_sigma_rot
-    lp_dir = np.where(ang <= 3 * sr, -0.5 * (ang / sr) ** 2, -np.inf)
-    dpsi = np.abs((grid.psi[None, :] - particles.angles[:, 2:3] + 180.0) % 360.0 - 180.0)
-    sp = settings.local_sigma_psi
-    lp_psi = np.where(dpsi <= 3 * sp, -0.5 * (dpsi / sp) ** 2, -np.inf)
-    for lp, dist in ((lp_dir, ang), (lp_psi, dpsi)):
-        none = ~np.isfinite(lp).any(axis=1)
-        if none.any():
-            j = np.argmin(dist[none], axis=1)
-            lp[none] = -np.inf
-            lp[np.nonzero(none)[0], j] = 0.0
-        mx = lp.max(axis=1, keepdims=True)
-        lp -= mx + np.log(np.exp(lp - mx).sum(axis=1, keepdims=True))
-    return lp_dir[:, :, None] + lp_psi[:, None, :]
+    a = particles.angles
+    s = settings.local_sigma_rot
+    dp, pp = local_search_priors(a[:, 0], a[:, 1], a[:, 2], s, s, settings.local_sigma_psi, rot, tilt, grid.psi,
+                                 settings.symmetry_operators)
+    with np.errstate(divide="ignore"):
+        return np.log(dp)[:, :, None] + np.log(pp)[:, None, :]
 
 
 def _orientation_log_prior(particles, model: EStepModel, settings: EStepSettings):
@@ -157,7 +145,7 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
     """E-step of one pool of one half set: returns ``(Partials, PoolResult)``."""
     xp = get_xp(images)
     ps = settings.preprocess
-    N, n, nc = ps.ori_size, ps.current_size, settings.coarse_size
+    N, nc = ps.ori_size, settings.coarse_size
     grid = settings.grid
     K = len(model.refs)
     pre = preprocess_pool(images, particles, ps, model.sigma2_noise)
