@@ -29,7 +29,7 @@ from .ops.ctf import CtfParams
 from .ops.projector import make_reference, reference_power_spectrum
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
-from .setup_job import JobInputs, ParticleState, initial_sigma2, load_inputs, particle_state
+from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
     cfg = cfg.validate()
     seed = cfg.random_seed if cfg.random_seed >= 0 else int(time.time())
     rng = np.random.default_rng(seed)
-    inp = load_inputs(cfg)
+    inp = drop_non_finite(load_inputs(cfg))
     runner = runner or InProcessRunner()
     st = particle_state(inp, cfg, seed)
     if hasattr(runner, "prepare"):

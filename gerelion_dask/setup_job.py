@@ -5,7 +5,8 @@ Everything here runs once per job on the driver; bad input raises :class:`~gerel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,9 @@ from .ops.ctf import CtfParams
 from .ops.fourier import likelihood_pixels, shells_2d
 from .ops.masks import soft_mask_outside
 
-__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "ParticleState"]
+__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "ParticleState", "drop_non_finite"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,32 @@ def _ctf_params(ps: ParticleSet, oidx: np.ndarray) -> CtfParams:
                      optics_col("rlnSphericalAberration", 2.7), optics_col("rlnAmplitudeContrast", 0.1),
                      _col(md, "rlnPhaseShift", 0.0), _col(md, "rlnCtfBfactor", 0.0),
                      _col(md, "rlnCtfScalefactor", 1.0))
+
+
+def drop_non_finite(inp: JobInputs, chunk: int = 512) -> JobInputs:
+    """Drop particles whose image holds NaN or infinite pixels, with one warning that counts them.
+
+    RELION stops on such images; we keep the run going without them (they are absent from the output STAR files).
+    """
+    ps = inp.particles
+    bad = []
+    for s in range(0, ps.n, chunk):
+        rows = np.arange(s, min(s + chunk, ps.n))
+        img = ps.read_images(rows)
+        bad.extend(rows[~np.isfinite(img).all(axis=(1, 2))].tolist())
+    if not bad:
+        return inp
+    if len(bad) == ps.n:
+        raise InputError(ps.star_path, "every particle image holds NaN or infinite pixels")
+    log.warning("%s: dropped %d of %d particles whose images hold NaN or infinite pixels (first: row %d, %s)",
+                ps.star_path, len(bad), ps.n, bad[0], ps.metadata["rlnImageName"].iloc[bad[0]])
+    keep = np.setdiff1d(np.arange(ps.n), np.asarray(bad))
+    sub = ParticleSet(ps.metadata.iloc[keep].reset_index(drop=True), ps.optics, ps.star_path)
+    ctf = None if inp.ctf is None else CtfParams(*(np.asarray(getattr(inp.ctf, f))[keep]
+                                                   if np.ndim(getattr(inp.ctf, f)) else getattr(inp.ctf, f)
+                                                   for f in inp.ctf.__dataclass_fields__))
+    return replace(inp, particles=sub, group_index=inp.group_index[keep], optics_index=inp.optics_index[keep],
+                   ctf=ctf)
 
 
 def particle_state(inp: JobInputs, cfg: JobConfig, seed: int) -> ParticleState:

@@ -104,3 +104,25 @@ def test_bad_inputs_exit_2(small_set, tmp_path, capsys):
     big[big.index("--particle_diameter") + 1] = str(10 * BOX * APIX)
     assert cli_main(["refine", *big]) == 2
     assert "larger than the box" in capsys.readouterr().err
+
+
+def test_nan_particles_are_dropped_with_a_warning(small_set, tmp_path, caplog):
+    # oracle: the rule for NaN/inf pixels -- the particles are dropped, counted in one warning, the run goes on
+    import mrcfile
+
+    paths, _ = small_set
+    data = tmp_path / "data"
+    shutil.copytree(paths.out_dir, data)
+    with mrcfile.open(data / "particles.mrcs", mode="r+") as m:
+        m.data[3, 5, 5] = np.nan
+        m.data[10, 0, 0] = np.inf
+    out = tmp_path / "Class3D"
+    args = ["--i", str(data / "particles.star"), "--o", str(out / "run"), "--ref", str(data / paths.initial_reference.name),
+            "--ctf", "--ctf_corrected_ref", "--particle_diameter", str(0.8 * BOX * APIX), "--healpix_order", "0",
+            "--offset_range", "2", "--offset_step", "2", "--iter", "1", "--random_seed", "1", "--in-process",
+            "--device", "cpu"]
+    with caplog.at_level("WARNING"):
+        assert cli_main(["classify", *args]) == 0
+    assert any("dropped 2 of 120 particles" in r.getMessage() for r in caplog.records)
+    _, parts, _ = read_particles(out / "run_it001_data.star")
+    assert len(parts) == 118
