@@ -21,7 +21,6 @@ from gerelion_dask.expectation.estep import EStepModel, EStepSettings, expectati
 from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
 from gerelion_dask.expectation.preprocess import PreprocessSettings  # noqa: E402
 from gerelion_dask.maximization.schedule import coarse_size  # noqa: E402
-from gerelion_dask.ops.ctf import CtfParams  # noqa: E402
 from gerelion_dask.ops.projector import make_reference  # noqa: E402
 from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions  # noqa: E402
 from gerelion_dask.simulate import synthetic_pool  # noqa: E402
@@ -34,8 +33,7 @@ def make_pool(n, box, apix, noise, seed=0):
 
 def subset(p, k):
     kw = {f.name: getattr(p, f.name)[:k] for f in fields(p) if isinstance(getattr(p, f.name), np.ndarray)}
-    kw["ctf"] = CtfParams(*(np.asarray(getattr(p.ctf, f))[:k] if np.ndim(getattr(p.ctf, f)) else getattr(p.ctf, f)
-                            for f in p.ctf.__dataclass_fields__))
+    kw["ctf"] = p.ctf.take(slice(0, k))
     return replace(p, **kw)
 
 

@@ -105,8 +105,7 @@ def _pool_particles(inp: JobInputs, st: ParticleState, rows, half: int) -> PoolP
     if c is None:
         ctf = CtfParams(np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows)))
     else:
-        ctf = CtfParams(*(np.asarray(getattr(c, f))[rows] if np.ndim(getattr(c, f)) else getattr(c, f)
-                          for f in c.__dataclass_fields__))
+        ctf = c.take(rows)
     md = inp.particles.metadata
     prior = np.zeros((len(rows), 2))
     for j, name in enumerate(("rlnOriginXPriorAngst", "rlnOriginYPriorAngst")):
@@ -194,7 +193,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
             ref0 = make_reference(model.maps[0][0], r_max=cur // 2, padding=cfg.pad)
             acc_r, acc_t = estimate_accuracies(ref0, st.angles[st.half == halves[0]],
-                                               _sub_ctf(inp.ctf, st.half == halves[0]), model.sigma2_noise[0], cur,
+                                               None if inp.ctf is None else inp.ctf.take(st.half == halves[0]), model.sigma2_noise[0], cur,
                                                N, a, np.random.default_rng(seed + it))
             model = replace(model, acc_rot=np.array([acc_r]), acc_trans_angst=np.array([acc_t]))
             old_order = sched.healpix_order
@@ -274,13 +273,6 @@ def _pad_spec(s, N):
     s = np.asarray(s)
     out[: min(len(s), len(out))] = s[: len(out)]
     return out
-
-
-def _sub_ctf(ctf, mask):
-    if ctf is None:
-        return None
-    return CtfParams(*(np.asarray(getattr(ctf, f))[mask] if np.ndim(getattr(ctf, f)) else getattr(ctf, f)
-                       for f in ctf.__dataclass_fields__))
 
 
 def _update_state(st: ParticleState, res: PoolResult, pixel_size: float) -> ParticleState:

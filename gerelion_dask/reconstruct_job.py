@@ -8,11 +8,12 @@ from .conventions import centred_rfft2, euler_to_matrix, shift_phase_2d
 from .errors import InputError
 from .io.particles import ParticleSet
 from .ops.backprojector import empty_backprojection, insert_slices
-from .ops.ctf import CtfParams, ctf_rfft
+from .ops.ctf import ctf_rfft
 from .ops.fourier import PaddedGrid
 from .ops.reconstruct import reconstruct
 from .ops.symmetry import symmetry_operators
 from .maximization.mstep import symmetrised
+from .setup_job import _col, ctf_params, optics_index
 
 __all__ = ["reconstruct_star"]
 
@@ -39,14 +40,10 @@ def reconstruct_star(star: str, *, ctf: bool = True, sym: str = "C1", subset: in
     if N % 2:
         raise InputError(star, f"odd box size {N} cannot be reconstructed (RELION cannot either)",
                          "re-extract with an even box")
-    og = ps.optics.set_index("rlnOpticsGroup")
-    grp = md["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in md else np.ones(ps.n, int)
-
-    def opt(name, default):
-        return og[name].reindex(grp).to_numpy(dtype=float) if name in og else np.full(ps.n, default)
+    ctf_all = ctf_params(ps, optics_index(ps)) if ctf else None
 
     def col(name, default):
-        return md[name].to_numpy(dtype=float) if name in md else np.full(ps.n, default)
+        return _col(md, name, default)
 
     bp = empty_backprojection(PaddedGrid.create(N, padding=pad))
     for s in range(0, rows.size, chunk):
@@ -56,10 +53,7 @@ def reconstruct_star(star: str, *, ctf: bool = True, sym: str = "C1", subset: in
         sh = np.stack([col("rlnOriginXAngst", 0)[r], col("rlnOriginYAngst", 0)[r]], 1) / a
         X = centred_rfft2(img) * shift_phase_2d(N, N, sh)
         if ctf:
-            c = ctf_rfft(CtfParams(col("rlnDefocusU", 0)[r], col("rlnDefocusV", 0)[r], col("rlnDefocusAngle", 0)[r],
-                                   opt("rlnVoltage", 300)[r], opt("rlnSphericalAberration", 2.7)[r],
-                                   opt("rlnAmplitudeContrast", 0.1)[r], col("rlnPhaseShift", 0)[r],
-                                   col("rlnCtfBfactor", 0)[r], col("rlnCtfScalefactor", 1)[r]), N, a, N)
+            c = ctf_rfft(ctf_all.take(r), N, a, N)
         else:
             c = np.ones(X.shape)
         bp = insert_slices(bp, A, X * c, c * c)

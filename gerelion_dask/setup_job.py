@@ -20,7 +20,8 @@ from .ops.ctf import CtfParams
 from .ops.fourier import likelihood_pixels, shells_2d
 from .ops.masks import soft_mask_outside
 
-__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "ParticleState", "drop_non_finite"]
+__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "ParticleState", "drop_non_finite",
+           "optics_index", "ctf_params"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,8 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     else:
         codes, uniq = pd.factorize(md[gname].astype(str), sort=False)
         gidx, names = codes.astype(np.int64), list(uniq)
-    og = md["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in md else np.ones(ps.n, dtype=np.int64)
-    optics_ids = list(ps.optics["rlnOpticsGroup"].to_numpy())
-    oidx = np.array([optics_ids.index(g) for g in og], dtype=np.int64)
-    ctf = _ctf_params(ps, oidx) if cfg.ctf else None
+    oidx = optics_index(ps)
+    ctf = ctf_params(ps, oidx) if cfg.ctf else None
     return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf)
 
 
@@ -117,7 +116,16 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
     return maps if len(maps) == cfg.K else [maps[0].copy() for _ in range(cfg.K)]
 
 
-def _ctf_params(ps: ParticleSet, oidx: np.ndarray) -> CtfParams:
+def optics_index(ps: ParticleSet) -> np.ndarray:
+    """0-based row of each particle's optics group in ``ps.optics``."""
+    md = ps.metadata
+    og = md["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in md else np.ones(ps.n, dtype=np.int64)
+    optics_ids = list(ps.optics["rlnOpticsGroup"].to_numpy())
+    return np.array([optics_ids.index(g) for g in og], dtype=np.int64)
+
+
+def ctf_params(ps: ParticleSet, oidx: np.ndarray) -> CtfParams:
+    """Every particle's CTF parameters: per-particle columns, optics-group values, RELION's defaults otherwise."""
     md, opt = ps.metadata, ps.optics
 
     def optics_col(name, default):
@@ -150,9 +158,7 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512) -> JobInputs:
                 ps.star_path, len(bad), ps.n, bad[0], ps.metadata["rlnImageName"].iloc[bad[0]])
     keep = np.setdiff1d(np.arange(ps.n), np.asarray(bad))
     sub = ParticleSet(ps.metadata.iloc[keep].reset_index(drop=True), ps.optics, ps.star_path)
-    ctf = None if inp.ctf is None else CtfParams(*(np.asarray(getattr(inp.ctf, f))[keep]
-                                                   if np.ndim(getattr(inp.ctf, f)) else getattr(inp.ctf, f)
-                                                   for f in inp.ctf.__dataclass_fields__))
+    ctf = None if inp.ctf is None else inp.ctf.take(keep)
     return replace(inp, particles=sub, group_index=inp.group_index[keep], optics_index=inp.optics_index[keep],
                    ctf=ctf)
 

@@ -13,7 +13,6 @@ from gerelion_dask import conventions as cv
 from gerelion_dask.expectation.estep import EStepModel, EStepSettings, expectation_pool
 from gerelion_dask.expectation.grid import OrientationGrid
 from gerelion_dask.expectation.preprocess import PreprocessSettings
-from gerelion_dask.ops.ctf import CtfParams
 from gerelion_dask.ops.projector import make_reference
 from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions
 from gerelion_dask.simulate import phantom_map, synthetic_pool
@@ -64,8 +63,7 @@ def test_partial_sums_of_two_half_pools_add_up():
     def sub(p, s):
         return replace(p, **{f.name: (getattr(p, f.name)[s] if isinstance(getattr(p, f.name), np.ndarray) else
                                       getattr(p, f.name)) for f in fields(p) if f.name not in ("half", "ctf")},
-                       ctf=CtfParams(*(np.asarray(getattr(p.ctf, f))[s] if np.ndim(getattr(p.ctf, f)) else
-                                       getattr(p.ctf, f) for f in p.ctf.__dataclass_fields__)))
+                       ctf=p.ctf.take(s))
 
     a, ra = expectation_pool(img[:7], sub(parts, slice(0, 7)), model, st)
     b, rb = expectation_pool(img[7:], sub(parts, slice(7, 16)), model, st)

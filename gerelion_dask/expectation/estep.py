@@ -163,7 +163,7 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
     T = len(grid.translations)
     O = grid.n_dir * grid.n_psi
     lp_or = _orientation_log_prior(particles, model, settings)  # (B, K, n_dir, n_psi)
-    u = particles.offset_px[:, None, :] * 0 + np.rint(particles.offset_px)[:, None, :] + grid.translations[None]
+    u = np.rint(particles.offset_px)[:, None, :] + grid.translations[None]
     lp_off = _offset_log_prior(u, particles.offset_prior_px, ps.pixel_size, model.sigma_offset_angst)  # (B, T)
     coarse_lp = lp_or.reshape(B, K, O)[:, :, :, None] + lp_off[:, None, None, :]  # (B, K, O, T)
     diff2 = np.full((B, K, O, T), np.inf)

@@ -34,9 +34,7 @@ def estimate_accuracies(ref: FourierReference, angles, ctf: CtfParams | None, si
     for i in pick:
         rot, tilt, psi = angles[i]
         if ctf is not None:
-            p = CtfParams(*(np.atleast_1d(np.asarray(getattr(ctf, f)))[i if np.ndim(getattr(ctf, f)) else 0]
-                            for f in ctf.__dataclass_fields__))
-            c = ctf_rfft(p, n, pixel_size, ori_size)[m]
+            c = ctf_rfft(ctf.take([i]), n, pixel_size, ori_size)[0][m]
         else:
             c = np.ones(m.sum())
         axis = rng.integers(3)

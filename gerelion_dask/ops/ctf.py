@@ -44,6 +44,11 @@ class CtfParams:
     bfactor_angst2: object = 0.0
     scale: object = 1.0
 
+    def take(self, rows) -> CtfParams:
+        """The parameters of the particles ``rows`` (index array, slice or mask); scalar fields stay scalars."""
+        return CtfParams(*(np.asarray(v)[rows] if np.ndim(v) else v
+                           for v in (getattr(self, f) for f in self.__dataclass_fields__)))
+
 
 def _col(xp, v, dtype):
     a = xp.asarray(v, dtype=dtype)
