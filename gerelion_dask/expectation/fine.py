@@ -1,0 +1,341 @@
+"""Pass 2 of the E-step (ALGORITHM.md §4.3-4.6): the children of significant coarse samples, batched over particles.
+
+Every particle's significant coarse samples ``(class, orientation, translation)`` have 8 x 4 children (oversampling
+1).  Particles are grouped into chunks whose members search similar orientations (sorted by their best coarse
+orientation); a chunk is evaluated as dense matrix products over the union of its members' children,
+
+    diff2(j, f, t) = a_j + sum_k w_jk c_jk^2 |P_f(k)|^2 - 2 Re sum_k (w_jk c_jk X_j(k) s_t(k)) conj(P_f(k))
+
+and the pairs whose coarse parent was not significant for particle j are excluded (weight 0), so the result equals
+the per-particle evaluation (a chunk of one).  How many particles share a chunk is a cost decision only: on a GPU
+large chunks amortise kernel launches, on a CPU chunks stay near one particle unless the members overlap (a union at
+most ``waste`` times the sum of the members' own work).
+
+The weighted sums of §4.6 use the same algebra: with ``Q_j = W_j @ s`` (weights over translations times the
+translation phases), the back-projection data of fine orientation f is ``sum_j Q_jf * X_j * c_j / sigma^2``, and
+the model/data cross term of the noise, scale and norm sums is ``Re(X_j * sum_f conj(P_f) Q_jf)``.  Back-projection
+sums of all particles of the pool are merged per fine orientation before one 3D insertion each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import get_xp, to_host
+from ..conventions import matrix_to_euler, shift_phase_2d
+from ..ops.backprojector import BackProjection, insert_slices
+from ..ops.fourier import likelihood_pixels, shells_2d
+from ..ops.projector import project
+from .grid import OrientationGrid
+from .partials import Partials, PoolResult, empty_partials
+from .weights import posterior_weights, significance_threshold
+
+__all__ = ["FINE_LIMITS", "Significant", "fine_pass", "overlap_chunks"]
+
+# Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
+# chunks amortise kernel launches; on a CPU chunks stay near one particle unless the members overlap.
+FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5}, "gpu": {"max_elems": 1 << 25, "waste": 64.0}}
+
+
+def gather(a, mask):
+    """Window pixels of ``a (..., n, n/2+1)`` selected by a boolean mask -> ``(..., M)``."""
+    return a[..., mask]
+
+
+def grid_of(model):
+    for r in model.refs:
+        if r is not None:
+            return r.grid
+    raise ValueError("no non-empty class in the model")
+
+
+@dataclass(frozen=True)
+class Significant:
+    """The significant coarse samples of a pool after pass 1, one row each, sorted by particle (COO form)."""
+
+    b: np.ndarray  # particle (row in the pool)
+    c: np.ndarray  # class (0-based)
+    o: np.ndarray  # coarse orientation (dir * n_psi + psi)
+    t: np.ndarray  # coarse translation
+    lp: np.ndarray  # log prior of the coarse sample (its children inherit it)
+    n_sig: np.ndarray  # (B,) significant samples per particle
+    best: np.ndarray  # (B,) class * n_orient + orientation of the best coarse sample (a sort key for chunking)
+    n_orient: int
+
+    def rows_of(self, J) -> np.ndarray:
+        lo = np.searchsorted(self.b, J, side="left")
+        hi = np.searchsorted(self.b, J, side="right")
+        return np.concatenate([np.arange(x, y) for x, y in zip(lo, hi, strict=True)]) if len(J) else np.zeros(0, int)
+
+
+def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float) -> list[np.ndarray]:
+    """Group items whose index sets overlap: item j searches ``sets_a[j] x sets_b[j]`` (sorted unique arrays).
+
+    Items are taken in ``key`` order; an item joins the current chunk while the chunk's dense work (members x
+    union_a x union_b x ``per_pair``) stays within ``max_elems`` and within ``waste`` times the members' own work.
+    """
+    chunks, cur = [], []
+    ua = ub = np.zeros(0, np.int64)
+    own_sum = 0.0
+    for j in np.argsort(key, kind="stable"):
+        own = float(len(sets_a[j])) * len(sets_b[j]) * per_pair
+        if cur:
+            na, nb = np.union1d(ua, sets_a[j]), np.union1d(ub, sets_b[j])
+            dense = (len(cur) + 1) * float(len(na)) * len(nb) * per_pair
+            if dense > max_elems or dense > waste * (own_sum + own):
+                chunks.append(np.array(cur))
+                cur, own_sum = [], 0.0
+        if not cur:
+            na, nb = np.asarray(sets_a[j]), np.asarray(sets_b[j])
+        cur.append(j)
+        ua, ub = na, nb
+        own_sum += own
+    if cur:
+        chunks.append(np.array(cur))
+    return chunks
+
+
+def _local_index(J, b):
+    pos = np.full(int(max(J)) + 1, -1)
+    pos[J] = np.arange(len(J))
+    return pos[b]
+
+
+class FineProjections:
+    """Projections of every fine orientation any particle of the pool needs, computed once per class.
+
+    The fine grid (with its perturbation) is shared by all particles of an iteration, so a pool projects the union
+    of the children of its significant coarse orientations once instead of once per particle.
+    """
+
+    def __init__(self, model, grid: OrientationGrid, sig: Significant, n: int, mask, xp, chunk: int = 4096):
+        self.rows = {}
+        self.data = {}
+        self.power = {}
+        for c in np.unique(sig.c):
+            o = np.unique(sig.o[sig.c == c])
+            A, gid, _ = grid.fine_orientations(o)
+            A, gid = A.reshape(-1, 3, 3), gid.reshape(-1)
+            out = [gather(project(model.refs[c], xp.asarray(A[s : s + chunk]), n), mask)
+                   for s in range(0, len(gid), chunk)]
+            self.data[c] = xp.concatenate(out)
+            self.power[c] = xp.abs(self.data[c]) ** 2
+            self.rows[c] = (np.argsort(gid, kind="stable"), np.sort(gid), gid)
+
+    def positions(self, c: int, gid) -> np.ndarray:
+        order, sorted_gid, _ = self.rows[c]
+        return order[np.searchsorted(sorted_gid, gid)]
+
+    def gids(self, c: int) -> np.ndarray:
+        return self.rows[c][2]
+
+
+def fine_pass(xp, pre, particles, model, settings, sig: Significant):
+    """Pass 2 for one pool: the significant coarse samples of pass 1 -> ``(Partials, PoolResult)``."""
+    ps = settings.preprocess
+    N, n = ps.ori_size, ps.current_size
+    grid = settings.grid
+    K = len(model.refs)
+    B = len(particles.index)
+    nO = grid.n_dir * grid.n_psi
+    limits = FINE_LIMITS["gpu" if xp is not np else "cpu"]
+    max_elems = settings.fine_max_elems or limits["max_elems"]
+    waste = settings.fine_waste or limits["waste"]
+
+    sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
+    scale = np.asarray(model.scales)[particles.group]
+    og = np.asarray(particles.optics_group)
+    mb = likelihood_pixels(n, include_dc=True)
+    shb = shells_2d(n)[mb]
+    nsh = N // 2 + 1
+    M = len(shb)
+    mb_x = xp.asarray(mb)
+    X_all = gather(pre.fimg, mb_x)
+    Xnm_all = gather(pre.fimg_nomask, mb_x)
+    C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
+    Cr_all = C_all if settings.ctf_on_reference else xp.ones_like(C_all)
+    lik_h = shb >= 1
+    lik = xp.asarray(lik_h)
+    Wd_all = xp.asarray(np.where(lik_h[None], 1.0 / (2.0 * sig2[og][:, shb]), 0.0))  # (B, M)
+    Wbp_all = xp.asarray(1.0 / sig2[og][:, shb])
+    X2_all = xp.abs(X_all) ** 2
+    a_all = (Wd_all * X2_all).sum(axis=1)
+    hr_xi2 = to_host(pre.highres_xi2)
+    highres = to_host(pre.power_highres)
+    shell_1hot = xp.asarray((shb[:, None] == np.arange(nsh)[None, :]).astype(np.float64))  # (M, nsh)
+    good = {c: xp.asarray(np.asarray(model.data_vs_prior)[c][shb] > 3) for c in range(K)}
+    int_off = pre.int_offset_px
+
+    partials = empty_partials(particles.half, grid_of(model), K, grid.n_dir, settings.n_optics, settings.n_groups,
+                              N, np)
+    acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
+           ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
+            "group_counts")}
+    scal = {"off": 0.0, "norm": 0.0, "ll": 0.0, "pmax": 0.0, "zero": 0}
+    out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
+
+    cache = FineProjections(model, grid, sig, n, mb_x, xp)
+    bp_i = {c: xp.zeros(cache.data[c].shape, np.complex128) for c in cache.data}
+    bp_w = {c: xp.zeros(cache.data[c].shape, np.float64) for c in cache.data}
+    touched = {c: np.zeros(cache.data[c].shape[0], bool) for c in cache.data}
+    logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
+
+    okeys = [np.unique(sig.c[r] * nO + sig.o[r]) for r in (sig.rows_of([j]) for j in range(B))]
+    tkeys = [np.unique(sig.t[sig.rows_of([j])]) for j in range(B)]
+    for J in overlap_chunks(okeys, tkeys, sig.best, 32.0, max_elems, waste):
+        b = len(J)
+        Jx = xp.asarray(J)
+        r = sig.rows_of(J)
+        jl = _local_index(J, sig.b[r])  # row of each significant sample's particle within the chunk
+        ut = np.unique(sig.t[r])
+        t_fine = grid.fine_translations(ut).reshape(-1, 2)  # (Tf, 2)
+        Tf = len(t_fine)
+        ph = gather(shift_phase_2d(n, N, xp.asarray(t_fine)), mb_x)  # (Tf, M)
+        X, Xnm, C, Cr, Wd = X_all[Jx], Xnm_all[Jx], C_all[Jx], Cr_all[Jx], Wd_all[Jx]
+        blocks = []
+        for c in np.unique(sig.c[r]):
+            rc = sig.c[r] == c
+            oc = np.unique(sig.o[r][rc])
+            io, it = np.searchsorted(oc, sig.o[r][rc]), np.searchsorted(ut, sig.t[r][rc])
+            par = np.zeros((b, len(oc), len(ut)), bool)  # the coarse parent was significant
+            par[jl[rc], io, it] = True
+            lpc = np.full((b, len(oc), len(ut)), -np.inf)
+            lpc[jl[rc], io, it] = sig.lp[r][rc]  # children inherit their parent's prior
+            A, gid, _ = grid.fine_orientations(oc)
+            rows = cache.positions(c, gid.reshape(-1))
+            rows_x = xp.asarray(rows)
+            P = cache.data[c][rows_x]  # (F, M)
+            F = len(rows)
+            if settings.do_cc:
+                Y = (Cr * X)[:, None, :] * ph[None]
+                g_ = (Y.real.reshape(b * Tf, M) @ (P * lik).real.T
+                      + Y.imag.reshape(b * Tf, M) @ (P * lik).imag.T).reshape(b, Tf, F)
+                normp = xp.sqrt((Cr * Cr * lik) @ cache.power[c][rows_x].T)  # (b, F)
+                normx = xp.sqrt((X2_all[Jx] * lik).sum(axis=1))  # (b,)
+                d = -g_ / (normp[:, None, :] * normx[:, None, None] + 1e-300)
+            else:
+                bb = (Wd * Cr * Cr) @ cache.power[c][rows_x].T  # (b, F)
+                Y = (Wd * Cr * X)[:, None, :] * ph[None]  # (b, Tf, M)
+                g_ = (Y.real.reshape(b * Tf, M) @ P.real.T + Y.imag.reshape(b * Tf, M) @ P.imag.T).reshape(b, Tf, F)
+                d = (xp.asarray(a_all[Jx] + xp.asarray(hr_xi2[J]) / 2.0)[:, None, None] + bb[:, None, :]) - 2.0 * g_
+            d = d.transpose(0, 2, 1)  # (b, F, Tf)
+            shp = (b, len(oc), 8, len(ut), 4)
+            allowed = xp.broadcast_to(xp.asarray(par)[:, :, None, :, None], shp).reshape(b, F, Tf)
+            lp = xp.broadcast_to(xp.asarray(lpc)[:, :, None, :, None], shp).reshape(b, F, Tf)
+            blocks.append((c, oc, A.reshape(-1, 3, 3), rows, P, xp.where(allowed, d, xp.inf), lp))
+        D = xp.concatenate([blk[5].reshape(b, -1) for blk in blocks], axis=1)
+        LP = xp.concatenate([blk[6].reshape(b, -1) for blk in blocks], axis=1)
+        blocks = [blk[:5] for blk in blocks]  # the per-block diff2/prior arrays now live in D and LP
+        if settings.do_cc:
+            best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
+            w = xp.zeros_like(D)
+            w[xp.arange(b), best] = 1.0
+            dmin = D[xp.arange(b), best]
+            sumw = xp.ones(b)
+            bad = np.zeros(b, bool)
+        else:
+            w, dmin, sumw, bad = posterior_weights(D, LP)
+            thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig)
+            w = xp.where(w >= thr[:, None], w, 0.0)
+            bad = to_host(bad)
+        del D, LP
+        scal["zero"] += int(np.sum(bad))
+        wn = w / sumw[:, None]
+        del w
+        ibest = to_host(xp.argmax(wn, axis=1))
+        pmax = to_host(wn.max(axis=1))
+        resid = xp.zeros((b, M), np.float64)
+        ws_tot = xp.zeros(b, np.float64)
+        w_trans = xp.zeros((b, Tf), np.float64)
+        xa = xp.zeros(b, np.float64)
+        aa = xp.zeros(b, np.float64)
+        pos = 0
+        for c, oc, A, rows, P in blocks:
+            F = len(rows)
+            Wm = wn[:, pos : pos + F * Tf].reshape(b, F, Tf)
+            for j in np.nonzero((ibest >= pos) & (ibest < pos + F * Tf))[0]:
+                r_, t_ = divmod(int(ibest[j]) - pos, Tf)
+                rr, tt, pp = matrix_to_euler(A[r_])
+                out["rot"][J[j]], out["tilt"][J[j]], out["psi"][J[j]] = float(rr), float(tt), float(pp)
+                out["ox"][J[j]], out["oy"][J[j]] = (int_off[J[j]] + t_fine[t_]) * ps.pixel_size
+                out["cls"][J[j]] = int(c) + 1
+            pos += F * Tf
+            wo = Wm.sum(axis=2)  # (b, F)
+            w_dir = to_host(wo.sum(axis=0)).reshape(len(oc), 8).sum(axis=1)
+            np.add.at(acc["wsum_pdf_direction"][c], oc // grid.n_psi, w_dir)
+            keep = np.nonzero(to_host(wo.max(axis=0)) > 0)[0]
+            if keep.size == 0:
+                continue
+            touched[c][rows[keep]] = True
+            w_trans += Wm.sum(axis=1)
+            ws = wo.sum(axis=1)
+            ws_tot += ws
+            acc["wsum_pdf_class"][c] += float(ws.sum())
+            bp_d = Xnm * C * Wbp_all[Jx]
+            bp_wt = C * C * Wbp_all[Jx]
+            T_ = xp.zeros((b, M), np.complex128)
+            Pw = xp.zeros((b, M), np.float64)
+            step = max(1, int(max_elems // max(1, b * M)))
+            for s in range(0, keep.size, step):
+                kk = xp.asarray(keep[s : s + step])
+                rk = xp.asarray(rows[keep[s : s + step]])
+                Wk = Wm[:, kk]  # (b, F', Tf)
+                Fk = Wk.shape[1]
+                Q = (Wk.reshape(b * Fk, Tf).astype(np.complex128) @ ph).reshape(b, Fk, M)
+                # each fine orientation occurs once per chunk, so the scatter below has no duplicate rows
+                bp_i[c][rk] += (Q * bp_d[:, None, :]).sum(axis=0)
+                bp_w[c][rk] += wo[:, kk].T @ bp_wt
+                Pk = P[kk]
+                T_ += (xp.conj(Pk)[None] * Q).sum(axis=1)
+                Pw += wo[:, kk] @ cache.power[c][rk]
+                del Q
+            XT = (X * T_).real  # sum_f Re(conj(P_f) X Q_f): the model/data cross term
+            resid += (Cr * Cr) * Pw - 2.0 * Cr * XT + X2_all[Jx] * ws[:, None]
+            if settings.do_scale:
+                xa += (Cr * XT * good[c]).sum(axis=1)
+                aa += (Cr * Cr * Pw * good[c]).sum(axis=1)
+        u_f = int_off[J][:, None, :] + t_fine[None]  # (b, Tf, 2)
+        d2o = (((particles.offset_prior_px[J][:, None, :] - u_f) * ps.pixel_size) ** 2).sum(-1)
+        scal["off"] += float((to_host(w_trans) * d2o).sum())
+        if settings.do_scale:
+            np.add.at(acc["wsum_scale_xa"], particles.group[J], to_host(xa))
+            np.add.at(acc["wsum_scale_aa"], particles.group[J], to_host(aa))
+        per_shell = to_host(resid @ shell_1hot) + highres[J]  # (b, nsh)
+        np.add.at(acc["wsum_sigma2"], og[J], per_shell)
+        np.add.at(acc["sumw_optics"], og[J], to_host(ws_tot))
+        np.add.at(acc["group_counts"], particles.group[J], 1.0)
+        acc_norm = to_host(resid.sum(axis=1)) + highres[J].sum(axis=1)
+        norm_j = np.asarray(particles.norm)[J]
+        newnorm = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j
+        out["norm"][J] = newnorm
+        out["pmax"][J] = pmax
+        if settings.do_cc:
+            out["ll"][J] = -to_host(dmin)
+        else:
+            out["ll"][J] = np.log(to_host(sumw)) - to_host(dmin) - logsig[og[J]]
+    scal["norm"] = float(out["norm"].sum())
+    scal["pmax"] = float(out["pmax"].sum())
+    scal["ll"] = float(out["ll"].sum())
+
+    bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
+    bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
+    for c in bp_i:
+        rows = np.nonzero(touched[c])[0]
+        if rows.size == 0:
+            continue
+        rx = xp.asarray(rows)
+        slices = xp.zeros((rows.size, n, n // 2 + 1), np.complex128)
+        weights = xp.zeros((rows.size, n, n // 2 + 1), np.float64)
+        slices[:, mb_x] = bp_i[c][rx]
+        weights[:, mb_x] = bp_w[c][rx]
+        A = grid.fine_matrices_from_ids(cache.gids(c)[rows])
+        insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
+    part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
+                    acc["wsum_pdf_class"], acc["wsum_pdf_direction"], scal["off"], scal["norm"],
+                    acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], scal["ll"], scal["pmax"], B,
+                    scal["zero"])
+    res = PoolResult(particles.index, out["rot"], out["tilt"], out["psi"], out["ox"], out["oy"],
+                     out["cls"].astype(np.int64), out["pmax"], sig.n_sig.astype(np.int64), out["ll"], out["norm"])
+    return part, res
