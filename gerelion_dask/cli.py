@@ -2,7 +2,7 @@
 
 ``refine`` and ``classify`` take ``relion_refine``'s flag names (README: flag table).  Bad input prints one line
 ``gerelion: error: <file>: <problem>`` and exits with code 2; existing results are never overwritten unless
-``--overwrite`` is given.  Logging is configured here only (the library uses module loggers).
+``--overwrite`` is given or the run is continued (``--continue <root>_itNNN_optimiser.star``).  Logging is configured here only (the library uses module loggers).
 
 ``refine``/``classify`` run the E-step tasks on Dask: by default on a new local cluster for the job (one worker per
 GPU, else one NumPy worker per core; ``--workers N``), or on a running scheduler (``--scheduler-address``,
@@ -36,9 +36,12 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
         "3D classification" if classify else "3D auto-refinement (gold-standard halves)") +
         " with relion_refine's flags. Example: see README.")
     a = p.add_argument
-    a("--i", required=True, help="input particles STAR file (RELION 3.0 or 3.1)")
-    a("--o", required=True, help="output root, e.g. Refine3D/job001/run")
-    a("--ref", required=True, help="initial reference map (MRC), or a STAR file of K maps")
+    a("--i", help="input particles STAR file (RELION 3.0 or 3.1)")
+    a("--o", help="output root, e.g. Refine3D/job001/run (with --continue: default the run's own root)")
+    a("--ref", help="initial reference map (MRC), or a STAR file of K maps")
+    a("--continue", dest="continue_from", default=None, metavar="ROOT_itNNN_optimiser.star",
+      help="continue a run after iteration NNN (its settings come from the checkpoint; --iter, --auto_iter_max "
+      "and --pool may be changed)")
     a("--ini_high", type=float, default=0.0, help="low-pass filter the reference to this resolution (Å)")
     a("--particle_diameter", type=float, default=0.0, help="mask diameter (Å)")
     for f, h in (("--ctf", "do CTF correction"), ("--ctf_corrected_ref", "the reference is CTF-corrected"),
@@ -98,7 +101,7 @@ def add_dask_flags(p: argparse.ArgumentParser, default_workers: int | None = Non
     g.add_argument("--in-process", action="store_true", help="no Dask: run every task in this process (debugging)")
 
 
-def run_with_dask_flags(ns, cfg, writer, device: str = "auto"):
+def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None):
     """``run_job`` on the runner the execution flags ask for; a local cluster started here is closed at the end."""
     from .driver import InProcessRunner, run_job
 
@@ -108,7 +111,7 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto"):
     if ns.workers is not None and ns.workers < 1:
         raise InputError(None, f"--workers {ns.workers} must be at least 1")
     if ns.in_process:
-        return run_job(cfg, runner=InProcessRunner(device), writer=writer)
+        return run_job(cfg, runner=InProcessRunner(device), writer=writer, resume=resume)
     from .distributed.cluster import close_client, make_client
     from .distributed.runner import DaskRunner
 
@@ -122,7 +125,7 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto"):
     try:
         logging.getLogger(__name__).info("Dask: %d workers; dashboard %s",
                                          len(client.scheduler_info(n_workers=-1)["workers"]), client.dashboard_link)
-        return run_job(cfg, runner=DaskRunner(client, device=device), writer=writer)
+        return run_job(cfg, runner=DaskRunner(client, device=device), writer=writer, resume=resume)
     finally:
         close_client(client, cluster)
 
@@ -138,32 +141,82 @@ def _job_config(ns, classify: bool):
     return JobConfig(**kw)
 
 
-def _check_output(cfg) -> None:
+def _check_output(cfg, continuing: bool = False) -> None:
+    """The output folder must be writable and hold no earlier run under this root (unless continuing it)."""
     root = Path(cfg.o)
     folder = root.parent
-    folder.mkdir(parents=True, exist_ok=True)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".gerelion_write_test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise InputError(folder, f"output folder is not writable ({e.strerror})") from None
+        raise InputError(folder, f"output folder cannot be created or written ({e.strerror})",
+                         "choose an --o in a folder you can write") from None
     existing = sorted(folder.glob(root.name + "_it*_data.star")) + sorted(folder.glob(root.name + "_data.star"))
-    if existing and not cfg.overwrite:
-        raise InputError(existing[0], "an earlier run's results are there", "use another --o, or --overwrite")
-    if cfg.overwrite:
+    if existing and not cfg.overwrite and not continuing:
+        raise InputError(existing[0], "an earlier run's results are there",
+                         "use another --o, --continue <root>_itNNN_optimiser.star, or --overwrite")
+    if cfg.overwrite and not continuing:
         pj = folder / (root.name + "_progress.jsonl")
         if pj.exists():
             pj.unlink()
 
 
+# settings that may change on --continue (as relion_refine); the others come from the checkpoint
+_CONTINUE_OVERRIDES = ("iter", "auto_iter_max", "pool")
+
+
+def _given_flags(argv) -> set:
+    return {t[2:].split("=", 1)[0].replace("-", "_") for t in argv if t.startswith("--")}
+
+
+def _continue_config(ns, argv, classify: bool):
+    """The job settings and checkpoint of ``--continue``; the output root defaults to the run's own."""
+    import re
+    from dataclasses import fields, replace
+
+    from .checkpoint import checkpoint_for_optimiser
+    from .config import JobConfig
+
+    opt = Path(ns.continue_from)
+    m = re.fullmatch(r"(.*)_it(\d{3,})_optimiser\.star", str(opt))
+    if m is None:
+        raise InputError(opt, "--continue takes a <root>_itNNN_optimiser.star file",
+                         "pass the optimiser STAR of the last complete iteration")
+    _, ck = checkpoint_for_optimiser(opt)
+    if ck.config.auto_refine == classify:
+        kind = "an auto-refine" if ck.config.auto_refine else "a classification"
+        raise InputError(opt, f"is {kind} run", f"continue it with gerelion {'refine' if classify else 'classify'}")
+    given = _given_flags(argv)
+    ignored = sorted(f.name for f in fields(JobConfig)
+                     if f.name in given and f.name not in _CONTINUE_OVERRIDES + ("o", "overwrite"))
+    if ignored:
+        logging.getLogger(__name__).warning("--continue: the run's own settings are kept; ignored: %s",
+                                            " ".join("--" + f for f in ignored))
+    over = {k: getattr(ns, k) for k in _CONTINUE_OVERRIDES if k in given}
+    cfg = replace(ck.config, o=ns.o or m.group(1), overwrite=ns.overwrite, **over).validate()
+    same_root = Path(cfg.o).resolve() == Path(m.group(1)).resolve()
+    return cfg, ck, same_root
+
+
 def cmd_refine(argv, classify: bool) -> int:
     ns = refine_parser("gerelion classify" if classify else "gerelion refine", classify).parse_args(argv)
-    from .job_files import make_writer
+    from .job_files import make_writer, restart_progress
 
-    cfg = _job_config(ns, classify).validate()
-    _check_output(cfg)
-    res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto")
+    resume = None
+    if ns.continue_from:
+        cfg, resume, same_root = _continue_config(ns, argv, classify)
+        _check_output(cfg, continuing=same_root)
+        restart_progress(cfg.o, resume.records)
+    else:
+        missing = [f"--{k}" for k in ("i", "o", "ref") if not getattr(ns, k)]
+        if missing:
+            raise InputError(None, f"{' and '.join(missing)} missing",
+                             "give --i, --o and --ref, or --continue <root>_itNNN_optimiser.star")
+        cfg = _job_config(ns, classify).validate()
+        _check_output(cfg)
+    res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto", resume)
     last = res.iterations[-1] if res.iterations else None
     if last:
         print(f"done: {len(res.iterations)} iterations, resolution {last.resolution_angst:.2f} Å; "

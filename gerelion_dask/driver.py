@@ -29,6 +29,7 @@ from .ops.ctf import CtfParams
 from .ops.projector import make_reference, reference_power_spectrum
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
+from .errors import InputError
 from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
 
 log = logging.getLogger(__name__)
@@ -141,42 +142,58 @@ def _resolution_shell(model: Model) -> int:
     return int(round(model.current_resolution * model.ori_size * model.pixel_size))
 
 
-def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResult:
-    """Run a refinement or classification to the end; ``writer(iteration, ...)`` writes the files of each iteration."""
+def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None) -> JobResult:
+    """Run a refinement or classification to the end; ``writer(iteration, ...)`` writes the files of each iteration.
+
+    ``resume`` (a :class:`~gerelion_dask.checkpoint.Checkpoint`) continues after its iteration; with the same
+    settings and seed the result is bit-identical to a run that was never stopped (on the CPU, one BLAS thread).
+    The writer receives each iteration's checkpoint (``checkpoint=``) and the sampling before iteration 1
+    (``original=``).
+    """
+    from .checkpoint import Checkpoint
+
     cfg = cfg.validate()
-    seed = cfg.random_seed if cfg.random_seed >= 0 else int(time.time())
-    rng = np.random.default_rng(seed)
+    if resume is not None:
+        seed = resume.config.random_seed
+    else:
+        seed = cfg.random_seed if cfg.random_seed >= 0 else int(time.time()) % 2**31
+    cfg = replace(cfg, random_seed=seed)  # the resolved seed is written to optimiser.star and the checkpoint
     inp = drop_non_finite(load_inputs(cfg))
     runner = runner or InProcessRunner()
-    st = particle_state(inp, cfg, seed)
-    if hasattr(runner, "prepare"):
-        runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]
     sym_ops = symmetry_operators(cfg.sym)
     dir_ops = direction_operators(cfg.sym)
-    sched = ScheduleState(cfg.healpix_order, cfg.offset_range, cfg.offset_step)
-    if cfg.auto_refine and cfg.healpix_order >= cfg.auto_local_healpix_order:
-        s = 2 * angular_step(cfg.healpix_order + 1)
-        sched = replace(sched, local_sigma_rot=s, local_sigma_psi=s)
-    if cfg.sigma_ang > 0:
-        sched = replace(sched, local_sigma_rot=cfg.sigma_ang, local_sigma_psi=cfg.sigma_ang)
-    dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
-    pool_rows = [np.arange(s, min(s + 256, inp.particles.n)) for s in range(0, inp.particles.n, 256)]
-    sigma2 = initial_sigma2(inp, cfg, pool_rows)
-    model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
-    if writer:
-        writer(0, cfg, inp, model, st, sched, None, final=False)
-    records = []
-    prev_A = None
+    if resume is None:
+        st = particle_state(inp, cfg, seed)
+        sched = ScheduleState(cfg.healpix_order, cfg.offset_range, cfg.offset_step)
+        if cfg.auto_refine and cfg.healpix_order >= cfg.auto_local_healpix_order:
+            s = 2 * angular_step(cfg.healpix_order + 1)
+            sched = replace(sched, local_sigma_rot=s, local_sigma_psi=s)
+        if cfg.sigma_ang > 0:
+            sched = replace(sched, local_sigma_rot=cfg.sigma_ang, local_sigma_psi=cfg.sigma_ang)
+        original = sched
+        dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+        pool_rows = [np.arange(s, min(s + 256, inp.particles.n)) for s in range(0, inp.particles.n, 256)]
+        sigma2 = initial_sigma2(inp, cfg, pool_rows)
+        model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
+        records, it, final, unfil = [], 0, False, None
+        prev_A = None
+    else:
+        _check_resume(resume, inp)
+        st, sched, original, model = resume.state, resume.schedule, resume.original_schedule, resume.model
+        records, it, final, unfil = list(resume.records), resume.iteration, resume.final, resume.unfil
+        dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+        prev_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2]) if it > 0 else None
+    if hasattr(runner, "prepare"):
+        runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
+    if writer and resume is None:
+        writer(0, cfg, inp, model, st, sched, None, final=False, original=original)
     prev_off = st.offsets_px * a
     prev_cls = st.class_index.copy()
     max_iter = cfg.auto_iter_max if cfg.auto_refine else cfg.iter
-    it = 0
-    final = False
-    unfil = None
     seed_classes = cfg.K > 1 and len(inp.reference) == cfg.K and not cfg.ref.endswith(".star")
-    while it < max_iter:
+    while it < max_iter and not final:
         it += 1
         t0 = time.time()
         if hasattr(runner, "start_iteration"):
@@ -188,7 +205,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
         cur = next_current_size(N, shell, cfg.incr_size, model.fsc[0] if cfg.auto_refine else None,
                                 sched.high_fsc_at_limit, model.ave_pmax, final) if it > 1 else \
             min(2 * (shell + cfg.incr_size), N)
-        sched = replace(sched, current_size=cur, perturb=next_perturbation(sched.perturb, cfg.perturb, rng))
+        sched = replace(sched, current_size=cur, perturb=next_perturbation(sched.perturb, cfg.perturb,
+                                                                             np.random.default_rng([seed, it])))
         # accuracies and auto-sampling (not in CC iterations)
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
             ref0 = make_reference(model.maps[0][0], r_max=cur // 2, padding=cfg.pad)
@@ -260,12 +278,23 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None) -> JobResul
         log.info("iteration %d: resolution %.2f Å, size %d, order %d, changes %.2f deg %.2f Å %.3f, Pmax %.3f",
                  it, rec.resolution_angst, cur, sched.healpix_order, *changes, model.ave_pmax)
         if writer:
-            writer(it, cfg, inp, model, st, sched, rec, final=final, unfil=unfil)
-        if final:
-            break
-    files = writer("final", cfg, inp, model, st, sched, records[-1] if records else None, final=True, unfil=unfil) \
-        if writer else {}
+            ck = Checkpoint(it, cfg, model, st, sched, original, records, final, unfil if final else None)
+            writer(it, cfg, inp, model, st, sched, rec, final=final, unfil=unfil, original=original, checkpoint=ck)
+    files = writer("final", cfg, inp, model, st, sched, records[-1] if records else None, final=True, unfil=unfil,
+                   original=original) if writer else {}
     return JobResult(cfg.o, records, model, st, files or {})
+
+
+def _check_resume(ck, inp: JobInputs) -> None:
+    """The inputs found now must be the ones the checkpoint was written for."""
+    n = len(ck.state.angles)
+    if inp.particles.n != n:
+        raise InputError(inp.particles.star_path, f"holds {inp.particles.n} usable particles but the checkpoint of "
+                         f"iteration {ck.iteration} has {n}", "continue with the particles STAR file of the run")
+    if inp.box != ck.model.ori_size or abs(inp.pixel_size - ck.model.pixel_size) > 1e-6 * ck.model.pixel_size:
+        raise InputError(inp.particles.star_path, f"box {inp.box} px / {inp.pixel_size:.4g} Å differs from the "
+                         f"checkpoint's {ck.model.ori_size} px / {ck.model.pixel_size:.4g} Å",
+                         "continue with the particles STAR file of the run")
 
 
 def _pad_spec(s, N):

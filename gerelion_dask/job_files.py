@@ -2,7 +2,9 @@
 
 ``make_writer(root)`` returns the callback that :func:`gerelion_dask.driver.run_job` calls after each iteration
 (``it000`` describes the starting state; ``"final"`` writes ``run_data.star``, ``run_model.star``,
-``run_class001.mrc`` and, in auto-refine, ``run_half1/2_class001_unfil.mrc``).
+``run_class001.mrc`` and, in auto-refine, ``run_half1/2_class001_unfil.mrc``).  Within an iteration the
+checkpoint (``run_itNNN_checkpoint.npz``, :mod:`gerelion_dask.checkpoint`) and then ``run_itNNN_optimiser.star``
+come last, so an optimiser STAR on disc always belongs to a complete iteration (``--continue`` starts from it).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import CHECKPOINT_LABEL, checkpoint_path, save_checkpoint
+from .io._atomic import atomic_path
 from .io.mrc import write_map
 from .outputs import output_names, write_data_star, write_model_star, write_optimiser_star, write_sampling_star
 
-__all__ = ["make_writer", "particles_table"]
+__all__ = ["make_writer", "particles_table", "restart_progress"]
 
 
 def _image_names_for(md, star_path, out_dir):
@@ -62,11 +66,9 @@ def particles_table(inp, st, auto_refine: bool, out_dir=None):
 def make_writer(root: str):
     root = str(root)
     Path(root).parent.mkdir(parents=True, exist_ok=True)
-    original = {}
 
-    def write(iteration, cfg, inp, model, st, sched, rec, final=False, unfil=None):
-        if not original:
-            original["sched"] = sched
+    def write(iteration, cfg, inp, model, st, sched, rec, final=False, unfil=None, original=None, checkpoint=None):
+        original = sched if original is None else original
         it = None if iteration == "final" else int(iteration)
         halves = cfg.split_random_halves and not (it is None and cfg.auto_refine)
         names = output_names(root, it, halves=halves, n_classes=cfg.K)
@@ -88,13 +90,17 @@ def make_writer(root: str):
                              orientational_prior_mode=prior_mode, sigma_prior_rot=sched.local_sigma_rot,
                              sigma_prior_psi=sched.local_sigma_psi, current_size=sched.current_size or None)
         write_sampling_star(names["sampling"], schedule=sched, symmetry=cfg.sym, pixel_size=inp.pixel_size,
-                            perturb_factor=cfg.perturb, original=original["sched"])
+                            perturb_factor=cfg.perturb, original=original)
+        extra = None
+        if checkpoint is not None:  # before the optimiser STAR that names it: that file marks a complete iteration
+            ck = save_checkpoint(checkpoint_path(root, it), checkpoint)
+            extra = {CHECKPOINT_LABEL: ck.name}
         write_optimiser_star(names["optimiser"], config=cfg, schedule=sched, iteration=it if it is not None else
                              (rec.iteration if rec else 0), output_root=root, model_star=names["model"][0],
                              model_star2=names["model"][1] if len(names["model"]) > 1 else None,
                              data_star=names["data"], sampling_star=names["sampling"],
                              acc_rot=float(model.acc_rot[0]), acc_trans_angst=float(model.acc_trans_angst[0]),
-                             has_converged=bool(final), particle_diameter=inp.diameter)
+                             has_converged=bool(final), particle_diameter=inp.diameter, extra=extra)
         files = {"data": names["data"], "model": names["model"], "maps": names["classes"]}
         if it is None and unfil is not None:
             files["unfil"] = []
@@ -103,15 +109,25 @@ def make_writer(root: str):
                 write_map(p, maps[0], model.pixel_size)
                 files["unfil"].append(p)
         if rec is not None and it is not None:
-            line = {"iteration": rec.iteration, "resolution_angst": rec.resolution_angst,
-                    "current_size": rec.current_size, "healpix_order": rec.healpix_order,
-                    "changes_orientations_deg": rec.changes_orient, "changes_offsets_angst": rec.changes_offset,
-                    "changes_classes": rec.changes_class, "class_fractions": rec.class_fractions,
-                    "ave_pmax": rec.ave_pmax, "loglik": rec.loglik, "seconds": rec.seconds}
             with open(f"{root}_progress.jsonl", "a") as fh:
-                fh.write(json.dumps(line) + "\n")
+                fh.write(_progress_line(rec))
                 fh.flush()
                 os.fsync(fh.fileno())
         return files
 
     return write
+
+
+def _progress_line(rec) -> str:
+    line = {"iteration": rec.iteration, "resolution_angst": rec.resolution_angst,
+            "current_size": rec.current_size, "healpix_order": rec.healpix_order,
+            "changes_orientations_deg": rec.changes_orient, "changes_offsets_angst": rec.changes_offset,
+            "changes_classes": rec.changes_class, "class_fractions": rec.class_fractions,
+            "ave_pmax": rec.ave_pmax, "loglik": rec.loglik, "seconds": rec.seconds}
+    return json.dumps(line) + "\n"
+
+
+def restart_progress(root: str, records) -> None:
+    """``<root>_progress.jsonl`` as it was after the last of ``records`` (on ``--continue``), replaced atomically."""
+    with atomic_path(f"{root}_progress.jsonl") as tmp:
+        tmp.write_text("".join(_progress_line(r) for r in records))
