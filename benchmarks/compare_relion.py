@@ -50,6 +50,43 @@ def angular_errors(est, truth, sym="C1"):
     return best
 
 
+MZ = np.diag([1.0, 1.0, -1.0])
+
+
+def gauge(est, truth):
+    """The global transform between a run's frame and the truth's, fitted from the poses (a reconstruction from a
+    featureless start is defined up to a rotation and, for a blob, the hand).  Returns (R, mirror, residual errors):
+    ``est pose ~ f(truth pose) R^T`` with ``f = identity`` or the z mirror ``M A M``, whichever fits better."""
+    A = euler_to_matrix(*(truth[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    B = euler_to_matrix(*(est[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    best = None
+    for mirror in (False, True):
+        D = np.einsum("bji,bjk->bik", A, MZ @ B @ MZ if mirror else B)
+        U, S, Vt = np.linalg.svd(D.mean(0))
+        R = U @ np.diag([1, 1, np.sign(np.linalg.det(U @ Vt))]) @ Vt
+        res = np.einsum("bij,jk->bik", D, R.T)
+        err = np.rad2deg(np.arccos(np.clip((np.einsum("bii->b", res) - 1) / 2, -1, 1)))
+        if best is None or np.median(err) < np.median(best[2]):
+            best = (R, mirror, err)
+    return best
+
+
+def aligned_fsc_res(m, t, R, mirror, apix):
+    """FSC-0.5 resolution of map ``m`` against truth ``t`` after undoing the gauge transform (the map is resampled;
+    of the candidate orders of rotation and mirror the best-superposing one is used)."""
+    from scipy.ndimage import affine_transform
+
+    n = m.shape[0]
+    c = np.full(3, n // 2)
+    cands = [R.T] if not mirror else [R.T @ MZ, MZ @ R.T, MZ @ R, R @ MZ]
+    best = 0.0
+    for T in cands:
+        Tz = T[::-1, ::-1]  # (x, y, z) -> array index order (z, y, x)
+        al = affine_transform(m, Tz, offset=c - Tz @ c, order=3)
+        best = max(best, 1.0 / resolution_at(fsc(al, t), 0.5, n, apix))
+    return 1.0 / best
+
+
 def summarise(run_root: Path, data: Path, wall: float, gold_res: float, mode: str):
     _, est, _ = read_particles(f"{run_root}_data.star")
     _, truth, _ = read_particles(data / "truth.star")
@@ -63,6 +100,12 @@ def summarise(run_root: Path, data: Path, wall: float, gold_res: float, mode: st
         t = read_map(truth_maps[0])[0].astype(np.float64)
         row["fsc_truth_0.5_A"] = resolution_at(fsc(m, t), 0.5, n, apix)
         err = angular_errors(est, truth)
+        R, mirror, gerr = gauge(est, truth)
+        row["gauge_rotation_deg"] = float(np.rad2deg(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
+        row["gauge_mirror"] = mirror
+        row["fsc_truth_0.5_A_gauge_aligned"] = aligned_fsc_res(m, t, R, mirror, apix)
+        row["ang_err_gauge_median_deg"] = float(np.median(gerr))
+        row["ang_err_gauge_p90_deg"] = float(np.percentile(gerr, 90))
     else:
         k = int(est["rlnClassNumber"].max())
         maps = [read_map(f"{run_root}_class{c:03d}.mrc")[0].astype(np.float64) for c in range(1, k + 1)]
@@ -76,11 +119,19 @@ def summarise(run_root: Path, data: Path, wall: float, gold_res: float, mode: st
         row["class_accuracy"] = best_acc
         # truth.star: class 1 = open, 2 = closed; maps sorted alphabetically: closed, open
         order = {1: [p for p in truth_maps if "open" in p.name], 2: [p for p in truth_maps if "closed" in p.name]}
-        res = []
+        res, ares, gmed, gp90 = [], [], [], []
         for tc, ec in zip((1, 2), best_perm, strict=False):
             t = read_map(order[tc][0])[0].astype(np.float64)
-            res.append(resolution_at(fsc(maps[ec - 1], t), 0.5, n, apix))
+            res.append(round(resolution_at(fsc(maps[ec - 1], t), 0.5, n, apix), 2))
+            sel = (est["rlnClassNumber"].to_numpy() == ec) & (tlabels == tc)
+            R, mirror, gerr = gauge(est[sel], truth[sel])
+            ares.append(round(aligned_fsc_res(maps[ec - 1], t, R, mirror, apix), 2))
+            gmed.append(round(float(np.median(gerr)), 2))
+            gp90.append(round(float(np.percentile(gerr, 90)), 2))
         row["fsc_truth_0.5_A"] = res
+        row["fsc_truth_0.5_A_gauge_aligned"] = ares
+        row["ang_err_gauge_median_deg"] = gmed
+        row["ang_err_gauge_p90_deg"] = gp90
         err = angular_errors(est, truth)
     row["ang_err_median_deg"] = float(np.median(err))
     row["ang_err_p90_deg"] = float(np.percentile(err, 90))
