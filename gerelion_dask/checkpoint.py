@@ -152,7 +152,10 @@ def checkpoint_for_optimiser(optimiser_star: str | os.PathLike) -> tuple[Path, C
     path = Path(optimiser_star)
     if path.is_file() and not path.name.endswith("_optimiser.star"):
         raise InputError(path, "--continue takes a <root>_itNNN_optimiser.star file")
-    blocks = read_star(path)  # InputError: missing or garbled
+    try:
+        blocks = read_star(path)
+    except InputError as e:  # missing or garbled
+        raise InputError(e.path, e.problem, "pass the _optimiser.star of the last complete iteration") from None
     tab = blocks.get("optimiser_general")
     if tab is None or len(tab) != 1:
         raise InputError(path, "no optimiser_general block (not an optimiser STAR file)",

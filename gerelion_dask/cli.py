@@ -2,7 +2,8 @@
 
 ``refine`` and ``classify`` take ``relion_refine``'s flag names (README: flag table).  Bad input prints one line
 ``gerelion: error: <file>: <problem>`` and exits with code 2; existing results are never overwritten unless
-``--overwrite`` is given or the run is continued (``--continue <root>_itNNN_optimiser.star``).  Logging is configured here only (the library uses module loggers).
+``--overwrite`` is given or the run is continued (``--continue <root>_itNNN_optimiser.star``).  Logging is
+configured here only (the library uses module loggers).
 
 ``refine``/``classify`` run the E-step tasks on Dask: by default on a new local cluster for the job (one worker per
 GPU, else one NumPy worker per core; ``--workers N``), or on a running scheduler (``--scheduler-address``,

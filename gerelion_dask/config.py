@@ -61,7 +61,7 @@ class JobConfig:
 
     def validate(self) -> JobConfig:
         if self.K < 1:
-            raise InputError(None, f"--K {self.K}: the number of classes must be at least 1")
+            raise InputError(None, f"--K {self.K}: the number of classes must be at least 1", "use --K 1 or more")
         if self.auto_refine and self.K != 1:
             raise InputError(None, f"--auto_refine with --K {self.K}: auto-refine refines one class", "use --K 1")
         if self.auto_refine and not self.split_random_halves:
@@ -73,7 +73,7 @@ class JobConfig:
             raise InputError(None, f"--oversampling {self.oversampling} is not supported", "use --oversampling 1")
         if self.offset_range < 0 or self.offset_step <= 0:
             raise InputError(None, f"--offset_range {self.offset_range} / --offset_step {self.offset_step}: the range "
-                             "must be >= 0 and the step > 0 (pixels)")
+                             "must be >= 0 and the step > 0 (pixels)", "e.g. --offset_range 5 --offset_step 1")
         if self.tau2_fudge <= 0:
             raise InputError(None, f"--tau2_fudge {self.tau2_fudge} must be positive")
         if not 0 < self.adaptive_fraction <= 1:
@@ -88,7 +88,10 @@ class JobConfig:
             raise InputError(None, f"--pad {self.pad} must be >= 1")
         from .ops.symmetry import symmetry_operators
 
-        symmetry_operators(self.sym)  # raises InputError for an unknown group
+        try:
+            symmetry_operators(self.sym)
+        except InputError as e:  # name the flag: the message of ops.symmetry names only the group
+            raise InputError(None, f"--sym {self.sym}: {e.problem}", e.hint) from None
         return self
 
     def to_json(self) -> str:

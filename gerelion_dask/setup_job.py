@@ -70,7 +70,8 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     diameter = cfg.particle_diameter if cfg.particle_diameter > 0 else box * apix
     if diameter > box * apix * (1 + 1e-6):
         raise InputError(None, f"--particle_diameter {cfg.particle_diameter} Å is larger than the box "
-                         f"({box} px x {apix:.4g} Å = {box * apix:.4g} Å)")
+                         f"({box} px x {apix:.4g} Å = {box * apix:.4g} Å)",
+                         f"use at most {box * apix:.4g} Å, or re-extract the particles in a larger box")
     md = ps.metadata
     gname = "rlnGroupName" if "rlnGroupName" in md else ("rlnMicrographName" if "rlnMicrographName" in md else None)
     if gname is None:
@@ -103,15 +104,19 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
         paths = [path]
     maps = []
     for p in paths:
-        vol, vs = read_map(p)
+        try:
+            vol, vs = read_map(p)
+        except InputError as e:
+            raise InputError(e.path, e.problem, e.hint or "check the map named by --ref") from None
         if vol.ndim != 3 or vol.shape != (box, box, box):
             raise InputError(p, f"reference map has shape {vol.shape} but the particles are {box} x {box} pixels",
                              "resample the reference to the particle box")
         if vs > 0 and abs(vs - apix) > 0.01 * apix:
             raise InputError(p, f"reference voxel size {vs:.4g} Å differs from the particle pixel size {apix:.4g} Å "
-                             "by more than 1%")
+                             "by more than 1%", f"rescale the reference to {apix:.4g} Å/px and box {box} "
+                             "(relion_image_handler --rescale_angpix --new_box)")
         if not np.all(np.isfinite(vol)):
-            raise InputError(p, "reference map contains NaN or infinite values")
+            raise InputError(p, "reference map contains NaN or infinite values", "use another --ref map")
         maps.append(vol.astype(np.float64))
     return maps if len(maps) == cfg.K else [maps[0].copy() for _ in range(cfg.K)]
 
@@ -153,7 +158,8 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512) -> JobInputs:
     if not bad:
         return inp
     if len(bad) == ps.n:
-        raise InputError(ps.star_path, "every particle image holds NaN or infinite pixels")
+        raise InputError(ps.star_path, "every particle image holds NaN or infinite pixels",
+                         "check the stacks it names (re-extract the particles)")
     log.warning("%s: dropped %d of %d particles whose images hold NaN or infinite pixels (first: row %d, %s)",
                 ps.star_path, len(bad), ps.n, bad[0], ps.metadata["rlnImageName"].iloc[bad[0]])
     keep = np.setdiff1d(np.arange(ps.n), np.asarray(bad))

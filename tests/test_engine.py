@@ -142,3 +142,48 @@ def test_chunking_of_particles_does_not_change_results(cc, local):
     for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "class_number", "pmax", "loglik", "norm",
               "n_significant"):
         assert np.allclose(getattr(r1, f), getattr(rd, f), rtol=1e-9, atol=1e-9), f
+
+
+_OOM_CHILD = r"""
+import logging, resource, sys, pickle
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_engine as te
+from dataclasses import replace
+from gerelion_dask.expectation.estep import expectation_pool
+logging.basicConfig(level=logging.WARNING)
+img, parts, A, off, s2, maps = te._dataset(16, 10.0, seed=6)
+model, st = te._model_settings(maps, s2, order=1)
+small = replace(st, fine_max_elems=1 << 18)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ref = expectation_pool(img, parts, model, small)
+grow = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0, 0) * 1024  # peak growth of that run
+vm = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize")][0]) * 1024
+# room for what the small-chunk run needed, plus 64 MiB; one dense chunk of all particles needs far more
+resource.setrlimit(resource.RLIMIT_AS, (vm + grow + (64 << 20), resource.RLIM_INFINITY))
+big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 24, fine_waste=1e9))
+pickle.dump((ref, big), open({out!r}, "wb"))
+"""
+
+
+def test_estep_out_of_memory_shrinks_the_chunks_and_gives_the_same_result(tmp_path):
+    # a real allocation failure: the child process caps its address space (RLIMIT_AS) just above what a run with
+    # small chunks used, then asks for one dense chunk of all particles; the E-step must halve its chunks until they fit
+    # and return what the default chunking returns (oracle: the unconstrained run)
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    out = tmp_path / "res.pkl"
+    code = _OOM_CHILD.format(tests=os.path.dirname(__file__), out=str(out))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "out of memory in the E-step" in r.stderr  # the limit was hit and the retry path taken
+    (p1, r1), (p2, r2) = pickle.load(open(out, "rb"))
+    for f in fields(p1):
+        if f.name != "grid":
+            x, y = getattr(p1, f.name), getattr(p2, f.name)
+            assert np.allclose(x, y, rtol=1e-9, atol=1e-12 * np.max(np.abs(x))), f.name
+    assert np.allclose(r1.rot, r2.rot) and np.allclose(r1.pmax, r2.pmax)

@@ -14,7 +14,8 @@ fine orientation of the pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +29,11 @@ from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
 from .weights import posterior_weights, significance_threshold
 
 __all__ = ["EStepModel", "EStepSettings", "expectation_pool"]
+
+log = logging.getLogger(__name__)
+
+# the smallest chunk budget (diff2 values) the out-of-memory retry goes down to before it gives up
+MIN_CHUNK_ELEMS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,27 @@ def _diff2_block(xp, X, C, W, phase, P, cc: bool, ctf_on_ref: bool):
 
 
 def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings):
-    """E-step of one pool of one half set: returns ``(Partials, PoolResult)``."""
+    """E-step of one pool of one half set: returns ``(Partials, PoolResult)``.
+
+    When the device (or host) runs out of memory, the chunk budget is halved and the pool evaluated again: chunking
+    changes only the order of floating-point sums, not the result.
+    """
     xp = get_xp(images)
+    limit = settings.fine_max_elems or FINE_LIMITS["gpu" if xp is not np else "cpu"]["max_elems"]
+    while True:
+        try:
+            return _expectation_pool(xp, images, particles, model, replace(settings, fine_max_elems=limit))
+        except MemoryError as e:  # numpy's MemoryError, and CuPy's OutOfMemoryError (a subclass of it)
+            if limit <= MIN_CHUNK_ELEMS:
+                raise
+            limit //= 2
+            if xp is not np:
+                xp.get_default_memory_pool().free_all_blocks()
+            log.warning("out of memory in the E-step of %d particles (%s): retrying with chunks of %d values",
+                        len(particles.index), str(e).splitlines()[0][:120], limit)
+
+
+def _expectation_pool(xp, images, particles, model, settings):
     pre = preprocess_pool(images, particles, settings.preprocess, model.sigma2_noise)
     pri = orientation_priors(particles, model, settings)
     sig = coarse_pass(xp, pre, particles, model, settings, pri)
