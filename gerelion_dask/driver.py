@@ -88,6 +88,9 @@ class InProcessRunner:
         # the fixed pairwise order of the Dask runner, so both give bit-identical sums
         return {h: tree_sum(p) for h, p in parts.items()}, PoolResult.concat(results)
 
+    def maximize(self, parts, model, ms, ref_tau2):
+        return maximization(parts, model, ms, ref_tau2)
+
 
 def _array_module(device: str):
     if device == "cpu":
@@ -257,7 +260,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
                            cfg.scale)
-        new_model, unfil = maximization(parts, model, ms, ref_tau2)
+        new_model, unfil = runner.maximize(parts, model, ms, ref_tau2) if hasattr(runner, "maximize") \
+            else maximization(parts, model, ms, ref_tau2)
         if seed_classes and it == 1 and cfg.firstiter_cc:
             m0 = new_model.maps[0][0]
             new_model = replace(new_model, maps=[[m0.copy() for _ in range(cfg.K)]], pdf_class=np.full(cfg.K, 1.0 / cfg.K),
