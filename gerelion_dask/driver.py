@@ -30,6 +30,7 @@ from .ops.projector import make_reference, reference_power_spectrum
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
 from .errors import InputError
+from .progress import memory_usage
 from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class IterationRecord:
     loglik: float
     seconds: dict = field(default_factory=dict)
     fsc: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # progress.memory_usage() after the M-step
 
 
 @dataclass
@@ -141,6 +143,13 @@ def _initial_model(inp: JobInputs, cfg: JobConfig, sigma2, n_dir: int, halves: l
                  cfg.offset, 1.0, np.ones(len(inp.group_names)), res, tau2_fudge=cfg.tau2_fudge)
 
 
+def _hook(progress, name: str, *args) -> None:
+    """Call ``progress.<name>(*args)`` where the progress object has it (see :mod:`gerelion_dask.progress`)."""
+    f = getattr(progress, name, None)
+    if f is not None:
+        f(*args)
+
+
 def _resolution_shell(model: Model) -> int:
     return int(round(model.current_resolution * model.ori_size * model.pixel_size))
 
@@ -163,6 +172,9 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     cfg = replace(cfg, random_seed=seed)  # the resolved seed is written to optimiser.star and the checkpoint
     inp = drop_non_finite(load_inputs(cfg))
     runner = runner or InProcessRunner()
+    from .plan import plan_for_inputs
+
+    log.info("%s", plan_for_inputs(cfg, inp, runner).summary())
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]
     sym_ops = symmetry_operators(cfg.sym)
@@ -199,6 +211,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     while it < max_iter and not final:
         it += 1
         t0 = time.time()
+        _hook(progress, "iteration_started", it, model.resolution_angst())
         if hasattr(runner, "start_iteration"):
             runner.start_iteration(it)  # e.g. DaskRunner: the iteration number in its task keys
         cc_iter = cfg.firstiter_cc and it == 1
@@ -254,8 +267,10 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         if seeds is not None:
             tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]
         t1 = time.time()
+        _hook(progress, "stage", "E-step")
         parts, res = runner.run(tasks, models, settings, inp.particles.read_images, progress)
         t2 = time.time()
+        _hook(progress, "stage", "M-step")
         ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
@@ -276,9 +291,10 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                 cur)
         rec = IterationRecord(it, model.resolution_angst(), cur, sched.healpix_order, *changes,
                               model.pdf_class.tolist(), model.ave_pmax, model.loglik,
-                              {"estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},
-                              model.fsc[0].tolist())
+                              {"prepare": t1 - t0, "estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},
+                              model.fsc[0].tolist(), memory_usage(getattr(runner, "client", None)))
         records.append(rec)
+        _hook(progress, "iteration_finished", rec)
         log.info("iteration %d: resolution %.2f Å, size %d, order %d, changes %.2f deg %.2f Å %.3f, Pmax %.3f",
                  it, rec.resolution_angst, cur, sched.healpix_order, *changes, model.ave_pmax)
         if writer:

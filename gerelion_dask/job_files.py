@@ -10,6 +10,7 @@ come last, so an optimiser STAR on disc always belongs to a complete iteration (
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def particles_table(inp, st, auto_refine: bool, out_dir=None):
     return md
 
 
-def make_writer(root: str):
+def make_writer(root: str, plots: bool = True):
+    """The per-iteration writer of a job under ``root``; ``plots``: PNG plots per iteration (:mod:`.plots`)."""
     root = str(root)
     Path(root).parent.mkdir(parents=True, exist_ok=True)
 
@@ -108,11 +110,15 @@ def make_writer(root: str):
                 p = f"{root}_half{h + 1}_class001_unfil.mrc"
                 write_map(p, maps[0], model.pixel_size)
                 files["unfil"].append(p)
+        if it == 0:
+            write_job_info(root, cfg, inp)
         if rec is not None and it is not None:
             with open(f"{root}_progress.jsonl", "a") as fh:
                 fh.write(_progress_line(rec))
                 fh.flush()
                 os.fsync(fh.fileno())
+            if plots:
+                _plots(root, it, st, model)
         return files
 
     return write
@@ -123,8 +129,56 @@ def _progress_line(rec) -> str:
             "current_size": rec.current_size, "healpix_order": rec.healpix_order,
             "changes_orientations_deg": rec.changes_orient, "changes_offsets_angst": rec.changes_offset,
             "changes_classes": rec.changes_class, "class_fractions": rec.class_fractions,
-            "ave_pmax": rec.ave_pmax, "loglik": rec.loglik, "seconds": rec.seconds}
+            "ave_pmax": rec.ave_pmax, "loglik": rec.loglik, "seconds": rec.seconds,
+            "memory": getattr(rec, "memory", {}), "fsc": rec.fsc}
     return json.dumps(line) + "\n"
+
+
+def _plots(root, it, st, model) -> None:
+    """The iteration's PNG plots; a plot that fails is logged, never a reason to stop the refinement."""
+    try:
+        from .plots import write_iteration_plots
+
+        write_iteration_plots(root, it, st.angles, model.ori_size, model.pixel_size)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).warning("plots of iteration %d not written: %s: %s", it, type(e).__name__, e)
+
+
+def write_job_info(root: str, cfg, inp) -> Path:
+    """``<root>_job.json``: the settings, the equivalent command line, box and pixel size (read by the report)."""
+    import sys
+    import time
+    from dataclasses import asdict
+
+    info = {"command": command_line(cfg), "argv": list(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "box": int(inp.box), "pixel_size": float(inp.pixel_size), "n_particles": int(inp.particles.n),
+            "config": asdict(cfg)}
+    p = Path(f"{root}_job.json")
+    with atomic_path(p) as tmp:
+        tmp.write_text(json.dumps(info, indent=1))
+    return p
+
+
+def command_line(cfg) -> str:
+    """The ``gerelion refine|classify`` command with the flags of ``cfg`` that differ from the defaults."""
+    import shlex
+    from dataclasses import fields
+
+    from .config import JobConfig
+
+    default = JobConfig("", "", "")
+    words = ["gerelion", "refine" if cfg.auto_refine else "classify"]
+    for f in fields(JobConfig):
+        v = getattr(cfg, f.name)
+        if f.name in ("auto_refine", "split_random_halves") and cfg.auto_refine:
+            continue
+        if f.name not in ("i", "o", "ref") and v == getattr(default, f.name):
+            continue
+        if isinstance(v, bool):
+            words.append(f"--{f.name}")
+        else:
+            words += [f"--{f.name}", shlex.quote(str(v))]
+    return " ".join(words)
 
 
 def restart_progress(root: str, records) -> None:

@@ -1,0 +1,232 @@
+"""Memory planning: host and GPU memory of a run, predicted before it starts (``gerelion plan``).
+
+The model counts the large arrays of the code as written (sizes in bytes; float64 = 8, complex128 = 16); everything
+else (Python, libraries, small per-particle arrays) is a constant that is not counted, so the prediction is of the
+memory the arrays need above an idle process.  Symbols:
+
+* ``N`` box, ``n`` image size of the E-step (``current_size``, at most ``N``; the plan takes ``N``: the last
+  auto-refine iteration runs at full size), ``nc`` coarse size, ``M`` / ``Mc`` likelihood pixels of an ``n`` / ``nc``
+  window (about ``pi n^2 / 4``), ``h = n (n/2+1)`` half-plane pixels;
+* ``L = P^2 (r+2)`` voxels of a padded Fourier volume (``r = round(pad n / 2)``, ``P = 2 r + 3``);
+* ``B`` particles per pool (``--pool``), ``K`` classes, ``H`` half sets, ``O = n_dir n_psi`` coarse orientations of
+  one asymmetric unit at the HEALPix order, ``T`` coarse translations;
+* ``E = FINE_LIMITS[backend]["max_elems"]`` (``expectation/fine.py``): the most diff2 values of one chunk of
+  particles, in the coarse and in the fine pass;
+* ``f`` the fraction of coarse orientations that are significant for some particle of a pool (``--significant``;
+  default 1, the worst case, met in the first iterations after a cross-correlation start).
+
+One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
+
+* ``images``: ``B (8 N^2 + 48 N (N/2+1) + 8 h)`` (images, their transforms masked and unmasked, CTFs);
+* ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's diff2 arrays
+  ``~7 x 8 min(E, B O T K)`` (diff2, priors, their masked copies, the concatenations, weights) + the particle side
+  of the product ``32 b T Mc`` (``b = max(1, E / (O T K))`` particles per chunk);
+* ``fine``: the union of the children of the significant orientations, ``R = 8 f K O`` fine orientations, each with
+  its projection, power and back-projection sums: ``48 R M``; the chunk's arrays ``~10 x 8 min(E, 32 B f O T K)``
+  plus the weighted sums ``Q``: ``2 x 16 min(E, ...)``; then the 3D insertion of the ``R`` slices:
+  ``R (49 h + 150 M)`` (slices, weights, 3D coordinates, and the per-pixel interpolation arrays);
+* ``partials``: the pool's back-projection sums ``24 K L``.
+
+Task peak = images + max(coarse, fine) + partials.  On a GPU worker the task lives on the GPU (with the
+references ``16 H K L`` scattered to it); the worker's host holds the images and the partials copied back.
+
+The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the references
+``16 H K L``, the reduced partials ``24 H K L`` and the M-step's working volumes ``~6 x 8 (pad N)^3``; in process
+(no Dask) it also runs each task and keeps every pool's partials until the pairwise sum of the iteration
+(``24 K L`` per pool).  A Dask CPU worker holds one task, the scattered references and the partials of its part of
+the reduction tree (``~(log2 pools + 2) x 24 K L``).
+
+Checked by ``tests/test_plan.py`` against tracemalloc's peak of a small in-process run (the model is an upper bound,
+within a factor stated there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["MemoryPlan", "plan_memory", "plan_for_inputs", "plan_main"]
+
+_GIB = 1024.0**3
+
+
+def _likelihood_pixels(n: int) -> int:
+    from .ops.fourier import likelihood_pixels
+
+    return int(likelihood_pixels(n, include_dc=True).sum())
+
+
+def _volume_voxels(n: int, pad: float) -> int:
+    r = int(round(pad * (n // 2)))
+    P = 2 * (r + 1) + 1
+    return P * P * (r + 2)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted memory (bytes) of one run; ``parts`` names every counted term."""
+
+    backend: str  # "cpu" or "gpu"
+    mode: str  # "in-process" or "dask"
+    workers: int
+    driver_bytes: float  # host memory of the driver process (in process: with the tasks it runs)
+    worker_host_bytes: float  # host memory of one Dask worker (0 in process)
+    gpu_bytes: float  # memory of one GPU (0 on the CPU)
+    task_bytes: float  # one E-step task at its peak
+    parts: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)
+
+    @property
+    def host_total_bytes(self) -> float:
+        return self.driver_bytes + self.workers * self.worker_host_bytes
+
+    def summary(self) -> str:
+        s = self.sizes
+        head = (f"memory plan ({self.mode}, {self.backend}, box {s['box']}, pool {s['pool']}, K {s['K']}, "
+                f"HEALPix order {s['healpix_order']}: {s['orientations']} orientations x {s['translations']} "
+                f"translations, significant fraction {s['significant_fraction']:g}): ")
+        parts = [f"driver {self.driver_bytes / _GIB:.2f} GiB"]
+        if self.mode == "dask":
+            parts.append(f"per worker {self.worker_host_bytes / _GIB:.2f} GiB host")
+        if self.backend == "gpu":
+            parts.append(f"per GPU {self.gpu_bytes / _GIB:.2f} GiB")
+        parts.append(f"(one E-step task {self.task_bytes / _GIB:.2f} GiB)")
+        return head + ", ".join(parts)
+
+    def table(self) -> str:
+        rows = [f"  {k:28s} {v / _GIB:10.3f} GiB" for k, v in self.parts.items()]
+        return self.summary() + "\n" + "\n".join(rows)
+
+
+def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: int = 2, healpix_order: int = 2,
+                sym: str = "C1", offset_range: float = 6.0, offset_step: float = 2.0, pad: float = 2.0,
+                pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
+                significant_fraction: float = 1.0, current_size: int | None = None) -> MemoryPlan:
+    """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process."""
+    from .expectation.fine import FINE_LIMITS
+    from .expectation.grid import coarse_translations
+    from .maximization.schedule import coarse_size
+    from .ops.sampling import angular_step, asymmetric_unit_directions
+
+    N = int(box)
+    n = int(current_size or N)
+    diameter = diameter or N * pixel_size
+    nc = coarse_size(N, pixel_size, healpix_order, diameter, n)
+    M, Mc, h = _likelihood_pixels(n), _likelihood_pixels(nc), n * (n // 2 + 1)
+    L = _volume_voxels(n, pad)
+    n_dir = len(asymmetric_unit_directions(healpix_order, sym).pix)
+    n_psi = int(math.ceil(360.0 / angular_step(healpix_order) - 1e-9))
+    O = n_dir * n_psi
+    T = len(coarse_translations(offset_range, offset_step))
+    B = min(int(pool), int(n_particles))
+    f = float(significant_fraction)
+    E = FINE_LIMITS[backend]["max_elems"]
+    n_pools = sum(math.ceil(c / pool) for c in _half_counts(n_particles, halves))
+
+    images = B * (8 * N * N + 48 * N * (N // 2 + 1) + 8 * h)
+    b_c = max(1, E // max(1, O * T * K))
+    e_c = min(E, max(B * O * T * K, O * T * K))
+    coarse = 16 * K * O * Mc + 8 * O * Mc + 7 * 8 * e_c + 32 * min(b_c, B) * T * Mc
+    R = 8 * f * K * O
+    e_f = min(E, 32 * B * f * O * T * K)
+    fine_sums = 48 * R * M
+    fine = fine_sums + max(10 * 8 * e_f + 2 * 16 * e_f, R * (49 * h + 150 * M))
+    partials = 24 * K * L
+    task = images + max(coarse, fine) + partials
+    refs = 16 * halves * K * L
+    driver_own = 3 * 8 * halves * K * N**3 + refs + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
+    parts = {"images (per task)": images, "coarse pass (per task)": coarse, "fine pass (per task)": fine,
+             "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own}
+    if workers <= 0:  # in process: the driver runs each task and keeps every pool's partials
+        held = n_pools * partials
+        parts["in process: partials of all pools"] = held
+        if backend == "gpu":
+            driver, worker, gpu = driver_own + images + held, 0.0, task + refs
+        else:
+            driver, worker, gpu = driver_own + task + held, 0.0, 0.0
+        mode, workers = "in-process", 0
+    else:
+        tree = (math.log2(max(2, n_pools / max(1, workers))) + 2) * partials
+        parts["worker: reduction tree"] = tree
+        if backend == "gpu":
+            worker, gpu = images + tree + partials, task + refs
+        else:
+            worker, gpu = task + refs + tree, 0.0
+        driver, mode = driver_own, "dask"
+    sizes = {"box": N, "current_size": n, "coarse_size": nc, "pool": B, "K": K, "halves": halves,
+             "healpix_order": healpix_order, "orientations": O, "translations": T, "pixels": M, "volume_voxels": L,
+             "fine_orientations": int(R), "max_elems": E, "pools": n_pools, "significant_fraction": f}
+    return MemoryPlan(backend, mode, int(workers), float(driver), float(worker), float(gpu), float(task),
+                      {k: float(v) for k, v in parts.items()}, sizes)
+
+
+def _half_counts(n: int, halves: int) -> list[int]:
+    return [n] if halves == 1 else [(n + 1) // 2, n // 2]
+
+
+def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> MemoryPlan:
+    """The plan of a job about to run (the driver logs its summary at the start of every run)."""
+    workers, backend = 0, "cpu"
+    client = getattr(runner, "client", None)
+    device = getattr(runner, "device", "auto")
+    if client is not None:
+        try:
+            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        except Exception:  # an older scheduler API or a lost connection: plan for one worker
+            workers = 1
+        workers = max(1, workers)
+    if device != "cpu":
+        import sys
+
+        if "cupy" in sys.modules:  # never import CuPy just to plan
+            from .backend import gpu_count
+
+            backend = "gpu" if gpu_count() > 0 else "cpu"
+    return plan_memory(inp.box, inp.particles.n, cfg.pool, cfg.K, 2 if cfg.split_random_halves else 1,
+                       cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
+                       inp.diameter, backend, workers, significant_fraction)
+
+
+def plan_main(argv) -> int:
+    """``gerelion plan``: the memory a run will need, from the particles STAR file or from sizes alone."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gerelion plan", description="predict the host and GPU memory of a run "
+                                "(model: gerelion_dask/plan.py) from its sizes; the same flags as refine/classify")
+    p.add_argument("--i", help="particles STAR file (box, pixel size and particle count are read from it)")
+    p.add_argument("--box", type=int, help="box size in pixels (without --i)")
+    p.add_argument("--n_particles", type=int, default=10000, help="particles (without --i)")
+    p.add_argument("--angpix", type=float, default=1.0, help="pixel size, Å (without --i)")
+    p.add_argument("--particle_diameter", type=float, default=0.0)
+    p.add_argument("--K", type=int, default=1)
+    p.add_argument("--classify", action="store_true", help="classification (one half set) instead of auto-refine")
+    p.add_argument("--healpix_order", type=int, default=2)
+    p.add_argument("--sym", default="C1")
+    p.add_argument("--offset_range", type=float, default=6.0)
+    p.add_argument("--offset_step", type=float, default=2.0)
+    p.add_argument("--pad", type=float, default=2.0)
+    p.add_argument("--pool", type=int, default=64)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="Dask workers (0: in process)")
+    p.add_argument("--significant", type=float, default=1.0,
+                   help="fraction of coarse orientations significant in a pool (1: the worst case)")
+    ns = p.parse_args(argv)
+    from .errors import InputError
+
+    if ns.i:
+        from .io.particles import ParticleSet
+
+        ps = ParticleSet.from_star(ns.i)
+        box, n, apix = ps.box_size, ps.n, ps.pixel_size
+    elif ns.box:
+        box, n, apix = ns.box, ns.n_particles, ns.angpix
+    else:
+        raise InputError(None, "give --i particles.star or --box N", "e.g. gerelion plan --box 256 --n_particles "
+                         "100000 --healpix_order 2 --pool 64")
+    if not 0 < ns.significant <= 1:
+        raise InputError(None, f"--significant {ns.significant} must be in (0, 1]")
+    plan = plan_memory(box, n, ns.pool, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
+                       ns.offset_step, ns.pad, apix, ns.particle_diameter, "gpu" if ns.device == "gpu" else "cpu",
+                       ns.workers, ns.significant)
+    print(plan.table())
+    return 0

@@ -1,0 +1,54 @@
+"""``gerelion plan``: the memory model of gerelion_dask/plan.py against a measured peak.
+
+Oracle: tracemalloc's peak (NumPy reports its buffers to it) of a small in-process auto-refine iteration in which
+every coarse orientation is significant for some particle of each pool (iteration 1 without --firstiter_cc from a
+25 Å low-pass), the case the default plan (significant fraction 1) describes.  Stated tolerance: the plan is an
+upper bound, at most 2x the measured peak."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from gerelion_dask.cli import main as cli_main
+from gerelion_dask.config import JobConfig
+from gerelion_dask.driver import InProcessRunner, run_job
+from gerelion_dask.plan import plan_memory
+from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
+
+BOX, APIX, N, POOL = 24, 5.0, 60, 30
+
+
+@pytest.mark.slow
+def test_plan_bounds_the_measured_peak_of_an_in_process_run(tmp_path):
+    spec = SimulationSpec(n_particles=N, box=BOX, apix=APIX, snr=2.0, seed=3, ini_lowpass_angst=25.0, boxpad=1)
+    paths = simulate_dataset([phantom_map(BOX, APIX, "blobs")], spec, tmp_path / "sim")
+    cfg = JobConfig(i=str(paths.particles_star), o=str(tmp_path / "o" / "run"), ref=str(paths.initial_reference),
+                    auto_refine=True, split_random_halves=True, ini_high=25, ctf=True, ctf_corrected_ref=True,
+                    particle_diameter=0.8 * BOX * APIX, zero_mask=True, healpix_order=1, offset_range=3,
+                    offset_step=1.5, random_seed=5, pool=POOL, auto_iter_max=1)
+    tracemalloc.start()
+    try:
+        res = run_job(cfg, runner=InProcessRunner("cpu"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.model.ave_pmax < 0.5  # many significant samples: the regime of the default plan
+    plan = plan_memory(BOX, N, POOL, 1, 2, 1, "C1", 3, 1.5, 2.0, APIX, 0.8 * BOX * APIX, "cpu", 0)
+    assert plan.sizes["fine_orientations"] == 8 * 576
+    assert peak <= plan.driver_bytes <= 2.0 * peak, (peak / 2**20, plan.table())
+
+
+def test_plan_scales_and_cli(capsys):
+    small = plan_memory(64, 10000, 64, healpix_order=2)
+    big = plan_memory(128, 10000, 64, healpix_order=2)
+    gpu = plan_memory(128, 10000, 64, healpix_order=3, backend="gpu", workers=4)
+    assert big.task_bytes > 3 * small.task_bytes  # pixels x4 per orientation
+    assert gpu.mode == "dask" and gpu.gpu_bytes > 0 and gpu.worker_host_bytes > 0
+    half = plan_memory(128, 10000, 64, healpix_order=2, significant_fraction=0.25)
+    assert half.task_bytes < big.task_bytes
+    assert cli_main(["plan", "--box", "128", "--n_particles", "5000", "--healpix_order", "2", "--pool", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan" in out and "fine pass (per task)" in out
+    assert cli_main(["plan"]) == 2
