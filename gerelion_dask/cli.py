@@ -102,8 +102,10 @@ def add_dask_flags(p: argparse.ArgumentParser, default_workers: int | None = Non
     g.add_argument("--in-process", action="store_true", help="no Dask: run every task in this process (debugging)")
 
 
-def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None):
-    """``run_job`` on the runner the execution flags ask for; a local cluster started here is closed at the end."""
+def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None, progress=None):
+    """``run_job`` on the runner the execution flags ask for; a local cluster started here is closed at the end.
+
+    ``progress``: passed to ``run_job`` (e.g. :class:`gerelion_dask.progress.ProgressBar`)."""
     from .driver import InProcessRunner, run_job
 
     joining = ns.scheduler_address or ns.scheduler_file
@@ -112,7 +114,7 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None):
     if ns.workers is not None and ns.workers < 1:
         raise InputError(None, f"--workers {ns.workers} must be at least 1")
     if ns.in_process:
-        return run_job(cfg, runner=InProcessRunner(device), writer=writer, resume=resume)
+        return run_job(cfg, runner=InProcessRunner(device), writer=writer, resume=resume, progress=progress)
     from .distributed.cluster import close_client, make_client
     from .distributed.runner import DaskRunner
 
@@ -126,7 +128,8 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None):
     try:
         logging.getLogger(__name__).info("Dask: %d workers; dashboard %s",
                                          len(client.scheduler_info(n_workers=-1)["workers"]), client.dashboard_link)
-        return run_job(cfg, runner=DaskRunner(client, device=device), writer=writer, resume=resume)
+        return run_job(cfg, runner=DaskRunner(client, device=device), writer=writer, resume=resume,
+                       progress=progress)
     finally:
         close_client(client, cluster)
 
@@ -217,7 +220,10 @@ def cmd_refine(argv, classify: bool) -> int:
                              "give --i, --o and --ref, or --continue <root>_itNNN_optimiser.star")
         cfg = _job_config(ns, classify).validate()
         _check_output(cfg)
-    res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto", resume)
+    from .progress import ProgressBar
+
+    res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto", resume,
+                              progress=ProgressBar())  # draws only on a terminal
     last = res.iterations[-1] if res.iterations else None
     if last:
         print(f"done: {len(res.iterations)} iterations, resolution {last.resolution_angst:.2f} Å; "
@@ -262,6 +268,18 @@ def cmd_import(argv) -> int:
     return 0
 
 
+def _cmd_plan(argv) -> int:
+    from .plan import plan_main
+
+    return plan_main(argv)
+
+
+def _cmd_report(argv) -> int:
+    from .report import report_main
+
+    return report_main(argv)
+
+
 def _cmd_cluster(argv) -> int:
     from .distributed.cluster import cluster_main
 
@@ -271,9 +289,11 @@ def _cmd_cluster(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = {"refine": lambda a: cmd_refine(a, False), "classify": lambda a: cmd_refine(a, True),
-            "reconstruct": cmd_reconstruct, "import": cmd_import, "cluster": _cmd_cluster}
+            "reconstruct": cmd_reconstruct, "import": cmd_import, "cluster": _cmd_cluster,
+            "plan": _cmd_plan, "report": _cmd_report}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds | {"simulate": 0, "demo": 0}:
-        print("usage: gerelion {refine,classify,simulate,import,reconstruct,demo,cluster} ...  (each takes --help)")
+        print("usage: gerelion {refine,classify,simulate,import,reconstruct,demo,cluster,plan,report} ...  "
+              "(each takes --help)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("distributed").setLevel(logging.WARNING)

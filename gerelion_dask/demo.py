@@ -71,7 +71,9 @@ def demo_main(argv) -> int:
                     auto_iter_max=ns.iter_max, overwrite=True)
     for f in root.parent.glob("run*"):
         f.unlink()
-    res = run_with_dask_flags(ns, cfg, make_writer(str(root)))
+    from .progress import ProgressBar
+
+    res = run_with_dask_flags(ns, cfg, make_writer(str(root)), progress=ProgressBar())
     final_map = root.parent / "run_class001.mrc"
     where = "in process" if ns.in_process else ("on the given scheduler" if ns.scheduler_address or ns.scheduler_file
                                                  else f"on a local Dask cluster (--workers {ns.workers})")
@@ -85,5 +87,9 @@ def demo_main(argv) -> int:
         r = resolution_at(fsc(np.asarray(m, np.float64), np.asarray(t, np.float64)), 0.5, ns.box, ns.angpix)
         print(f"{name:38s} {r:22.2f}")
     print(f"{'auto-refine gold-standard estimate':38s} {res.iterations[-1].resolution_angst:22.2f}")
-    print(f"\nmaps: {final_map}  (total {time.time() - t0:.0f} s)")
+    from .report import write_report
+
+    report = write_report(root)
+    print(f"\nmaps: {final_map}; plots: {root.parent}/run_it*_*.png; report: {report}  "
+          f"(total {time.time() - t0:.0f} s)")
     return 0
