@@ -64,7 +64,9 @@ def plot_fsc(path, history: list[dict], box: int, pixel_size: float) -> Path | N
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("FSC between half maps")
     ax.set_title("Gold-standard FSC (earlier iterations grey)")
-    sec = ax.secondary_xaxis("top", functions=(lambda x: 1.0 / np.maximum(x, 1e-9), lambda r: 1.0 / np.maximum(r, 1e-9)))
+    sec = ax.secondary_xaxis("top")  # the same frequencies, labelled as resolutions
+    ticks = [t for t in ax.get_xticks() if 0 < t <= ax.get_xlim()[1]]
+    sec.set_xticks(ticks, labels=[f"{1.0 / t:.1f}" for t in ticks])
     sec.set_xlabel("resolution (Å)")
     ax.legend(loc="lower left")
     fig.savefig(path)
