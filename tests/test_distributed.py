@@ -142,7 +142,7 @@ def test_store_in_half_order_reads_the_same_images(dataset, tmp_path):
 @pytest.mark.slow
 def test_one_and_two_workers_match_in_process_bit_for_bit(dataset, reference, client2, tmp_path):
     # oracle: the in-process runner -- same maps, poses and offsets to the last bit; and the task stream names
-    # the stages (estep-, reduce-)
+    # the stages (estep-, reduce-, mstep-: the M-step runs on a worker)
     from distributed import get_task_stream
 
     from gerelion_dask.distributed.cluster import close_client, make_client
@@ -160,6 +160,7 @@ def test_one_and_two_workers_match_in_process_bit_for_bit(dataset, reference, cl
     keys = [str(t["key"]) for t in stream.data]
     assert any(k.startswith("estep-1-") for k in keys) and any(k.startswith("estep-2-") for k in keys)
     assert any(k.startswith("reduce-1-1-") for k in keys) and any(k.startswith("reduce-2-2-") for k in keys)
+    assert any(k.startswith("mstep-1-") for k in keys) and any(k.startswith("mstep-2-") for k in keys)
     workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("estep-")}
     assert len(workers) == 2
     assert (tmp_path / "w2" / "particles.zarr").is_dir()

@@ -10,7 +10,7 @@ Per call of :meth:`DaskRunner.run` (one iteration):
 3. per half set, the pairwise tree of :func:`~gerelion_dask.distributed.reduce.tree_reduce_futures` over the pools in
    pool order (keys ``reduce-{iteration}-{half}-{level}-{i}-{token}``) and a last ``reduce-{iteration}-{half}-host``
    task that copies the sums to host memory; the per-particle results ride up the same tree;
-4. the driver gathers one object per half set: the reduced Partials and the pools' PoolResults.
+4. the driver gathers the pools' PoolResults (``results-...`` tasks); the reduced sums stay on the workers;
 
 Keys name the stage first (``estep``, ``reduce``), which is what the dashboard's task stream and progress bars group
 by (``dask.utils.key_split``); ``token`` (per runner and call) keeps keys unique on a scheduler shared by several jobs.
@@ -23,7 +23,8 @@ Results are bit-identical to :class:`~gerelion_dask.driver.InProcessRunner` (sam
 CPU when that runs with one BLAS thread, as every worker does (see :mod:`.cluster`); on GPUs no two runs are
 bit-identical yet, in process or not, because the back-projection adds with atomics (ops/backprojector.py).
 
-Not done here (yet): the M-step still runs in the driver process (no ``mstep-`` tasks).
+5. the M-step is one ``mstep-{iteration}-{token}`` task on a worker that reads the reduced sums where they are
+   (:meth:`DaskRunner.maximize`); the driver receives the new model (maps, spectra: small) and writes the files.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import uuid
 from collections import defaultdict
 
 from .reduce import tree_reduce_futures
-from .tasks import ImageSource, concat_results, estep_task, to_host
+from .tasks import ImageSource, concat_results, estep_task, results_of, to_host
 
 __all__ = ["DaskRunner"]
 
@@ -75,11 +76,13 @@ class DaskRunner:
         self._token = uuid.uuid4().hex[:8]
         self._calls = 0
         self._read_images = None  # (callable, its scattered ImageSource future)
+        self.publisher = None  # DashboardPublisher after prepare(): the /gerelion dashboard page's numbers
 
     # ---------------------------------------------------------------------------------------------- driver hooks
 
     def prepare(self, inp, st, cfg) -> None:
         """Called once by the driver before iteration 1: import the images into ``particles.zarr`` (half order)."""
+        self._start_publisher(inp, cfg)
         if self.use_zarr:
             from pathlib import Path
 
@@ -90,6 +93,21 @@ class DaskRunner:
     def start_iteration(self, iteration: int) -> None:
         """Called by the driver at the start of each iteration (the number goes into the task keys)."""
         self.iteration = int(iteration)
+        if self.publisher is not None:
+            self.publisher.progress(self.iteration, "estep")
+
+    def end_iteration(self, rec, last: bool = False) -> None:
+        """Called by the driver after each iteration's M-step: resolution and FSC to the dashboard page."""
+        if self.publisher is not None:
+            self.publisher.iteration_done(rec, last)
+
+    def _start_publisher(self, inp, cfg) -> None:
+        try:
+            from ..dashboard import DashboardPublisher
+        except ImportError:  # no bokeh
+            return
+        self.publisher = DashboardPublisher(self.client, job_id=self._token)
+        self.publisher.start(cfg.o, "refine" if cfg.auto_refine else "classify", inp.box, inp.pixel_size)
 
     # ------------------------------------------------------------------------------------------------------ run
 
@@ -112,6 +130,9 @@ class DaskRunner:
         tag = f"{self._token}{self._calls:x}"
         it = self.iteration or self._calls
         halves = sorted({pp.half for _, pp in tasks})
+        if not client.scheduler_info(n_workers=1)["workers"]:  # e.g. SLURM worker jobs still queued: scatter
+            log.info("iteration %d: waiting for a worker", it)  # would give up after its timeout
+            client.wait_for_workers(1)
         model_f = {h: client.scatter(models[h], broadcast=True, hash=False) for h in halves}
         settings_f = {h: client.scatter(settings[h], broadcast=True, hash=False) for h in halves}
         source = self._source(read_images)
@@ -134,10 +155,29 @@ class DaskRunner:
                 fut.result()  # raise the task's error here
             if progress:
                 progress(done, len(tasks))
+            if self.publisher is not None:
+                self.publisher.progress(it, "estep", done, len(tasks), force=done == len(tasks))
         pending = fut = None
-        outs = client.gather([roots[h] for h in halves])
-        parts = {h: o.partials for h, o in zip(halves, outs, strict=True)}
-        return parts, concat_results(outs)
+        res = [client.submit(results_of, roots[h], key=f"results-{it}-{h}-{tag}", pure=False, retries=self.retries)
+               for h in halves]
+        results = concat_results(client.gather(res))
+        # the reduced sums stay on the workers: the M-step task reads them there (maximize)
+        return {"halves": halves, "roots": [roots[h] for h in halves], "iteration": it, "tag": tag}, results
+
+    def maximize(self, handle, model, ms, ref_tau2):
+        """The M-step as one ``mstep-{iteration}`` task on a worker; only the new model comes back."""
+        from .tasks import mstep_task
+
+        it, tag = handle["iteration"], handle["tag"]
+        if self.publisher is not None:
+            self.publisher.progress(it, "mstep")
+        fut = self.client.submit(mstep_task, handle["roots"], handle["halves"], model, ms, ref_tau2,
+                                 key=f"mstep-{it}-{tag}", resources={"GPU": 1}, pure=False, retries=self.retries)
+        try:
+            return fut.result()
+        finally:
+            handle["roots"] = None
+            del fut
 
     def _source(self, read_images):
         """The ImageSource future the tasks read from (the store, or the ParticleSet scattered once per runner)."""

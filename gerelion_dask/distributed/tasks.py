@@ -141,7 +141,20 @@ def to_host(out: PoolOutput) -> PoolOutput:
     return PoolOutput(out.partials.to_host(), out.results)
 
 
-def concat_results(outputs) -> PoolResult:
-    """Per-particle results of all halves in pool-index order (the order the in-process runner returns)."""
-    pairs = sorted((p for out in outputs for p in out.results), key=lambda p: p[0])
+def results_of(out: PoolOutput):
+    """The per-particle results carried by a reduced output (what the driver gathers; the sums stay)."""
+    return out.results
+
+
+def mstep_task(outputs, halves, model, ms, ref_tau2):
+    """The M-step of one iteration on a worker, from the reduced (host) outputs of every half set."""
+    from ..maximization.mstep import maximization
+
+    return maximization({h: o.partials for h, o in zip(halves, outputs, strict=True)}, model, ms, ref_tau2)
+
+
+def concat_results(result_lists) -> PoolResult:
+    """Per-particle results of all halves (lists of ``(pool index, PoolResult)``) in pool-index order (the order the
+    in-process runner returns)."""
+    pairs = sorted((p for lst in result_lists for p in lst), key=lambda p: p[0])
     return PoolResult.concat([r for _, r in pairs])
