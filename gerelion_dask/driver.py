@@ -294,6 +294,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                               {"prepare": t1 - t0, "estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},
                               model.fsc[0].tolist(), memory_usage(getattr(runner, "client", None)))
         records.append(rec)
+        if hasattr(runner, "end_iteration"):
+            runner.end_iteration(rec, final or it >= max_iter)  # e.g. DaskRunner: the dashboard page's numbers
         _hook(progress, "iteration_finished", rec)
         log.info("iteration %d: resolution %.2f Å, size %d, order %d, changes %.2f deg %.2f Å %.3f, Pmax %.3f",
                  it, rec.resolution_angst, cur, sched.healpix_order, *changes, model.ave_pmax)

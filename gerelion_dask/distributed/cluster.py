@@ -142,12 +142,23 @@ def new_local_cluster(n_workers: int | None = None, threads_per_worker: int = 1,
     process starts."""
     import dask
 
+    _register_dashboard_page()
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
     # a nanny takes a variable from this process's environment before its configuration, and writes its pre-spawn
     # variables into this environment (so an earlier default cluster's MALLOC_TRIM_THRESHOLD_=65536 would win)
     os.environ.update({k: str(v) for k, v in WORKER_ENV.items()})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         return _new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_process, gpus)
+
+
+def _register_dashboard_page() -> None:
+    """Our /gerelion page on the dashboard of a scheduler started in this process (:mod:`gerelion_dask.dashboard`)."""
+    try:
+        from ..dashboard import register
+
+        register()
+    except ImportError:  # no bokeh: no dashboard at all
+        pass
 
 
 def _new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_process, gpus):
@@ -178,13 +189,20 @@ def _new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_proc
 def make_client(scheduler_address: str | None = None, scheduler_file: str | os.PathLike | None = None,
                 n_workers: int | None = None, threads_per_worker: int = 1,
                 dashboard_address: str | None = "127.0.0.1:8787", in_process: bool = False,
-                timeout: float = CONNECT_TIMEOUT_S, gpus: bool = True):
+                timeout: float = CONNECT_TIMEOUT_S, gpus: bool = True, slurm=None):
     """``(client, cluster_or_None)``: an existing scheduler if one is named, else a new local cluster (close both
     with :func:`close_client`).  ``in_process``: a LocalCluster of threads in this process (debugging);
-    ``gpus=False``: NumPy workers even on a GPU machine."""
+    ``gpus=False``: NumPy workers even on a GPU machine; ``slurm`` (a :class:`.slurm.SlurmOptions`): workers are
+    SLURM jobs, scaled adaptively (:func:`.slurm.new_slurm_cluster`)."""
     if scheduler_address or scheduler_file:
         return connect(scheduler_address, scheduler_file, timeout), None
     from distributed import Client
+
+    if slurm is not None:
+        from .slurm import new_slurm_cluster
+
+        cluster = new_slurm_cluster(slurm, dashboard_address)
+        return Client(cluster), cluster
 
     cluster = new_local_cluster(n_workers, threads_per_worker, dashboard_address, in_process, gpus)
     return Client(cluster), cluster
