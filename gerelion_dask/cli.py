@@ -100,6 +100,9 @@ def add_dask_flags(p: argparse.ArgumentParser, default_workers: int | None = Non
     g.add_argument("--connect-timeout", type=float, default=10.0,
                    help="seconds to wait for the scheduler named by --scheduler-address/--scheduler-file")
     g.add_argument("--in-process", action="store_true", help="no Dask: run every task in this process (debugging)")
+    from .distributed.slurm import add_slurm_flags
+
+    add_slurm_flags(p)
 
 
 def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None, progress=None):
@@ -113,9 +116,14 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None, prog
         raise InputError(None, "--in-process runs without Dask: leave out --scheduler-address/--scheduler-file")
     if ns.workers is not None and ns.workers < 1:
         raise InputError(None, f"--workers {ns.workers} must be at least 1")
+    slurm = getattr(ns, "cluster", "local") == "slurm"
+    if slurm and (ns.in_process or joining):
+        raise InputError(None, "--cluster slurm starts its own scheduler: leave out --in-process, "
+                         "--scheduler-address and --scheduler-file")
     if ns.in_process:
         return run_job(cfg, runner=InProcessRunner(device), writer=writer, resume=resume, progress=progress)
     from .distributed.cluster import close_client, make_client
+    from .distributed.slurm import options_from_namespace
     from .distributed.runner import DaskRunner
 
     import distributed  # noqa: F401  (its import sets its loggers to INFO: quiet them after it)
@@ -124,7 +132,7 @@ def run_with_dask_flags(ns, cfg, writer, device: str = "auto", resume=None, prog
     client, cluster = make_client(ns.scheduler_address, ns.scheduler_file,
                                   n_workers=None if joining else ns.workers,
                                   dashboard_address=ns.dashboard_address or None, timeout=ns.connect_timeout,
-                                  gpus=device != "cpu")
+                                  gpus=device != "cpu", slurm=options_from_namespace(ns) if slurm else None)
     try:
         logging.getLogger(__name__).info("Dask: %d workers; dashboard %s",
                                          len(client.scheduler_info(n_workers=-1)["workers"]), client.dashboard_link)

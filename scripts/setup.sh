@@ -5,11 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_dev="${1:-}"
-if [ "$want_dev" = "dev" ] && ! command -v relion_reconstruct >/dev/null 2>&1; then
-  # RELION 3.1.3 (CPU) is the reference the interoperability tests compare against
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends relion >/dev/null
+# dev: RELION 3.1.3 (CPU), the reference the interoperability tests compare against; SLURM (slurmctld, slurmd,
+# munge) for tests/test_slurm.py's single-node cluster; Chromium for tests/test_dashboard.py's headless browser
+if [ "$want_dev" = "dev" ]; then
+  missing=""
+  for pair in relion:relion_reconstruct slurmctld:slurmctld slurmd:slurmd slurm-client:squeue munge:munged \
+              chromium:chromium; do
+    command -v "${pair#*:}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair#*:}" ] || missing="$missing ${pair%%:*}"
+  done
+  if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
 fi
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
