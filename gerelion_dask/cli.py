@@ -2,7 +2,9 @@
 
 ``refine`` and ``classify`` take ``relion_refine``'s flag names (README: flag table).  Bad input prints one line
 ``gerelion: error: <file>: <problem>`` and exits with code 2; existing results are never overwritten unless
-``--overwrite`` is given or the run is continued (``--continue <root>_itNNN_optimiser.star``).  Logging is
+``--overwrite`` is given or the run is continued (``--continue <root>_itNNN_optimiser.star``).  A run that cannot
+go on (an E-step task that killed every worker that ran it) prints one line naming the iteration and pool and the
+``--continue`` file of the last complete iteration, and exits with code 3.  Logging is
 configured here only (the library uses module loggers).
 
 ``refine``/``classify`` run the E-step tasks on Dask: by default on a new local cluster for the job (one worker per
@@ -17,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, RunFailedError
 
 __all__ = ["main", "refine_parser", "add_dask_flags", "run_with_dask_flags"]
 
@@ -319,6 +321,9 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"gerelion: error: {e}", file=sys.stderr)
         return 2
+    except RunFailedError as e:
+        print(f"gerelion: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("gerelion: interrupted", file=sys.stderr)
         return 130

@@ -29,7 +29,7 @@ from .ops.ctf import CtfParams
 from .ops.projector import make_reference, reference_power_spectrum
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
-from .errors import InputError
+from .errors import InputError, RunFailedError
 from .progress import memory_usage
 from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
 
@@ -53,6 +53,7 @@ class IterationRecord:
     seconds: dict = field(default_factory=dict)
     fsc: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # progress.memory_usage() after the M-step
+    n_zero_weight: int = 0  # particles whose posterior weights all underflowed (each kept its best sample)
 
 
 @dataclass
@@ -89,6 +90,11 @@ class InProcessRunner:
                 progress(k + 1, len(tasks))
         # the fixed pairwise order of the Dask runner, so both give bit-identical sums
         return {h: tree_sum(p) for h, p in parts.items()}, PoolResult.concat(results)
+
+    @staticmethod
+    def zero_weights(parts) -> int:
+        """Particles of the iteration whose posterior weights all underflowed (each kept its best sample)."""
+        return sum(int(p.n_zero_weight) for p in parts.values())
 
     def maximize(self, parts, model, ms, ref_tau2):
         return maximization(parts, model, ms, ref_tau2)
@@ -268,15 +274,25 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]
         t1 = time.time()
         _hook(progress, "stage", "E-step")
-        parts, res = runner.run(tasks, models, settings, inp.particles.read_images, progress)
+        try:
+            parts, res = runner.run(tasks, models, settings, inp.particles.read_images, progress)
+        except RunFailedError as e:
+            raise RunFailedError(e.problem, _resume_hint(cfg.o, it - 1)) from None
+        n_zero = runner.zero_weights(parts) if hasattr(runner, "zero_weights") else 0
+        if n_zero:
+            log.warning("iteration %d: %d particle(s) with all-zero weights (every posterior weight underflowed); "
+                        "each keeps its best sample", it, n_zero)
         t2 = time.time()
         _hook(progress, "stage", "M-step")
         ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
                            cfg.scale)
-        new_model, unfil = runner.maximize(parts, model, ms, ref_tau2) if hasattr(runner, "maximize") \
-            else maximization(parts, model, ms, ref_tau2)
+        try:
+            new_model, unfil = runner.maximize(parts, model, ms, ref_tau2) if hasattr(runner, "maximize") \
+                else maximization(parts, model, ms, ref_tau2)
+        except RunFailedError as e:
+            raise RunFailedError(e.problem, _resume_hint(cfg.o, it - 1)) from None
         if seed_classes and it == 1 and cfg.firstiter_cc:
             m0 = new_model.maps[0][0]
             new_model = replace(new_model, maps=[[m0.copy() for _ in range(cfg.K)]], pdf_class=np.full(cfg.K, 1.0 / cfg.K),
@@ -292,7 +308,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         rec = IterationRecord(it, model.resolution_angst(), cur, sched.healpix_order, *changes,
                               model.pdf_class.tolist(), model.ave_pmax, model.loglik,
                               {"prepare": t1 - t0, "estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},
-                              model.fsc[0].tolist(), memory_usage(getattr(runner, "client", None)))
+                              model.fsc[0].tolist(), memory_usage(getattr(runner, "client", None)), n_zero)
         records.append(rec)
         if hasattr(runner, "end_iteration"):
             runner.end_iteration(rec, final or it >= max_iter)  # e.g. DaskRunner: the dashboard page's numbers
@@ -305,6 +321,14 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     files = writer("final", cfg, inp, model, st, sched, records[-1] if records else None, final=True, unfil=unfil,
                    original=original) if writer else {}
     return JobResult(cfg.o, records, model, st, files or {})
+
+
+def _resume_hint(root: str, last: int) -> str:
+    """What to do after a failed iteration: continue from the last complete one (its files are intact)."""
+    if last < 1:
+        return "no iteration is complete yet: start the run again (with --overwrite)"
+    return (f"the last complete iteration is {Path(root).name}_it{last:03d}: rerun with "
+            f"--continue {root}_it{last:03d}_optimiser.star")
 
 
 def _check_resume(ck, inp: JobInputs) -> None:

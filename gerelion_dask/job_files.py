@@ -130,7 +130,8 @@ def _progress_line(rec) -> str:
             "changes_orientations_deg": rec.changes_orient, "changes_offsets_angst": rec.changes_offset,
             "changes_classes": rec.changes_class, "class_fractions": rec.class_fractions,
             "ave_pmax": rec.ave_pmax, "loglik": rec.loglik, "seconds": rec.seconds,
-            "memory": getattr(rec, "memory", {}), "fsc": rec.fsc}
+            "memory": getattr(rec, "memory", {}), "n_zero_weight": getattr(rec, "n_zero_weight", 0),
+            "fsc": rec.fsc}
     return json.dumps(line) + "\n"
 
 

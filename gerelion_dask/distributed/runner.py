@@ -17,7 +17,10 @@ by (``dask.utils.key_split``); ``token`` (per runner and call) keeps keys unique
 Annotations are not used (graph optimisation drops them, ECOSYSTEM.md §2): every task is submitted with its key and
 resources.  A worker lost mid-iteration: the scheduler reruns its tasks elsewhere (they are pure, so the result is
 the same); should a scattered model be lost with every copy, the whole iteration is submitted again once
-(``iteration_retries``).
+(``iteration_retries``).  A task that kills every worker that runs it (``distributed.scheduler.allowed-failures``
++ 1 of them, distributed's ``KilledWorker``) ends the run with a :class:`~gerelion_dask.errors.RunFailedError` that
+names the pool (``iteration 2: pool 3 of 6 (particles 27-39 of half 1) failed on 4 workers: worker process died``);
+the driver adds the iteration to continue from, and the command line prints that one line (exit code 3).
 
 Results are bit-identical to :class:`~gerelion_dask.driver.InProcessRunner` (same pools, same summation tree) on the
 CPU when that runs with one BLAS thread, as every worker does (see :mod:`.cluster`); on GPUs no two runs are
@@ -34,11 +37,39 @@ import uuid
 from collections import defaultdict
 
 from .reduce import tree_reduce_futures
-from .tasks import ImageSource, concat_results, estep_task, results_of, to_host
+from .tasks import ImageSource, concat_results, estep_task, results_of, to_host, zero_weights_of
 
 __all__ = ["DaskRunner"]
 
 log = logging.getLogger(__name__)
+
+
+def _task_failure(err: BaseException, what: str):
+    """A :class:`~gerelion_dask.errors.RunFailedError` naming ``what`` for a task that killed every worker that ran
+    it (distributed's ``KilledWorker``, after ``distributed.scheduler.allowed-failures`` + 1 worker deaths); None for
+    any other error (a task's own exception travels unchanged, with its traceback)."""
+    from distributed.scheduler import KilledWorker
+
+    from ..errors import RunFailedError
+
+    if not isinstance(err, KilledWorker):
+        return None
+    last = getattr(err.last_worker, "address", err.last_worker)
+    return RunFailedError(f"{what} failed on {err.allowed_failures + 1} workers: worker process died "
+                          f"(last on {last}; see its log)")
+
+
+def _pool_names(tasks, it: int) -> list:
+    """``iteration 2: pool 3 of 6 (particles 27-39 of half 1)`` for each task (pools counted from 1, particles
+    counted within their half set as the driver splits them)."""
+    seen: dict = defaultdict(int)
+    names = []
+    for k, (rows, pp) in enumerate(tasks):
+        s = seen[pp.half]
+        seen[pp.half] += len(rows)
+        half = f" of half {pp.half}" if pp.half else ""
+        names.append(f"iteration {it}: pool {k + 1} of {len(tasks)} (particles {s + 1}-{s + len(rows)}{half})")
+    return names
 
 
 def _is_lost_data(err: BaseException) -> bool:
@@ -150,8 +181,13 @@ class DaskRunner:
                                      retries=self.retries)
         pending = [f for h in halves for f in leaves[h]]
         leaves.clear()  # the tree holds them now; each pool's sums are freed once added
+        names = dict(zip((f.key for f in pending), _pool_names(tasks, it), strict=True))
         for done, fut in enumerate(as_completed(pending), start=1):
             if fut.status == "error":
+                failed = _task_failure(fut.exception(), names[fut.key])
+                if failed is not None:
+                    client.cancel(pending + list(roots.values()))
+                    raise failed
                 fut.result()  # raise the task's error here
             if progress:
                 progress(done, len(tasks))
@@ -160,9 +196,24 @@ class DaskRunner:
         pending = fut = None
         res = [client.submit(results_of, roots[h], key=f"results-{it}-{h}-{tag}", pure=False, retries=self.retries)
                for h in halves]
-        results = concat_results(client.gather(res))
+        zero = [client.submit(zero_weights_of, roots[h], key=f"zero-weights-{it}-{h}-{tag}", pure=False,
+                              retries=self.retries) for h in halves]
+        try:
+            got = client.gather(res + zero)
+        except Exception as err:
+            failed = _task_failure(err, f"iteration {it}: the sums of the E-step")
+            if failed is None:
+                raise
+            raise failed from None
+        results = concat_results(got[:len(halves)])
         # the reduced sums stay on the workers: the M-step task reads them there (maximize)
-        return {"halves": halves, "roots": [roots[h] for h in halves], "iteration": it, "tag": tag}, results
+        return {"halves": halves, "roots": [roots[h] for h in halves], "iteration": it, "tag": tag,
+                "n_zero_weight": int(sum(got[len(halves):]))}, results
+
+    @staticmethod
+    def zero_weights(handle) -> int:
+        """Particles of the iteration whose posterior weights all underflowed (each kept its best sample)."""
+        return handle["n_zero_weight"]
 
     def maximize(self, handle, model, ms, ref_tau2):
         """The M-step as one ``mstep-{iteration}`` task on a worker; only the new model comes back."""
@@ -175,6 +226,11 @@ class DaskRunner:
                                  key=f"mstep-{it}-{tag}", resources={"GPU": 1}, pure=False, retries=self.retries)
         try:
             return fut.result()
+        except Exception as err:
+            failed = _task_failure(err, f"iteration {it}: the M-step")
+            if failed is None:
+                raise
+            raise failed from None
         finally:
             handle["roots"] = None
             del fut

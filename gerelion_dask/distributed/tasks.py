@@ -146,6 +146,11 @@ def results_of(out: PoolOutput):
     return out.results
 
 
+def zero_weights_of(out: PoolOutput) -> int:
+    """Particles of a reduced output whose posterior weights all underflowed (each kept its best sample)."""
+    return int(out.partials.n_zero_weight)
+
+
 def mstep_task(outputs, halves, model, ms, ref_tau2):
     """The M-step of one iteration on a worker, from the reduced (host) outputs of every half set."""
     from ..maximization.mstep import maximization
