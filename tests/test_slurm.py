@@ -106,6 +106,7 @@ class Watcher(threading.Thread):
 def test_refine_with_adaptive_slurm_workers(slurm, dataset, tmp_path, monkeypatch):
     """The E-step runs in SLURM jobs that the adaptive cluster submits (up to 2) and cancels when idle."""
     import dask
+    import dask_jobqueue  # noqa: F401  (adds its config defaults first: leaving config.set must not remove them)
     from distributed import get_task_stream
 
     from gerelion_dask.cli import _job_config, refine_parser
