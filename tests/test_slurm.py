@@ -221,3 +221,18 @@ def test_shipped_jobqueue_profiles_make_the_job_scripts_they_document(profile, m
     else:
         assert not any("gres" in x for x in lines) and "-m distributed.cli.dask_worker" in worker
         assert "--nworkers 16" in worker and "--nthreads 1" in worker
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--in-process"], "--cluster slurm starts its own scheduler"),
+    (["--scheduler-address", "tcp://127.0.0.1:1"], "--cluster slurm starts its own scheduler"),
+    (["--slurm-min-jobs", "0"], "--slurm-min-jobs 0 must be at least 1"),
+    (["--slurm-max-jobs", "1", "--slurm-min-jobs", "2"], "--slurm-max-jobs 1 is below --slurm-min-jobs 2"),
+    (["--slurm-config", "/nonexistent/jobqueue.yaml"], "SLURM configuration file not found"),
+])
+def test_cluster_slurm_flag_errors_exit_2_before_anything_is_submitted(dataset, tmp_path, capsys, extra, message):
+    from gerelion_dask.cli import main
+
+    code = main(["refine", *_refine_flags(dataset, tmp_path), "--cluster", "slurm", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
