@@ -13,6 +13,8 @@ if [ "$want_dev" = "dev" ]; then
               chromium:chromium; do
     command -v "${pair#*:}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair#*:}" ] || missing="$missing ${pair%%:*}"
   done
+  # text in the browser's pages (tests/test_dashboard.py); chromium itself depends on no font
+  dpkg -s fonts-dejavu-core >/dev/null 2>&1 || missing="$missing fonts-dejavu-core"
   if [ -n "$missing" ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
