@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -61,7 +62,7 @@ class Chromium:
         self.proc = subprocess.Popen(
             [self.executable, *FLAGS, f"--user-data-dir={self._userdir}", f"--window-size={self.width},{self.height}",
              "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={port}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its own group
         page = None
         t0 = time.time()
         while page is None and time.time() - t0 < 30:
@@ -90,13 +91,21 @@ class Chromium:
     def __exit__(self, *exc):
         if self.ws is not None:
             self.ws.close()
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:  # the browser and its zygote/renderer children: the whole process group
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            try:  # children that outlive the browser process
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(self._userdir, ignore_errors=True)
         self.loop.close()
 
