@@ -152,16 +152,19 @@ import test_engine as te
 from dataclasses import replace
 from gerelion_dask.expectation.estep import expectation_pool
 logging.basicConfig(level=logging.WARNING)
-img, parts, A, off, s2, maps = te._dataset(16, 10.0, seed=6)
+img, parts, A, off, s2, maps = te._dataset(24, 10.0, seed=6)
 model, st = te._model_settings(maps, s2, order=1)
+def vm(key):
+    return int([l.split()[1] for l in open("/proc/self/status") if l.startswith(key)][0]) * 1024
 small = replace(st, fine_max_elems=1 << 18)
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+expectation_pool(img, parts, model, small)  # warm-up: lazy imports and tables
+vm0 = vm("VmSize")
 ref = expectation_pool(img, parts, model, small)
-grow = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0, 0) * 1024  # peak growth of that run
-vm = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize")][0]) * 1024
-# room for what the small-chunk run needed, plus 64 MiB; one dense chunk of all particles needs far more
-resource.setrlimit(resource.RLIMIT_AS, (vm + grow + (64 << 20), resource.RLIM_INFINITY))
-big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 24, fine_waste=1e9))
+need = vm("VmPeak") - vm0  # address space the small-chunk run needed (VmPeak: high-water mark of VmSize)
+# room for that plus 64 MiB; one dense chunk of all particles needs far more.  (The child runs with a low glibc
+# mmap threshold, so freed arrays leave the address space at once and the limit measures what is live.)
+resource.setrlimit(resource.RLIMIT_AS, (vm("VmSize") + need + (64 << 20), resource.RLIM_INFINITY))
+big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 26, fine_waste=1e9))
 pickle.dump((ref, big), open({out!r}, "wb"))
 """
 
@@ -177,7 +180,8 @@ def test_estep_out_of_memory_shrinks_the_chunks_and_gives_the_same_result(tmp_pa
 
     out = tmp_path / "res.pkl"
     code = _OOM_CHILD.format(tests=os.path.dirname(__file__), out=str(out))
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072",
+               MALLOC_ARENA_MAX="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "out of memory in the E-step" in r.stderr  # the limit was hit and the retry path taken
