@@ -72,14 +72,24 @@ def main():
         _, r_gpu = expectation_pool(cp.asarray(img), parts, mg, st)
         cp.cuda.runtime.deviceSynchronize()
         dt = time.perf_counter() - t
-        rows.append(("cupy", a.n, dt, a.n / dt, float(np.median(r_gpu.n_significant))))
+        rows.append((f"cupy/{st.coarse_dtype}", a.n, dt, a.n / dt, float(np.median(r_gpu.n_significant))))
+        st64 = replace(st, coarse_dtype="float64")
+        expectation_pool(cp.asarray(img[:8]), subset(parts, 8), mg, st64)  # warm-up
+        cp.cuda.runtime.deviceSynchronize()
+        t = time.perf_counter()
+        _, r64 = expectation_pool(cp.asarray(img), parts, mg, st64)
+        cp.cuda.runtime.deviceSynchronize()
+        dt = time.perf_counter() - t
+        rows.append(("cupy/float64", a.n, dt, a.n / dt, float(np.median(r64.n_significant))))
+        same64 = np.mean((r64.rot == r_gpu.rot) & (r64.tilt == r_gpu.tilt) & (r64.psi == r_gpu.psi))
+        print(f"same best pose, float32 vs float64 coarse pass on the GPU, {a.n} particles: {same64:.4f}")
         same = np.mean(r_gpu.rot[:k] == r_cpu.rot) if k else float("nan")
         print(f"same best pose CPU vs GPU on {k} particles: {same:.3f}")
     print(f"box {a.box}, current size {cur}, coarse size {cs}, healpix order {a.order}, "
           f"{len(dirs.pix) * grid.n_psi} coarse orientations x {len(grid.translations)} translations")
-    print(f"{'backend':8s} {'particles':>9s} {'seconds':>9s} {'particles/s':>12s} {'median n_sig':>13s}")
+    print(f"{'backend':14s} {'particles':>9s} {'seconds':>9s} {'particles/s':>12s} {'median n_sig':>13s}")
     for r in rows:
-        print(f"{r[0]:8s} {r[1]:9d} {r[2]:9.2f} {r[3]:12.2f} {r[4]:13.0f}")
+        print(f"{r[0]:14s} {r[1]:9d} {r[2]:9.2f} {r[3]:12.2f} {r[4]:13.0f}")
 
 
 if __name__ == "__main__":

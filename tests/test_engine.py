@@ -191,3 +191,37 @@ def test_estep_out_of_memory_shrinks_the_chunks_and_gives_the_same_result(tmp_pa
             x, y = getattr(p1, f.name), getattr(p2, f.name)
             assert np.allclose(x, y, rtol=1e-9, atol=1e-12 * np.max(np.abs(x))), f.name
     assert np.allclose(r1.rot, r2.rot) and np.allclose(r1.pmax, r2.pmax)
+
+
+@pytest.mark.parametrize("cc", [False, True])
+def test_float32_coarse_pass_agrees_with_float64(cc):
+    # oracle: the float64 coarse pass -- float32 GEMMs (the GPU default) must select the same best poses and give
+    # the same sums up to the few samples at the edge of significance
+    img, parts, A, off, s2, maps = _dataset(24, 2.0, seed=8)
+    model, st = _model_settings(maps, s2, order=2)
+    st = replace(st, do_cc=cc)
+    p64, r64 = expectation_pool(img, parts, model, replace(st, coarse_dtype="float64"))
+    p32, r32 = expectation_pool(img, parts, model, replace(st, coarse_dtype="float32"))
+    same = np.mean((r64.rot == r32.rot) & (r64.tilt == r32.tilt) & (r64.psi == r32.psi))
+    assert same >= 0.95, same
+    assert np.allclose(r64.pmax, r32.pmax, atol=0.02)
+    w64, w32 = to_np(p64.bp_weight), to_np(p32.bp_weight)
+    assert np.linalg.norm(w64 - w32) <= 0.02 * np.linalg.norm(w64)
+
+
+def test_float32_coarse_diff2_is_accurate():
+    # oracle: the float64 products -- float32 GEMMs change diff2 by far less than one unit of log-likelihood
+    # (weights exp(-diff2) move by < 1 %), yet they are really float32 (not bit-identical)
+    from gerelion_dask.expectation import estep
+
+    rng = np.random.default_rng(0)
+    B, T, O, M = 6, 5, 40, 300
+    X = rng.normal(size=(B, M)) + 1j * rng.normal(size=(B, M))
+    P = X[rng.integers(0, B, O)] * 0.8 + 0.5 * (rng.normal(size=(O, M)) + 1j * rng.normal(size=(O, M)))
+    C = rng.uniform(-1, 1, (B, M))
+    W = np.full((B, M), 0.5)
+    ph = np.exp(2j * np.pi * rng.uniform(size=(T, M)))
+    d64 = estep._diff2_block(np, X, C, W, ph, P, False, True, np.float64)
+    d32 = estep._diff2_block(np, X, C, W, ph, P, False, True, np.float32)
+    err = np.abs(d32 - d64).max()
+    assert 0 < err < 0.01 and d64.dtype == d32.dtype == np.float64

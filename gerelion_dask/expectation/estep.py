@@ -68,6 +68,7 @@ class EStepSettings:
     batch: int = 16  # particles per coarse GEMM block
     fine_max_elems: int = 0  # fine pass: most diff2 values per particle chunk (0: by backend, see fine.py)
     fine_waste: float = 0.0  # fine pass: dense chunk work / members' own work allowed (0: by backend)
+    coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)
 
 
 
@@ -141,23 +142,31 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
     return OrientationPriors(dir_lp, psi_lp, off_lp)
 
 
-def _diff2_block(xp, X, C, W, phase, P, cc: bool, ctf_on_ref: bool):
-    """diff2 ``(B, T, O)`` for particles ``X (B, M)`` against projections ``P (O, M)``."""
+def _diff2_block(xp, X, C, W, phase, P, cc: bool, ctf_on_ref: bool, dtype=np.float64):
+    """diff2 ``(B, T, O)`` (float64) for particles ``X (B, M)`` against projections ``P (O, M)``.
+
+    The three matrix products run in ``dtype`` (float32 on GPUs: the coarse pass only selects significant samples,
+    and the per-particle constant ``sum w |X|^2`` is added in float64 so the cancellation in ``a + b - 2 g`` stays
+    accurate); the fine pass is always float64.
+    """
+    f64 = np.float64
     Cr = C if ctf_on_ref else xp.ones_like(C)
+    Pr, Pi = P.real.astype(dtype, copy=False), P.imag.astype(dtype, copy=False)
+    P2 = Pr * Pr + Pi * Pi  # (O, M)
     if cc:
         Y = (Cr * X)[:, None, :] * phase[None]
         Bn, T, M = Y.shape
-        g = Y.real.reshape(Bn * T, M) @ P.real.T + Y.imag.reshape(Bn * T, M) @ P.imag.T
-        normp = xp.sqrt((Cr * Cr) @ (xp.abs(P) ** 2).T)  # (B, O)
+        g = (Y.real.astype(dtype).reshape(Bn * T, M) @ Pr.T + Y.imag.astype(dtype).reshape(Bn * T, M) @ Pi.T)
+        normp = xp.sqrt((Cr * Cr).astype(dtype) @ P2.T).astype(f64, copy=False)  # (B, O)
         normx = xp.sqrt((xp.abs(X) ** 2).sum(axis=1))  # (B,)
         den = normp[:, None, :] * normx[:, None, None]
-        return -g.reshape(Bn, T, -1) / xp.where(den > 0, den, 1.0)
+        return -g.astype(f64, copy=False).reshape(Bn, T, -1) / xp.where(den > 0, den, 1.0)
     a = (W * xp.abs(X) ** 2).sum(axis=1)
-    b = (W * Cr * Cr) @ (xp.abs(P) ** 2).T  # (B, O)
+    b = ((W * Cr * Cr).astype(dtype) @ P2.T).astype(f64, copy=False)  # (B, O)
     Y = (W * Cr * X)[:, None, :] * phase[None]  # (B, T, M)
     Bn, T, M = Y.shape
-    g = Y.real.reshape(Bn * T, M) @ P.real.T + Y.imag.reshape(Bn * T, M) @ P.imag.T
-    return a[:, None, None] + b[:, None, :] - 2.0 * g.reshape(Bn, T, -1)
+    g = Y.real.astype(dtype).reshape(Bn * T, M) @ Pr.T + Y.imag.astype(dtype).reshape(Bn * T, M) @ Pi.T
+    return a[:, None, None] + b[:, None, :] - 2.0 * g.astype(f64, copy=False).reshape(Bn, T, -1)
 
 
 def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings):
@@ -205,6 +214,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     limits = FINE_LIMITS["gpu" if xp is not np else "cpu"]
     max_elems = settings.fine_max_elems or limits["max_elems"]
     waste = settings.fine_waste or limits["waste"]
+    dtype = np.dtype(settings.coarse_dtype if settings.coarse_dtype != "auto" else limits["coarse_dtype"])
     scale = np.asarray(model.scales)[particles.group]
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
     mc = xp.asarray(likelihood_pixels(nc))
@@ -250,7 +260,8 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             if not np.isfinite(lpo).any():
                 continue
             P = full[c] if full is not None else gather(project(model.refs[c], xp.asarray(A), nc), mc)
-            d = _diff2_block(xp, Xc[Jx], Cc[Jx], Wc[Jx], phase_c, P, settings.do_cc, settings.ctf_on_reference)
+            d = _diff2_block(xp, Xc[Jx], Cc[Jx], Wc[Jx], phase_c, P, settings.do_cc, settings.ctf_on_reference,
+                             dtype)
             lp = xp.asarray(lpo)[:, :, None] + xp.asarray(pri.off_lp[J])[:, None, :]  # (b, |U|, T)
             d = d.transpose(0, 2, 1) + xp.asarray(hr[J])[:, None, None]
             ds.append(xp.where(xp.isfinite(lp), d, xp.inf).reshape(b, -1))

@@ -36,7 +36,10 @@ __all__ = ["FINE_LIMITS", "Significant", "fine_pass", "overlap_chunks"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches; on a CPU chunks stay near one particle unless the members overlap.
-FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5}, "gpu": {"max_elems": 1 << 25, "waste": 64.0}}
+# The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
+# in float64 on CPUs (the reference path).
+FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64"},
+               "gpu": {"max_elems": 1 << 25, "waste": 64.0, "coarse_dtype": "float32"}}
 
 
 def gather(a, mask):
