@@ -294,6 +294,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         n_sig[J] = np.bincount(jj, minlength=b)
         ibh = to_host(ib)
         best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[(ibh % per_cls) // T]
-    cat = [np.concatenate(r) for r in (rows_b, rows_c, rows_o, rows_t, rows_lp)]
+    empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0),)
+    cat = [np.concatenate(r) if r else e for r, e in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), empty, strict=True)]
     order = np.lexsort((cat[3], cat[2], cat[1], cat[0]))
     return Significant(*(a[order] for a in cat), n_sig=n_sig, best=best, n_orient=O)
