@@ -41,7 +41,7 @@ start() {
   fi
   for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
   install -d /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-  NCPU=$(nproc); MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) * 80 / 100 ))
+  NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc); MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) * 80 / 100 ))
   cat > /etc/slurm/slurm.conf <<CONF
 $MARK
 ClusterName=ci
