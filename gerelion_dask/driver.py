@@ -74,15 +74,19 @@ class InProcessRunner:
     def run(self, tasks, models: dict, settings: dict, read_images, progress=None):
         from .distributed.reduce import tree_sum
 
+        from .expectation.fine import FINE_LIMITS, ProjectionCache
+
         parts: dict[int, list[Partials]] = {}
         results = []
         xp = _array_module(self.device)
+        budget = FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]
+        caches = {h: ProjectionCache(budget) for h in models}  # one iteration's projections, per half set
         for k, (rows, pp) in enumerate(tasks):
             imgs = xp.asarray(read_images(rows))
             m = models[pp.half]
             if xp is not np:
                 m = replace(m, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in m.refs])
-            part, res = expectation_pool(imgs, pp, m, settings[pp.half])
+            part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half])
             part = part.to_host()
             parts.setdefault(pp.half, []).append(part)
             results.append(res)

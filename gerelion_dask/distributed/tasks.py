@@ -109,7 +109,7 @@ def _cached(what: str, obj, make):
     if hit is not None and hit[0] is obj:
         return hit[1]
     prepared = make(obj)
-    while len(_PREPARED) >= 4:
+    while len(_PREPARED) >= 8:
         _PREPARED.pop(next(iter(_PREPARED)))
     _PREPARED[key] = (obj, prepared)
     return prepared
@@ -127,12 +127,18 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
                device: str = "auto") -> PoolOutput:
     """Expectation of one pool on this worker: read the images, run the E-step, keep the sums on the device."""
     from ..expectation.estep import expectation_pool
+    from ..expectation.fine import FINE_LIMITS, ProjectionCache
 
     xp = worker_array_module(device)
     images = xp.asarray(read_task_images(source, selection))
-    model = _cached(f"model-{device}", model, lambda m: device_model(m, xp))
+    host_model = model
+    model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp))
     settings = _cached("settings", settings, realign)
-    part, res = expectation_pool(images, realign(particles), model, settings)
+    # projections shared by the pools of this iteration and half set that run on this worker (keyed, like the
+    # device copy of the model, by the scattered model object: a new iteration brings a new one)
+    cache = _cached(f"projections-{device}", host_model,
+                    lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]))
+    part, res = expectation_pool(images, realign(particles), model, settings, cache=cache)
     return PoolOutput(part, ((int(index), res),))
 
 

@@ -169,32 +169,35 @@ def _diff2_block(xp, X, C, W, phase, P, cc: bool, ctf_on_ref: bool, dtype=np.flo
     return a[:, None, None] + b[:, None, :] - 2.0 * g.astype(f64, copy=False).reshape(Bn, T, -1)
 
 
-def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings):
+def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None):
     """E-step of one pool of one half set: returns ``(Partials, PoolResult)``.
 
     When the device (or host) runs out of memory, the chunk budget is halved and the pool evaluated again: chunking
-    changes only the order of floating-point sums, not the result.
+    changes only the order of floating-point sums, not the result.  ``cache``: a
+    :class:`~gerelion_dask.expectation.fine.ProjectionCache` shared by the pools of this iteration and half set.
     """
     xp = get_xp(images)
     limit = settings.fine_max_elems or FINE_LIMITS["gpu" if xp is not np else "cpu"]["max_elems"]
     while True:
         try:
-            return _expectation_pool(xp, images, particles, model, replace(settings, fine_max_elems=limit))
+            return _expectation_pool(xp, images, particles, model, replace(settings, fine_max_elems=limit), cache)
         except MemoryError as e:  # numpy's MemoryError, and CuPy's OutOfMemoryError (a subclass of it)
             if limit <= MIN_CHUNK_ELEMS:
                 raise
             limit //= 2
+            if cache is not None:
+                cache.clear()  # the shared projections go first
             if xp is not np:
                 xp.get_default_memory_pool().free_all_blocks()
             log.warning("out of memory in the E-step of %d particles (%s): retrying with chunks of %d values",
                         len(particles.index), str(e).splitlines()[0][:120], limit)
 
 
-def _expectation_pool(xp, images, particles, model, settings):
+def _expectation_pool(xp, images, particles, model, settings, cache=None):
     pre = preprocess_pool(images, particles, settings.preprocess, model.sigma2_noise)
     pri = orientation_priors(particles, model, settings)
     sig = coarse_pass(xp, pre, particles, model, settings, pri)
-    return fine_pass(xp, pre, particles, model, settings, sig)
+    return fine_pass(xp, pre, particles, model, settings, sig, cache)
 
 
 def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, pri: OrientationPriors):

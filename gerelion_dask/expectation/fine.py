@@ -32,14 +32,15 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "Significant", "fine_pass", "overlap_chunks"]
+__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "overlap_chunks"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches; on a CPU chunks stay near one particle unless the members overlap.
 # The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
 # in float64 on CPUs (the reference path).
-FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64"},
-               "gpu": {"max_elems": 1 << 25, "waste": 64.0, "coarse_dtype": "float32"}}
+# ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.
+FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30},
+               "gpu": {"max_elems": 1 << 25, "waste": 64.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30}}
 
 
 def gather(a, mask):
@@ -106,36 +107,88 @@ def _local_index(J, b):
     return pos[b]
 
 
+class ProjectionCache:
+    """Fine-orientation projections shared by the pools of one iteration and half set on one process.
+
+    Every pool of an iteration uses the same model and fine grid, so the projection of a fine orientation (by its
+    global id) is the same in every pool; the pools a worker runs one after another project only what earlier pools
+    did not.  Create one per (iteration, half set, current size) - the owner keys it by the model object - and
+    at most ``max_bytes`` are kept (beyond that, projections are computed for the pool only).
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._blocks = {}  # class -> list of (R, M) arrays
+        self._index = {}  # class -> (gids, block, row) of everything cached, sorted by gid
+
+    def clear(self) -> None:
+        self._blocks, self._index, self.nbytes = {}, {}, 0
+
+    def rows(self, c: int, gids: np.ndarray, compute):
+        """Projections of the sorted unique fine-orientation ids ``gids`` of class ``c``; ``compute(ids)`` makes the
+        missing ones."""
+        have_g, have_b, have_r = self._index.get(c, (np.zeros(0, np.int64),) * 3)
+        missing = gids[~np.isin(gids, have_g, assume_unique=True)]
+        blocks = list(self._blocks.get(c, []))
+        if missing.size:
+            new = compute(missing)
+            blocks.append(new)
+            g = np.concatenate([have_g, missing])
+            order = np.argsort(g, kind="stable")
+            g, b = g[order], np.concatenate([have_b, np.full(missing.size, len(blocks) - 1)])[order]
+            r = np.concatenate([have_r, np.arange(missing.size)])[order]
+            if self.nbytes + new.nbytes <= self.max_bytes:
+                self._blocks[c], self._index[c] = blocks, (g, b, r)
+                self.nbytes += new.nbytes
+        else:
+            g, b, r = have_g, have_b, have_r
+        pos = np.searchsorted(g, gids)
+        blk, row = b[pos], r[pos]
+        xp = get_xp(blocks[0])
+        out = xp.empty((len(gids), blocks[0].shape[1]), blocks[0].dtype)
+        for i in np.unique(blk):
+            sel = np.nonzero(blk == i)[0]
+            out[xp.asarray(sel)] = blocks[i][xp.asarray(row[sel])]
+        return out
+
+
 class FineProjections:
-    """Projections of every fine orientation any particle of the pool needs, computed once per class.
+    """Projections of every fine orientation any particle of the pool needs, computed once per class (and, with a
+    :class:`ProjectionCache`, once per iteration on this process).
 
     The fine grid (with its perturbation) is shared by all particles of an iteration, so a pool projects the union
     of the children of its significant coarse orientations once instead of once per particle.
     """
 
-    def __init__(self, model, grid: OrientationGrid, sig: Significant, n: int, mask, xp, chunk: int = 4096):
+    def __init__(self, model, grid: OrientationGrid, sig: Significant, n: int, mask, xp, chunk: int = 4096,
+                 cache: ProjectionCache | None = None):
         self.rows = {}
         self.data = {}
         self.power = {}
+
+        def compute(c):
+            def make(gid):
+                A = grid.fine_matrices_from_ids(gid)
+                return xp.concatenate([gather(project(model.refs[c], xp.asarray(A[s : s + chunk]), n), mask)
+                                       for s in range(0, len(gid), chunk)])
+            return make
+
         for c in np.unique(sig.c):
             o = np.unique(sig.o[sig.c == c])
-            A, gid, _ = grid.fine_orientations(o)
-            A, gid = A.reshape(-1, 3, 3), gid.reshape(-1)
-            out = [gather(project(model.refs[c], xp.asarray(A[s : s + chunk]), n), mask)
-                   for s in range(0, len(gid), chunk)]
-            self.data[c] = xp.concatenate(out)
+            gid = np.sort(grid.fine_orientations(o)[1].reshape(-1))
+            self.data[c] = cache.rows(int(c), gid, compute(c)) if cache is not None else compute(c)(gid)
             self.power[c] = xp.abs(self.data[c]) ** 2
-            self.rows[c] = (np.argsort(gid, kind="stable"), np.sort(gid), gid)
+            self.rows[c] = gid
 
     def positions(self, c: int, gid) -> np.ndarray:
-        order, sorted_gid, _ = self.rows[c]
-        return order[np.searchsorted(sorted_gid, gid)]
+        return np.searchsorted(self.rows[c], gid)
 
     def gids(self, c: int) -> np.ndarray:
-        return self.rows[c][2]
+        return self.rows[c]
 
 
-def fine_pass(xp, pre, particles, model, settings, sig: Significant):
+def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: ProjectionCache | None = None):
     """Pass 2 for one pool: the significant coarse samples of pass 1 -> ``(Partials, PoolResult)``."""
     ps = settings.preprocess
     N, n = ps.ori_size, ps.current_size
@@ -179,7 +232,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant):
     scal = {"off": 0.0, "norm": 0.0, "ll": 0.0, "pmax": 0.0, "zero": 0}
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
-    cache = FineProjections(model, grid, sig, n, mb_x, xp)
+    cache = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
     bp_i = {c: xp.zeros(cache.data[c].shape, np.complex128) for c in cache.data}
     bp_w = {c: xp.zeros(cache.data[c].shape, np.float64) for c in cache.data}
     touched = {c: np.zeros(cache.data[c].shape[0], bool) for c in cache.data}
