@@ -63,7 +63,7 @@ def dataset(tmp_path_factory):
 
 def _refine_flags(dataset, out: Path) -> list[str]:
     return ["--i", str(dataset.particles_star), "--o", str(out / "run"), "--ref", str(dataset.initial_reference),
-            "--ini_high", "30", "--ctf", "--healpix_order", "1", "--auto_iter_max", "2", "--pool", "13",
+            "--ini_high", "30", "--ctf", "--healpix_order", "1", "--auto_iter_max", "3", "--pool", "13",
             "--random_seed", "5", "--offset_range", "2", "--offset_step", "1", "--maxsig", "10", "--device", "cpu"]
 
 

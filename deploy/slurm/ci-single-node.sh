@@ -69,6 +69,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=30
 DefMemPerCPU=1024
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 KillWait=5
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=${NCPU} RealMemory=${MEM} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
