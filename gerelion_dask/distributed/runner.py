@@ -2,8 +2,9 @@
 
 Per call of :meth:`DaskRunner.run` (one iteration):
 
-1. the per-half :class:`~gerelion_dask.expectation.estep.EStepModel` and settings are scattered once to every worker
-   (``client.scatter(..., broadcast=True, hash=False)``): tasks depend on those futures;
+1. the per-half :class:`~gerelion_dask.expectation.estep.EStepModel` and settings enter the graph once per iteration
+   as ``model-``/``settings-`` tasks (``client.submit(hold, model)``): tasks depend on those futures, and the scheduler
+   recomputes them if every worker holding them dies (scattered data would be lost);
 2. one task per pool: ``client.submit(estep_task, source, selection, pool_particles, model, settings, pool,
    key=f"estep-{iteration}-{pool}-{token}", resources={"GPU": 1}, retries=2, pure=False)``; the task reads its
    images itself (``particles.zarr`` when :meth:`DaskRunner.prepare` imported one, else the picklable ParticleSet);
@@ -19,7 +20,7 @@ resources.  A worker lost mid-iteration: the scheduler reruns its tasks elsewher
 the same); should a scattered model be lost with every copy, the whole iteration is submitted again once
 (``iteration_retries``).  A task that kills every worker that runs it (``distributed.scheduler.allowed-failures``
 + 1 of them, distributed's ``KilledWorker``) ends the run with a :class:`~gerelion_dask.errors.RunFailedError` that
-names the pool (``iteration 2: pool 3 of 6 (particles 27-39 of half 1) failed on 4 workers: worker process died``);
+names the pool (``iteration 2: pool 3 of 6 (particles 27-39 of half 1) was lost with 4 workers that died: ...``; distributed counts a death against every task the worker held, so the pool named is the one that killed it or one queued beside it);
 the driver adds the iteration to continue from, and the command line prints that one line (exit code 3).
 
 Results are bit-identical to :class:`~gerelion_dask.driver.InProcessRunner` (same pools, same summation tree) on the
@@ -37,7 +38,7 @@ import uuid
 from collections import defaultdict
 
 from .reduce import tree_reduce_futures
-from .tasks import ImageSource, concat_results, estep_task, results_of, to_host, zero_weights_of
+from .tasks import ImageSource, concat_results, estep_task, hold, results_of, to_host, zero_weights_of
 
 __all__ = ["DaskRunner"]
 
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 
 
 def _task_failure(err: BaseException, what: str):
-    """A :class:`~gerelion_dask.errors.RunFailedError` naming ``what`` for a task that killed every worker that ran
-    it (distributed's ``KilledWorker``, after ``distributed.scheduler.allowed-failures`` + 1 worker deaths); None for
+    """A :class:`~gerelion_dask.errors.RunFailedError` naming ``what`` for a task lost with every worker that held it
+    (distributed's ``KilledWorker``, after ``distributed.scheduler.allowed-failures`` + 1 worker deaths); None for
     any other error (a task's own exception travels unchanged, with its traceback)."""
     from distributed.scheduler import KilledWorker
 
@@ -55,7 +56,9 @@ def _task_failure(err: BaseException, what: str):
     if not isinstance(err, KilledWorker):
         return None
     last = getattr(err.last_worker, "address", err.last_worker)
-    return RunFailedError(f"{what} failed on {err.allowed_failures + 1} workers: worker process died "
+    # distributed counts a worker's death against every task the worker held (running or queued), so ``what`` is
+    # the pool that killed the workers or one that was queued beside it
+    return RunFailedError(f"{what} was lost with {err.allowed_failures + 1} workers that died: worker process died "
                           f"(last on {last}; see its log)")
 
 
@@ -148,8 +151,15 @@ class DaskRunner:
             try:
                 return self._run_once(tasks, models, settings, read_images, progress)
             except Exception as err:
-                if attempt == self.iteration_retries or not _is_lost_data(err):
+                if not _is_lost_data(err):
                     raise
+                if attempt == self.iteration_retries:
+                    from ..errors import RunFailedError
+
+                    # workers died so often that even the resubmitted iteration lost its inputs: a worker-killing
+                    # task (whose KilledWorker did not come first) or a failing machine; one line, like KilledWorker
+                    raise RunFailedError(f"iteration {self.iteration}: workers died during {attempt + 1} attempts "
+                                         f"and took the iteration's inputs with them ({err})") from None
                 log.warning("iteration %d: inputs lost with a worker (%s); submitting it again", self.iteration, err)
         raise AssertionError("unreachable")
 
@@ -164,8 +174,11 @@ class DaskRunner:
         if not client.scheduler_info(n_workers=1)["workers"]:  # e.g. SLURM worker jobs still queued: scatter
             log.info("iteration %d: waiting for a worker", it)  # would give up after its timeout
             client.wait_for_workers(1)
-        model_f = {h: client.scatter(models[h], broadcast=True, hash=False) for h in halves}
-        settings_f = {h: client.scatter(settings[h], broadcast=True, hash=False) for h in halves}
+        # the iteration's inputs as (recomputable) tasks, not scattered data: a worker that dies holding the only
+        # copy must not take them with it (a pool that kills its workers then ends as KilledWorker, named)
+        model_f = {h: client.submit(hold, models[h], key=f"model-{it}-{h}-{tag}", pure=False) for h in halves}
+        settings_f = {h: client.submit(hold, settings[h], key=f"settings-{it}-{h}-{tag}", pure=False)
+                      for h in halves}
         source = self._source(read_images)
         leaves = defaultdict(list)
         for k, (rows, pp) in enumerate(tasks):

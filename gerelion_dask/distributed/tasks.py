@@ -142,6 +142,12 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
     return PoolOutput(part, ((int(index), res),))
 
 
+def hold(obj):
+    """An input of the iteration (model, settings) as a task result: when every worker holding it dies, the
+    scheduler recomputes it from the graph, where scattered data would be lost with its workers."""
+    return obj
+
+
 def to_host(out: PoolOutput) -> PoolOutput:
     """The reduced output with its volumes copied to host memory (the last task of a half set's tree)."""
     return PoolOutput(out.partials.to_host(), out.results)
