@@ -18,8 +18,8 @@ by (``dask.utils.key_split``); ``token`` (per runner and call) keeps keys unique
 Annotations are not used (graph optimisation drops them, ECOSYSTEM.md §2): every task is submitted with its key and
 resources.  A worker lost mid-iteration: the scheduler reruns its tasks elsewhere (they are pure, so the result is
 the same); the model and settings are tasks the scheduler can recompute; should an iteration's inputs still be
-lost, it is submitted again once (``iteration_retries``).  A task that kills every worker that runs it (``distributed.scheduler.allowed-failures``
-+ 1 of them, distributed's ``KilledWorker``) ends the run with a :class:`~gerelion_dask.errors.RunFailedError` that
+lost, it is submitted again once (``iteration_retries``).  A task that kills every worker that runs it
+(``distributed.scheduler.allowed-failures`` + 1 of them, distributed's ``KilledWorker``) ends the run with a :class:`~gerelion_dask.errors.RunFailedError` that
 names the pool (``iteration 2: pool 3 of 6 (particles 27-39 of half 1) was lost with 4 workers that died: ...``;
 distributed counts a death against every task the worker held, so the pool named is the one that killed it or one
 queued beside it); the driver adds the iteration to continue from, and the command line prints that one line (exit
