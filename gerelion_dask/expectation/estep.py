@@ -65,7 +65,6 @@ class EStepSettings:
     symmetry_operators: np.ndarray | None = None  # (G, 3, 3) for local-search distances
     n_optics: int = 1
     n_groups: int = 1
-    batch: int = 16  # particles per coarse GEMM block
     fine_max_elems: int = 0  # fine pass: most diff2 values per particle chunk (0: by backend, see fine.py)
     fine_waste: float = 0.0  # fine pass: dense chunk work / members' own work allowed (0: by backend)
     coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)

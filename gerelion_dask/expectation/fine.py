@@ -238,8 +238,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     touched = {c: np.zeros(cache.data[c].shape[0], bool) for c in cache.data}
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
-    okeys = [np.unique(sig.c[r] * nO + sig.o[r]) for r in (sig.rows_of([j]) for j in range(B))]
-    tkeys = [np.unique(sig.t[sig.rows_of([j])]) for j in range(B)]
+    own_rows = [sig.rows_of([j]) for j in range(B)]
+    okeys = [np.unique(sig.c[r] * nO + sig.o[r]) for r in own_rows]
+    tkeys = [np.unique(sig.t[r]) for r in own_rows]
     for J in overlap_chunks(okeys, tkeys, sig.best, 32.0, max_elems, waste):
         b = len(J)
         Jx = xp.asarray(J)
