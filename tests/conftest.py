@@ -13,6 +13,18 @@ from gerelion_dask.backend import gpu_count
 # ../shared/data beside the checkout; GERELION_SHARED_DATA points elsewhere (the GPU machine gets a copy)
 SHARED_DATA = Path(os.environ.get("GERELION_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GOLDEN = SHARED_DATA / "golden"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(one_blas_thread: bool = False, **extra) -> dict:
+    """The environment for a child process that must import this checkout: ``os.environ`` with the repository first
+    on ``PYTHONPATH``, optionally one BLAS/OpenMP thread (as every Dask worker has), plus ``extra``."""
+    from gerelion_dask.distributed.cluster import ONE_BLAS_THREAD
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if one_blas_thread:
+        env.update({k: str(v) for k, v in ONE_BLAS_THREAD.items()})
+    return {**env, **extra}
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])

@@ -21,12 +21,12 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from conftest import child_env
 
 from gerelion_dask.io.mrc import write_map, write_stack
 from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
 
 BOX, APIX = 24, 5.0
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -302,8 +302,7 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(dataset, tmp_path, case):
     write_map(o / "run_it000_half1_class001.mrc", np.ones((BOX,) * 3, np.float32), APIX)
     change, names = CASES[case](d, o)
     before = _snapshot(o)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OPENBLAS_NUM_THREADS="1")
+    env = child_env(OPENBLAS_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "gerelion_dask.cli", *_argv(d, o, change)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()

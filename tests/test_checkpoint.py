@@ -7,7 +7,6 @@ Oracle: the uninterrupted run with the same seed, started at the same time in an
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from conftest import child_env
 
 from gerelion_dask.checkpoint import Checkpoint, checkpoint_for_optimiser, load_checkpoint, save_checkpoint
 from gerelion_dask.errors import InputError
@@ -25,7 +25,6 @@ from gerelion_dask.maximization.schedule import ScheduleState
 from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
 
 BOX, APIX = 24, 5.0
-REPO = Path(__file__).resolve().parents[1]
 POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber",
                 "rlnNormCorrection", "rlnMaxValueProbDistribution", "rlnLogLikeliContribution"]
 
@@ -40,10 +39,7 @@ def sim60(tmp_path_factory):
 
 
 def _env():
-    env = dict(os.environ)
-    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    return env
+    return child_env(one_blas_thread=True)
 
 
 def _cli(*args):

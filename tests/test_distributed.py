@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_env
 
 from gerelion_dask.config import JobConfig
 from gerelion_dask.distributed.reduce import tree_pairs, tree_sum
 from gerelion_dask.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
 BOX, APIX, N_PARTICLES = 24, 4.0, 60
 
 
@@ -63,8 +63,7 @@ def reference(dataset, tmp_path_factory):
     """The in-process run (InProcessRunner), in a child process with one BLAS thread."""
     out = tmp_path_factory.mktemp("inproc")
     cfg = _config(dataset, out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(one_blas_thread=True)
     subprocess.run([sys.executable, "-c", _CHILD, cfg.to_json(), str(out / "ref.npz")], env=env, check=True,
                    timeout=120)
     with np.load(out / "ref.npz") as z:
@@ -233,7 +232,7 @@ def test_no_scheduler_answers_is_an_input_error(tmp_path):
 def test_cluster_service_start_status_stop(tmp_path):
     # the persistent local cluster: start writes the scheduler file, status lists the workers, stop ends it
     sched = tmp_path / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "cluster", *args, "--scheduler-file",

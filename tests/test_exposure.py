@@ -14,13 +14,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
 import pytest
+from conftest import child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _listening(proc: psutil.Process) -> list:
@@ -64,7 +63,7 @@ def test_local_cluster_of_a_job_listens_on_loopback_only():
 @pytest.mark.slow
 def test_cluster_service_listens_on_loopback_only(tmp_path):
     sched = tmp_path / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "cluster", *args, "--scheduler-file",

@@ -13,11 +13,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 BOX, APIX, N_PARTICLES = 24, 4.0, 60
 
 
@@ -41,8 +40,7 @@ def _killer(prefix: str):
 
 
 def _cli(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(one_blas_thread=True)
     return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 

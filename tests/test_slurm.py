@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -116,7 +117,7 @@ def test_refine_with_adaptive_slurm_workers(slurm, dataset, tmp_path, monkeypatc
     from gerelion_dask.driver import run_job
     from gerelion_dask.job_files import make_writer
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     name = f"gerelion-ci-{uuid.uuid4().hex[:6]}"
     cfg = _job_config(refine_parser("gerelion refine", False).parse_args(_refine_flags(dataset, tmp_path)), False)
     opts = SlurmOptions(min_jobs=1, max_jobs=2, cores=1, memory="2GB", walltime="00:10:00", interface="lo",
@@ -159,9 +160,7 @@ def test_sbatch_driver_script_runs_refine_with_slurm_workers(slurm, dataset, tmp
     """deploy/slurm/gerelion-refine.sbatch: the driver is itself a SLURM job and submits its worker jobs."""
     tag = uuid.uuid4().hex[:6]
     driver, worker = f"gerelion-driver-{tag}", f"gerelion-worker-{tag}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "GERELION": f"{shlex.quote(sys.executable)} -m gerelion_dask.cli",
-           "DASK_JOBQUEUE__SLURM__NAME": worker}
+    env = child_env(GERELION=f"{shlex.quote(sys.executable)} -m gerelion_dask.cli", DASK_JOBQUEUE__SLURM__NAME=worker)
     cmd = ["sbatch", "--parsable", "-J", driver, "-c", "1", "--mem=2G", "-o", str(tmp_path / "driver-%j.out"),
            "--chdir", str(tmp_path), str(ROOT / "deploy" / "slurm" / "gerelion-refine.sbatch"),
            "refine", *_refine_flags(dataset, tmp_path), "--slurm-max-jobs", "1", "--slurm-memory", "2GB",
