@@ -1,13 +1,16 @@
-"""E-step time per iteration: in process, and on a LocalCluster of 1 and 2 NumPy worker processes.
+"""Seconds per iteration in process and on LocalClusters of 1, 2, ... workers (NumPy, or one GPU each).
 
-A small synthetic gold-standard refinement (phantom map, CTF, random halves) is run to ``--iters`` iterations with
-the same seed by each runner; the table gives the driver's E-step time per iteration (tasks + reduction + gather:
-everything between handing the pools to the runner and getting the partial sums back), the speed-up of each
-cluster size over 1 worker, and whether the maps and poses are bit-identical to the 1-worker run.  The in-process
-run uses this process's BLAS threads (all cores by default), the workers one each.  ``--gpu``: CuPy in process
-against a LocalCUDACluster (one worker per GPU); the base is then the in-process run (the Dask overhead).
+A synthetic gold-standard refinement (phantom map, CTF, random halves) is run to ``--iters`` iterations with the same
+seed by each runner.  Per runner and iteration: the E-step (tasks + reduction + gather: everything between handing the
+pools to the runner and getting the sums back), the M-step (one task on a worker) and the whole iteration; the bytes
+that workers fetched from each other for the iteration's E-step outputs and reduction (``estep-``/``reduce-`` keys,
+from the workers' transfer logs) and for everything (the model and settings too); the speed-up and efficiency
+(speed-up / workers) against 1 worker; and how the final maps compare with the base run's (bit-identical on NumPy;
+CuPy's atomic back-projection is not, so the largest relative difference and the FSC are given).  ``--gpu``: CuPy in
+process against a LocalCUDACluster (one worker per GPU); the in-process run is then the base for the Dask overhead.
 
-Usage: ``python benchmarks/dask_scaling.py [--n 240] [--box 32] [--pool 15] [--iters 3] [--workers 1,2] [--gpu]``
+Usage: ``python benchmarks/dask_scaling.py [--n 240] [--box 32] [--pool 15] [--iters 3] [--workers 1,2] [--gpu]
+[--json out.json]``
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def run(cfg, n_workers: int | None, gpu: bool):
         with get_task_stream(client) as stream:
             res = run_job(cfg, runner=DaskRunner(client, device=device))
         print_task_stream(stream.data, res)
+        res.transfers = transfers_by_iteration(client)
         return res, start
     finally:
         close_client(client, cluster)
@@ -87,6 +91,45 @@ def print_task_stream(data, res) -> None:
               f"{longest[rec.iteration]:.2f} s; busy fraction {eff:.2f}", flush=True)
 
 
+def transfers_by_iteration(client) -> dict:
+    """``{iteration: (reduction bytes, all bytes)}`` fetched between workers, from each worker's transfer log."""
+    from collections import defaultdict
+
+    def log(dask_worker):
+        return [dict(t["keys"]) for t in dask_worker.transfer_incoming_log]
+
+    out = defaultdict(lambda: [0, 0])
+    for entries in client.run(log).values():
+        for keys in entries:
+            for key, nbytes in keys.items():
+                parts = str(key).split("-")
+                if len(parts) < 2 or not parts[1].isdigit():
+                    continue
+                it = int(parts[1])
+                out[it][1] += int(nbytes)
+                if parts[0] in ("estep", "reduce"):
+                    out[it][0] += int(nbytes)
+    return dict(out)
+
+
+def agreement(a, b) -> str:
+    """``yes`` when the final maps and poses are bit-identical, else the largest relative map difference and the
+    lowest FSC between the two runs' maps."""
+    import numpy as np
+
+    from gerelion_dask.ops.fsc import fsc
+
+    if same(a, b):
+        return "yes"
+    rel, low = 0.0, 1.0
+    for ha, hb in zip(a.model.maps, b.model.maps, strict=True):
+        for x, y in zip(ha, hb, strict=True):
+            rel = max(rel, float(np.abs(x - y).max() / np.abs(y).max()))
+            low = min(low, float(np.min(fsc(x, y)[1:])))
+    poses = float(np.mean(np.all(a.state.angles == b.state.angles, axis=1)))
+    return f"no: max rel. diff {rel:.1e}, min FSC {low:.6f}, same angles {100 * poses:.1f}%"
+
+
 def same(a, b) -> bool:
     import numpy as np
 
@@ -112,6 +155,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="cluster sizes to time, comma-separated")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
     p.add_argument("--gpu", action="store_true", help="CuPy in process vs LocalCUDACluster workers (one per GPU)")
+    p.add_argument("--json", help="also write every run's per-iteration seconds and bytes to this file")
     ns = p.parse_args()
     sizes = [int(x) for x in ns.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +183,48 @@ def main() -> None:
         t = [r.seconds["estep"] for r in res.iterations]
         print(f"| {label} | " + " | ".join(f"{x:.2f}" for x in t) + f" | {sum(t):.2f} | {t_base / sum(t):.2f}x | "
               f"{'yes' if same(res, base) else 'NO'} |")
+    summary(runs, sizes, ns)
 
+
+def summary(runs: dict, sizes: list, ns) -> None:
+    """Mean seconds per iteration (iterations 2 on: iteration 1 includes start-up costs such as compiling), the
+    efficiency against 1 worker, bytes moved per iteration, and agreement of the final maps with 1 worker's."""
+    import json
+
+    one = runs.get(label_of(sizes[0], ns.gpu))
+    w1 = sizes[0]
+
+    def mean(res, key):
+        recs = res.iterations[1:] or res.iterations
+        return sum(r.seconds[key] for r in recs) / len(recs)
+
+    print(f"\nMean seconds per iteration (iterations 2-{ns.iters}); efficiency = speed-up over {w1} worker(s) / "
+          f"(workers / {w1}); bytes fetched between workers per iteration\n")
+    print(f"| runner | E-step s | M-step s | other s | iteration s | E-step eff. | iteration eff. | reduction MB/it "
+          f"| all MB/it | maps vs {label_of(w1, ns.gpu)} |")
+    print("|---" * 10 + "|")
+    rows = {}
+    for label, (w, res, start) in runs.items():
+        e, m, tot = mean(res, "estep"), mean(res, "mstep"), mean(res, "total")
+        eff_e = eff_t = ""
+        if one is not None and w is not None:
+            f = w / w1
+            eff_e = f"{100 * mean(one[1], 'estep') / (e * f):.0f}%"
+            eff_t = f"{100 * mean(one[1], 'total') / (tot * f):.0f}%"
+        tr = getattr(res, "transfers", {}) or {}
+        its = [r.iteration for r in (res.iterations[1:] or res.iterations)]
+        red = sum(tr.get(i, (0, 0))[0] for i in its) / max(len(its), 1) / 1e6
+        allb = sum(tr.get(i, (0, 0))[1] for i in its) / max(len(its), 1) / 1e6
+        agree = agreement(res, one[1]) if one is not None and res is not one[1] else "(base)"
+        print(f"| {label} | {e:.2f} | {m:.2f} | {tot - e - m:.2f} | {tot:.2f} | {eff_e or '-'} | {eff_t or '-'} | "
+              f"{red:.1f} | {allb:.1f} | {agree} |")
+        rows[label] = {"workers": w, "cluster_start_s": start, "agreement": agree,
+                       "iterations": [{"iteration": r.iteration, "current_size": r.current_size,
+                                       "seconds": r.seconds, "transfer_bytes": tr.get(r.iteration, (0, 0))}
+                                      for r in res.iterations]}
+    if ns.json:
+        with open(ns.json, "w") as fh:
+            json.dump({"args": vars(ns), "runs": rows}, fh, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["get_xp", "is_cupy", "to_host", "to_device_like", "gpu_count"]
+__all__ = ["get_xp", "is_cupy", "to_host", "to_device_like", "gpu_count", "deep_nbytes"]
 
 
 def is_cupy(a: Any) -> bool:
@@ -51,3 +51,23 @@ def gpu_count() -> int:
         return int(cupy.cuda.runtime.getDeviceCount())
     except Exception:
         return 0
+
+
+def deep_nbytes(obj: Any) -> int:
+    """Bytes held by the arrays inside ``obj`` (dataclasses, lists, tuples and dicts are walked; NumPy and CuPy arrays
+    count their ``nbytes``; anything else counts ``sys.getsizeof``).
+
+    The E-step's results and models define ``__sizeof__`` with it, so Dask's ``sizeof`` (which falls back to
+    ``sys.getsizeof``) sees their real size: the scheduler's placement and the workers' transfer logs depend on it.
+    """
+    import dataclasses
+
+    if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):
+        return int(obj.nbytes)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return 64 + sum(deep_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return 56 + sum(deep_nbytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return 64 + sum(deep_nbytes(k) + deep_nbytes(v) for k, v in obj.items())
+    return sys.getsizeof(obj)

@@ -101,7 +101,9 @@ class InProcessRunner:
         return sum(int(p.n_zero_weight) for p in parts.values())
 
     def maximize(self, parts, model, ms, ref_tau2):
-        return maximization(parts, model, ms, ref_tau2)
+        """The M-step on this runner's device (CuPy: the summed volumes go to the GPU for the reconstruction)."""
+        xp = _array_module(self.device)
+        return maximization({h: p.on(xp) for h, p in parts.items()}, model, ms, ref_tau2)
 
 
 def _array_module(device: str):

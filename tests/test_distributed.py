@@ -105,6 +105,34 @@ def test_tree_sum_has_the_fixed_pairwise_order():
         tree_sum([])
 
 
+def test_placement_gives_contiguous_blocks_of_pools():
+    # oracle: the definition -- pools in task order split into one contiguous block per worker, every pool placed,
+    # block sizes differ by at most one; no workers (SLURM jobs still queued) places nothing
+    from gerelion_dask.distributed.runner import placement
+
+    got = placement(["a", "b"], 6)
+    assert got == [["a"]] * 3 + [["b"]] * 3
+    got = [w[0] for w in placement(["a", "b", "c"], 7)]
+    assert got == sorted(got) and {got.count(w) for w in "abc"} <= {2, 3} and len(got) == 7
+    assert placement([], 3) == [None] * 3
+
+
+def test_dask_sees_the_real_size_of_partial_sums():
+    # oracle: the arrays' nbytes -- Dask's sizeof (which the scheduler and the transfer logs use) counts the
+    # volumes inside the E-step outputs and models, not the 56-byte object header
+    from dask.sizeof import sizeof
+
+    from gerelion_dask.distributed.tasks import PoolOutput
+    from gerelion_dask.expectation.partials import empty_partials
+    from gerelion_dask.ops.fourier import PaddedGrid
+
+    grid = PaddedGrid(32, 2.0, 16)
+    p = empty_partials(1, grid, 2, 10, 1, 1, 32)
+    vols = p.bp_data.nbytes + p.bp_weight.nbytes
+    assert vols <= sizeof(p) < vols + 10_000
+    assert vols <= sizeof(PoolOutput(p, ())) < vols + 10_000
+
+
 def test_store_in_half_order_reads_the_same_images(dataset, tmp_path):
     # oracle: the ParticleSet's own images; half 1's pools are whole chunks, every pool one contiguous slice
     from gerelion_dask.distributed.store import prepare_particle_store, read_store_rows

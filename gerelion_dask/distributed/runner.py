@@ -77,6 +77,19 @@ def _pool_names(tasks, it: int) -> list:
     return names
 
 
+def placement(workers: list, n_tasks: int) -> list:
+    """A preferred worker per pool: contiguous blocks of pools (in task order, half set 1 first) per worker.
+
+    Only a hint (``allow_other_workers``: idle workers still steal, a lost worker's pools go elsewhere), so results
+    never depend on it.  What it buys: the fixed reduction tree adds neighbouring pools, which then sit on one worker
+    (the partial volumes cross between workers only near the root), and a worker's pools need one half set's
+    projections, so the per-worker projection cache is not filled with both halves' by every worker.
+    """
+    if not workers:
+        return [None] * n_tasks
+    return [[workers[k * len(workers) // n_tasks]] for k in range(n_tasks)]
+
+
 def _is_lost_data(err: BaseException) -> bool:
     """An error that rerunning the iteration can cure (a scattered input lost with its workers)."""
     from distributed.client import FutureCancelledError
@@ -183,11 +196,13 @@ class DaskRunner:
                       for h in halves}
         source = self._source(read_images)
         leaves = defaultdict(list)
+        where = placement(sorted(client.scheduler_info()["workers"]), len(tasks))
         for k, (rows, pp) in enumerate(tasks):
             sel = self.store.selection(rows) if self.store is not None else rows
             leaves[pp.half].append(client.submit(
                 estep_task, source, sel, pp, model_f[pp.half], settings_f[pp.half], k, self.device,
-                key=f"estep-{it}-{k}-{tag}", resources={"GPU": 1}, retries=self.retries, pure=False))
+                key=f"estep-{it}-{k}-{tag}", resources={"GPU": 1}, retries=self.retries, pure=False,
+                workers=where[k], allow_other_workers=where[k] is not None))
         roots = {}
         for h in halves:
             root = tree_reduce_futures(client, leaves[h], f"reduce-{it}-{h}", key_suffix=f"-{tag}",
@@ -237,7 +252,7 @@ class DaskRunner:
         it, tag = handle["iteration"], handle["tag"]
         if self.publisher is not None:
             self.publisher.progress(it, "mstep")
-        fut = self.client.submit(mstep_task, handle["roots"], handle["halves"], model, ms, ref_tau2,
+        fut = self.client.submit(mstep_task, handle["roots"], handle["halves"], model, ms, ref_tau2, self.device,
                                  key=f"mstep-{it}-{tag}", resources={"GPU": 1}, pure=False, retries=self.retries)
         try:
             return fut.result()

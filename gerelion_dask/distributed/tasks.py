@@ -35,6 +35,11 @@ class PoolOutput:
     partials: Partials
     results: tuple  # ((pool index, PoolResult), ...)
 
+    def __sizeof__(self) -> int:  # Dask's sizeof: the arrays inside, not the object header
+        from ..backend import deep_nbytes
+
+        return deep_nbytes(self)
+
     def __add__(self, other: PoolOutput) -> PoolOutput:
         return PoolOutput(self.partials + other.partials, self.results + other.results)
 
@@ -163,11 +168,16 @@ def zero_weights_of(out: PoolOutput) -> int:
     return int(out.partials.n_zero_weight)
 
 
-def mstep_task(outputs, halves, model, ms, ref_tau2):
-    """The M-step of one iteration on a worker, from the reduced (host) outputs of every half set."""
+def mstep_task(outputs, halves, model, ms, ref_tau2, device: str = "auto"):
+    """The M-step of one iteration on a worker, from the reduced (host) outputs of every half set.
+
+    On a GPU worker the summed volumes go to the device and the reconstruction, FSC and symmetrisation run there;
+    the new model comes back in host memory either way.
+    """
     from ..maximization.mstep import maximization
 
-    return maximization({h: o.partials for h, o in zip(halves, outputs, strict=True)}, model, ms, ref_tau2)
+    xp = worker_array_module(device)
+    return maximization({h: o.partials.on(xp) for h, o in zip(halves, outputs, strict=True)}, model, ms, ref_tau2)
 
 
 def concat_results(result_lists) -> PoolResult:

@@ -49,6 +49,11 @@ class EStepModel:
     scales: np.ndarray  # (n_groups,) intensity scale per group
     avg_norm: float = 1.0
 
+    def __sizeof__(self) -> int:  # Dask's sizeof: the references' arrays, not the object header
+        from ..backend import deep_nbytes
+
+        return deep_nbytes(self)
+
 
 @dataclass(frozen=True)
 class EStepSettings:

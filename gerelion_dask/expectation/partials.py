@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..backend import to_host
+from ..backend import deep_nbytes, to_host
 from ..ops.fourier import PaddedGrid
 
 __all__ = ["Partials", "PoolResult", "empty_partials"]
@@ -37,6 +37,9 @@ class Partials:
     n_particles: int
     n_zero_weight: int
 
+    def __sizeof__(self) -> int:  # Dask's sizeof: the arrays inside, not the object header
+        return deep_nbytes(self)
+
     def __add__(self, other: Partials) -> Partials:
         if self.half != other.half:
             raise ValueError(f"refusing to add partial sums of half set {self.half} and half set {other.half}")
@@ -50,6 +53,13 @@ class Partials:
 
     def to_host(self) -> Partials:
         return Partials(**{f.name: (to_host(getattr(self, f.name)) if f.name in ("bp_data", "bp_weight")
+                                    else getattr(self, f.name)) for f in fields(self)})
+
+    def on(self, xp) -> Partials:
+        """The same sums with the two volumes in ``xp``'s memory (``cupy``: the M-step runs on the GPU)."""
+        if xp is np:
+            return self.to_host()
+        return Partials(**{f.name: (xp.asarray(getattr(self, f.name)) if f.name in ("bp_data", "bp_weight")
                                     else getattr(self, f.name)) for f in fields(self)})
 
 
@@ -80,6 +90,9 @@ class PoolResult:
     n_significant: np.ndarray
     loglik: np.ndarray
     norm: np.ndarray
+
+    def __sizeof__(self) -> int:
+        return deep_nbytes(self)
 
     @staticmethod
     def concat(results: list[PoolResult]) -> PoolResult:

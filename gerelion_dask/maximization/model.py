@@ -37,6 +37,11 @@ class Model:
     acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(1))
     acc_trans_angst: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
+    def __sizeof__(self) -> int:  # Dask's sizeof: the maps and spectra, not the object header
+        from ..backend import deep_nbytes
+
+        return deep_nbytes(self)
+
     @property
     def n_classes(self) -> int:
         return len(self.maps[0])
