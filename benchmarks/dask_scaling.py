@@ -39,13 +39,29 @@ def job_config(paths, out: Path, ns):
                      offset_range=3.0, offset_step=1.0, maxsig=ns.maxsig, overwrite=True)
 
 
-def run(cfg, n_workers: int | None, gpu: bool):
+class PrintIterations:
+    """Progress hook: one line per finished iteration, so a run cut off by a time limit still reports."""
+
+    def __init__(self, label: str, n: int):
+        self.label, self.n = label, n
+
+    def __call__(self, done: int, total: int) -> None:  # pools done in the E-step: not printed
+        pass
+
+    def iteration_finished(self, rec) -> None:
+        s = rec.seconds
+        print(f"  [{self.label}] iteration {rec.iteration}: size {rec.current_size}, E-step {s['estep']:.2f} s "
+              f"({1000 * s['estep'] / self.n:.2f} ms/particle), M-step {s['mstep']:.2f} s, total {s['total']:.2f} s",
+              flush=True)
+
+
+def run(cfg, n_workers: int | None, gpu: bool, progress=None):
     """(JobResult, cluster start seconds); ``n_workers`` None: in process."""
     from gerelion_dask.driver import InProcessRunner, run_job
 
     device = "auto" if gpu else "cpu"
     if n_workers is None:
-        return run_job(cfg, runner=InProcessRunner(device)), 0.0
+        return run_job(cfg, runner=InProcessRunner(device), progress=progress), 0.0
     from gerelion_dask.distributed.cluster import close_client, make_client
     from gerelion_dask.distributed.runner import DaskRunner
 
@@ -57,7 +73,7 @@ def run(cfg, n_workers: int | None, gpu: bool):
         from distributed import get_task_stream
 
         with get_task_stream(client) as stream:
-            res = run_job(cfg, runner=DaskRunner(client, device=device))
+            res = run_job(cfg, runner=DaskRunner(client, device=device), progress=progress)
         print_task_stream(stream.data, res)
         res.transfers = transfers_by_iteration(client)
         return res, start
@@ -165,7 +181,7 @@ def main() -> None:
         for w in ([] if ns.no_in_process else [None]) + sizes:
             label = label_of(w, ns.gpu)
             res, start = run(job_config(paths, tmp / label.replace(" ", "_").replace("(", "").replace(")", ""), ns),
-                             w, ns.gpu)
+                             w, ns.gpu, PrintIterations(label, ns.n))
             runs[label] = (w, res, start)
             print(f"{label}: E-step per iteration " +
                   ", ".join(f"{r.seconds['estep']:.2f}" for r in res.iterations) + f" s (cluster start {start:.1f} s)",
