@@ -81,6 +81,23 @@ def run(cfg, n_workers: int | None, gpu: bool, progress=None):
         close_client(client, cluster)
 
 
+def profiled(cfg, ns, label: str):
+    """The in-process run under cProfile; prints the ``ns.profile`` functions with the most time of their own and the
+    most cumulative time (on a GPU, time spent waiting for the device shows where Python synchronises)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return run(cfg, None, ns.gpu, PrintIterations(label, ns.n))
+    finally:
+        prof.disable()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(ns.profile)
+        stats.sort_stats("cumulative").print_stats(ns.profile)
+
+
 def print_task_stream(data, res) -> None:
     """Per iteration: compute seconds and task count per worker, the longest task, and how busy the workers were."""
     from collections import defaultdict
@@ -168,25 +185,32 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--healpix-order", type=int, default=1)
     p.add_argument("--maxsig", type=int, default=40)
-    p.add_argument("--workers", default="1,2", help="cluster sizes to time, comma-separated")
+    p.add_argument("--workers", default="1,2", help="cluster sizes to time, comma-separated ('' for none)")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
     p.add_argument("--gpu", action="store_true", help="CuPy in process vs LocalCUDACluster workers (one per GPU)")
     p.add_argument("--json", help="also write every run's per-iteration seconds and bytes to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="run the in-process job under cProfile and print its N most expensive functions")
     ns = p.parse_args()
-    sizes = [int(x) for x in ns.workers.split(",")]
+    sizes = [int(x) for x in ns.workers.split(",") if x.strip()]
+    if not sizes and ns.no_in_process:
+        p.error("nothing to run: give --workers or drop --no-in-process")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = simulate(tmp, ns.n, ns.box, ns.apix)
         runs = {}
         for w in ([] if ns.no_in_process else [None]) + sizes:
             label = label_of(w, ns.gpu)
-            res, start = run(job_config(paths, tmp / label.replace(" ", "_").replace("(", "").replace(")", ""), ns),
-                             w, ns.gpu, PrintIterations(label, ns.n))
+            cfg = job_config(paths, tmp / label.replace(" ", "_").replace("(", "").replace(")", ""), ns)
+            if w is None and ns.profile:
+                res, start = profiled(cfg, ns, label)
+            else:
+                res, start = run(cfg, w, ns.gpu, PrintIterations(label, ns.n))
             runs[label] = (w, res, start)
             print(f"{label}: E-step per iteration " +
                   ", ".join(f"{r.seconds['estep']:.2f}" for r in res.iterations) + f" s (cluster start {start:.1f} s)",
                   flush=True)
-    base_label = label_of(None if ns.gpu and not ns.no_in_process else sizes[0], ns.gpu)
+    base_label = label_of(None if (ns.gpu or not sizes) and not ns.no_in_process else sizes[0], ns.gpu)
     base = runs[base_label][1]
     n_it = len(base.iterations)
     print(f"\nE-step seconds per iteration; {ns.n} particles, box {ns.box}, pool {ns.pool}, HEALPix order "
@@ -207,8 +231,8 @@ def summary(runs: dict, sizes: list, ns) -> None:
     efficiency against 1 worker, bytes moved per iteration, and agreement of the final maps with 1 worker's."""
     import json
 
-    one = runs.get(label_of(sizes[0], ns.gpu))
-    w1 = sizes[0]
+    w1 = sizes[0] if sizes else 1
+    one = runs.get(label_of(sizes[0], ns.gpu)) if sizes else None
 
     def mean(res, key):
         recs = res.iterations[1:] or res.iterations
