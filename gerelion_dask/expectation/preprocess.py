@@ -84,16 +84,23 @@ def integer_shift(images, shifts):
 def coloured_noise(shape_b: int, n: int, sigma2_per_shell, seeds, xp=np):
     """Real-space noise images whose transform has variance ``sigma2(shell)`` per real/imag part.
 
-    One generator per particle (``seeds[i]``), so a particle gets the same noise whatever its pool.
+    ``sigma2_per_shell``: one spectrum ``(nsh,)`` for all images or one per image ``(B, nsh)``.  One generator per
+    particle (``seeds[i]``), so a particle gets the same noise whatever its pool; the host draws the numbers and the
+    whole batch is scaled and inverse-transformed at once (on ``xp``'s device).
     """
     sh = shells_2d(n)
-    sig = np.sqrt(np.asarray(sigma2_per_shell, dtype=np.float64)[np.minimum(sh, len(sigma2_per_shell) - 1)])
+    s2 = np.atleast_2d(np.asarray(sigma2_per_shell, dtype=np.float64))
+    sig = np.sqrt(s2[:, np.minimum(sh, s2.shape[1] - 1)])  # (1 or B, n, n/2+1)
     out = np.empty((shape_b, n, n // 2 + 1), dtype=np.complex128)
     for i, s in enumerate(seeds):
         rng = np.random.default_rng(int(s))
-        out[i] = (rng.normal(size=sig.shape) + 1j * rng.normal(size=sig.shape)) * sig
+        out[i] = rng.normal(size=sh.shape) + 1j * rng.normal(size=sh.shape)
+    out *= sig
     out[:, 0, 0] = 0
     return centred_irfft2(xp.asarray(out), n)
+
+
+_NOISE_BATCH = 256  # images per batch of background noise (bounds the host buffer: 256 x 16 N^2 / 2 bytes)
 
 
 def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettings, sigma2_noise=None):
@@ -115,11 +122,13 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
     if settings.zero_mask or sigma2_noise is None:
         xm = soft_mask_outside(x, radius=radius, width=settings.width_mask_edge, batch_2d=True)
     else:
-        sig = np.asarray(sigma2_noise)
+        sig = np.asarray(sigma2_noise)[np.asarray(particles.optics_group)]
+        seeds = settings.random_seed + np.asarray(particles.index, dtype=np.int64)
+        B = len(seeds)
         noise = xp.concatenate([
-            coloured_noise(1, N, sig[g], [settings.random_seed + int(i)], xp)
-            for g, i in zip(particles.optics_group, particles.index, strict=True)
-        ]).astype(x.dtype)
+            coloured_noise(min(_NOISE_BATCH, B - s), N, sig[s : s + _NOISE_BATCH], seeds[s : s + _NOISE_BATCH], xp)
+            for s in range(0, B, _NOISE_BATCH)
+        ]).astype(x.dtype) if B else xp.zeros_like(x)
         xm = noise_fill_background(x, noise, radius, settings.width_mask_edge)
     ffull = centred_rfft2(xm)
     # per-shell power beyond the current size (half plane, k != 0), RELION's highres_Xi2
