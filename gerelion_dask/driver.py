@@ -235,9 +235,16 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             min(2 * (shell + cfg.incr_size), N)
         sched = replace(sched, current_size=cur, perturb=next_perturbation(sched.perturb, cfg.perturb,
                                                                              np.random.default_rng([seed, it])))
+        made = {}  # this iteration's reference transforms by (half index, class): each made once
+
+        def ref_of(hi, c, maps=model.maps, cur=cur):
+            if (hi, c) not in made:
+                made[hi, c] = make_reference(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
+            return made[hi, c]
+
         # accuracies and auto-sampling (not in CC iterations)
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
-            ref0 = make_reference(model.maps[0][0], r_max=cur // 2, padding=cfg.pad)
+            ref0 = ref_of(0, 0)
             acc_r, acc_t = estimate_accuracies(ref0, st.angles[st.half == halves[0]],
                                                None if inp.ctf is None else inp.ctf.take(st.half == halves[0]), model.sigma2_noise[0], cur,
                                                N, a, np.random.default_rng(seed + it))
@@ -260,7 +267,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         seeds = np.random.default_rng(seed + 7).integers(0, cfg.K, inp.particles.n) if seed_iter else None
         models, settings, ref_tau2 = {}, {}, []
         for hi, h in enumerate(halves):
-            refs = [None if m is None or model.pdf_class[c] <= 0 else make_reference(m, r_max=cur // 2, padding=cfg.pad)
+            refs = [None if m is None or model.pdf_class[c] <= 0 else ref_of(hi, c)
                     for c, m in enumerate(model.maps[hi])]
             ref_tau2.append([np.zeros(N // 2 + 1) if r is None else _pad_spec(reference_power_spectrum(r), N)
                              for r in refs])
