@@ -313,12 +313,14 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         for c, oc, A, rows, P in blocks:
             F = len(rows)
             Wm = wn[:, pos : pos + F * Tf].reshape(b, F, Tf)
-            for j in np.nonzero((ibest >= pos) & (ibest < pos + F * Tf))[0]:
-                r_, t_ = divmod(int(ibest[j]) - pos, Tf)
-                rr, tt, pp = matrix_to_euler(A[r_])
-                out["rot"][J[j]], out["tilt"][J[j]], out["psi"][J[j]] = float(rr), float(tt), float(pp)
-                out["ox"][J[j]], out["oy"][J[j]] = (int_off[J[j]] + t_fine[t_]) * ps.pixel_size
-                out["cls"][J[j]] = int(c) + 1
+            jb = np.nonzero((ibest >= pos) & (ibest < pos + F * Tf))[0]  # members whose best sample is here
+            if jb.size:
+                r_, t_ = np.divmod(ibest[jb].astype(np.int64) - pos, Tf)
+                Jb = J[jb]
+                out["rot"][Jb], out["tilt"][Jb], out["psi"][Jb] = matrix_to_euler(A[r_])
+                o_b = (int_off[Jb] + t_fine[t_]) * ps.pixel_size
+                out["ox"][Jb], out["oy"][Jb] = o_b[:, 0], o_b[:, 1]
+                out["cls"][Jb] = int(c) + 1
             pos += F * Tf
             wo = Wm.sum(axis=2)  # (b, F)
             w_dir = to_host(wo.sum(axis=0)).reshape(len(oc), 8).sum(axis=1)
