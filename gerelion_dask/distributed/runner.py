@@ -191,12 +191,18 @@ class DaskRunner:
             client.wait_for_workers(1)
         # the iteration's inputs as (recomputable) tasks, not scattered data: a worker that dies holding the only
         # copy must not take them with it (a pool that kills its workers then ends as KilledWorker, named)
-        model_f = {h: client.submit(hold, models[h], key=f"model-{it}-{h}-{tag}", pure=False) for h in halves}
-        settings_f = {h: client.submit(hold, settings[h], key=f"settings-{it}-{h}-{tag}", pure=False)
+        where = placement(sorted(client.scheduler_info()["workers"]), len(tasks))
+        # each half set's model and settings start on the worker of that half's first pool (a hint, like the pools')
+        first = {}
+        for k, (_, pp) in enumerate(tasks):
+            first.setdefault(pp.half, where[k])
+        near = {h: {"workers": first[h], "allow_other_workers": first[h] is not None} for h in halves}
+        model_f = {h: client.submit(hold, models[h], key=f"model-{it}-{h}-{tag}", pure=False, **near[h])
+                   for h in halves}
+        settings_f = {h: client.submit(hold, settings[h], key=f"settings-{it}-{h}-{tag}", pure=False, **near[h])
                       for h in halves}
         source = self._source(read_images)
         leaves = defaultdict(list)
-        where = placement(sorted(client.scheduler_info()["workers"]), len(tasks))
         for k, (rows, pp) in enumerate(tasks):
             sel = self.store.selection(rows) if self.store is not None else rows
             leaves[pp.half].append(client.submit(
