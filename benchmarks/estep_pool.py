@@ -54,10 +54,18 @@ def main():
     ap.add_argument("--fine-waste", type=float, default=0.0, help="fine-pass chunk waste allowed (0: backend's)")
     ap.add_argument("--fine-max-elems", type=int, default=0, help="fine-pass chunk budget (0: backend's)")
     ap.add_argument("--no-float64", action="store_true", help="skip the float64 coarse-pass comparison")
+    ap.add_argument("--local", type=float, default=0.0, metavar="DEG",
+                    help="local searches: Gaussian priors of this sigma (rot/tilt and psi) around the true angles")
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     cur = a.current or a.box
     img, parts, m, s2 = make_pool(a.n, a.box, a.apix, a.noise)
+    if a.local:
+        from gerelion_dask.conventions import matrix_to_euler
+        from gerelion_dask.simulate import synthetic_pool
+
+        A_true = synthetic_pool(a.n, a.box, a.apix, a.noise)[2]
+        parts = replace(parts, angles=np.stack(matrix_to_euler(A_true), axis=1))
     dirs = asymmetric_unit_directions(a.order, "C1")
     grid = OrientationGrid(a.order, dirs.pix, angular_step(a.order), a.offset_range, a.offset_step, 0.25)
     ref = make_reference(m, r_max=cur // 2)
@@ -65,7 +73,8 @@ def main():
                        np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
     cs = coarse_size(a.box, a.apix, a.order, 0.9 * a.box * a.apix, cur)
     st = EStepSettings(PreprocessSettings(a.box, a.apix, cur, 0.9 * a.box * a.apix, do_norm=False), grid, cs,
-                       maxsig=a.maxsig, fine_waste=a.fine_waste, fine_max_elems=a.fine_max_elems)
+                       maxsig=a.maxsig, fine_waste=a.fine_waste, fine_max_elems=a.fine_max_elems,
+                       local_sigma_rot=a.local, local_sigma_psi=a.local)
     rows = []
     k = min(a.cpu_n, a.n)
     if k:
