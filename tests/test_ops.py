@@ -186,3 +186,29 @@ def test_kaiser_bessel_ft_normalised():
     f = kaiser_bessel_ft(w)
     assert f[0] == pytest.approx(1.0)
     assert np.all(np.isfinite(f)) and np.abs(np.diff(f)).max() < 0.01
+
+
+@pytest.mark.parametrize("n, r_max, padding, dtype", [(32, 6, 2.0, np.float64), (32, None, 2.0, np.float64),
+                                                      (33, 10, 2.0, np.float64), (24, 12, 1.0, np.float64),
+                                                      (20, 5, 3.0, np.float32), (16, None, 1.5, np.float64)])
+def test_reference_transform_equals_the_full_padded_fft(n, r_max, padding, dtype):
+    # oracle: the full float64 rfftn of the zero-padded, origin-rolled map, cut to the sphere -- the pruned
+    # transform of make_reference keeps exactly these values (bit for bit on NumPy)
+    from gerelion_dask.ops.fourier import PaddedGrid, layout_shape, sinc2_correction
+
+    vol = np.random.default_rng(n).normal(size=(n, n, n)).astype(dtype)
+    ref = make_reference(vol, r_max=r_max, padding=padding)
+    grid = PaddedGrid.create(n, r_max, padding)
+    pad_n, r_pad = grid.pad_n, grid.r_pad
+    v = vol / sinc2_correction(n, pad_n, np, dtype=dtype)
+    padded = np.zeros((pad_n,) * 3, dtype=dtype)
+    o = pad_n // 2 - n // 2
+    padded[o : o + n, o : o + n, o : o + n] = v
+    F = (np.fft.rfftn(np.roll(padded, (-(pad_n // 2),) * 3, axis=(0, 1, 2))) / (n * n)).astype(ref.data.dtype)
+    c = r_pad + 1
+    k = np.arange(-c, c + 1)
+    kx = np.arange(layout_shape(r_pad)[2])
+    want = F[(k % pad_n)[:, None, None], (k % pad_n)[None, :, None], np.minimum(kx, pad_n // 2)[None, None, :]]
+    want = np.where(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2 <= r_pad * r_pad, want, 0)
+    assert ref.data.shape == want.shape and ref.data.dtype == want.dtype
+    assert np.array_equal(ref.data, want)
