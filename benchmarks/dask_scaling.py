@@ -49,10 +49,13 @@ class PrintIterations:
         pass
 
     def iteration_finished(self, rec) -> None:
-        s = rec.seconds
+        s, mem = rec.seconds, rec.memory or {}
+        gpu = mem.get("worker_gpu_pool_held_mib", (mem.get("gpu_mib") or {}).get("pool_held"))
         print(f"  [{self.label}] iteration {rec.iteration}: size {rec.current_size}, E-step {s['estep']:.2f} s "
-              f"({1000 * s['estep'] / self.n:.2f} ms/particle), M-step {s['mstep']:.2f} s, total {s['total']:.2f} s",
-              flush=True)
+              f"({1000 * s['estep'] / self.n:.2f} ms/particle), M-step {s['mstep']:.2f} s, total {s['total']:.2f} s; "
+              f"driver RSS {mem.get('peak_rss_mib', 0):.0f} MiB"
+              + (f", worker RSS {mem['worker_peak_rss_mib']:.0f} MiB" if "worker_peak_rss_mib" in mem else "")
+              + (f", CuPy pool {gpu:.0f} MiB" if gpu is not None else ""), flush=True)
 
 
 def run(cfg, n_workers: int | None, gpu: bool, progress=None):
@@ -260,7 +263,8 @@ def summary(runs: dict, sizes: list, ns) -> None:
               f"{red:.1f} | {allb:.1f} | {agree} |")
         rows[label] = {"workers": w, "cluster_start_s": start, "agreement": agree,
                        "iterations": [{"iteration": r.iteration, "current_size": r.current_size,
-                                       "seconds": r.seconds, "transfer_bytes": tr.get(r.iteration, (0, 0))}
+                                       "seconds": r.seconds, "transfer_bytes": tr.get(r.iteration, (0, 0)),
+                                       "memory": r.memory}
                                       for r in res.iterations]}
     if ns.json:
         with open(ns.json, "w") as fh:
