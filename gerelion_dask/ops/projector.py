@@ -47,7 +47,7 @@ def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dt
     real_dtype = np.float64 if np.dtype(dtype) == np.complex128 else np.float32
     v = volume.astype(real_dtype) / sinc2_correction(n, pad_n, xp, dtype=real_dtype)
     F = _padded_transform(v, pad_n, grid.r_pad, xp) / (n * n)
-    return FourierReference(_to_layout(F.astype(dtype), grid.r_pad, pad_n), grid)
+    return FourierReference(_to_layout(F.astype(dtype), grid.r_pad), grid)
 
 
 def _padded_transform(v, pad_n: int, r_pad: int, xp):
@@ -61,8 +61,7 @@ def _padded_transform(v, pad_n: int, r_pad: int, xp):
     the work of the full transform for small ``r_pad``.
     """
     n = v.shape[0]
-    h = pad_n // 2
-    rows = xp.asarray((np.arange(h - n // 2, h - n // 2 + n) - h) % pad_n)  # where the map's rows land once rolled
+    rows = xp.asarray((np.arange(n) - n // 2) % pad_n)  # where the map's rows land once the origin is at voxel 0
     c = r_pad + 1
     keep = xp.asarray(np.arange(-c, c + 1) % pad_n)
     nkx = min(c, pad_n // 2) + 1
@@ -77,7 +76,7 @@ def _padded_transform(v, pad_n: int, r_pad: int, xp):
     return xp.fft.fft(vol, axis=0)[keep]  # z: (2c+1, 2c+1, nkx)
 
 
-def _to_layout(F, r_pad: int, pad_n: int):
+def _to_layout(F, r_pad: int):
     """The centred layout of the sphere ``|q| <= r_pad`` from :func:`_padded_transform`'s output."""
     xp = get_xp(F)
     c = r_pad + 1
