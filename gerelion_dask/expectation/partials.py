@@ -52,14 +52,12 @@ class Partials:
         return Partials(**vals)
 
     def to_host(self) -> Partials:
-        return Partials(**{f.name: (to_host(getattr(self, f.name)) if f.name in ("bp_data", "bp_weight")
-                                    else getattr(self, f.name)) for f in fields(self)})
+        return self.on(np)
 
     def on(self, xp) -> Partials:
         """The same sums with the two volumes in ``xp``'s memory (``cupy``: the M-step runs on the GPU)."""
-        if xp is np:
-            return self.to_host()
-        return Partials(**{f.name: (xp.asarray(getattr(self, f.name)) if f.name in ("bp_data", "bp_weight")
+        move = to_host if xp is np else xp.asarray
+        return Partials(**{f.name: (move(getattr(self, f.name)) if f.name in ("bp_data", "bp_weight")
                                     else getattr(self, f.name)) for f in fields(self)})
 
 
