@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["get_xp", "is_cupy", "to_host", "to_device_like", "gpu_count", "deep_nbytes"]
+__all__ = ["get_xp", "is_cupy", "to_host", "to_device_like", "gpu_count", "deep_nbytes", "SizedByArrays"]
 
 
 def is_cupy(a: Any) -> bool:
@@ -57,8 +57,9 @@ def deep_nbytes(obj: Any) -> int:
     """Bytes held by the arrays inside ``obj`` (dataclasses, lists, tuples and dicts are walked; NumPy and CuPy arrays
     count their ``nbytes``; anything else counts ``sys.getsizeof``).
 
-    The E-step's results and models define ``__sizeof__`` with it, so Dask's ``sizeof`` (which falls back to
-    ``sys.getsizeof``) sees their real size: the scheduler's placement and the workers' transfer logs depend on it.
+    The E-step's results and models get ``__sizeof__`` from it (:class:`SizedByArrays`), so Dask's ``sizeof`` (which
+    falls back to ``sys.getsizeof``) sees their real size: the scheduler's placement and the workers' transfer logs
+    depend on it.
     """
     import dataclasses
 
@@ -71,3 +72,13 @@ def deep_nbytes(obj: Any) -> int:
     if isinstance(obj, dict):
         return 64 + sum(deep_nbytes(k) + deep_nbytes(v) for k, v in obj.items())
     return sys.getsizeof(obj)
+
+
+class SizedByArrays:
+    """Base of the dataclasses that travel between Dask processes: ``sys.getsizeof`` (and so Dask's ``sizeof``)
+    reports the bytes of the arrays inside (:func:`deep_nbytes`), not the object header."""
+
+    __slots__ = ()
+
+    def __sizeof__(self) -> int:
+        return deep_nbytes(self)

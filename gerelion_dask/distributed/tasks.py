@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import SizedByArrays
 from ..expectation.partials import Partials, PoolResult
 
 __all__ = ["PoolOutput", "estep_task", "to_host", "worker_array_module", "device_model", "read_task_images",
@@ -24,7 +25,7 @@ __all__ = ["PoolOutput", "estep_task", "to_host", "worker_array_module", "device
 
 
 @dataclass(frozen=True)
-class PoolOutput:
+class PoolOutput(SizedByArrays):
     """Partial sums of some pools of one half set plus their per-particle results, tagged with the pool indices.
 
     ``a + b`` adds the partial sums (refusing different halves) and concatenates the results, so the tree of
@@ -34,11 +35,6 @@ class PoolOutput:
 
     partials: Partials
     results: tuple  # ((pool index, PoolResult), ...)
-
-    def __sizeof__(self) -> int:  # Dask's sizeof: the arrays inside, not the object header
-        from ..backend import deep_nbytes
-
-        return deep_nbytes(self)
 
     def __add__(self, other: PoolOutput) -> PoolOutput:
         return PoolOutput(self.partials + other.partials, self.results + other.results)

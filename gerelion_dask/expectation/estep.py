@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..backend import get_xp, to_host
+from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
 from ..ops.projector import project
@@ -37,7 +37,7 @@ MIN_CHUNK_ELEMS = 1 << 12
 
 
 @dataclass(frozen=True)
-class EStepModel:
+class EStepModel(SizedByArrays):
     """The parts of the current model that one half set's E-step reads."""
 
     refs: list  # FourierReference per class (None for an empty class)
@@ -48,11 +48,6 @@ class EStepModel:
     sigma_offset_angst: float
     scales: np.ndarray  # (n_groups,) intensity scale per group
     avg_norm: float = 1.0
-
-    def __sizeof__(self) -> int:  # Dask's sizeof: the references' arrays, not the object header
-        from ..backend import deep_nbytes
-
-        return deep_nbytes(self)
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..backend import deep_nbytes, to_host
+from ..backend import SizedByArrays, to_host
 from ..ops.fourier import PaddedGrid
 
 __all__ = ["Partials", "PoolResult", "empty_partials"]
 
 
 @dataclass(frozen=True)
-class Partials:
+class Partials(SizedByArrays):
     half: int  # 1, 2, or 0 without halves
     grid: PaddedGrid
     bp_data: object  # (K, P, P, r_pad+2) complex128
@@ -36,9 +36,6 @@ class Partials:
     sum_pmax: float
     n_particles: int
     n_zero_weight: int
-
-    def __sizeof__(self) -> int:  # Dask's sizeof: the arrays inside, not the object header
-        return deep_nbytes(self)
 
     def __add__(self, other: Partials) -> Partials:
         if self.half != other.half:
@@ -74,7 +71,7 @@ def empty_partials(half: int, grid: PaddedGrid, n_classes: int, n_dir: int, n_op
 
 
 @dataclass(frozen=True)
-class PoolResult:
+class PoolResult(SizedByArrays):
     """Best pose and statistics per particle of a pool (host arrays, length B)."""
 
     index: np.ndarray
@@ -88,9 +85,6 @@ class PoolResult:
     n_significant: np.ndarray
     loglik: np.ndarray
     norm: np.ndarray
-
-    def __sizeof__(self) -> int:
-        return deep_nbytes(self)
 
     @staticmethod
     def concat(results: list[PoolResult]) -> PoolResult:

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..backend import SizedByArrays
+
 __all__ = ["Model", "replace"]
 
 
 @dataclass(frozen=True)
-class Model:
+class Model(SizedByArrays):
     ori_size: int
     pixel_size: float
     maps: list  # [half][class] -> (N, N, N) float64 host arrays (None = empty class)
@@ -36,11 +38,6 @@ class Model:
     tau2_fudge: float = 1.0
     acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(1))
     acc_trans_angst: np.ndarray = field(default_factory=lambda: np.zeros(1))
-
-    def __sizeof__(self) -> int:  # Dask's sizeof: the maps and spectra, not the object header
-        from ..backend import deep_nbytes
-
-        return deep_nbytes(self)
 
     @property
     def n_classes(self) -> int:
