@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,12 @@ def child_env(one_blas_thread: bool = False, **extra) -> dict:
     if one_blas_thread:
         env.update({k: str(v) for k, v in ONE_BLAS_THREAD.items()})
     return {**env, **extra}
+
+
+def cluster_cli(scheduler_file, *args, timeout: float = 90):
+    """``gerelion cluster <args> --scheduler-file <scheduler_file>`` in a child process that imports this checkout."""
+    return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "cluster", *args, "--scheduler-file",
+                           str(scheduler_file)], env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])

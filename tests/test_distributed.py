@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import child_env, cluster_cli
 
 from gerelion_dask.config import JobConfig
 from gerelion_dask.distributed.reduce import tree_pairs, tree_sum
@@ -260,11 +260,9 @@ def test_no_scheduler_answers_is_an_input_error(tmp_path):
 def test_cluster_service_start_status_stop(tmp_path):
     # the persistent local cluster: start writes the scheduler file, status lists the workers, stop ends it
     sched = tmp_path / "scheduler.json"
-    env = child_env()
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "cluster", *args, "--scheduler-file",
-                               str(sched)], env=env, capture_output=True, text=True, timeout=90)
+        return cluster_cli(sched, *args, timeout=90)
 
     started = cli("start", "--workers", "1", "--dashboard-address", "")
     try:

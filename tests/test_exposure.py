@@ -11,14 +11,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import subprocess
-import sys
 import time
 from urllib.parse import urlparse
 
 import psutil
 import pytest
-from conftest import child_env
+from conftest import cluster_cli
 
 
 
@@ -63,11 +61,9 @@ def test_local_cluster_of_a_job_listens_on_loopback_only():
 @pytest.mark.slow
 def test_cluster_service_listens_on_loopback_only(tmp_path):
     sched = tmp_path / "scheduler.json"
-    env = child_env()
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "cluster", *args, "--scheduler-file",
-                               str(sched)], env=env, capture_output=True, text=True, timeout=120)
+        return cluster_cli(sched, *args, timeout=120)
 
     started = cli("start", "--workers", "1")  # default dashboard address
     try:
