@@ -29,8 +29,8 @@ from gerelion_dask.simulate import synthetic_pool  # noqa: E402
 
 
 def make_pool(n, box, apix, noise, seed=0):
-    img, parts, _, _, s2, maps = synthetic_pool(n, box, apix, noise, seed)
-    return img, parts, maps[0], s2
+    img, parts, A, _, s2, maps = synthetic_pool(n, box, apix, noise, seed)
+    return img, parts, maps[0], s2, A
 
 
 def subset(p, k):
@@ -59,12 +59,10 @@ def main():
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     cur = a.current or a.box
-    img, parts, m, s2 = make_pool(a.n, a.box, a.apix, a.noise)
+    img, parts, m, s2, A_true = make_pool(a.n, a.box, a.apix, a.noise)
     if a.local:
         from gerelion_dask.conventions import matrix_to_euler
-        from gerelion_dask.simulate import synthetic_pool
 
-        A_true = synthetic_pool(a.n, a.box, a.apix, a.noise)[2]
         parts = replace(parts, angles=np.stack(matrix_to_euler(A_true), axis=1))
     dirs = asymmetric_unit_directions(a.order, "C1")
     grid = OrientationGrid(a.order, dirs.pix, angular_step(a.order), a.offset_range, a.offset_step, 0.25)
