@@ -6,9 +6,13 @@ preprocessing, the coarse pass (at ``--coarse`` px), the fine pass (at ``--curre
 to warm up (compilation, FFT plans) and is then timed after a device synchronisation.
 
 Useful FLOPs count only the arithmetic of the formulas (no padding, no masked-out samples): the coarse pass does
-``B*O*(T*4M + 2M)`` real multiply-adds x 2 (the cross-term GEMMs over stacked real/imaginary parts, plus the
-``|P|^2`` term) for ``B`` particles, ``O`` orientations x ``K`` classes, ``T`` translations and ``M`` likelihood
-pixels; coarse evaluations = ``B*O*T*K``.
+``B*O*(T*4M + 2M)`` FLOPs (per evaluation the cross term ``Re sum_k Y_k conj(P_k)``: 2 multiply-adds per complex
+pixel; per particle and orientation the ``sum w c^2 |P|^2`` term: 1 multiply-add per pixel) for ``B`` particles,
+``O`` orientations x ``K`` classes, ``T`` translations and ``M`` likelihood pixels; coarse evaluations =
+``B*O*T*K``.  (Before 2026-11-24's fourth session this script counted each multiply-add as 4 FLOPs, twice the
+useful count: its earlier TFLOP/s figures in RESULTS.md are halved there.)  The coarse pass is timed as it runs for
+every pool after an iteration's first, with the whole-grid projections in the iteration's ProjectionCache; making
+them is its own row.
 
   python benchmarks/stages.py --box 128 --n 256 --coarse 64 --current 96 [--cpu]
 """
@@ -26,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.expectation.estep import (EStepModel, EStepSettings, coarse_pass,  # noqa: E402
-                                             expectation_pool, orientation_priors)
-from gerelion_dask.expectation.fine import fine_pass  # noqa: E402
+                                             coarse_projections, expectation_pool, orientation_priors)
+from gerelion_dask.expectation.fine import FINE_LIMITS, ProjectionCache, fine_pass  # noqa: E402
 from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
 from gerelion_dask.expectation.preprocess import PreprocessSettings, preprocess_pool  # noqa: E402
 from gerelion_dask.ops.backprojector import empty_backprojection, insert_slices  # noqa: E402
 from gerelion_dask.ops.fourier import likelihood_pixels  # noqa: E402
-from gerelion_dask.ops.projector import make_reference  # noqa: E402
+from gerelion_dask.ops.projector import make_reference, project  # noqa: E402
 from gerelion_dask.ops.reconstruct import reconstruct  # noqa: E402
 from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions  # noqa: E402
 from gerelion_dask.simulate import synthetic_pool  # noqa: E402
@@ -86,13 +90,20 @@ def main():
                        np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
     st = EStepSettings(PreprocessSettings(a.box, a.apix, cur, 0.9 * a.box * a.apix, do_norm=False), grid, a.coarse)
     images = xp.asarray(img)
+    dtype = np.dtype(FINE_LIMITS["cpu" if xp is np else "gpu"]["coarse_dtype"])
     rows = []
     pre, t = timed(xp, preprocess_pool, images, parts, st.preprocess, model.sigma2_noise)
     rows.append(("preprocess", t, a.n / t, "particles/s", float("nan")))
     pri = orientation_priors(parts, model, st)
-    sig, t = timed(xp, coarse_pass, xp, pre, parts, model, st, pri)
+    A_all = grid.coarse_matrices()
+    mc = xp.asarray(likelihood_pixels(a.coarse))
+    _, t = timed(xp, lambda: coarse_projections(xp, project(ref, xp.asarray(A_all), a.coarse)[:, mc], dtype))
+    rows.append((f"coarse projections ({len(A_all)} at {a.coarse} px, once per iteration)", t, len(A_all) / t,
+                 "projections/s", float("nan")))
+    cache = ProjectionCache(1 << 33)
+    sig, t = timed(xp, coarse_pass, xp, pre, parts, model, st, pri, cache)
     B, O, T, M = a.n, grid.n_dir * grid.n_psi, len(grid.translations), int(likelihood_pixels(a.coarse).sum())
-    flops = 2.0 * B * O * (T * 4 * M + 2 * M)
+    flops = 1.0 * B * O * (T * 4 * M + 2 * M)
     rows.append((f"coarse pass ({a.coarse} px, {O}x{T})", t, B * O * T / t, "evaluations/s", flops / t / 1e12))
     (_, res), t = timed(xp, fine_pass, xp, pre, parts, model, st, sig)
     nsig = int(np.median(res.n_significant))
@@ -113,7 +124,9 @@ def main():
     _, t = timed(xp, reconstruct, bp, tau2=None)
     rows.append((f"reconstruction (box {a.box}, pad 2)", t, 1 / t, "maps/s", float("nan")))
     _, t = timed(xp, expectation_pool, images, parts, model, st)
-    rows.append(("whole E-step of the pool", t, a.n / t, "particles/s", float("nan")))
+    rows.append(("whole E-step of the pool, an iteration's first", t, a.n / t, "particles/s", float("nan")))
+    _, t = timed(xp, expectation_pool, images, parts, model, st, cache)
+    rows.append(("whole E-step of the pool, projections cached", t, a.n / t, "particles/s", float("nan")))
     dev = "numpy (CPU)" if xp is np else f"cupy ({xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
     print(f"{dev}; box {a.box}, {a.n} particles, HEALPix order {a.order}, noise {a.noise}; "
           f"device pool {peak_bytes(xp) / 2**30:.2f} GiB")

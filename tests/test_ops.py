@@ -212,3 +212,81 @@ def test_reference_transform_equals_the_full_padded_fft(n, r_max, padding, dtype
     want = np.where(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2 <= r_pad * r_pad, want, 0)
     assert ref.data.shape == want.shape and ref.data.dtype == want.dtype
     assert np.array_equal(ref.data, want)
+
+
+def _coarse_block(rng, b=5, K=2, T=7, O=33):
+    g = rng.normal(size=(b, T, O)) * 40
+    a, hr = rng.uniform(500, 900, b), rng.uniform(0, 20, b)
+    p = rng.uniform(50, 200, (b, O))
+    lpo = rng.normal(size=(b, K, O))
+    lpo[rng.uniform(size=lpo.shape) < 0.3] = -np.inf  # directions outside a local search
+    off = rng.normal(size=(b, T))
+    off[:, 0] = -np.inf
+    return g, a, p, hr, lpo, off
+
+
+def test_coarse_diff2_and_weights(xp):
+    # oracle: the formulas evaluated one sample at a time in float64 (ALGORITHM.md §4.3-4.4); on CuPy the fused kernels
+    # must give the NumPy values (same operation order: equal to rounding)
+    from gerelion_dask.ops.likelihood import coarse_diff2, coarse_weights
+
+    rng = np.random.default_rng(3)
+    g, a, p, hr, lpo, off = _coarse_block(rng)
+    b, T, O = g.shape
+    K = lpo.shape[1]
+    D = xp.empty((b, K, T, O))
+    for k in range(K):
+        out = coarse_diff2(xp.asarray(g.astype(np.float32)), xp.asarray(a), xp.asarray(p), xp.asarray(hr),
+                           xp.asarray(lpo[:, k]), xp.asarray(off), out=D[:, k])
+        assert out.shape == (b, T, O)
+    dmin = D.reshape(b, -1).min(axis=1)
+    w = to_np(coarse_weights(D, dmin, xp.asarray(lpo), xp.asarray(off)))
+    D, dmin = to_np(D), to_np(dmin)
+    g32 = g.astype(np.float32).astype(np.float64)
+    for i, k, t, o in np.ndindex(b, K, T, O):
+        ok = np.isfinite(lpo[i, k, o]) and np.isfinite(off[i, t])
+        want = (a[i] + hr[i] + p[i, o]) - 2 * g32[i, t, o] if ok else np.inf
+        assert D[i, k, t, o] == pytest.approx(want, rel=1e-15, abs=1e-12)
+        x = D[i, k, t, o] - dmin[i]
+        ww = np.exp(-x + (lpo[i, k, o] + off[i, t])) if ok and x <= 700 else 0.0
+        assert w[i, k, t, o] == pytest.approx(ww, rel=1e-13, abs=1e-300)
+    assert (w > 0).any() and (w == 0).any()
+
+
+def test_coarse_weights_cut_at_700(xp):
+    # oracle: RELION's double path -- weights of samples more than 700 above the row's minimum are exactly zero
+    from gerelion_dask.ops.likelihood import coarse_weights
+
+    d = xp.asarray(np.array([0.0, 699.0, 700.0, 700.5, np.inf]).reshape(1, 1, 1, 5))
+    w = to_np(coarse_weights(d, xp.zeros(1), xp.zeros((1, 1, 5)), xp.zeros((1, 1))))
+    assert np.allclose(w.ravel()[:3], np.exp(-np.array([0.0, 699.0, 700.0])), rtol=1e-14)
+    assert (w.ravel()[3:] == 0).all()
+
+
+@pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1)])
+def test_significant_set_matches_full_sort(xp, fraction, maxsig):
+    # oracle: RELION's definition, one row at a time in float64 -- sort the whole row in descending order, keep
+    # samples until the running sum reaches the fraction (all positive ones for fraction 1; at most maxsig); the
+    # candidate-only selection must keep exactly those samples (ties included) and report the first largest weight
+    from gerelion_dask.expectation.weights import significant_set
+
+    rng = np.random.default_rng(11)
+    rows = [np.exp(-rng.exponential(s, 400)) for s in (0.2, 3.0, 40.0)]  # flat, medium, peaked posteriors
+    rows.append(np.round(rng.uniform(0, 1, 400), 1))  # ties and exact zeros
+    rows.append(np.ones(400))  # all equal
+    w = np.stack(rows)
+    r, c, thr, best = (to_np(v) for v in significant_set(xp.asarray(w), fraction, maxsig))
+    got = np.zeros(w.shape, bool)
+    got[r, c] = True
+    for i, row in enumerate(w):
+        srt = np.sort(row)[::-1]
+        cs = np.cumsum(srt)
+        k = min(int(np.sum(cs < fraction * row.sum())), row.size - 1) if fraction < 1 else row.size - 1
+        if maxsig > 0:
+            k = min(k, maxsig - 1)
+        want = (row >= srt[k]) & (row > 0)
+        assert np.array_equal(got[i], want), i
+        # a zero k-th weight (fraction 1) is reported as a threshold at or below the smallest positive one
+        assert thr[i] == srt[k] if srt[k] > 0 else 0 < thr[i] <= row[row > 0].min()
+        assert best[i] == np.argmax(row)
+    assert np.all(np.diff(r) >= 0)

@@ -22,11 +22,12 @@ import numpy as np
 from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
+from ..ops.likelihood import coarse_diff2, coarse_weights
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
-from .weights import posterior_weights, significance_threshold
+from .weights import significant_set
 
 __all__ = ["EStepModel", "EStepSettings", "expectation_pool"]
 
@@ -125,47 +126,74 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
         keep = np.zeros((B, K), bool)
         keep[np.arange(B), particles.seed_class] = True
         dir_lp[~keep] = -np.inf
-    # divide by the mean over the sampled (finite) orientations, computed separably
+    # divide by the mean over the sampled (finite) orientations, computed separably for all particles at once
     fd, fp = np.isfinite(dir_lp), np.isfinite(psi_lp)
-    for b in range(B):
-        if not fd[b].any() or not fp[b].any():
-            continue
-        vd, vp = dir_lp[b][fd[b]], psi_lp[b][fp[b]]
-        md, mp = vd.max(), vp.max()
-        log_mean = (md + mp + np.log(np.exp(vd - md).sum()) + np.log(np.exp(vp - mp).sum())
-                    - np.log(vd.size) - np.log(vp.size))
-        dir_lp[b][fd[b]] -= log_mean
+    nd, npsi = fd.sum(axis=(1, 2)), fp.sum(axis=1)
+    ok = (nd > 0) & (npsi > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        md = np.where(ok, np.max(np.where(fd, dir_lp, -np.inf), axis=(1, 2)), 0.0)
+        mp = np.where(ok, np.max(np.where(fp, psi_lp, -np.inf), axis=1), 0.0)
+        sd = np.where(fd, np.exp(dir_lp - md[:, None, None]), 0.0).sum(axis=(1, 2))
+        sp = np.where(fp, np.exp(psi_lp - mp[:, None]), 0.0).sum(axis=1)
+        log_mean = np.where(ok, md + mp + np.log(sd) + np.log(sp) - np.log(nd) - np.log(npsi), 0.0)
+    dir_lp = np.where(fd, dir_lp - log_mean[:, None, None], dir_lp)
     u = np.rint(particles.offset_px)[:, None, :] + grid.translations[None]
     off_lp = _offset_log_prior(u, particles.offset_prior_px, settings.preprocess.pixel_size,
                                model.sigma_offset_angst)
     return OrientationPriors(dir_lp, psi_lp, off_lp)
 
 
-def _diff2_block(xp, X, C, W, phase, P, cc: bool, ctf_on_ref: bool, dtype=np.float64):
-    """diff2 ``(B, T, O)`` (float64) for particles ``X (B, M)`` against projections ``P (O, M)``.
+def _interleaved(xp, Z, dtype):
+    """Complex ``Z (..., M)`` as real ``(..., 2M)`` (real and imaginary parts interleaved) in ``dtype``: the dot
+    product of two such rows is ``Re(z1 conj(z2))``."""
+    ct = np.complex64 if np.dtype(dtype) == np.float32 else np.complex128
+    return xp.ascontiguousarray(Z.astype(ct, copy=False)).view(dtype)
 
-    The three matrix products run in ``dtype`` (float32 on GPUs: the coarse pass only selects significant samples,
-    and the per-particle constant ``sum w |X|^2`` is added in float64 so the cancellation in ``a + b - 2 g`` stays
-    accurate); the fine pass is always float64.
+
+@dataclass(frozen=True)
+class CoarseProjections(SizedByArrays):
+    """One class's projections for the coarse pass: interleaved ``(O, 2M)`` and power ``|P|^2 (O, M)``, in the
+    precision of the coarse GEMMs."""
+
+    interleaved: object
+    power: object
+
+
+def coarse_projections(xp, P, dtype) -> CoarseProjections:
+    Pv = _interleaved(xp, P, dtype)
+    return CoarseProjections(Pv, (Pv[:, 0::2] ** 2 + Pv[:, 1::2] ** 2))
+
+
+def _diff2_block(xp, X, C, W, phase, proj: CoarseProjections, cc: bool, ctf_on_ref: bool, hr, lpo, off, out=None):
+    """diff2 ``(B, T, O)`` (float64, ``+inf`` where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles
+    ``X (B, M)`` against one class's projections.
+
+    The cross term is one real GEMM over interleaved real and imaginary parts, in the precision of ``proj`` (float32
+    on GPUs: the coarse pass only selects significant samples; the per-particle constant ``sum w |X|^2`` is added in
+    float64 so the cancellation in ``a + p - 2 g`` stays accurate); the fine pass is always float64.
+    ``hr (B,)``: half the power beyond the current size, added to every value (0 for cross-correlation).
     """
     f64 = np.float64
+    dtype = proj.interleaved.dtype
     Cr = C if ctf_on_ref else xp.ones_like(C)
-    Pr, Pi = P.real.astype(dtype, copy=False), P.imag.astype(dtype, copy=False)
-    P2 = Pr * Pr + Pi * Pi  # (O, M)
+    Bn, T = X.shape[0], phase.shape[0]
+    ct = np.complex64 if dtype == np.float32 else np.complex128
+    Z = (Cr * X) if cc else (W * Cr * X)
+    Y = _interleaved(xp, Z.astype(ct)[:, None, :] * phase.astype(ct)[None], dtype)  # (B, T, 2M)
+    g = (Y.reshape(Bn * T, -1) @ proj.interleaved.T).reshape(Bn, T, -1)  # (B, T, O)
     if cc:
-        Y = (Cr * X)[:, None, :] * phase[None]
-        Bn, T, M = Y.shape
-        g = (Y.real.astype(dtype).reshape(Bn * T, M) @ Pr.T + Y.imag.astype(dtype).reshape(Bn * T, M) @ Pi.T)
-        normp = xp.sqrt((Cr * Cr).astype(dtype) @ P2.T).astype(f64, copy=False)  # (B, O)
+        normp = xp.sqrt((Cr * Cr).astype(dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
         normx = xp.sqrt((xp.abs(X) ** 2).sum(axis=1))  # (B,)
         den = normp[:, None, :] * normx[:, None, None]
-        return -g.astype(f64, copy=False).reshape(Bn, T, -1) / xp.where(den > 0, den, 1.0)
+        allowed = xp.isfinite(lpo)[:, None, :] & xp.isfinite(off)[:, :, None]
+        d = xp.where(allowed, -g.astype(f64) / xp.where(den > 0, den, 1.0), xp.inf)
+        if out is None:
+            return d
+        out[...] = d
+        return out
     a = (W * xp.abs(X) ** 2).sum(axis=1)
-    b = ((W * Cr * Cr).astype(dtype) @ P2.T).astype(f64, copy=False)  # (B, O)
-    Y = (W * Cr * X)[:, None, :] * phase[None]  # (B, T, M)
-    Bn, T, M = Y.shape
-    g = Y.real.astype(dtype).reshape(Bn * T, M) @ Pr.T + Y.imag.astype(dtype).reshape(Bn * T, M) @ Pi.T
-    return a[:, None, None] + b[:, None, :] - 2.0 * g.astype(f64, copy=False).reshape(Bn, T, -1)
+    p = ((W * Cr * Cr).astype(dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
+    return coarse_diff2(g, a, p, xp.asarray(hr, dtype=f64), lpo, off, out)
 
 
 def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None):
@@ -195,16 +223,19 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
 def _expectation_pool(xp, images, particles, model, settings, cache=None):
     pre = preprocess_pool(images, particles, settings.preprocess, model.sigma2_noise)
     pri = orientation_priors(particles, model, settings)
-    sig = coarse_pass(xp, pre, particles, model, settings, pri)
+    sig = coarse_pass(xp, pre, particles, model, settings, pri, cache)
     return fine_pass(xp, pre, particles, model, settings, sig, cache)
 
 
-def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, pri: OrientationPriors):
+def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, pri: OrientationPriors, cache=None):
     """Pass 1 at the coarse image size -> the significant samples of every particle (:class:`Significant`).
 
-    Particles are taken in chunks (global searches: all orientations, projected once per class for the pool;
-    local searches: chunks of particles with overlapping search ranges, their union projected per chunk), so memory
-    stays bounded by ``fine_max_elems`` whatever the sampling order.
+    Particles are taken in chunks (global searches: all orientations, projected once per class for the pool, or
+    once per iteration with a :class:`~gerelion_dask.expectation.fine.ProjectionCache`; local searches: chunks of
+    particles with overlapping search ranges, their union projected per chunk), so memory stays bounded by
+    ``fine_max_elems`` whatever the sampling order.  A chunk's samples form one ``(b, K, T, O)`` block: one GEMM per
+    class, then element-wise stages (:mod:`gerelion_dask.ops.likelihood`) and the significant set of each row
+    (:func:`~gerelion_dask.expectation.weights.significant_set`) without sorting whole rows.
     """
     ps = settings.preprocess
     N, nc = ps.ori_size, settings.coarse_size
@@ -231,6 +262,11 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     fin_p = np.isfinite(pri.psi_lp)
     classes = [c for c in range(K) if model.refs[c] is not None and fin_d[:, c].any()]
     local = settings.local_sigma_rot > 0
+
+    def projections(c, A):
+        return coarse_projections(xp, xp.concatenate([gather(project(model.refs[c], xp.asarray(A[s : s + 4096]), nc),
+                                                             mc) for s in range(0, len(A), 4096)]), dtype)
+
     if local:
         dsets = [np.nonzero(fin_d[b].any(axis=0))[0] for b in range(B)]
         psets = [np.nonzero(fin_p[b])[0] for b in range(B)]
@@ -240,9 +276,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     else:
         per = max(1, int(max_elems // max(1, O * T * max(1, len(classes)))))
         chunks = [np.arange(s, min(B, s + per)) for s in range(0, B, per)]
-        A_all = grid.coarse_matrices()
-        full = {c: xp.concatenate([gather(project(model.refs[c], xp.asarray(A_all[s : s + 4096]), nc), mc)
-                                   for s in range(0, O, 4096)]) for c in classes}
+        full = {}
+        for c in classes:
+            make = (lambda c=c: projections(c, grid.coarse_matrices()))
+            full[c] = cache.whole(("coarse", c, nc, dtype.str), make) if cache is not None else make()
     rows_b, rows_c, rows_o, rows_t, rows_lp = [], [], [], [], []
     n_sig = np.zeros(B, np.int64)
     best = np.zeros(B, np.int64)
@@ -256,46 +293,47 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             A = grid.coarse_matrices(U // n_psi, U % n_psi)
         else:
             U = np.arange(O)
-        ds, lps, cls_of = [], [], []
-        for c in classes:
-            lpo = pri.dir_lp[J, c][:, U // n_psi] + pri.psi_lp[J][:, U % n_psi]  # (b, |U|)
-            if not np.isfinite(lpo).any():
-                continue
-            P = full[c] if full is not None else gather(project(model.refs[c], xp.asarray(A), nc), mc)
-            d = _diff2_block(xp, Xc[Jx], Cc[Jx], Wc[Jx], phase_c, P, settings.do_cc, settings.ctf_on_reference,
-                             dtype)
-            lp = xp.asarray(lpo)[:, :, None] + xp.asarray(pri.off_lp[J])[:, None, :]  # (b, |U|, T)
-            d = d.transpose(0, 2, 1) + xp.asarray(hr[J])[:, None, None]
-            ds.append(xp.where(xp.isfinite(lp), d, xp.inf).reshape(b, -1))
-            lps.append(lp.reshape(b, -1))
-            cls_of.append(c)
-        D = xp.concatenate(ds, axis=1)
-        LP = xp.concatenate(lps, axis=1)
-        del ds, lps
+        # the chunk's classes with any searched sample (U holds every pair of its directions and psi angles), and
+        # their separable log priors (b, K', |U|) and (b, T), made on the device from the small per-angle arrays
+        ud, up = np.unique(U // n_psi), np.unique(U % n_psi)
+        has_p = fin_p[J][:, up].any(axis=1)
+        cls_of = [c for c in classes if (fin_d[J, c][:, ud].any(axis=1) & has_p).any()]
+        Ux = xp.asarray(U)
+        LPOx = (xp.asarray(pri.dir_lp[J][:, cls_of])[:, :, Ux // n_psi]
+                + xp.asarray(pri.psi_lp[J])[:, None, Ux % n_psi])
+        offx = xp.asarray(pri.off_lp[J])
+        D = xp.empty((b, len(cls_of), T, len(U)), np.float64)
+        X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
+        for k, c in enumerate(cls_of):
+            proj = full[c] if full is not None else projections(c, A)
+            _diff2_block(xp, X_, C_, W_, phase_c, proj, settings.do_cc, settings.ctf_on_reference, hr[J],
+                         LPOx[:, k], offx, out=D[:, k])
+        D2 = D.reshape(b, -1)
         if settings.do_cc:
-            ib = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
-            S = xp.zeros(D.shape, bool)
-            S[xp.arange(b), ib] = True
+            ib = xp.argmin(D2, axis=1)
+            jj, ll = np.arange(b), to_host(ib)
         else:
-            w, _, _, _ = posterior_weights(D, LP)
-            thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig)
-            S = (w >= thr[:, None]) & (w > 0)
-            ib = xp.argmax(w, axis=1)
+            dmin = D2.min(axis=1)
+            w = coarse_weights(D, dmin, LPOx, offx).reshape(b, -1)
+            bad = xp.nonzero(~(w.sum(axis=1) > 0))[0]
+            if bad.size:  # every weight underflowed: the best sample alone (as posterior_weights does)
+                w[bad, xp.argmin(D2[bad], axis=1)] = 1.0
+            del D, D2
+            jj, ll, _, ib = significant_set(w, settings.adaptive_fraction, settings.maxsig)
+            jj, ll = to_host(jj), to_host(ll)
             del w
-        jj, ll = (to_host(v) for v in xp.nonzero(S))
-        lpv = to_host(LP[xp.asarray(jj), xp.asarray(ll)])
-        del D, LP, S
         per_cls = len(U) * T
         blk, rest = np.divmod(ll, per_cls)
-        u, t = np.divmod(rest, T)
+        t, u = np.divmod(rest, len(U))
         rows_b.append(J[jj])
         rows_c.append(np.asarray(cls_of, np.int64)[blk])
         rows_o.append(U[u])
         rows_t.append(t)
-        rows_lp.append(lpv)
+        jx = xp.asarray(jj)
+        rows_lp.append(to_host(LPOx[jx, xp.asarray(blk), xp.asarray(u)] + offx[jx, xp.asarray(t)]))
         n_sig[J] = np.bincount(jj, minlength=b)
         ibh = to_host(ib)
-        best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[(ibh % per_cls) // T]
+        best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[ibh % len(U)]
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0),)
     cat = [np.concatenate(r) if r else e for r, e in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), empty, strict=True)]
     order = np.lexsort((cat[3], cat[2], cat[1], cat[0]))

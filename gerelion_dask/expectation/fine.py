@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_xp, to_host
+from ..backend import deep_nbytes, get_xp, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import likelihood_pixels, shells_2d
@@ -122,9 +122,21 @@ class ProjectionCache:
         self.nbytes = 0
         self._blocks = {}  # class -> list of (R, M) arrays
         self._index = {}  # class -> (gids, block, row) of everything cached, sorted by gid
+        self._whole = {}  # key -> the coarse pass's projections of the whole coarse grid (global searches)
 
     def clear(self) -> None:
-        self._blocks, self._index, self.nbytes = {}, {}, 0
+        self._blocks, self._index, self._whole, self.nbytes = {}, {}, {}, 0
+
+    def whole(self, key, compute):
+        """``compute()`` once per ``key`` (the coarse pass keys its whole-grid projections by class and size)."""
+        if key in self._whole:
+            return self._whole[key]
+        value = compute()
+        size = deep_nbytes(value)
+        if self.nbytes + size <= self.max_bytes:
+            self._whole[key] = value
+            self.nbytes += size
+        return value
 
     def rows(self, c: int, gids: np.ndarray, compute):
         """Projections of the sorted unique fine-orientation ids ``gids`` of class ``c``; ``compute(ids)`` makes the

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["posterior_weights", "significance_threshold"]
+__all__ = ["posterior_weights", "significance_threshold", "significant_set"]
 
 
 def posterior_weights(diff2, log_prior):
@@ -40,15 +40,49 @@ def posterior_weights(diff2, log_prior):
     return w, dmin, s, bad
 
 
-def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
-    """Per row, the weight ``w*`` such that samples with ``w >= w*`` carry ``adaptive_fraction`` of the sum."""
+def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
+    """The significant samples of each row of ``w (b, N)`` (weights >= 0, each row with a positive sum).
+
+    RELION sorts a row's weights in descending order and keeps the largest ones until their running sum first
+    reaches ``adaptive_fraction`` of the row's sum (at most ``maxsig`` of them); the threshold ``w*`` is the weight of
+    the last one kept, and every sample with ``w >= w*`` is significant.  Sorting the whole row is not needed: if the
+    kept samples are the first k+1 in that order, the rest (at most N samples, each <= w*) carry more than
+    ``(1 - adaptive_fraction)`` of the sum, so ``w* > (1 - adaptive_fraction) * sum / N``.  Only the samples above
+    half that bound are candidates; they are sorted, and they are exactly the head of the full sorted row.
+
+    Returns ``(rows, cols, thr, best)``: the significant samples as (row, column) pairs in row-major order, the
+    threshold per row, and per row the column of its largest weight (the first one in column order on ties).
+    """
     xp = get_xp(w)
-    srt = -xp.sort(-w, axis=1)
+    b, N = w.shape
+    s = w.sum(axis=1)
+    eps = (0.5 * max(0.0, 1.0 - adaptive_fraction) / max(N, 1)) * s
+    rows, cols = xp.nonzero((w >= eps[:, None]) & (w > 0))
+    counts = xp.bincount(rows, minlength=b)
+    cmax = max(int(counts.max()) if b else 0, 1)
+    start = xp.cumsum(counts) - counts
+    pos = xp.arange(rows.size) - start[rows]
+    vals = w[rows, cols]
+    V = xp.zeros((b, cmax), w.dtype)  # each row's candidates in column order, zero-padded
+    V[rows, pos] = vals
+    srt = -xp.sort(-V, axis=1)
     cs = xp.cumsum(srt, axis=1)
-    total = cs[:, -1:]
-    k = (cs < adaptive_fraction * total).sum(axis=1)  # index of the first sample reaching the fraction
-    k = xp.minimum(k, w.shape[1] - 1)
+    last = xp.maximum(counts - 1, 0)
+    if adaptive_fraction >= 1.0:  # every positive weight (not left to the rounding of the two sums)
+        k = last
+    else:  # the first sample whose running sum reaches the fraction
+        k = xp.minimum((cs < adaptive_fraction * s[:, None]).sum(axis=1), last)
     if maxsig > 0:
         k = xp.minimum(k, maxsig - 1)
-    thr = srt[xp.arange(w.shape[0]), k]
-    return xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
+    thr = srt[xp.arange(b), k]
+    thr = xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
+    first = xp.argmax(V, axis=1)
+    best = xp.where(counts > 0, cols[xp.minimum(start + first, max(rows.size - 1, 0))] if rows.size else 0, 0)
+    keep = vals >= thr[rows]
+    return rows[keep], cols[keep], thr, best
+
+
+def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
+    """Per row, the weight ``w*`` such that samples with ``w >= w*`` carry ``adaptive_fraction`` of the sum
+    (:func:`significant_set`)."""
+    return significant_set(w, adaptive_fraction, maxsig)[2]

@@ -1,0 +1,56 @@
+"""The element-wise stages of the coarse pass around its GEMM (ALGORITHM.md §4.3-4.4, DESIGN.md §4).
+
+The coarse pass evaluates every (particle b, class k, translation t, orientation o) with one GEMM per class for the
+cross term ``g = Re sum_k (w c X s_t) conj(P_o)``; what remains is element-wise over the ``(b, K, T, O)`` block:
+
+- :func:`coarse_diff2`: ``diff2 = (a_b + hr_b) + p_bo - 2 g_bto`` (``a = sum w |X|^2``, ``p = sum w c^2 |P|^2``,
+  ``hr`` half the power beyond the current size), ``+inf`` where the prior excludes the sample;
+- :func:`coarse_weights`: ``w = exp(-(diff2 - dmin) + lp)`` with the separable log prior ``lp = lpo_bko + off_bt``,
+  0 where ``diff2 - dmin > 700`` (RELION's double path, as :func:`~gerelion_dask.expectation.weights.posterior_weights`).
+
+Each is written once with NumPy broadcasting; on CuPy arrays the same formula runs as one fused kernel
+(:mod:`gerelion_dask.kernels.coarse`), so the GPU touches each of the block's values once per stage instead of once
+per operator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_xp
+
+__all__ = ["coarse_diff2", "coarse_weights"]
+
+
+def coarse_diff2(g, a, p, hr, lpo, off, out=None):
+    """``g (b, T, O)`` cross terms (any float dtype) -> float64 diff2 ``(b, T, O)``.
+
+    ``a, hr (b,)``, ``p (b, O)``, ``lpo (b, O)`` and ``off (b, T)`` log priors (``-inf``: not searched).  ``out``: an
+    optional float64 array of the result's shape (a view into a larger block) written in place and returned.
+    """
+    xp = get_xp(g, p)
+    if xp is not np:
+        from ..kernels.coarse import coarse_diff2_kernel
+
+        return coarse_diff2_kernel()(g, (a + hr)[:, None, None], p[:, None, :], lpo[:, None, :], off[:, :, None],
+                                     out if out is not None else xp.empty(g.shape, np.float64))
+    allowed = np.isfinite(lpo)[:, None, :] & np.isfinite(off)[:, :, None]
+    d = np.where(allowed, ((a + hr)[:, None, None] + p[:, None, :]) - 2.0 * g.astype(np.float64, copy=False), np.inf)
+    if out is None:
+        return d
+    out[...] = d
+    return out
+
+
+def coarse_weights(d, dmin, lpo, off):
+    """Un-normalised posterior weights of ``d (b, K, T, O)`` (``+inf`` excluded) given ``dmin (b,)``, ``lpo (b, K, O)``
+    and ``off (b, T)``: ``exp(-(d - dmin) + (lpo + off))``, 0 where ``d - dmin > 700`` or excluded."""
+    xp = get_xp(d)
+    if xp is not np:
+        from ..kernels.coarse import coarse_weights_kernel
+
+        return coarse_weights_kernel()(d, dmin[:, None, None, None], lpo[:, :, None, :], off[:, None, :, None])
+    x = d - dmin[:, None, None, None]
+    lp = lpo[:, :, None, :] + off[:, None, :, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(x <= 700.0, np.exp(np.where(x <= 700.0, -x + lp, -np.inf)), 0.0)
