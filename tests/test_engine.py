@@ -323,3 +323,49 @@ def test_background_noise_is_per_particle_and_has_the_spectrum(xp):
     inner = (sh > 0) & (sh < n // 2) & (np.arange(n // 2 + 1)[None, :] > 0)  # away from the self-conjugate column
     ratio = (np.abs(F[:, inner]) ** 2).mean(axis=0) / (2 * s2[0][sh[inner]])
     assert abs(ratio.mean() - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("J, Tf", [(3, 8), (12, 4)])  # contracted over translations first / over j first
+def test_shifted_sums_matches_einsum(xp, J, Tf):
+    # oracle: the float64 einsum of the definition, out[i, m] = sum_j sum_t W[i, j, t] V[j, m] ph[t, m], for both
+    # contraction orders and with row chunks smaller than the input (max_elems)
+    from gerelion_dask.expectation.fine import shifted_sums
+
+    rng = np.random.default_rng(5)
+    I, M = 7, 30
+    W = rng.uniform(size=(I, J, Tf))
+    V = rng.normal(size=(J, M)) + 1j * rng.normal(size=(J, M))
+    ph = np.exp(2j * np.pi * rng.uniform(size=(Tf, M)))
+    want = np.einsum("ijt,jm,tm->im", W, V, ph)
+    for max_elems in (1, 50, 10**6):
+        got = to_np(shifted_sums(xp, xp.asarray(W), xp.asarray(V), xp.asarray(ph), max_elems))
+        assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_overlap_chunks_matches_set_unions():
+    # oracle: the same greedy rule written with explicit set unions, item by item
+    from gerelion_dask.expectation.fine import overlap_chunks
+
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        n = int(rng.integers(1, 40))
+        sa = [np.unique(rng.integers(0, 50, rng.integers(1, 8))) for _ in range(n)]
+        sb = [np.unique(rng.integers(0, 9, rng.integers(1, 4))) for _ in range(n)]
+        key = rng.integers(0, 10, n)
+        max_elems, waste = float(rng.integers(50, 5000)), float(rng.choice([1.5, 4.0, 512.0]))
+        want, cur, ua, ub, own_sum = [], [], set(), set(), 0.0
+        for j in np.argsort(key, kind="stable"):
+            own = len(sa[j]) * len(sb[j]) * 32.0
+            if cur:
+                na, nb = ua | set(sa[j]), ub | set(sb[j])
+                dense = (len(cur) + 1) * len(na) * len(nb) * 32.0
+                if dense > max_elems or dense > waste * (own_sum + own):
+                    want.append(cur)
+                    cur, ua, ub, own_sum = [], set(), set(), 0.0
+            cur.append(j)
+            ua |= set(sa[j])
+            ub |= set(sb[j])
+            own_sum += own
+        want.append(cur)
+        got = overlap_chunks(sa, sb, key, 32.0, max_elems, waste)
+        assert [list(c) for c in got] == [list(c) for c in want]

@@ -254,7 +254,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     shc = shells_2d(nc)[to_host(mc)]
     Xc = gather(window_rfft2(pre.fimg, nc), mc)
     Cc = gather(window_rfft2(pre.ctf, nc), mc) * xp.asarray(scale)[:, None]
-    Wc = xp.asarray(1.0 / (2.0 * sig2[particles.optics_group][:, shc]))
+    Wc = 1.0 / (2.0 * xp.asarray(sig2)[xp.asarray(particles.optics_group)][:, xp.asarray(shc)])  # on the device
     phase_c = gather(shift_phase_2d(nc, N, xp.asarray(grid.translations)), mc)  # (T, Mc)
     T = len(grid.translations)
     hr = to_host(pre.highres_xi2) / 2.0 if not settings.do_cc else np.zeros(B)

@@ -80,26 +80,84 @@ def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: 
 
     Items are taken in ``key`` order; an item joins the current chunk while the chunk's dense work (members x
     union_a x union_b x ``per_pair``) stays within ``max_elems`` and within ``waste`` times the members' own work.
+    The unions are kept as marks over the values that occur, so an item costs the size of its own sets.
     """
+    ids_a, n_a = _compact(sets_a)
+    ids_b, n_b = _compact(sets_b)
+    mark_a, mark_b = np.zeros(n_a, bool), np.zeros(n_b, bool)
     chunks, cur = [], []
-    ua = ub = np.zeros(0, np.int64)
+    la = lb = 0
     own_sum = 0.0
     for j in np.argsort(key, kind="stable"):
-        own = float(len(sets_a[j])) * len(sets_b[j]) * per_pair
+        own = float(len(ids_a[j])) * len(ids_b[j]) * per_pair
         if cur:
-            na, nb = np.union1d(ua, sets_a[j]), np.union1d(ub, sets_b[j])
-            dense = (len(cur) + 1) * float(len(na)) * len(nb) * per_pair
+            na = la + int(np.count_nonzero(~mark_a[ids_a[j]]))
+            nb = lb + int(np.count_nonzero(~mark_b[ids_b[j]]))
+            dense = (len(cur) + 1) * float(na) * nb * per_pair
             if dense > max_elems or dense > waste * (own_sum + own):
                 chunks.append(np.array(cur))
+                for i in cur:
+                    mark_a[ids_a[i]] = False
+                    mark_b[ids_b[i]] = False
                 cur, own_sum = [], 0.0
         if not cur:
-            na, nb = np.asarray(sets_a[j]), np.asarray(sets_b[j])
+            na, nb = len(ids_a[j]), len(ids_b[j])
+        mark_a[ids_a[j]] = True
+        mark_b[ids_b[j]] = True
         cur.append(j)
-        ua, ub = na, nb
+        la, lb = na, nb
         own_sum += own
     if cur:
         chunks.append(np.array(cur))
     return chunks
+
+
+def _compact(sets) -> tuple[list[np.ndarray], int]:
+    """The sets' values renumbered 0..n-1 (n distinct values in all): per set an index array, and n."""
+    sizes = [len(x) for x in sets]
+    if not sum(sizes):
+        return [np.zeros(0, np.int64) for _ in sets], 0
+    u, inv = np.unique(np.concatenate([np.asarray(x) for x in sets]), return_inverse=True)
+    return np.split(inv, np.cumsum(sizes)[:-1]), len(u)
+
+
+def shifted_sums(xp, W, V, ph, max_elems: int):
+    """``out[i, m] = sum_j sum_t W[i, j, t] V[j, m] ph[t, m]`` for real ``W (I, J, Tf)``, complex ``V (J, M)`` and
+    translation phases ``ph (Tf, M)``: the fine pass's weighted sums of shifted images per orientation (``V`` =
+    images, ``j`` = particles) and of projections per particle (``V`` = conj(P), ``j`` = orientations).
+
+    Contracted in the order with the smaller intermediate (as ``einsum`` would choose): over ``t`` first (a real GEMM
+    ``(I*J, Tf) @ (Tf, 2M)`` against the interleaved phases, then a pass over ``(I, J, M)``) when ``J < Tf``, else
+    over ``j`` first (``(I*Tf, J) @ (J, 2M)`` against the interleaved ``V``, then a pass over ``(I, Tf, M)``); rows
+    ``i`` are taken in chunks whose intermediate holds at most ``max_elems`` values.
+    """
+    I, J, Tf = W.shape
+    M = V.shape[1]
+    out = xp.empty((I, M), np.complex128)
+    over_t = J < Tf
+    step = max(1, int(max_elems // max(1, (J if over_t else Tf) * M)))
+    Vv = xp.ascontiguousarray(V, dtype=np.complex128)
+    for s in range(0, I, step):
+        w = W[s : s + step]
+        n = w.shape[0]
+        if over_t:
+            ph_v = xp.ascontiguousarray(ph, dtype=np.complex128).view(np.float64)
+            Q = (xp.ascontiguousarray(w).reshape(n * J, Tf) @ ph_v).view(np.complex128).reshape(n, J, M)
+            out[s : s + n] = (Q * Vv[None]).sum(axis=1)
+        else:
+            wt = xp.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n * Tf, J)
+            Z = (wt @ Vv.view(np.float64)).view(np.complex128).reshape(n, Tf, M)
+            out[s : s + n] = (Z * ph[None]).sum(axis=1)
+    return out
+
+
+def _unique_per_particle(b, k, B: int) -> list[np.ndarray]:
+    """The sorted unique values of ``k`` for each particle ``0..B-1`` (``b`` sorted): a list of ``B`` arrays."""
+    order = np.lexsort((k, b))
+    bs, ks = b[order], k[order]
+    first = np.ones(len(ks), bool)
+    first[1:] = (bs[1:] != bs[:-1]) | (ks[1:] != ks[:-1])
+    return np.split(ks[first], np.searchsorted(bs[first], np.arange(1, B)))
 
 
 def _local_index(J, b):
@@ -227,8 +285,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     Cr_all = C_all if settings.ctf_on_reference else xp.ones_like(C_all)
     lik_h = shb >= 1
     lik = xp.asarray(lik_h)
-    Wd_all = xp.asarray(np.where(lik_h[None], 1.0 / (2.0 * sig2[og][:, shb]), 0.0))  # (B, M)
-    Wbp_all = xp.asarray(1.0 / sig2[og][:, shb])
+    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, xp.asarray(shb)]  # (B, M), gathered on the device
+    Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
+    Wbp_all = 1.0 / s2_all
     X2_all = xp.abs(X_all) ** 2
     a_all = (Wd_all * X2_all).sum(axis=1)
     hr_xi2 = to_host(pre.highres_xi2)
@@ -251,9 +310,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     touched = {c: np.zeros(cache.data[c].shape[0], bool) for c in cache.data}
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
-    own_rows = [sig.rows_of([j]) for j in range(B)]
-    okeys = [np.unique(sig.c[r] * nO + sig.o[r]) for r in own_rows]
-    tkeys = [np.unique(sig.t[r]) for r in own_rows]
+    okeys = _unique_per_particle(sig.b, sig.c * nO + sig.o, B)  # each particle's significant (class, orientation)
+    tkeys = _unique_per_particle(sig.b, sig.t, B)  # and translations
     for J in overlap_chunks(okeys, tkeys, sig.best, 32.0, max_elems, waste):
         b = len(J)
         Jx = xp.asarray(J)
@@ -347,22 +405,14 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             acc["wsum_pdf_class"][c] += float(ws.sum())
             bp_d = Xnm * C * Wbp_all[Jx]
             bp_wt = C * C * Wbp_all[Jx]
-            T_ = xp.zeros((b, M), np.complex128)
-            Pw = xp.zeros((b, M), np.float64)
-            step = max(1, int(max_elems // max(1, b * M)))
-            for s in range(0, keep.size, step):
-                kk = xp.asarray(keep[s : s + step])
-                rk = xp.asarray(rows[keep[s : s + step]])
-                Wk = Wm[:, kk]  # (b, F', Tf)
-                Fk = Wk.shape[1]
-                Q = (Wk.reshape(b * Fk, Tf).astype(np.complex128) @ ph).reshape(b, Fk, M)
-                # each fine orientation occurs once per chunk, so the scatter below has no duplicate rows
-                bp_i[c][rk] += (Q * bp_d[:, None, :]).sum(axis=0)
-                bp_w[c][rk] += wo[:, kk].T @ bp_wt
-                Pk = P[kk]
-                T_ += (xp.conj(Pk)[None] * Q).sum(axis=1)
-                Pw += wo[:, kk] @ cache.power[c][rk]
-                del Q
+            kk, rk = xp.asarray(keep), xp.asarray(rows[keep])
+            Wk = Wm[:, kk]  # (b, F', Tf): the orientations with any weight
+            # each fine orientation occurs once per chunk, so the scatters below have no duplicate rows
+            bp_i[c][rk] += shifted_sums(xp, Wk.transpose(1, 0, 2), bp_d, ph, max_elems)
+            bp_w[c][rk] += wo[:, kk].T @ bp_wt
+            T_ = shifted_sums(xp, Wk, xp.conj(P[kk]), ph, max_elems)  # (b, M): sum_f conj(P_f) (shifted weights)
+            Pw = wo[:, kk] @ cache.power[c][rk]
+            del Wk
             XT = (X * T_).real  # sum_f Re(conj(P_f) X Q_f): the model/data cross term
             resid += (Cr * Cr) * Pw - 2.0 * Cr * XT + X2_all[Jx] * ws[:, None]
             if settings.do_scale:
