@@ -346,7 +346,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             else:
                 bb = (Wd * Cr * Cr) @ cache.power[c][rows_x].T  # (b, F)
                 Y = (Wd * Cr * X)[:, None, :] * ph[None]  # (b, Tf, M)
-                g_ = (Y.real.reshape(b * Tf, M) @ P.real.T + Y.imag.reshape(b * Tf, M) @ P.imag.T).reshape(b, Tf, F)
+                # Re(Y conj(P)) as one real GEMM over interleaved real and imaginary parts
+                Yv = xp.ascontiguousarray(Y).reshape(b * Tf, M).view(np.float64)
+                g_ = (Yv @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, Tf, F)
                 d = (xp.asarray(a_all[Jx] + xp.asarray(hr_xi2[J]) / 2.0)[:, None, None] + bb[:, None, :]) - 2.0 * g_
             d = d.transpose(0, 2, 1)  # (b, F, Tf)
             shp = (b, len(oc), 8, len(ut), 4)
