@@ -325,6 +325,22 @@ def test_background_noise_is_per_particle_and_has_the_spectrum(xp):
     assert abs(ratio.mean() - 1.0) < 0.05
 
 
+def test_counter_normals_are_standard_and_independent(xp):
+    # oracles: the standard normal's moments (mean 0, variance 1, skew 0, kurtosis 3) within 5 standard errors of
+    # 2 x 10^6 samples; zero correlation between neighbours, between the real and imaginary parts and between
+    # adjacent seeds; and the definition -- element j of a seed's row does not depend on the other rows or on m
+    from gerelion_dask.expectation.preprocess import counter_normals
+
+    z = to_np(counter_normals(np.arange(200), 5000, xp))
+    x = np.concatenate([z.real.ravel(), z.imag.ravel()])
+    se = 1 / np.sqrt(x.size)
+    assert abs(x.mean()) < 5 * se and abs(x.var() - 1) < 5 * np.sqrt(2) * se
+    assert abs(np.mean(x**3)) < 5 * np.sqrt(15) * se and abs(np.mean(x**4) - 3) < 5 * np.sqrt(96) * se
+    for a, b in ((z.real[:, :-1], z.real[:, 1:]), (z.real, z.imag), (z.real[:-1], z.real[1:])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / np.sqrt(a.size)
+    assert np.array_equal(to_np(counter_normals([7], 10, xp))[0], to_np(counter_normals([3, 7], 20, xp))[1, :10])
+
+
 @pytest.mark.parametrize("J, Tf", [(3, 8), (12, 4)])  # contracted over translations first / over j first
 def test_shifted_sums_matches_einsum(xp, J, Tf):
     # oracle: the float64 einsum of the definition, out[i, m] = sum_j sum_t W[i, j, t] V[j, m] ph[t, m], for both

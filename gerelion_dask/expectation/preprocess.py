@@ -81,23 +81,45 @@ def integer_shift(images, shifts):
     return xp.where(ok, out, 0)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+
+def _mix64(z):
+    """splitmix64's output function on uint64 arrays (arithmetic mod 2^64, the same on NumPy and CuPy)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def counter_normals(seeds, m: int, xp=np):
+    """``(len(seeds), m)`` pairs of independent standard normals as complex numbers (real and imaginary parts).
+
+    Element ``j`` of row ``i`` is a pure function of ``(seeds[i], j)``: word ``j`` of the splitmix64 stream of the
+    seed (state ``mix(seed) + (j + 1) * golden``), split into two 32-bit uniforms for the Box-Muller transform (so
+    the normals reach 6.6 sigma at most).  Computed where ``xp`` lives, with no per-row host loop; a particle's
+    numbers do not depend on the rows beside it.
+    """
+    key = _mix64(xp.asarray(np.asarray(seeds, dtype=np.int64).astype(np.uint64) ^ np.uint64(0x5851F42D4C957F2D)))
+    z = _mix64(key[:, None] + xp.arange(1, m + 1, dtype=np.uint64)[None] * np.uint64(_GOLDEN))  # (B, m)
+    u1 = ((z >> np.uint64(32)).astype(np.float64) + 0.5) * (1.0 / 2.0**32)  # (0, 1)
+    u2 = (z & np.uint64(0xFFFFFFFF)).astype(np.float64) * (2.0 * np.pi / 2.0**32)
+    r = xp.sqrt(-2.0 * xp.log(u1))
+    return r * xp.cos(u2) + 1j * (r * xp.sin(u2))
+
+
 def coloured_noise(shape_b: int, n: int, sigma2_per_shell, seeds, xp=np):
     """Real-space noise images whose transform has variance ``sigma2(shell)`` per real/imag part.
 
-    ``sigma2_per_shell``: one spectrum ``(nsh,)`` for all images or one per image ``(B, nsh)``.  One generator per
-    particle (``seeds[i]``), so a particle gets the same noise whatever its pool; the host draws the numbers and the
-    whole batch is scaled and inverse-transformed at once (on ``xp``'s device).
+    ``sigma2_per_shell``: one spectrum ``(nsh,)`` for all images or one per image ``(B, nsh)``.  One random stream
+    per particle (``seeds[i]``, :func:`counter_normals`), so a particle gets the same noise whatever its pool; the
+    numbers are drawn, scaled and inverse-transformed for the whole batch on ``xp``'s device.
     """
     sh = shells_2d(n)
     s2 = np.atleast_2d(np.asarray(sigma2_per_shell, dtype=np.float64))
-    sig = np.sqrt(s2[:, np.minimum(sh, s2.shape[1] - 1)])  # (1 or B, n, n/2+1)
-    out = np.empty((shape_b, n, n // 2 + 1), dtype=np.complex128)
-    for i, s in enumerate(seeds):
-        rng = np.random.default_rng(int(s))
-        out[i] = rng.normal(size=sh.shape) + 1j * rng.normal(size=sh.shape)
-    out *= sig
+    sig = xp.asarray(np.sqrt(s2[:, np.minimum(sh, s2.shape[1] - 1)]))  # (1 or B, n, n/2+1)
+    out = counter_normals(seeds, sh.size, xp).reshape(shape_b, *sh.shape) * sig
     out[:, 0, 0] = 0
-    return centred_irfft2(xp.asarray(out), n)
+    return centred_irfft2(out, n)
 
 
 _NOISE_BATCH = 256  # images per batch of background noise (bounds the host buffer: 256 x 16 N^2 / 2 bytes)
