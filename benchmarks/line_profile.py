@@ -1,0 +1,109 @@
+"""Per-line times of the coarse and fine passes of one synthetic pool (issue 5: where the GPU time goes).
+
+Every line of the traced functions ends with a device synchronisation, so a line's time includes the kernels it
+launched (and the functions it called); the top lines are printed per pass.  Tracing adds a few microseconds per
+line: compare lines, not totals.  Runs on CuPy when a GPU is present, else NumPy.
+
+  python benchmarks/line_profile.py --box 128 --n 1024 --coarse 64 --current 96 --noise 3 [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import linecache
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gerelion_dask.backend import gpu_count  # noqa: E402
+from gerelion_dask.expectation.estep import EStepModel, EStepSettings, coarse_pass, orientation_priors  # noqa: E402
+from gerelion_dask.expectation.fine import ProjectionCache, fine_pass  # noqa: E402
+from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
+from gerelion_dask.expectation.preprocess import PreprocessSettings, preprocess_pool  # noqa: E402
+from gerelion_dask.ops.projector import make_reference  # noqa: E402
+from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions  # noqa: E402
+from gerelion_dask.simulate import synthetic_pool  # noqa: E402
+
+
+def traced(sync, fn, names, *args, top=25):
+    """Run ``fn(*args)`` with per-line synchronised timing of the functions called ``names``; print the top lines."""
+    acc, hits, last = defaultdict(float), defaultdict(int), {}
+
+    def local(frame, event, arg):
+        if event in ("line", "return"):
+            sync()
+            now = time.perf_counter()
+            key = id(frame)
+            if key in last:
+                where = (frame.f_code.co_filename, frame.f_code.co_name, last[key][0])
+                acc[where] += now - last[key][1]
+                hits[where] += 1
+            last[key] = (frame.f_lineno, time.perf_counter())
+        return local
+
+    def on_call(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in names:
+            last.pop(id(frame), None)  # a new frame may reuse a finished one's id
+            return local
+        return None
+
+    sys.settrace(on_call)
+    t0 = time.perf_counter()
+    try:
+        out = fn(*args)
+    finally:
+        sys.settrace(None)
+    sync()
+    print(f"{fn.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms traced")
+    for (f, name, ln), t in sorted(acc.items(), key=lambda x: -x[1])[:top]:
+        code = linecache.getline(f, ln).strip()[:90]
+        print(f"  {1e3 * t:8.2f} ms {hits[(f, name, ln)]:5d}x {name}:{ln}  {code}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--box", type=int, default=128)
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--coarse", type=int, default=64)
+    ap.add_argument("--current", type=int, default=96)
+    ap.add_argument("--noise", type=float, default=3.0)
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    xp = np
+    if gpu_count():
+        import cupy
+
+        xp = cupy
+    sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
+    img, parts, _, _, s2, maps = synthetic_pool(a.n, a.box, 1.5, a.noise, 0)
+    dirs = asymmetric_unit_directions(a.order, "C1")
+    grid = OrientationGrid(a.order, dirs.pix, angular_step(a.order), 5.0, 2.0, 0.25)
+    ref = make_reference(maps[0], r_max=a.current // 2)
+    ref = replace(ref, data=xp.asarray(ref.data))
+    model = EStepModel([ref], np.ones(1), np.full((1, len(dirs.pix)), 1 / len(dirs.pix)), s2,
+                       np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
+    st = EStepSettings(PreprocessSettings(a.box, 1.5, a.current, 0.9 * a.box * 1.5, do_norm=False), grid, a.coarse)
+    images = xp.asarray(img)
+    cache = ProjectionCache(1 << 33)
+    pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
+    pri = orientation_priors(parts, model, st)
+    sig = coarse_pass(xp, pre, parts, model, st, pri, cache)  # warm-up: compilation, plans, the projection cache
+    fine_pass(xp, pre, parts, model, st, sig, cache)
+    print(f"{'numpy' if xp is np else 'cupy'}; box {a.box}, {a.n} particles, noise {a.noise}: median "
+          f"{np.median(sig.n_sig):.0f} significant samples")
+    traced(sync, coarse_pass, {"coarse_pass", "_diff2_block", "significant_set"}, xp, pre, parts, model, st, pri,
+           cache, top=a.top)
+    traced(sync, fine_pass, {"fine_pass", "shifted_sums", "posterior_weights", "significant_set", "overlap_chunks"},
+           xp, pre, parts, model, st, sig, cache, top=a.top)
+
+
+if __name__ == "__main__":
+    main()
