@@ -45,10 +45,11 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
 
     RELION sorts a row's weights in descending order and keeps the largest ones until their running sum first
     reaches ``adaptive_fraction`` of the row's sum (at most ``maxsig`` of them); the threshold ``w*`` is the weight of
-    the last one kept, and every sample with ``w >= w*`` is significant.  Sorting the whole row is not needed: if the
-    kept samples are the first k+1 in that order, the rest (at most N samples, each <= w*) carry more than
+    the last one kept, and every sample with ``w >= w*`` is significant.  Sorting the whole row is rarely needed: if
+    the kept samples are the first k+1 in that order, the rest (at most N samples, each <= w*) carry more than
     ``(1 - adaptive_fraction)`` of the sum, so ``w* > (1 - adaptive_fraction) * sum / N``.  Only the samples above
-    half that bound are candidates; they are sorted, and they are exactly the head of the full sorted row.
+    half that bound are candidates; they are exactly the head of the full sorted row, and only they are sorted
+    (whole rows are, when more than a quarter of a row are candidates: flat posteriors, where that is cheaper).
 
     Returns ``(rows, cols, thr, best)``: the significant samples as (row, column) pairs in row-major order, the
     threshold per row, and per row the column of its largest weight (the first one in column order on ties).
@@ -57,17 +58,21 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
     b, N = w.shape
     s = w.sum(axis=1)
     eps = (0.5 * max(0.0, 1.0 - adaptive_fraction) / max(N, 1)) * s
-    rows, cols = xp.nonzero((w >= eps[:, None]) & (w > 0))
-    counts = xp.bincount(rows, minlength=b)
-    cmax = max(int(counts.max()) if b else 0, 1)
-    start = xp.cumsum(counts) - counts
-    pos = xp.arange(rows.size) - start[rows]
-    vals = w[rows, cols]
-    V = xp.zeros((b, cmax), w.dtype)  # each row's candidates in column order, zero-padded
-    V[rows, pos] = vals
-    srt = -xp.sort(-V, axis=1)
+    cand = (w >= eps[:, None]) & (w > 0)
+    counts = cand.sum(axis=1)
+    cmax = int(counts.max()) if b else 0
+    if cmax > N // 4:
+        srt = -xp.sort(-w, axis=1)
+    else:
+        rows, cols = xp.nonzero(cand)
+        pos = xp.arange(rows.size) - (xp.cumsum(counts) - counts)[rows]
+        V = xp.zeros((b, max(cmax, 1)), w.dtype)  # each row's candidates, zero-padded
+        V[rows, pos] = w[rows, cols]
+        srt = -xp.sort(-V, axis=1)
+        del rows, cols, pos, V
+    del cand
     cs = xp.cumsum(srt, axis=1)
-    last = xp.maximum(counts - 1, 0)
+    last = xp.maximum(counts - 1, 0)  # the candidates are the head of the sorted row
     if adaptive_fraction >= 1.0:  # every positive weight (not left to the rounding of the two sums)
         k = last
     else:  # the first sample whose running sum reaches the fraction
@@ -76,10 +81,9 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
         k = xp.minimum(k, maxsig - 1)
     thr = srt[xp.arange(b), k]
     thr = xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
-    first = xp.argmax(V, axis=1)
-    best = xp.where(counts > 0, cols[xp.minimum(start + first, max(rows.size - 1, 0))] if rows.size else 0, 0)
-    keep = vals >= thr[rows]
-    return rows[keep], cols[keep], thr, best
+    del srt, cs
+    rows, cols = xp.nonzero(w >= thr[:, None])
+    return rows, cols, thr, xp.argmax(w, axis=1)
 
 
 def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
