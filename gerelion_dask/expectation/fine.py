@@ -137,11 +137,11 @@ def shifted_sums(xp, W, V, ph, max_elems: int):
     over_t = J < Tf
     step = max(1, int(max_elems // max(1, (J if over_t else Tf) * M)))
     Vv = xp.ascontiguousarray(V, dtype=np.complex128)
+    ph_v = xp.ascontiguousarray(ph, dtype=np.complex128).view(np.float64) if over_t else None
     for s in range(0, I, step):
         w = W[s : s + step]
         n = w.shape[0]
         if over_t:
-            ph_v = xp.ascontiguousarray(ph, dtype=np.complex128).view(np.float64)
             Q = (xp.ascontiguousarray(w).reshape(n * J, Tf) @ ph_v).view(np.complex128).reshape(n, J, M)
             out[s : s + n] = (Q * Vv[None]).sum(axis=1)
         else:
