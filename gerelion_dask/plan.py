@@ -27,6 +27,13 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   ``R (49 h + 150 M)`` (slices, weights, 3D coordinates, and the per-pixel interpolation arrays);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
+Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
+iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
+(float32 on a GPU; ``24 K O Mc`` in float64 on a CPU) and every fine orientation projected so far, ``16 M`` each, at
+most ``8 K O`` of them in a global search; each cache is capped at ``FINE_LIMITS[backend]["cache_bytes"]``.  In
+process both half sets' caches live in the driver; a Dask worker holds two when its block of pools straddles the
+half sets (one worker, or an odd number of workers), else one.
+
 Task peak = images + max(coarse, fine) + partials.  On a GPU worker the task lives on the GPU (with the
 references ``16 H K L`` scattered to it); the worker's host holds the images and the partials copied back.
 
@@ -132,6 +139,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     fine_sums = 48 * R * M
     fine = fine_sums + max(10 * 8 * e_f + 2 * 16 * e_f, R * (49 * h + 150 * M))
     partials = 24 * K * L
+    cache_one = min(FINE_LIMITS[backend]["cache_bytes"],
+                    (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * 8 * K * O)
     task = images + max(coarse, fine) + partials
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + refs + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
@@ -139,19 +148,23 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
              "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own}
     if workers <= 0:  # in process: the driver runs each task and keeps every pool's partials
         held = n_pools * partials
+        caches = halves * cache_one
         parts["in process: partials of all pools"] = held
+        parts["projection caches"] = caches
         if backend == "gpu":
-            driver, worker, gpu = driver_own + images + held, 0.0, task + refs
+            driver, worker, gpu = driver_own + images + held, 0.0, task + refs + caches
         else:
-            driver, worker, gpu = driver_own + task + held, 0.0, 0.0
+            driver, worker, gpu = driver_own + task + held + caches, 0.0, 0.0
         mode, workers = "in-process", 0
     else:
         tree = (math.log2(max(2, n_pools / max(1, workers))) + 2) * partials
+        caches = (1 if halves == 1 or workers % 2 == 0 else 2) * cache_one
         parts["worker: reduction tree"] = tree
+        parts["worker: projection caches"] = caches
         if backend == "gpu":
-            worker, gpu = images + tree + partials, task + refs
+            worker, gpu = images + tree + partials, task + refs + caches
         else:
-            worker, gpu = task + refs + tree, 0.0
+            worker, gpu = task + refs + tree + caches, 0.0
         driver, mode = driver_own, "dask"
     sizes = {"box": N, "current_size": n, "coarse_size": nc, "pool": B, "K": K, "halves": halves,
              "healpix_order": healpix_order, "orientations": O, "translations": T, "pixels": M, "volume_voxels": L,

@@ -52,3 +52,11 @@ def test_plan_scales_and_cli(capsys):
     out = capsys.readouterr().out
     assert "memory plan" in out and "fine pass (per task)" in out
     assert cli_main(["plan"]) == 2
+    # the per-half-set projection caches: both half sets' in one worker (or in process), capped per cache
+    from gerelion_dask.expectation.fine import FINE_LIMITS
+
+    cap = FINE_LIMITS["gpu"]["cache_bytes"]
+    one, two = (plan_memory(128, 10000, 64, healpix_order=3, backend="gpu", workers=w) for w in (2, 1))
+    assert two.parts["worker: projection caches"] == 2 * one.parts["worker: projection caches"] > 0
+    huge = plan_memory(256, 10000, 64, healpix_order=4, backend="gpu", workers=1)
+    assert huge.parts["worker: projection caches"] == 2 * cap
