@@ -1,0 +1,96 @@
+"""Live GPU memory of each E-step task against ``gerelion plan`` (issue 5: peak within 15 % of the prediction).
+
+Runs the synthetic auto-refine of ``dask_scaling.py`` in process on the GPU.  A CuPy memory hook counts the bytes
+that are live (allocated from CuPy's pool and not yet freed; not what the pool keeps cached) and their peak during
+each pool's E-step.  For every pool it also records the significant fraction the plan's model asks for (distinct
+significant coarse orientations / all of them) and its current size, and prints, per iteration, the largest
+measured peak next to the plan for that size and the largest fraction of the iteration.
+
+  python benchmarks/memory_check.py --n 20000 --box 128 --apix 2 --pool 1000 --iters 3 --healpix-order 2 --maxsig 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main():
+    import cupy
+
+    import gerelion_dask.expectation.estep as estep
+    from dask_scaling import job_config, simulate
+    from gerelion_dask.driver import InProcessRunner, run_job
+    from gerelion_dask.plan import plan_memory
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--box", type=int, default=128)
+    ap.add_argument("--apix", type=float, default=2.0)
+    ap.add_argument("--pool", type=int, default=1000)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--healpix-order", type=int, default=2)
+    ap.add_argument("--maxsig", type=int, default=40)
+    ns = ap.parse_args()
+
+    class Live(cupy.cuda.MemoryHook):
+        name = "gerelion_live_bytes"
+
+        def __init__(self):
+            self.now = self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            self.now += kw["mem_size"]
+            self.peak = max(self.peak, self.now)
+
+        def free_postprocess(self, **kw):
+            self.now -= kw["mem_size"]
+
+    live = Live()
+    pools = []  # (current size, significant fraction, peak live bytes during the pool)
+    inner_coarse, inner_pool = estep.coarse_pass, estep._expectation_pool
+
+    def coarse(xp, pre, particles, model, settings, pri, cache=None):
+        sig = inner_coarse(xp, pre, particles, model, settings, pri, cache)
+        K = len(model.refs)
+        frac = len(np.unique(sig.c * sig.n_orient + sig.o)) / float(K * sig.n_orient)
+        pools.append([settings.preprocess.current_size, frac, 0])
+        return sig
+
+    def pool(xp, images, particles, model, settings, cache=None):
+        live.peak = live.now
+        out = inner_pool(xp, images, particles, model, settings, cache)
+        pools[-1][2] = live.peak
+        return out
+
+    estep.coarse_pass, estep._expectation_pool = coarse, pool
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        paths = simulate(out, ns.n, ns.box, ns.apix)
+        cfg = job_config(paths, out, ns)
+        with live:
+            run_job(cfg, runner=InProcessRunner("gpu"))
+    diameter = ns.box * ns.apix  # job_config leaves --particle_diameter at its default: the box
+    print(f"\n{ns.n} particles, box {ns.box}, pool {ns.pool}, HEALPix order {ns.healpix_order}, maxsig {ns.maxsig}; "
+          "in process on one GPU\n")
+    print("| current size | pools | significant fraction (max) | measured live peak GiB | plan GiB | plan / measured |")
+    print("|---|---|---|---|---|---|")
+    for size in dict.fromkeys(p[0] for p in pools):
+        sel = [p for p in pools if p[0] == size]
+        f = max(p[1] for p in sel)
+        peak = max(p[2] for p in sel)
+        plan = plan_memory(ns.box, ns.n, ns.pool, 1, 2, ns.healpix_order, "C1", 3.0, 1.0, 2.0, ns.apix, diameter,
+                           "gpu", 0, significant_fraction=f, current_size=size)
+        print(f"| {size} | {len(sel)} | {f:.4f} | {peak / 2**30:.2f} | {plan.gpu_bytes / 2**30:.2f} | "
+              f"{plan.gpu_bytes / max(peak, 1):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
