@@ -65,9 +65,9 @@ def main():
         return sig
 
     def pool(xp, images, particles, model, settings, cache=None):
-        live.peak = live.now
+        live.peak = start = live.now
         out = inner_pool(xp, images, particles, model, settings, cache)
-        pools[-1][2] = live.peak
+        pools[-1][2:] = [live.peak, start, cache.nbytes if cache is not None else 0]
         return out
 
     estep.coarse_pass, estep._expectation_pool = coarse, pool
@@ -80,15 +80,19 @@ def main():
     diameter = ns.box * ns.apix  # job_config leaves --particle_diameter at its default: the box
     print(f"\n{ns.n} particles, box {ns.box}, pool {ns.pool}, HEALPix order {ns.healpix_order}, maxsig {ns.maxsig}; "
           "in process on one GPU\n")
-    print("| current size | pools | significant fraction (max) | measured live peak GiB | plan GiB | plan / measured |")
+    print("| current size | pools | significant fraction (max) | measured live peak GiB (held before a task; "
+          "largest task; caches) | plan GiB (task; caches) | plan / measured |")
     print("|---|---|---|---|---|---|")
+    g = 2.0**30
     for size in dict.fromkeys(p[0] for p in pools):
         sel = [p for p in pools if p[0] == size]
         f = max(p[1] for p in sel)
         peak = max(p[2] for p in sel)
         plan = plan_memory(ns.box, ns.n, ns.pool, 1, 2, ns.healpix_order, "C1", 3.0, 1.0, 2.0, ns.apix, diameter,
                            "gpu", 0, significant_fraction=f, current_size=size)
-        print(f"| {size} | {len(sel)} | {f:.4f} | {peak / 2**30:.2f} | {plan.gpu_bytes / 2**30:.2f} | "
+        print(f"| {size} | {len(sel)} | {f:.4f} | {peak / g:.2f} ({max(p[3] for p in sel) / g:.2f}; "
+              f"{max(p[2] - p[3] for p in sel) / g:.2f}; {max(p[4] for p in sel) / g:.2f}) | "
+              f"{plan.gpu_bytes / g:.2f} ({plan.task_bytes / g:.2f}; {plan.parts['projection caches'] / g:.2f}) | "
               f"{plan.gpu_bytes / max(peak, 1):.2f} |")
 
 
