@@ -315,11 +315,13 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         else:
             dmin = D2.min(axis=1)
             w = coarse_weights(D, dmin, LPOx, offx).reshape(b, -1)
-            bad = xp.nonzero(~(w.sum(axis=1) > 0))[0]
+            total = w.sum(axis=1)
+            bad = xp.nonzero(~(total > 0))[0]
             if bad.size:  # every weight underflowed: the best sample alone (as posterior_weights does)
                 w[bad, xp.argmin(D2[bad], axis=1)] = 1.0
+                total[bad] = 1.0
             del D, D2
-            jj, ll, _, ib = significant_set(w, settings.adaptive_fraction, settings.maxsig)
+            jj, ll, _, ib = significant_set(w, settings.adaptive_fraction, settings.maxsig, total)
             jj, ll = to_host(jj), to_host(ll)
             del w
         per_cls = len(U) * T

@@ -367,7 +367,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             bad = np.zeros(b, bool)
         else:
             w, dmin, sumw, bad = posterior_weights(D, LP)
-            thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig)
+            thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
             w = xp.where(w >= thr[:, None], w, 0.0)
             bad = to_host(bad)
         del D, LP

@@ -40,8 +40,9 @@ def posterior_weights(diff2, log_prior):
     return w, dmin, s, bad
 
 
-def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
-    """The significant samples of each row of ``w (b, N)`` (weights >= 0, each row with a positive sum).
+def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
+    """Per row of ``w (b, N)`` (weights >= 0, each row with a positive sum), the weight ``w*`` such that the samples
+    with ``w >= w*`` are the significant ones.  ``total``: the rows' sums when the caller has them already.
 
     RELION sorts a row's weights in descending order and keeps the largest ones until their running sum first
     reaches ``adaptive_fraction`` of the row's sum (at most ``maxsig`` of them); the threshold ``w*`` is the weight of
@@ -50,13 +51,10 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
     ``(1 - adaptive_fraction)`` of the sum, so ``w* > (1 - adaptive_fraction) * sum / N``.  Only the samples above
     half that bound are candidates; they are exactly the head of the full sorted row, and only they are sorted
     (whole rows are, when more than a quarter of a row are candidates: flat posteriors, where that is cheaper).
-
-    Returns ``(rows, cols, thr, best)``: the significant samples as (row, column) pairs in row-major order, the
-    threshold per row, and per row the column of its largest weight (the first one in column order on ties).
     """
     xp = get_xp(w)
     b, N = w.shape
-    s = w.sum(axis=1)
+    s = w.sum(axis=1) if total is None else total
     eps = (0.5 * max(0.0, 1.0 - adaptive_fraction) / max(N, 1)) * s
     cand = (w >= eps[:, None]) & (w > 0)
     counts = cand.sum(axis=1)
@@ -80,13 +78,16 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
     if maxsig > 0:
         k = xp.minimum(k, maxsig - 1)
     thr = srt[xp.arange(b), k]
-    thr = xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
-    del srt, cs
+    return xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
+
+
+def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
+    """The significant samples of each row of ``w`` (:func:`significance_threshold`).
+
+    Returns ``(rows, cols, thr, best)``: the significant samples as (row, column) pairs in row-major order, the
+    threshold per row, and per row the column of its largest weight (the first one in column order on ties).
+    """
+    xp = get_xp(w)
+    thr = significance_threshold(w, adaptive_fraction, maxsig, total)
     rows, cols = xp.nonzero(w >= thr[:, None])
     return rows, cols, thr, xp.argmax(w, axis=1)
-
-
-def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1):
-    """Per row, the weight ``w*`` such that samples with ``w >= w*`` carry ``adaptive_fraction`` of the sum
-    (:func:`significant_set`)."""
-    return significant_set(w, adaptive_fraction, maxsig)[2]
