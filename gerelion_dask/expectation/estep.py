@@ -23,9 +23,8 @@ from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
 from ..ops.likelihood import coarse_diff2, coarse_weights
-from ..ops.projector import project
 from .grid import OrientationGrid
-from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks
+from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks, project_gathered
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
 from .weights import significant_set
 
@@ -264,8 +263,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     local = settings.local_sigma_rot > 0
 
     def projections(c, A):
-        return coarse_projections(xp, xp.concatenate([gather(project(model.refs[c], xp.asarray(A[s : s + 4096]), nc),
-                                                             mc) for s in range(0, len(A), 4096)]), dtype)
+        return coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
 
     if local:
         dsets = [np.nonzero(fin_d[b].any(axis=0))[0] for b in range(B)]
@@ -292,10 +290,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             U = (ud[:, None] * n_psi + up[None, :]).ravel()
             A = grid.coarse_matrices(U // n_psi, U % n_psi)
         else:
+            ud, up = np.arange(grid.n_dir), np.arange(n_psi)
             U = np.arange(O)
-        # the chunk's classes with any searched sample (U holds every pair of its directions and psi angles), and
-        # their separable log priors (b, K', |U|) and (b, T), made on the device from the small per-angle arrays
-        ud, up = np.unique(U // n_psi), np.unique(U % n_psi)
+        # the chunk's classes with any searched sample (U holds every pair of its directions ud and psi angles up),
+        # and their separable log priors (b, K', |U|) and (b, T), made on the device from the small per-angle arrays
         has_p = fin_p[J][:, up].any(axis=1)
         cls_of = [c for c in classes if (fin_d[J, c][:, ud].any(axis=1) & has_p).any()]
         Ux = xp.asarray(U)

@@ -49,6 +49,13 @@ def gather(a, mask):
     return a[..., mask]
 
 
+def project_gathered(ref, A, n: int, mask, xp, chunk: int = 4096):
+    """Projections of ``ref`` at the rotations ``A (R, 3, 3)``, size ``n``, window pixels ``mask`` -> ``(R, M)``;
+    ``chunk`` rotations at a time, so the full ``(chunk, n, n/2+1)`` slices stay bounded."""
+    return xp.concatenate([gather(project(ref, xp.asarray(A[s : s + chunk]), n), mask)
+                           for s in range(0, len(A), chunk)])
+
+
 def grid_of(model):
     for r in model.refs:
         if r is not None:
@@ -240,9 +247,7 @@ class FineProjections:
 
         def compute(c):
             def make(gid):
-                A = grid.fine_matrices_from_ids(gid)
-                return xp.concatenate([gather(project(model.refs[c], xp.asarray(A[s : s + chunk]), n), mask)
-                                       for s in range(0, len(gid), chunk)])
+                return project_gathered(model.refs[c], grid.fine_matrices_from_ids(gid), n, mask, xp, chunk)
             return make
 
         for c in np.unique(sig.c):
