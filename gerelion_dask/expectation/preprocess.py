@@ -122,7 +122,7 @@ def coloured_noise(shape_b: int, n: int, sigma2_per_shell, seeds, xp=np):
     return centred_irfft2(out, n)
 
 
-_NOISE_BATCH = 256  # images per batch of background noise (bounds the host buffer: 256 x 16 N^2 / 2 bytes)
+_NOISE_BATCH = 256  # images per batch of background noise (bounds its temporaries: 256 x N (N/2+1) values each)
 
 
 def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettings, sigma2_noise=None):
