@@ -14,7 +14,6 @@ import linecache
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
-from gerelion_dask.expectation.estep import EStepModel, EStepSettings, coarse_pass, orientation_priors  # noqa: E402
+from gerelion_dask.expectation.estep import coarse_pass, orientation_priors  # noqa: E402
 from gerelion_dask.expectation.fine import ProjectionCache, fine_pass  # noqa: E402
-from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
-from gerelion_dask.expectation.preprocess import PreprocessSettings, preprocess_pool  # noqa: E402
-from gerelion_dask.ops.projector import make_reference  # noqa: E402
-from gerelion_dask.ops.sampling import angular_step, asymmetric_unit_directions  # noqa: E402
-from gerelion_dask.simulate import synthetic_pool  # noqa: E402
-
+from gerelion_dask.expectation.preprocess import preprocess_pool  # noqa: E402
+from stages import synthetic_estep  # noqa: E402  (benchmarks/stages.py: the same synthetic pool)
 
 def traced(sync, fn, names, *args, top=25):
     """Run ``fn(*args)`` with per-line synchronised timing of the functions called ``names``; print the top lines."""
@@ -83,15 +78,7 @@ def main():
 
         xp = cupy
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
-    img, parts, _, _, s2, maps = synthetic_pool(a.n, a.box, 1.5, a.noise, 0)
-    dirs = asymmetric_unit_directions(a.order, "C1")
-    grid = OrientationGrid(a.order, dirs.pix, angular_step(a.order), 5.0, 2.0, 0.25)
-    ref = make_reference(maps[0], r_max=a.current // 2)
-    ref = replace(ref, data=xp.asarray(ref.data))
-    model = EStepModel([ref], np.ones(1), np.full((1, len(dirs.pix)), 1 / len(dirs.pix)), s2,
-                       np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
-    st = EStepSettings(PreprocessSettings(a.box, 1.5, a.current, 0.9 * a.box * 1.5, do_norm=False), grid, a.coarse)
-    images = xp.asarray(img)
+    images, parts, model, st = synthetic_estep(xp, a.n, a.box, 1.5, a.noise, a.order, a.coarse, a.current)
     cache = ProjectionCache(1 << 33)
     pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
     pri = orientation_priors(parts, model, st)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,20 @@ def peak_bytes(xp):
     return xp.get_default_memory_pool().total_bytes() if xp is not np else 0
 
 
+def synthetic_estep(xp, n: int, box: int, apix: float, noise: float, order: int, coarse: int, current: int):
+    """A synthetic pool and the E-step inputs the per-stage benchmarks use: ``(images, particles, model, settings)``
+    with the phantom's reference (on ``xp``'s device), uniform direction priors and a global search at ``order``."""
+    img, parts, _, _, s2, maps = synthetic_pool(n, box, apix, noise, 0)
+    dirs = asymmetric_unit_directions(order, "C1")
+    grid = OrientationGrid(order, dirs.pix, angular_step(order), 5.0, 2.0, 0.25)
+    ref = make_reference(maps[0], r_max=current // 2)
+    ref = replace(ref, data=xp.asarray(ref.data))
+    model = EStepModel([ref], np.ones(1), np.full((1, len(dirs.pix)), 1 / len(dirs.pix)), s2,
+                       np.full((1, box // 2 + 1), 10.0), 5.0, np.ones(1))
+    st = EStepSettings(PreprocessSettings(box, apix, current, 0.9 * box * apix, do_norm=False), grid, coarse)
+    return xp.asarray(img), parts, model, st
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--box", type=int, default=128)
@@ -78,18 +93,8 @@ def main():
 
         xp = cupy
     cur = a.current or a.box
-    img, parts, _, _, s2, maps = synthetic_pool(a.n, a.box, a.apix, a.noise, 0)
-    dirs = asymmetric_unit_directions(a.order, "C1")
-    grid = OrientationGrid(a.order, dirs.pix, angular_step(a.order), 5.0, 2.0, 0.25)
-    ref = make_reference(maps[0], r_max=cur // 2)
-    if xp is not np:
-        from dataclasses import replace
-
-        ref = replace(ref, data=xp.asarray(ref.data))
-    model = EStepModel([ref], np.ones(1), np.full((1, len(dirs.pix)), 1 / len(dirs.pix)), s2,
-                       np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
-    st = EStepSettings(PreprocessSettings(a.box, a.apix, cur, 0.9 * a.box * a.apix, do_norm=False), grid, a.coarse)
-    images = xp.asarray(img)
+    images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, cur)
+    ref, grid = model.refs[0], st.grid
     dtype = np.dtype(FINE_LIMITS["cpu" if xp is np else "gpu"]["coarse_dtype"])
     rows = []
     pre, t = timed(xp, preprocess_pool, images, parts, st.preprocess, model.sigma2_noise)
