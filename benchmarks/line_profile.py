@@ -5,6 +5,8 @@ launched (and the functions it called); the top lines are printed per pass.  Tra
 line: compare lines, not totals.  Runs on CuPy when a GPU is present, else NumPy.
 
   python benchmarks/line_profile.py --box 128 --n 1024 --coarse 64 --current 96 --noise 3 [--top 25]
+  python benchmarks/line_profile.py --box 128 --apix 2 --n 1000 --coarse 22 --current 42 --maxsig 40 \\
+      --offset-range 3 --offset-step 1 --noise 15      (a pool of a 128-px refinement's second iteration)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import linecache
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,10 @@ def main():
     ap.add_argument("--coarse", type=int, default=64)
     ap.add_argument("--current", type=int, default=96)
     ap.add_argument("--noise", type=float, default=3.0)
+    ap.add_argument("--apix", type=float, default=1.5)
+    ap.add_argument("--maxsig", type=int, default=-1)
+    ap.add_argument("--offset-range", type=float, default=5.0, help="pixels")
+    ap.add_argument("--offset-step", type=float, default=2.0, help="pixels")
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
     xp = np
@@ -78,7 +85,9 @@ def main():
 
         xp = cupy
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
-    images, parts, model, st = synthetic_estep(xp, a.n, a.box, 1.5, a.noise, a.order, a.coarse, a.current)
+    images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
+    grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
+    st = replace(st, grid=grid, maxsig=a.maxsig)
     cache = ProjectionCache(1 << 33)
     pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
     pri = orientation_priors(parts, model, st)

@@ -252,7 +252,7 @@ class FineProjections:
 
         for c in np.unique(sig.c):
             o = np.unique(sig.o[sig.c == c])
-            gid = np.sort(grid.fine_orientations(o)[1].reshape(-1))
+            gid = np.sort(grid.fine_ids(o).reshape(-1))
             self.data[c] = cache.rows(int(c), gid, compute(c)) if cache is not None else compute(c)(gid)
             self.power[c] = xp.abs(self.data[c]) ** 2
             self.rows[c] = gid
@@ -317,52 +317,73 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
 
     okeys = _unique_per_particle(sig.b, sig.c * nO + sig.o, B)  # each particle's significant (class, orientation)
     tkeys = _unique_per_particle(sig.b, sig.t, B)  # and translations
+    # the phases of every fine translation of the pool, made once (chunks take their rows)
+    ut_pool = np.unique(sig.t)
+    t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
+    ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
+    child_f, child_t = np.divmod(np.arange(32), 4)  # a significant sample's 32 children: (8 orientations, 4 shifts)
     for J in overlap_chunks(okeys, tkeys, sig.best, 32.0, max_elems, waste):
         b = len(J)
         Jx = xp.asarray(J)
-        r = sig.rows_of(J)
+        r = sig.rows_of(J)  # grouped by particle in the order of J, each particle's rows by (class, orient., trans.)
+        S = len(r)
         jl = _local_index(J, sig.b[r])  # row of each significant sample's particle within the chunk
         ut = np.unique(sig.t[r])
         t_fine = grid.fine_translations(ut).reshape(-1, 2)  # (Tf, 2)
         Tf = len(t_fine)
-        ph = gather(shift_phase_2d(n, N, xp.asarray(t_fine)), mb_x)  # (Tf, M)
+        it_all = np.searchsorted(ut, sig.t[r])
+        ph = ph_pool[xp.asarray((np.searchsorted(ut_pool, ut)[:, None] * 4 + np.arange(4)[None, :]).reshape(-1))]
         X, Xnm, C, Cr, Wd = X_all[Jx], Xnm_all[Jx], C_all[Jx], Cr_all[Jx], Wd_all[Jx]
+        ah = xp.asarray(a_all[Jx] + xp.asarray(hr_xi2[J]) / 2.0)
+        # Every significant sample's 32 children are evaluated; the values are gathered per particle into a padded
+        # (b, L) array (L = 32 x the most significant samples of a member) instead of the dense (b, F x Tf) block,
+        # most of which belongs to other members' parents.  ``col`` maps each child to its column in the dense
+        # layout (class blocks of (F, Tf)) that the weighted sums below use.
+        d_rows = xp.empty((S, 32), np.float64)
+        col_rows = np.empty((S, 32), np.int64)
         blocks = []
+        pos = 0
         for c in np.unique(sig.c[r]):
-            rc = sig.c[r] == c
-            oc = np.unique(sig.o[r][rc])
-            io, it = np.searchsorted(oc, sig.o[r][rc]), np.searchsorted(ut, sig.t[r][rc])
-            par = np.zeros((b, len(oc), len(ut)), bool)  # the coarse parent was significant
-            par[jl[rc], io, it] = True
-            lpc = np.full((b, len(oc), len(ut)), -np.inf)
-            lpc[jl[rc], io, it] = sig.lp[r][rc]  # children inherit their parent's prior
-            A, gid, _ = grid.fine_orientations(oc)
-            rows = cache.positions(c, gid.reshape(-1))
+            sel = np.nonzero(sig.c[r] == c)[0]
+            oc = np.unique(sig.o[r][sel])
+            io = np.searchsorted(oc, sig.o[r][sel])
+            gid = grid.fine_ids(oc).reshape(-1)
+            rows = cache.positions(c, gid)
             rows_x = xp.asarray(rows)
             P = cache.data[c][rows_x]  # (F, M)
             F = len(rows)
+            f_e = io[:, None] * 8 + child_f[None, :]  # (S_c, 32) the children's fine orientations in this block
+            t_e = it_all[sel][:, None] * 4 + child_t[None, :]  # and fine translations
+            jx, fx, tx = xp.asarray(jl[sel])[:, None], xp.asarray(f_e), xp.asarray(t_e)
             if settings.do_cc:
                 Y = (Cr * X)[:, None, :] * ph[None]
                 g_ = (Y.real.reshape(b * Tf, M) @ (P * lik).real.T
                       + Y.imag.reshape(b * Tf, M) @ (P * lik).imag.T).reshape(b, Tf, F)
                 normp = xp.sqrt((Cr * Cr * lik) @ cache.power[c][rows_x].T)  # (b, F)
                 normx = xp.sqrt((X2_all[Jx] * lik).sum(axis=1))  # (b,)
-                d = -g_ / (normp[:, None, :] * normx[:, None, None] + 1e-300)
+                d_rows[xp.asarray(sel)] = -g_[jx, tx, fx] / (normp[jx, fx] * normx[jx] + 1e-300)
             else:
                 bb = (Wd * Cr * Cr) @ cache.power[c][rows_x].T  # (b, F)
                 Y = (Wd * Cr * X)[:, None, :] * ph[None]  # (b, Tf, M)
                 # Re(Y conj(P)) as one real GEMM over interleaved real and imaginary parts
                 Yv = xp.ascontiguousarray(Y).reshape(b * Tf, M).view(np.float64)
                 g_ = (Yv @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, Tf, F)
-                d = (xp.asarray(a_all[Jx] + xp.asarray(hr_xi2[J]) / 2.0)[:, None, None] + bb[:, None, :]) - 2.0 * g_
-            d = d.transpose(0, 2, 1)  # (b, F, Tf)
-            shp = (b, len(oc), 8, len(ut), 4)
-            allowed = xp.broadcast_to(xp.asarray(par)[:, :, None, :, None], shp).reshape(b, F, Tf)
-            lp = xp.broadcast_to(xp.asarray(lpc)[:, :, None, :, None], shp).reshape(b, F, Tf)
-            blocks.append((c, oc, A.reshape(-1, 3, 3), rows, P, xp.where(allowed, d, xp.inf), lp))
-        D = xp.concatenate([blk[5].reshape(b, -1) for blk in blocks], axis=1)
-        LP = xp.concatenate([blk[6].reshape(b, -1) for blk in blocks], axis=1)
-        blocks = [blk[:5] for blk in blocks]  # the per-block diff2/prior arrays now live in D and LP
+                d_rows[xp.asarray(sel)] = (ah[jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
+            del g_
+            col_rows[sel] = pos + f_e * Tf + t_e
+            blocks.append((c, oc, gid, rows, P))
+            pos += F * Tf
+        # the padded per-particle layout: particle jl's q-th significant sample fills columns 32 q .. 32 q + 31
+        cnt = np.bincount(jl, minlength=b)
+        q = np.arange(S) - (np.cumsum(cnt) - cnt)[jl]
+        L = 32 * int(cnt.max())
+        jq = (xp.asarray(jl), xp.asarray(q))
+        D = xp.full((b, L // 32, 32), xp.inf)
+        LP = xp.full((b, L // 32, 32), -xp.inf)
+        D[jq] = d_rows
+        LP[jq] = xp.asarray(sig.lp[r])[:, None]  # children inherit their parent's prior
+        D, LP = D.reshape(b, L), LP.reshape(b, L)
+        del d_rows
         if settings.do_cc:
             best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
             w = xp.zeros_like(D)
@@ -377,24 +398,29 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             bad = to_host(bad)
         del D, LP
         scal["zero"] += int(np.sum(bad))
-        wn = w / sumw[:, None]
+        wp = w / sumw[:, None]  # normalised, padded
         del w
-        ibest = to_host(xp.argmax(wn, axis=1))
-        pmax = to_host(wn.max(axis=1))
+        ib = to_host(xp.argmax(wp, axis=1))
+        pmax = to_host(wp.max(axis=1))
+        first = np.cumsum(cnt) - cnt
+        ibest = col_rows[first + ib // 32, ib % 32]  # the best sample's column in the dense layout
+        wn = xp.zeros((b, pos), np.float64)  # the normalised weights in the dense layout of the weighted sums
+        wn[xp.asarray(jl)[:, None], xp.asarray(col_rows)] = wp.reshape(b, L // 32, 32)[jq]
+        del wp
         resid = xp.zeros((b, M), np.float64)
         ws_tot = xp.zeros(b, np.float64)
         w_trans = xp.zeros((b, Tf), np.float64)
         xa = xp.zeros(b, np.float64)
         aa = xp.zeros(b, np.float64)
         pos = 0
-        for c, oc, A, rows, P in blocks:
+        for c, oc, gid, rows, P in blocks:
             F = len(rows)
             Wm = wn[:, pos : pos + F * Tf].reshape(b, F, Tf)
             jb = np.nonzero((ibest >= pos) & (ibest < pos + F * Tf))[0]  # members whose best sample is here
             if jb.size:
                 r_, t_ = np.divmod(ibest[jb].astype(np.int64) - pos, Tf)
                 Jb = J[jb]
-                out["rot"][Jb], out["tilt"][Jb], out["psi"][Jb] = matrix_to_euler(A[r_])
+                out["rot"][Jb], out["tilt"][Jb], out["psi"][Jb] = matrix_to_euler(grid.fine_matrices_from_ids(gid[r_]))
                 o_b = (int_off[Jb] + t_fine[t_]) * ps.pixel_size
                 out["ox"][Jb], out["oy"][Jb] = o_b[:, 0], o_b[:, 1]
                 out["cls"][Jb] = int(c) + 1

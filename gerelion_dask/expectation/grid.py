@@ -97,8 +97,15 @@ class OrientationGrid:
         t = np.repeat(tilt_f[child], 2, axis=1)
         s = np.tile(psi_sub, (1, 4))
         A = euler_to_matrix(r, t, s) @ self._perturb_matrix
-        gid = (np.repeat(child, 2, axis=1) * self.n_psi + p[:, None]) * 2 + np.tile(np.arange(2), 4)[None, :]
-        return A, gid, (r, t, s)
+        return A, self.fine_ids(coarse_o), (r, t, s)
+
+    def fine_ids(self, coarse_o: np.ndarray) -> np.ndarray:
+        """Global ids ``(len, 8)`` of the children of coarse orientations (``fine_orientations`` without the
+        matrices): ``((4 * dir_pix + sub_dir) * n_psi + psi) * 2 + sub_psi``."""
+        coarse_o = np.asarray(coarse_o, dtype=np.int64)
+        d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
+        child = 4 * self.dir_pix[d][:, None] + np.arange(4)[None, :]  # (len, 4)
+        return (np.repeat(child, 2, axis=1) * self.n_psi + p[:, None]) * 2 + np.tile(np.arange(2), 4)[None, :]
 
     def fine_translations(self, coarse_t: np.ndarray) -> np.ndarray:
         """Children of coarse translations, ``(len, 4, 2)`` pixels (``x_sub * 2 + y_sub``)."""
