@@ -264,6 +264,59 @@ def test_coarse_weights_cut_at_700(xp):
 
 
 @pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1)])
+def test_coarse_select_matches_the_definitions(xp, fraction, maxsig):
+    # oracle: the formulas one sample at a time in float64 (diff2, prior, weight with the 700 cut) and RELION's
+    # significance by a full sort of each particle's weights; a particle whose weights all underflow keeps its
+    # smallest diff2.  On CuPy the four-pass kernels must return exactly what the NumPy path returns.
+    from gerelion_dask.ops.likelihood import coarse_select
+
+    rng = np.random.default_rng(5)
+    K, b, T, nd, npsi = 2, 6, 5, 7, 4
+    U = nd * npsi
+    g = (rng.normal(size=(K, b, T, U)) * rng.choice([0.3, 3.0, 30.0], size=(1, b, 1, 1))).astype(np.float32)
+    a, hr = rng.uniform(500, 900, b), rng.uniform(0, 20, b)
+    p = rng.uniform(50, 200, (K, b, U))
+    dl = rng.normal(size=(b, K, nd))
+    dl[rng.uniform(size=dl.shape) < 0.25] = -np.inf  # directions outside a local search
+    dl[4] -= 800.0  # every weight of particle 4 underflows
+    pl = rng.normal(size=(b, npsi))
+    pl[:, 1] = -np.inf
+    off = rng.normal(size=(b, T))
+    off[2, :2] = -np.inf
+    rows, cols, best = (to_np(v) for v in coarse_select(*(xp.asarray(v) for v in (g, a, hr, p, dl, pl, off)),
+                                                        fraction, maxsig))
+    got = np.zeros((b, K * T * U), bool)
+    got[rows, cols] = True
+    assert np.all(np.diff(rows * K * T * U + cols) > 0)  # row-major order
+    for i in range(b):
+        d = np.full((K, T, U), np.inf)
+        lp = np.full((K, T, U), -np.inf)
+        for k, t, u in np.ndindex(K, T, U):
+            lo = dl[i, k, u // npsi] + pl[i, u % npsi]
+            if np.isfinite(lo) and np.isfinite(off[i, t]):
+                d[k, t, u] = (a[i] + hr[i] + p[k, i, u]) - 2 * float(g[k, i, t, u])
+                lp[k, t, u] = lo + off[i, t]
+        d, lp = d.ravel(), lp.ravel()
+        x = d - d.min()
+        w = np.where(x <= 700, np.exp(-x + lp), 0.0)
+        if w.sum() == 0:
+            assert i == 4 and best[i] == np.argmin(d) and np.flatnonzero(got[i]).tolist() == [np.argmin(d)]
+            continue
+        srt = np.sort(w)[::-1]
+        cs = np.cumsum(srt)
+        k = min(int(np.sum(cs < fraction * w.sum())), w.size - 1) if fraction < 1 else int(np.sum(w > 0)) - 1
+        if maxsig > 0:
+            k = min(k, maxsig - 1)
+        want = (w >= srt[k] * (1 - 1e-12)) & (w > 0)  # the threshold's own rounding may differ by an ulp
+        sure = (w >= srt[k] * (1 + 1e-12)) & (w > 0)
+        assert np.all(got[i] <= want) and np.all(sure <= got[i]), i
+        assert w[best[i]] >= w.max() * (1 - 1e-12)
+    if xp is not np:  # the twin against the NumPy path on the same inputs
+        r0, c0, b0 = coarse_select(g, a, hr, p, dl, pl, off, fraction, maxsig)
+        assert np.array_equal(rows, r0) and np.array_equal(cols, c0) and np.array_equal(best, b0)
+
+
+@pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1)])
 def test_significant_set_matches_full_sort(xp, fraction, maxsig):
     # oracle: RELION's definition, one row at a time in float64 -- sort the whole row in descending order, keep
     # samples until the running sum reaches the fraction (all positive ones for fraction 1; at most maxsig); the

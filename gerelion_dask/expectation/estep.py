@@ -22,11 +22,10 @@ import numpy as np
 from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
-from ..ops.likelihood import coarse_diff2, coarse_weights
+from ..ops.likelihood import coarse_diff2, coarse_select
 from .grid import OrientationGrid
 from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks, project_gathered
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
-from .weights import significant_set
 
 __all__ = ["EStepModel", "EStepSettings", "expectation_pool"]
 
@@ -163,6 +162,25 @@ def coarse_projections(xp, P, dtype) -> CoarseProjections:
     return CoarseProjections(Pv, (Pv[:, 0::2] ** 2 + Pv[:, 1::2] ** 2))
 
 
+def _cross_term(xp, Z, phase, proj: CoarseProjections, out=None):
+    """``g (B, T, O) = Re sum_k (Z s_t)(k) conj(P_o(k))`` for particle-side ``Z (B, M)`` and phases ``s (T, M)``: one
+    real GEMM over interleaved real and imaginary parts, in the precision of ``proj`` (``out``: a contiguous array of
+    that shape and dtype to write into)."""
+    dtype = proj.interleaved.dtype
+    ct = np.complex64 if dtype == np.float32 else np.complex128
+    Bn, T = Z.shape[0], phase.shape[0]
+    Y = _interleaved(xp, Z.astype(ct)[:, None, :] * phase.astype(ct)[None], dtype).reshape(Bn * T, -1)  # (B T, 2M)
+    if out is None:
+        return (Y @ proj.interleaved.T).reshape(Bn, T, -1)
+    xp.matmul(Y, proj.interleaved.T, out=out.reshape(Bn * T, -1))
+    return out
+
+
+def _power_term(xp, W, Cr, proj: CoarseProjections):
+    """``p (B, O) = sum_k w c^2 |P_o|^2`` (in the precision of ``proj``, returned as float64)."""
+    return ((W * Cr * Cr).astype(proj.power.dtype) @ proj.power.T).astype(np.float64, copy=False)
+
+
 def _diff2_block(xp, X, C, W, phase, proj: CoarseProjections, cc: bool, ctf_on_ref: bool, hr, lpo, off, out=None):
     """diff2 ``(B, T, O)`` (float64, ``+inf`` where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles
     ``X (B, M)`` against one class's projections.
@@ -171,15 +189,13 @@ def _diff2_block(xp, X, C, W, phase, proj: CoarseProjections, cc: bool, ctf_on_r
     on GPUs: the coarse pass only selects significant samples; the per-particle constant ``sum w |X|^2`` is added in
     float64 so the cancellation in ``a + p - 2 g`` stays accurate); the fine pass is always float64.
     ``hr (B,)``: half the power beyond the current size, added to every value (0 for cross-correlation).
+    The coarse pass uses it for cross-correlation only; its likelihood path hands the same terms to
+    :func:`~gerelion_dask.ops.likelihood.coarse_select`.
     """
     f64 = np.float64
     dtype = proj.interleaved.dtype
     Cr = C if ctf_on_ref else xp.ones_like(C)
-    Bn, T = X.shape[0], phase.shape[0]
-    ct = np.complex64 if dtype == np.float32 else np.complex128
-    Z = (Cr * X) if cc else (W * Cr * X)
-    Y = _interleaved(xp, Z.astype(ct)[:, None, :] * phase.astype(ct)[None], dtype)  # (B, T, 2M)
-    g = (Y.reshape(Bn * T, -1) @ proj.interleaved.T).reshape(Bn, T, -1)  # (B, T, O)
+    g = _cross_term(xp, (Cr * X) if cc else (W * Cr * X), phase, proj)
     if cc:
         normp = xp.sqrt((Cr * Cr).astype(dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
         normx = xp.sqrt((xp.abs(X) ** 2).sum(axis=1))  # (B,)
@@ -191,8 +207,7 @@ def _diff2_block(xp, X, C, W, phase, proj: CoarseProjections, cc: bool, ctf_on_r
         out[...] = d
         return out
     a = (W * xp.abs(X) ** 2).sum(axis=1)
-    p = ((W * Cr * Cr).astype(dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
-    return coarse_diff2(g, a, p, xp.asarray(hr, dtype=f64), lpo, off, out)
+    return coarse_diff2(g, a, _power_term(xp, W, Cr, proj), xp.asarray(hr, dtype=f64), lpo, off, out)
 
 
 def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None):
@@ -293,48 +308,51 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             ud, up = np.arange(grid.n_dir), np.arange(n_psi)
             U = np.arange(O)
         # the chunk's classes with any searched sample (U holds every pair of its directions ud and psi angles up),
-        # and their separable log priors (b, K', |U|) and (b, T), made on the device from the small per-angle arrays
+        # and their separable log priors: (b, K', |ud|) per direction, (b, |up|) per psi angle, (b, T) per translation
         has_p = fin_p[J][:, up].any(axis=1)
         cls_of = [c for c in classes if (fin_d[J, c][:, ud].any(axis=1) & has_p).any()]
-        Ux = xp.asarray(U)
-        LPOx = (xp.asarray(pri.dir_lp[J][:, cls_of])[:, :, Ux // n_psi]
-                + xp.asarray(pri.psi_lp[J])[:, None, Ux % n_psi])
-        offx = xp.asarray(pri.off_lp[J])
-        D = xp.empty((b, len(cls_of), T, len(U)), np.float64)
+        dl = pri.dir_lp[J][:, cls_of][:, :, ud]
+        pl = pri.psi_lp[J][:, up]
+        off = pri.off_lp[J]
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
-        for k, c in enumerate(cls_of):
-            proj = full[c] if full is not None else projections(c, A)
-            _diff2_block(xp, X_, C_, W_, phase_c, proj, settings.do_cc, settings.ctf_on_reference, hr[J],
-                         LPOx[:, k], offx, out=D[:, k])
-        D2 = D.reshape(b, -1)
+        Kc, nU = len(cls_of), len(U)
         if settings.do_cc:
-            ib = xp.argmin(D2, axis=1)
+            LPOx = xp.asarray(dl[:, :, np.arange(nU) // len(up)] + pl[:, None, np.arange(nU) % len(up)])
+            D = xp.empty((b, Kc, T, nU), np.float64)
+            for k, c in enumerate(cls_of):
+                proj = full[c] if full is not None else projections(c, A)
+                _diff2_block(xp, X_, C_, W_, phase_c, proj, True, settings.ctf_on_reference, hr[J], LPOx[:, k],
+                             xp.asarray(off), out=D[:, k])
+            ib = xp.argmin(D.reshape(b, -1), axis=1)
             jj, ll = np.arange(b), to_host(ib)
+            del D
         else:
-            dmin = D2.min(axis=1)
-            w = coarse_weights(D, dmin, LPOx, offx).reshape(b, -1)
-            total = w.sum(axis=1)
-            bad = xp.nonzero(~(total > 0))[0]
-            if bad.size:  # every weight underflowed: the best sample alone (as posterior_weights does)
-                w[bad, xp.argmin(D2[bad], axis=1)] = 1.0
-                total[bad] = 1.0
-            del D, D2
-            jj, ll, _, ib = significant_set(w, settings.adaptive_fraction, settings.maxsig, total)
+            # the cross terms of every class (K', b, T, |U|) in the GEMMs' precision; coarse_select finds each
+            # particle's significant samples from them without storing the float64 diff2 or weight block
+            Cr_ = C_ if settings.ctf_on_reference else xp.ones_like(C_)
+            G = xp.empty((Kc, b, T, nU), dtype)
+            Pp = xp.empty((Kc, b, nU), np.float64)
+            for k, c in enumerate(cls_of):
+                proj = full[c] if full is not None else projections(c, A)
+                _cross_term(xp, W_ * Cr_ * X_, phase_c, proj, out=G[k])
+                Pp[k] = _power_term(xp, W_, Cr_, proj)
+            a = (W_ * xp.abs(X_) ** 2).sum(axis=1)
+            jj, ll, ib = coarse_select(G, a, xp.asarray(hr[J], dtype=np.float64), Pp, xp.asarray(dl), xp.asarray(pl),
+                                       xp.asarray(off), settings.adaptive_fraction, settings.maxsig)
+            del G, Pp
             jj, ll = to_host(jj), to_host(ll)
-            del w
-        per_cls = len(U) * T
+        per_cls = nU * T
         blk, rest = np.divmod(ll, per_cls)
-        t, u = np.divmod(rest, len(U))
+        t, u = np.divmod(rest, nU)
         rows_b.append(J[jj])
         rows_c.append(np.asarray(cls_of, np.int64)[blk])
         rows_o.append(U[u])
         rows_t.append(t)
-        jx = xp.asarray(jj)
-        rows_lp.append(to_host(LPOx[jx, xp.asarray(blk), xp.asarray(u)] + offx[jx, xp.asarray(t)]))
+        rows_lp.append((dl[jj, blk, u // len(up)] + pl[jj, u % len(up)]) + off[jj, t])
         n_sig[J] = np.bincount(jj, minlength=b)
         ibh = to_host(ib)
-        best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[ibh % len(U)]
+        best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[ibh % nU]
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0),)
     cat = [np.concatenate(r) if r else e for r, e in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), empty, strict=True)]
-    order = np.lexsort((cat[3], cat[2], cat[1], cat[0]))
+    order = np.argsort(((cat[0] * K + cat[1]) * O + cat[2]) * T + cat[3], kind="stable")  # by (b, c, o, t)
     return Significant(*(a[order] for a in cat), n_sig=n_sig, best=best, n_orient=O)

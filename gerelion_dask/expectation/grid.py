@@ -84,13 +84,18 @@ class OrientationGrid:
         A = euler_to_matrix(rot[dir_idx], tilt[dir_idx], self.psi[psi_idx])
         return A @ self._perturb_matrix
 
-    def fine_orientations(self, coarse_o: np.ndarray):
-        """Children of coarse orientations: matrices ``(len, 8, 3, 3)``, global ids ``(len, 8)`` and angles."""
+    @cached_property
+    def _fine_directions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rot, tilt) of every HEALPix pixel one order finer (the fine directions' lookup table)."""
         from ..ops.sampling import healpix_directions
 
+        return healpix_directions(self.healpix_order + 1)
+
+    def fine_orientations(self, coarse_o: np.ndarray):
+        """Children of coarse orientations: matrices ``(len, 8, 3, 3)``, global ids ``(len, 8)`` and angles."""
         coarse_o = np.asarray(coarse_o, dtype=np.int64)
         d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
-        rot_f, tilt_f = healpix_directions(self.healpix_order + 1)
+        rot_f, tilt_f = self._fine_directions
         child = 4 * self.dir_pix[d][:, None] + np.arange(4)[None, :]  # (len, 4)
         psi_sub = self.psi[p][:, None] + np.array([-0.25, 0.25])[None, :] * self.psi_step  # (len, 2)
         r = np.repeat(rot_f[child], 2, axis=1)
@@ -116,13 +121,11 @@ class OrientationGrid:
 
     def fine_matrices_from_ids(self, gid: np.ndarray) -> np.ndarray:
         """Matrices of fine orientations from their global ids (inverse of the id rule)."""
-        from ..ops.sampling import healpix_directions
-
         gid = np.asarray(gid, dtype=np.int64)
         psi_sub = gid % 2
         rest = gid // 2
         p = rest % self.n_psi
         child = rest // self.n_psi
-        rot_f, tilt_f = healpix_directions(self.healpix_order + 1)
+        rot_f, tilt_f = self._fine_directions
         s = self.psi[p] + np.where(psi_sub == 0, -0.25, 0.25) * self.psi_step
         return euler_to_matrix(rot_f[child], tilt_f[child], s) @ self._perturb_matrix

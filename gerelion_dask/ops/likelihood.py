@@ -6,11 +6,14 @@ cross term ``g = Re sum_k (w c X s_t) conj(P_o)``; what remains is element-wise 
 - :func:`coarse_diff2`: ``diff2 = (a_b + hr_b) + p_bo - 2 g_bto`` (``a = sum w |X|^2``, ``p = sum w c^2 |P|^2``,
   ``hr`` half the power beyond the current size), ``+inf`` where the prior excludes the sample;
 - :func:`coarse_weights`: ``w = exp(-(diff2 - dmin) + lp)`` with the separable log prior ``lp = lpo_bko + off_bt``,
-  0 where ``diff2 - dmin > 700`` (RELION's double path, as :func:`~gerelion_dask.expectation.weights.posterior_weights`).
+  0 where ``diff2 - dmin > 700`` (RELION's double path, as :func:`~gerelion_dask.expectation.weights.posterior_weights`);
+- :func:`coarse_select`: both of them and the significant samples of each particle
+  (:func:`~gerelion_dask.expectation.weights.significant_set`) from the GEMM's cross terms, with the orientation prior
+  given separably per direction and psi angle.
 
 Each is written once with NumPy broadcasting; on CuPy arrays the same formula runs as one fused kernel
 (:mod:`gerelion_dask.kernels.coarse`), so the GPU touches each of the block's values once per stage instead of once
-per operator.
+per operator; ``coarse_select`` runs as four passes over the cross terms that never write the float64 block at all.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["coarse_diff2", "coarse_weights"]
+__all__ = ["coarse_diff2", "coarse_select", "coarse_weights"]
 
 
 def coarse_diff2(g, a, p, hr, lpo, off, out=None):
@@ -54,3 +57,40 @@ def coarse_weights(d, dmin, lpo, off):
     lp = lpo[:, :, None, :] + off[:, None, :, None]
     with np.errstate(invalid="ignore", over="ignore"):
         return np.where(x <= 700.0, np.exp(np.where(x <= 700.0, -x + lp, -np.inf)), 0.0)
+
+
+def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, maxsig: int = -1):
+    """The significant samples of a chunk of particles from the coarse pass's cross terms.
+
+    ``g (K, b, T, U)``: cross terms per class (any float dtype); ``a, hr (b,)``; ``p (K, b, U)``; the log prior of
+    sample ``(k, t, u)`` is ``(dl[b, k, u // n_psi] + pl[b, u % n_psi]) + off[b, t]`` with ``dl (b, K, n_dir)``,
+    ``pl (b, n_psi)``, ``off (b, T)`` (``-inf``: not searched; ``U = n_dir * n_psi``).  With diff2 and weights as
+    :func:`coarse_diff2` and :func:`coarse_weights` and ``dmin`` per particle, returns ``(rows, cols, best)``: the
+    significant samples (:func:`~gerelion_dask.expectation.weights.significant_set`) as particle and column in the
+    ``(K, T, U)`` flattening of a particle's samples, in row-major order, and each particle's column of largest weight
+    (the first on ties).  A particle whose weights all underflow keeps its smallest diff2 alone (weight 1).
+    """
+    xp = get_xp(g, p)
+    if xp is not np:
+        from ..kernels.coarse import coarse_select as twin
+
+        return twin(g, a, hr, p, dl, pl, off, adaptive_fraction, maxsig)
+    from ..expectation.weights import significant_set
+
+    K, b, T, U = g.shape
+    n_psi = pl.shape[1]
+    u = np.arange(U)
+    lpo = dl[:, :, u // n_psi] + pl[:, None, u % n_psi]  # (b, K, U)
+    D = np.empty((b, K, T, U), np.float64)
+    for k in range(K):
+        coarse_diff2(g[k], a, p[k], hr, lpo[:, k], off, out=D[:, k])
+    D2 = D.reshape(b, -1)
+    dmin = D2.min(axis=1)
+    w = coarse_weights(D, dmin, lpo, off).reshape(b, -1)
+    total = w.sum(axis=1)
+    bad = np.nonzero(~(total > 0))[0]
+    if bad.size:  # every weight underflowed: the best sample alone (as posterior_weights does)
+        w[bad, np.argmin(D2[bad], axis=1)] = 1.0
+        total[bad] = 1.0
+    rows, cols, _, best = significant_set(w, adaptive_fraction, maxsig, total)
+    return rows, cols, best
