@@ -316,6 +316,32 @@ def test_coarse_select_matches_the_definitions(xp, fraction, maxsig):
         assert np.array_equal(rows, r0) and np.array_equal(cols, c0) and np.array_equal(best, b0)
 
 
+@pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.9, 100)])
+def test_coarse_select_flat_posteriors(xp, fraction, maxsig):
+    # oracle: RELION's full-sort significance on each particle's whole weight row (the NumPy path); with nearly flat
+    # posteriors a particle has more candidates than the GPU kernels sort in shared memory, and those particles must
+    # come out the same through the dense fallback
+    from gerelion_dask.expectation.weights import significant_set
+    from gerelion_dask.ops.likelihood import coarse_diff2, coarse_select, coarse_weights
+
+    rng = np.random.default_rng(8)
+    K, b, T, nd, npsi = 1, 4, 5, 250, 4  # 5,000 samples per particle
+    U = nd * npsi
+    scale = np.array([1e-3, 1e-3, 5.0, 1e-3])[None, :, None, None]  # particle 2 peaked, the others flat
+    g = (rng.normal(size=(K, b, T, U)) * scale).astype(np.float32)
+    a, hr, p = np.full(b, 700.0), np.zeros(b), np.full((K, b, U), 100.0)
+    dl, pl, off = np.zeros((b, K, nd)), np.zeros((b, npsi)), np.zeros((b, T))
+    rows, cols, best = (to_np(v) for v in coarse_select(*(xp.asarray(v) for v in (g, a, hr, p, dl, pl, off)),
+                                                        fraction, maxsig))
+    D = np.empty((b, K, T, U))
+    lpo = np.zeros((b, K, U))
+    coarse_diff2(g[0], a, p[0], hr, lpo[:, 0], off, out=D[:, 0])
+    w = coarse_weights(D, D.reshape(b, -1).min(axis=1), lpo, off).reshape(b, -1)
+    r0, c0, _, b0 = significant_set(w, fraction, maxsig)
+    assert np.bincount(r0, minlength=b)[[0, 1, 3]].min() >= 100  # flat rows keep many samples
+    assert np.array_equal(rows, r0) and np.array_equal(cols, c0) and np.array_equal(best, b0)
+
+
 @pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1)])
 def test_significant_set_matches_full_sort(xp, fraction, maxsig):
     # oracle: RELION's definition, one row at a time in float64 -- sort the whole row in descending order, keep

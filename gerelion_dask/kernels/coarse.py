@@ -117,14 +117,25 @@ __global__ void coarse_min(ARGS, double* vmin, long long* imin) {
     if (threadIdx.x == 0) { vmin[j * gridDim.x + blockIdx.x] = v; imin[j * gridDim.x + blockIdx.x] = i; }
 }
 
+// the particle's smallest diff2 and its first column from the slices of pass 1 (thread 0's values)
+__device__ __forceinline__ void combine_min(const double* vmin, const long long* imin, long long j, int S,
+                                            double& v, long long& i) {
+    v = GD_INF; i = GD_BIG;
+    for (int q = 0; q < S; ++q) pick(v, i, vmin[j * S + q], imin[j * S + q], 1);
+}
+
 // pass 2: per slice, the sum of the weights and the first column of the largest one
 template <typename G_T>
-__global__ void coarse_sum(ARGS, const double* dmin, double* vsum, double* vmax, long long* imax) {
+__global__ void coarse_sum(ARGS, const double* vmin, const long long* imin, double* vsum, double* vmax,
+                           long long* imax) {
     __shared__ double sv[32];
     __shared__ long long si[32];
+    __shared__ double s_dmin;
+    if (threadIdx.x == 0) { long long i0; combine_min(vmin, imin, blockIdx.y, gridDim.x, s_dmin, i0); }
+    __syncthreads();
+    const double dm = s_dmin;
     double acc = 0.0, v = -1.0;
     long long i = GD_BIG;
-    const double dm = dmin[blockIdx.y];
     WALK_BEGIN
         const double w = weight(d, dm, lp);
         acc += w;
@@ -136,23 +147,90 @@ __global__ void coarse_sum(ARGS, const double* dmin, double* vsum, double* vmax,
     if (threadIdx.x == 0) { vmax[j * gridDim.x + blockIdx.x] = v; imax[j * gridDim.x + blockIdx.x] = i; }
 }
 
-// passes 3 and 4: the candidates of the significance threshold (w >= eps and w > 0), counted, then written to each
-// particle's segment [start, start + count) of the flat output in any order
+// pass 3: the candidates of the significance threshold (w >= eps = eps_per_sum * sum and w > 0) of each particle,
+// written in any order to its segment of `cap` slots (count may exceed cap: that particle is redone by the caller).
+// Slice 0 of each particle also writes its sum (1 where every weight underflowed), best column and, for such a
+// particle, its smallest diff2 as the only candidate (weight 1).
 template <typename G_T>
-__global__ void coarse_candidates(ARGS, const double* dmin, const double* eps, int write, int* count,
-                                  const long long* start, double* vals, long long* cols) {
-    const double dm = dmin[blockIdx.y], e = eps[blockIdx.y];
+__global__ void coarse_candidates(ARGS, const double* vmin, const long long* imin, const double* vsum,
+                                  const double* vmax, const long long* imax, double eps_per_sum, int cap,
+                                  int* count, double* vals, long long* cols, double* total, long long* best) {
+    __shared__ double s_dmin, s_eps;
+    if (threadIdx.x == 0) {
+        const long long jj = blockIdx.y;
+        const int S = gridDim.x;
+        double dm; long long im;
+        combine_min(vmin, imin, jj, S, dm, im);
+        double sum = 0.0, vm = -1.0;
+        long long ix = GD_BIG;
+        for (int q = 0; q < S; ++q) { sum += vsum[jj * S + q]; pick(vm, ix, vmax[jj * S + q], imax[jj * S + q], -1); }
+        const bool bad = !(sum > 0.0);
+        s_dmin = dm;
+        s_eps = eps_per_sum * sum;
+        if (blockIdx.x == 0) {
+            total[jj] = bad ? 1.0 : sum;
+            best[jj] = bad ? im : ix;
+            if (bad) { count[jj] = 1; vals[jj * cap] = 1.0; cols[jj * cap] = im; }
+        }
+    }
+    __syncthreads();
+    const double dm = s_dmin, e = s_eps;
     WALK_BEGIN
         const double w = weight(d, dm, lp);
         if (w >= e && w > 0.0) {
             const int slot = atomicAdd(count + j, 1);
-            if (write) { vals[start[j] + slot] = w; cols[start[j] + slot] = col; }
+            if (slot < cap) { vals[j * cap + slot] = w; cols[j * cap + slot] = col; }
         }
     WALK_END
+}
+
+// pass 4 (one block per particle, cap a power of two <= 4096): sort the particle's candidates in descending order
+// in shared memory, take the weight where the running sum first reaches fraction * sum (at most maxsig samples;
+// every candidate for fraction >= 1) as the threshold, and flag the candidates at or above it
+__global__ void coarse_threshold(const int* count, const double* vals, const double* total, double fraction,
+                                 int maxsig, int cap, double* thr, unsigned char* keep) {
+    __shared__ double sd[4096];
+    const long long j = blockIdx.x;
+    const int n = count[j];
+    if (n == 0 || n > cap) return;  // more than fit: redone by the caller
+    int n2 = 1;
+    while (n2 < n) n2 <<= 1;
+    for (int i = threadIdx.x; i < n2; i += blockDim.x) sd[i] = i < n ? vals[j * cap + i] : -1.0;
+    __syncthreads();
+    for (int size = 2; size <= n2; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+                const int partner = i ^ stride;
+                if (partner > i) {
+                    const bool desc = (i & size) == 0;
+                    const double x = sd[i], y = sd[partner];
+                    if (desc ? (x < y) : (x > y)) { sd[i] = y; sd[partner] = x; }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    __shared__ double s_thr;
+    if (threadIdx.x == 0) {
+        int k = n - 1;
+        if (fraction < 1.0) {
+            const double target = fraction * total[j];
+            double cs = 0.0;
+            for (int i = 0; i < n; ++i) { cs += sd[i]; if (!(cs < target)) { k = i; break; } }
+        }
+        if (maxsig > 0 && k > maxsig - 1) k = maxsig - 1;
+        double t = sd[k];
+        s_thr = t > 0.0 ? t : 2.2250738585072014e-308;
+        thr[j] = s_thr;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) keep[j * cap + i] = vals[j * cap + i] >= s_thr;
 }
 """
 
 _SELECT_NAMES = [f"{k}<{t}>" for k in ("coarse_min", "coarse_sum", "coarse_candidates") for t in ("float", "double")]
+_SELECT_NAMES.append("coarse_threshold")
+CANDIDATE_CAP = 4096  # candidates per particle sorted in shared memory; a particle with more is redone densely
 
 
 @cache
@@ -162,11 +240,14 @@ def _select_module():
 
 def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, maxsig: int = -1):
     """CuPy twin of :func:`gerelion_dask.ops.likelihood.coarse_select`: thread blocks (a slice of a particle's
-    ``(K, T, U)`` samples each) walk the samples four times (smallest diff2; sum and largest weight; candidates
-    counted; candidates written), recomputing diff2 and the weight from ``g`` each time, so the float64 block is never
-    stored; the slices' minima, sums and maxima are combined per particle (first column on ties).  The candidates (the
-    weights above ``(1 - fraction) / 2`` of the mean, a superset of the significant ones: ``weights.py``) are then
-    sorted per particle as :func:`~gerelion_dask.expectation.weights.significance_threshold` does.
+    ``(K, T, U)`` samples each) walk the samples three times (smallest diff2; sum and largest weight; candidates),
+    recomputing diff2 and the weight from ``g`` each time, so the float64 block is never stored; the slices' minima,
+    sums and maxima are combined per particle in a fixed order (first column on ties).  The candidates (the weights
+    above ``(1 - fraction) / 2`` of the mean, a superset of the significant ones: ``weights.py``) are sorted per
+    particle in shared memory and the threshold taken as
+    :func:`~gerelion_dask.expectation.weights.significance_threshold` takes it (running sum in sorted order); a
+    particle with more than ``CANDIDATE_CAP`` candidates (a flat posterior) is redone from its full weight row.
+    The work is a handful of kernel launches per chunk, whatever the number of particles.
     """
     f64 = np.float64
     K, b, T, U = g.shape
@@ -194,53 +275,38 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     args = (g, ah, p, dl, pl, off, np.int32(b), np.int32(K), np.int32(T), np.int32(U), np.int32(nd), np.int32(n_psi),
             np.int32(per))
     grid, block = (n_slices, b), (256,)
-    big = np.iinfo(np.int64).max
+    cap = int(min(CANDIDATE_CAP, 1 << max(0, int(N - 1).bit_length())))
     vmin, imin = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), np.int64)
     mod.get_function(f"coarse_min<{tname}>")(grid, block, args + (vmin, imin))
-    dmin = vmin.min(axis=1)
-    amin = cupy.where(vmin == dmin[:, None], imin, big).min(axis=1)  # the first column of the smallest value
     vsum, vmax, imax = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), np.int64)
-    mod.get_function(f"coarse_sum<{tname}>")(grid, block, args + (dmin, vsum, vmax, imax))
-    total = vsum.sum(axis=1)
-    amax = cupy.where(vmax == vmax.max(axis=1)[:, None], imax, big).min(axis=1)
-    eps = (0.5 * max(0.0, 1.0 - adaptive_fraction) / max(N, 1)) * total
+    mod.get_function(f"coarse_sum<{tname}>")(grid, block, args + (vmin, imin, vsum, vmax, imax))
     count = cupy.zeros(b, np.int32)
-    cand = mod.get_function(f"coarse_candidates<{tname}>")
-    none_f, none_i = cupy.zeros(1, f64), cupy.zeros(1, np.int64)
-    cand(grid, block, args + (dmin, eps, np.int32(0), count, none_i, none_f, none_i))
-    bad = ~(total > 0)  # every weight underflowed: the smallest diff2 alone, with weight 1 (count 0 there)
-    count = cupy.where(bad, 1, count).astype(np.int64)
-    start = cupy.cumsum(count) - count
-    n_cand, cmax = (int(v) for v in cupy.stack([count.sum(), count.max()]).get())
-    vals, cols = cupy.empty(n_cand, f64), cupy.empty(n_cand, np.int64)
-    fill = cupy.zeros(b, np.int32)
-    cand(grid, block, args + (dmin, eps, np.int32(1), fill, start, vals, cols))
-    ib = cupy.nonzero(bad)[0]
-    if ib.size:
-        vals[start[ib]] = 1.0
-        cols[start[ib]] = amin[ib]
-        total = cupy.where(bad, 1.0, total)
-    best = cupy.where(bad, amin, amax)
-    # each particle's candidates, zero-padded to (b, cmax), sorted in descending order of weight
-    rows = cupy.searchsorted(cupy.cumsum(count), cupy.arange(n_cand), side="right")  # each candidate's particle
-    pos = cupy.arange(n_cand) - start[rows]
-    V = cupy.zeros((b, cmax), f64)
-    Ci = cupy.full((b, cmax), -1, np.int64)
-    V[rows, pos] = vals
-    Ci[rows, pos] = cols
-    order = cupy.argsort(-V, axis=1)
-    srt = cupy.take_along_axis(V, order, axis=1)
-    cs = cupy.cumsum(srt, axis=1)
-    last = cupy.maximum(count - 1, 0)
-    if adaptive_fraction >= 1.0:
-        k = last
-    else:
-        k = cupy.minimum((cs < adaptive_fraction * total[:, None]).sum(axis=1), last)
-    if maxsig > 0:
-        k = cupy.minimum(k, maxsig - 1)
-    thr = srt[cupy.arange(b), k]
-    thr = cupy.where(thr > 0, thr, np.finfo(f64).tiny)
-    r, q = cupy.nonzero((V >= thr[:, None]) & (Ci >= 0))
-    c = Ci[r, q]
+    vals, cols = cupy.empty((b, cap), f64), cupy.empty((b, cap), np.int64)
+    total, best = cupy.empty(b, f64), cupy.empty(b, np.int64)
+    eps_per_sum = 0.5 * max(0.0, 1.0 - adaptive_fraction) / max(N, 1)
+    mod.get_function(f"coarse_candidates<{tname}>")(
+        grid, block, args + (vmin, imin, vsum, vmax, imax, f64(eps_per_sum), np.int32(cap), count, vals, cols, total,
+                             best))
+    thr = cupy.empty(b, f64)
+    keep = cupy.zeros((b, cap), np.uint8)
+    mod.get_function("coarse_threshold")((b,), (256,), (count, vals, total, f64(adaptive_fraction), np.int32(maxsig),
+                                                       np.int32(cap), thr, keep))
+    r, q = cupy.nonzero(keep)
+    c = cols[r, q]
+    over = cupy.nonzero(count > cap)[0]
+    if over.size:  # more candidates than fit the shared-memory sort: these particles' weights in full
+        from ..expectation.weights import significant_set
+        from ..ops.likelihood import coarse_diff2, coarse_weights
+
+        u = cupy.arange(U)
+        lpo = dl[over][:, :, u // n_psi] + pl[over][:, None, u % n_psi]
+        D = cupy.empty((over.size, K, T, U), f64)
+        for k in range(K):
+            coarse_diff2(g[k][over], a[over], p[k][over], hr[over], lpo[:, k], off[over], out=D[:, k])
+        dmin = D.reshape(over.size, -1).min(axis=1)
+        w = coarse_weights(D, dmin, lpo, off[over]).reshape(over.size, -1)
+        del D
+        r2, c2, _, _ = significant_set(w, adaptive_fraction, maxsig, total[over])
+        r, c = cupy.concatenate([r, over[r2]]), cupy.concatenate([c, c2])
     o = cupy.argsort(r * N + c)
     return r[o], c[o], best
