@@ -36,12 +36,13 @@ __all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "overla
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
-# H100, benchmarks/RESULTS.md); on a CPU chunks stay near one particle unless the members overlap.
+# H100, benchmarks/RESULTS.md; 2^26 values against 2^25 since the sparse fine-pass weights: 4,690 against 4,060 at
+# ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless the members overlap.
 # The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
 # in float64 on CPUs (the reference path).
 # ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30},
-               "gpu": {"max_elems": 1 << 25, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30}}
+               "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30}}
 
 
 def gather(a, mask):

@@ -184,12 +184,13 @@ __global__ void coarse_candidates(ARGS, const double* vmin, const long long* imi
     WALK_END
 }
 
-// pass 4 (one block per particle, cap a power of two <= 4096): sort the particle's candidates in descending order
-// in shared memory, take the weight where the running sum first reaches fraction * sum (at most maxsig samples;
-// every candidate for fraction >= 1) as the threshold, and flag the candidates at or above it
+// pass 4 (one block per particle, cap a power of two, cap doubles of dynamic shared memory): sort the particle's
+// candidates in descending order in shared memory, take the weight where the running sum first reaches
+// fraction * sum (at most maxsig samples; every candidate for fraction >= 1) as the threshold, and flag the
+// candidates at or above it
 __global__ void coarse_threshold(const int* count, const double* vals, const double* total, double fraction,
                                  int maxsig, int cap, double* thr, unsigned char* keep) {
-    __shared__ double sd[4096];
+    extern __shared__ double sd[];
     const long long j = blockIdx.x;
     const int n = count[j];
     if (n == 0 || n > cap) return;  // more than fit: redone by the caller
@@ -230,7 +231,8 @@ __global__ void coarse_threshold(const int* count, const double* vals, const dou
 
 _SELECT_NAMES = [f"{k}<{t}>" for k in ("coarse_min", "coarse_sum", "coarse_candidates") for t in ("float", "double")]
 _SELECT_NAMES.append("coarse_threshold")
-CANDIDATE_CAP = 4096  # candidates per particle sorted in shared memory; a particle with more is redone densely
+CANDIDATE_CAP = 16384  # candidates per particle sorted in shared memory (128 KiB); a particle with more is redone
+# densely (flat posteriors: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound)
 
 
 @cache
@@ -289,8 +291,12 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
                              best))
     thr = cupy.empty(b, f64)
     keep = cupy.zeros((b, cap), np.uint8)
-    mod.get_function("coarse_threshold")((b,), (256,), (count, vals, total, f64(adaptive_fraction), np.int32(maxsig),
-                                                       np.int32(cap), thr, keep))
+    sort = mod.get_function("coarse_threshold")
+    shared = 8 * cap
+    if shared > 48 * 1024:  # beyond the default limit of a block's dynamic shared memory (sm_70 and newer allow it)
+        sort.max_dynamic_shared_size_bytes = shared
+    sort((b,), (512,), (count, vals, total, f64(adaptive_fraction), np.int32(maxsig), np.int32(cap), thr, keep),
+         shared_mem=shared)
     r, q = cupy.nonzero(keep)
     c = cols[r, q]
     over = cupy.nonzero(count > cap)[0]
