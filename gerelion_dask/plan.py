@@ -18,13 +18,18 @@ memory the arrays need above an idle process.  Symbols:
 One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 
 * ``images``: ``B (8 N^2 + 48 N (N/2+1) + 8 h)`` (images, their transforms masked and unmasked, CTFs);
-* ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's diff2 arrays
-  ``~7 x 8 min(E, B O T K)`` (diff2, priors, their masked copies, the concatenations, weights) + the particle side
-  of the product ``32 b T Mc`` (``b = max(1, E / (O T K))`` particles per chunk);
+* ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's arrays (``e =
+  min(E, B O T K)`` samples, ``b = max(1, E / (O T K))`` particles per chunk): on a CPU ``~7 x 8 e`` (cross terms,
+  diff2, weights, the significance sort), on a GPU the float32 cross terms ``4 e``, each particle's candidate
+  segment ``17 c b`` (``c`` = 16,384 or the next power of two above ``O T K``) and the diff2 and weights of
+  particles with flat posteriors redone densely (``2 x 8 e`` at most); + the particle side of the product
+  ``32 b T Mc``;
 * ``fine``: the union of the children of the significant orientations, ``R = 8 f K O`` fine orientations, each with
-  its projection, power and back-projection sums: ``48 R M``; the chunk's arrays ``~10 x 8 min(E, 32 B f O T K)``
-  plus the weighted sums ``Q``: ``2 x 16 min(E, ...)``; then the 3D insertion of the ``R`` slices:
-  ``R (49 h + 150 M)`` (slices, weights, 3D coordinates, and the per-pixel interpolation arrays);
+  its projection, power and back-projection sums: ``48 R M``; the chunk's arrays ``~3 x 8 min(E, 32 B f O T K)``
+  on a GPU (cross terms, the weights in the layout of the weighted sums, the kept orientations' weights), ``~10 x 8``
+  on a CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus the weighted sums ``Q``:
+  ``2 x 16 min(E, ...)``; then the 3D insertion of the ``R`` slices: ``R (49 h + 150 M)`` (slices,
+  weights, 3D coordinates, and the per-pixel interpolation arrays);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -133,11 +138,17 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     images = B * (8 * N * N + 48 * N * (N // 2 + 1) + 8 * h)
     b_c = max(1, E // max(1, O * T * K))
     e_c = min(E, max(B * O * T * K, O * T * K))
-    coarse = 16 * K * O * Mc + 8 * O * Mc + 7 * 8 * e_c + 32 * min(b_c, B) * T * Mc
+    if backend == "gpu":  # float32 cross terms; candidates in per-particle segments; flat rows redone densely
+        cap = min(16384, 1 << max(0, int(O * T * K - 1).bit_length()))
+        chunk_c = 4 * e_c + 2 * 8 * e_c + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O
+    else:  # float64 cross terms, diff2, weights and the significance sort of the whole block
+        chunk_c = 7 * 8 * e_c
+    coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c + 32 * min(b_c, B) * T * Mc
     R = 8 * f * K * O
     e_f = min(E, 32 * B * f * O * T * K)
     fine_sums = 48 * R * M
-    fine = fine_sums + max(10 * 8 * e_f + 2 * 16 * e_f, R * (49 * h + 150 * M))
+    dense_f = (3 if backend == "gpu" else 10) * 8 * e_f  # NumPy's temporaries: tests/test_plan.py
+    fine = fine_sums + max(dense_f + 2 * 16 * e_f, R * (49 * h + 150 * M))
     partials = 24 * K * L
     cache_one = min(FINE_LIMITS[backend]["cache_bytes"],
                     (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * 8 * K * O)
