@@ -9,8 +9,12 @@ from the workers' transfer logs) and for everything (the model and settings too)
 CuPy's atomic back-projection is not, so the largest relative difference and the FSC are given).  ``--gpu``: CuPy in
 process against a LocalCUDACluster (one worker per GPU); the in-process run is then the base for the Dask overhead.
 
+``--phases``: where an E-step task's time goes, per iteration (summed over tasks and workers): reading the images,
+preprocessing, priors, coarse pass, fine pass, and the whole task (the rest is moving images to the device, the
+model's device copy and the Dask task's own overhead), each stage timed between device synchronisations.
+
 Usage: ``python benchmarks/dask_scaling.py [--n 240] [--box 32] [--pool 15] [--iters 3] [--workers 1,2] [--gpu]
-[--json out.json]``
+[--json out.json] [--phases]``
 """
 
 from __future__ import annotations
@@ -39,11 +43,68 @@ def job_config(paths, out: Path, ns):
                      offset_range=3.0, offset_step=1.0, maxsig=ns.maxsig, overwrite=True)
 
 
+PHASES = (("read_task_images", "read images"), ("preprocess_pool", "preprocess"), ("orientation_priors", "priors"),
+          ("coarse_pass", "coarse pass"), ("fine_pass", "fine pass"), ("estep_task", "whole task"))
+
+
+def install_phase_timers(task_level: bool = True) -> None:
+    """Wrap the E-step's stages in this process (a worker, or the driver for in-process runs) with timers that
+    synchronise the device before and after; seconds are summed per stage in ``tasks._phase_seconds``.  Module
+    attributes are replaced, so tasks unpickled afterwards (by reference) and ``_expectation_pool``'s global look-ups
+    get the timed versions.  ``task_level`` False (the driver): leave the task functions alone, or a Dask run started
+    later from this process would submit the driver's timed wrapper, and its sums would stay in the task's copy."""
+    import sys
+
+    from gerelion_dask.distributed import tasks
+    from gerelion_dask.expectation import estep
+
+    if getattr(tasks, "_phase_seconds", None) is not None:
+        return
+    acc = tasks._phase_seconds = {}
+
+    def sync():
+        cp = sys.modules.get("cupy")
+        if cp is not None and cp.cuda.runtime.getDeviceCount() > 0:
+            cp.cuda.runtime.deviceSynchronize()
+
+    def wrap(mod, name, label):
+        inner = getattr(mod, name)
+
+        def timed(*a, **k):
+            sync()
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                sync()
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(mod, name, timed)
+
+    for name, label in PHASES:
+        if name in ("read_task_images", "estep_task"):
+            if task_level:
+                wrap(tasks, name, label)
+        else:
+            wrap(estep, name, label)
+
+
+def take_phase_seconds() -> dict:
+    """This process's stage seconds since the last call (and reset them)."""
+    from gerelion_dask.distributed import tasks
+
+    acc = getattr(tasks, "_phase_seconds", None) or {}
+    out = dict(acc)
+    acc.clear()
+    return out
+
+
 class PrintIterations:
     """Progress hook: one line per finished iteration, so a run cut off by a time limit still reports."""
 
     def __init__(self, label: str, n: int):
         self.label, self.n = label, n
+        self.collect = None  # () -> {stage: seconds} since the last call, when --phases
 
     def __call__(self, done: int, total: int) -> None:  # pools done in the E-step: not printed
         pass
@@ -56,14 +117,21 @@ class PrintIterations:
               f"driver RSS {mem.get('peak_rss_mib', 0):.0f} MiB"
               + (f", worker RSS {mem['worker_peak_rss_mib']:.0f} MiB" if "worker_peak_rss_mib" in mem else "")
               + (f", CuPy pool {gpu:.0f} MiB" if gpu is not None else ""), flush=True)
+        if self.collect is not None:
+            ph = self.collect()
+            print(f"  [{self.label}] iteration {rec.iteration} stages (s, all tasks): "
+                  + ", ".join(f"{label} {ph.get(label, 0.0):.2f}" for _, label in PHASES if label in ph), flush=True)
 
 
-def run(cfg, n_workers: int | None, gpu: bool, progress=None):
-    """(JobResult, cluster start seconds); ``n_workers`` None: in process."""
+def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = False):
+    """(JobResult, cluster start seconds); ``n_workers`` None: in process; ``phases``: time the E-step's stages."""
     from gerelion_dask.driver import InProcessRunner, run_job
 
     device = "auto" if gpu else "cpu"
     if n_workers is None:
+        if phases:
+            install_phase_timers(task_level=False)
+            progress.collect = take_phase_seconds
         return run_job(cfg, runner=InProcessRunner(device), progress=progress), 0.0
     from gerelion_dask.distributed.cluster import close_client, make_client
     from gerelion_dask.distributed.runner import DaskRunner
@@ -72,6 +140,17 @@ def run(cfg, n_workers: int | None, gpu: bool, progress=None):
     client, cluster = make_client(n_workers=n_workers, dashboard_address=None, gpus=gpu)
     client.wait_for_workers(n_workers)
     start = time.perf_counter() - t0
+    if phases:
+        client.run(install_phase_timers)
+
+        def collect():
+            out = {}
+            for part in client.run(take_phase_seconds).values():
+                for k, v in part.items():
+                    out[k] = out.get(k, 0.0) + v
+            return out
+
+        progress.collect = collect
     try:
         from distributed import get_task_stream
 
@@ -192,6 +271,8 @@ def main() -> None:
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
     p.add_argument("--gpu", action="store_true", help="CuPy in process vs LocalCUDACluster workers (one per GPU)")
     p.add_argument("--json", help="also write every run's per-iteration seconds and bytes to this file")
+    p.add_argument("--phases", action="store_true",
+                   help="print per iteration the seconds of the E-step task's stages (read, preprocess, passes)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="run the in-process job under cProfile and print its N most expensive functions")
     ns = p.parse_args()
@@ -208,7 +289,7 @@ def main() -> None:
             if w is None and ns.profile:
                 res, start = profiled(cfg, ns, label)
             else:
-                res, start = run(cfg, w, ns.gpu, PrintIterations(label, ns.n))
+                res, start = run(cfg, w, ns.gpu, PrintIterations(label, ns.n), ns.phases)
             runs[label] = (w, res, start)
             print(f"{label}: E-step per iteration " +
                   ", ".join(f"{r.seconds['estep']:.2f}" for r in res.iterations) + f" s (cluster start {start:.1f} s)",
