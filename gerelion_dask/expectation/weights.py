@@ -51,6 +51,7 @@ def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1
     ``(1 - adaptive_fraction)`` of the sum, so ``w* > (1 - adaptive_fraction) * sum / N``.  Only the samples above
     half that bound are candidates; they are exactly the head of the full sorted row, and only they are sorted
     (whole rows are, when more than a quarter of a row are candidates: flat posteriors, where that is cheaper).
+    With ``maxsig`` only the ``maxsig`` largest weights can decide, and NumPy selects those before it sorts.
     """
     xp = get_xp(w)
     b, N = w.shape
@@ -60,15 +61,22 @@ def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1
     counts = cand.sum(axis=1)
     cmax = int(counts.max()) if b else 0
     if cmax > N // 4:
-        srt = -xp.sort(-w, axis=1)
+        src = w
     else:
         rows, cols = xp.nonzero(cand)
         pos = xp.arange(rows.size) - (xp.cumsum(counts) - counts)[rows]
-        V = xp.zeros((b, max(cmax, 1)), w.dtype)  # each row's candidates, zero-padded
-        V[rows, pos] = w[rows, cols]
-        srt = -xp.sort(-V, axis=1)
-        del rows, cols, pos, V
+        src = xp.zeros((b, max(cmax, 1)), w.dtype)  # each row's candidates, zero-padded
+        src[rows, pos] = w[rows, cols]
+        del rows, cols, pos
     del cand
+    width = src.shape[1]
+    if xp is np and 0 < maxsig < width:
+        # at most maxsig samples are kept, so only the maxsig largest weights of a row can decide the threshold:
+        # select them (linear time) and sort those alone (NumPy; CuPy sorts these widths fast enough whole)
+        srt = -np.sort(-np.partition(src, width - maxsig, axis=1)[:, width - maxsig :], axis=1)
+    else:
+        srt = -xp.sort(-src, axis=1)
+    del src
     cs = xp.cumsum(srt, axis=1)
     last = xp.maximum(counts - 1, 0)  # the candidates are the head of the sorted row
     if adaptive_fraction >= 1.0:  # every positive weight (not left to the rounding of the two sums)
