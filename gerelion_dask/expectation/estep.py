@@ -247,9 +247,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     Particles are taken in chunks (global searches: all orientations, projected once per class for the pool, or
     once per iteration with a :class:`~gerelion_dask.expectation.fine.ProjectionCache`; local searches: chunks of
     particles with overlapping search ranges, their union projected per chunk), so memory stays bounded by
-    ``fine_max_elems`` whatever the sampling order.  A chunk's samples form one ``(b, K, T, O)`` block: one GEMM per
-    class, then element-wise stages (:mod:`gerelion_dask.ops.likelihood`) and the significant set of each row
-    (:func:`~gerelion_dask.expectation.weights.significant_set`) without sorting whole rows.
+    ``fine_max_elems`` whatever the sampling order.  A chunk's samples form one ``(K, b, T, O)`` block of cross
+    terms (one GEMM per class); :func:`~gerelion_dask.ops.likelihood.coarse_select` turns it into each particle's
+    significant samples (on a GPU without writing the float64 diff2 or weights).  Cross-correlation (iteration 1)
+    keeps the best sample of the diff2 block of :func:`_diff2_block`.
     """
     ps = settings.preprocess
     N, nc = ps.ori_size, settings.coarse_size

@@ -1,9 +1,9 @@
 """CuPy twins of :mod:`gerelion_dask.ops.likelihood` (imported only when CuPy arrays are passed there).
 
 ``coarse_diff2`` and ``coarse_weights`` are one element-wise kernel each over the coarse-pass block, with the inputs
-broadcast by CuPy exactly as the NumPy formula broadcasts them; ``coarse_select`` is four passes of one thread block
-over slices of each particle's samples.  All use the NumPy functions' operation order in float64 (``tests/test_ops.py`` compares them on the
-GPU).
+broadcast by CuPy exactly as the NumPy formula broadcasts them; ``coarse_select`` is three passes of thread blocks
+over slices of each particle's samples and a sort per particle.  All use the NumPy functions' operation order in
+float64 (``tests/test_ops.py`` compares them on the GPU).
 """
 
 from __future__ import annotations
@@ -280,7 +280,8 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     cap = int(min(CANDIDATE_CAP, 1 << max(0, int(N - 1).bit_length())))
     vmin, imin = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), np.int64)
     mod.get_function(f"coarse_min<{tname}>")(grid, block, args + (vmin, imin))
-    vsum, vmax, imax = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), np.int64)
+    vsum, vmax = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), f64)
+    imax = cupy.empty((b, n_slices), np.int64)
     mod.get_function(f"coarse_sum<{tname}>")(grid, block, args + (vmin, imin, vsum, vmax, imax))
     count = cupy.zeros(b, np.int32)
     vals, cols = cupy.empty((b, cap), f64), cupy.empty((b, cap), np.int64)

@@ -6,7 +6,8 @@ cross term ``g = Re sum_k (w c X s_t) conj(P_o)``; what remains is element-wise 
 - :func:`coarse_diff2`: ``diff2 = (a_b + hr_b) + p_bo - 2 g_bto`` (``a = sum w |X|^2``, ``p = sum w c^2 |P|^2``,
   ``hr`` half the power beyond the current size), ``+inf`` where the prior excludes the sample;
 - :func:`coarse_weights`: ``w = exp(-(diff2 - dmin) + lp)`` with the separable log prior ``lp = lpo_bko + off_bt``,
-  0 where ``diff2 - dmin > 700`` (RELION's double path, as :func:`~gerelion_dask.expectation.weights.posterior_weights`);
+  0 where ``diff2 - dmin > 700`` (RELION's double path, as
+  :func:`~gerelion_dask.expectation.weights.posterior_weights`);
 - :func:`coarse_select`: both of them and the significant samples of each particle
   (:func:`~gerelion_dask.expectation.weights.significant_set`) from the GEMM's cross terms, with the orientation prior
   given separably per direction and psi angle.
