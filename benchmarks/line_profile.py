@@ -95,8 +95,8 @@ def main():
     fine_pass(xp, pre, parts, model, st, sig, cache)
     print(f"{'numpy' if xp is np else 'cupy'}; box {a.box}, {a.n} particles, noise {a.noise}: median "
           f"{np.median(sig.n_sig):.0f} significant samples")
-    traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "significant_set"}, xp, pre, parts,
-           model, st, pri, cache, top=a.top)
+    traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
+           xp, pre, parts, model, st, pri, cache, top=a.top)
     traced(sync, fine_pass, {"fine_pass", "shifted_sums", "posterior_weights", "significant_set", "overlap_chunks"},
            xp, pre, parts, model, st, sig, cache, top=a.top)
 

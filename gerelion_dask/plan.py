@@ -21,7 +21,7 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's arrays (``e =
   min(E, B O T K)`` samples, ``b = max(1, E / (O T K))`` particles per chunk): on a CPU ``~7 x 8 e`` (cross terms,
   diff2, weights, the significance sort), on a GPU the float32 cross terms ``4 e``, each particle's candidate
-  segment ``17 c b`` (``c`` = 16,384 or the next power of two above ``O T K``) and the diff2 and weights of
+  segment ``17 c b`` (``c = candidate_segment(O T K)``: at most 16,384) and the diff2 and weights of
   particles with flat posteriors redone densely (``2 x 8 e`` at most); + the particle side of the product
   ``32 b T Mc``;
 * ``fine``: the union of the children of the significant orientations, ``R = 8 f K O`` fine orientations, each with
@@ -118,6 +118,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     from .expectation.fine import FINE_LIMITS
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
+    from .ops.likelihood import candidate_segment
     from .ops.sampling import angular_step, asymmetric_unit_directions
 
     N = int(box)
@@ -139,7 +140,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     b_c = max(1, E // max(1, O * T * K))
     e_c = min(E, max(B * O * T * K, O * T * K))
     if backend == "gpu":  # float32 cross terms; candidates in per-particle segments; flat rows redone densely
-        cap = min(16384, 1 << max(0, int(O * T * K - 1).bit_length()))
+        cap = candidate_segment(O * T * K)
         chunk_c = 4 * e_c + 2 * 8 * e_c + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O
     else:  # float64 cross terms, diff2, weights and the significance sort of the whole block
         chunk_c = 7 * 8 * e_c

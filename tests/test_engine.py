@@ -213,6 +213,7 @@ def test_float32_coarse_diff2_is_accurate():
     # oracle: the float64 products -- float32 GEMMs change diff2 by far less than one unit of log-likelihood
     # (weights exp(-diff2) move by < 1 %), yet they are really float32 (not bit-identical)
     from gerelion_dask.expectation import estep
+    from gerelion_dask.ops.likelihood import coarse_diff2
 
     rng = np.random.default_rng(0)
     B, T, O, M = 6, 5, 40, 300
@@ -223,8 +224,10 @@ def test_float32_coarse_diff2_is_accurate():
     ph = np.exp(2j * np.pi * rng.uniform(size=(T, M)))
     hr, lpo, off = np.zeros(B), np.zeros((B, O)), np.zeros((B, T))
 
-    def diff2(dtype):
-        return estep._diff2_block(np, X, C, W, ph, estep.coarse_projections(np, P, dtype), False, True, hr, lpo, off)
+    def diff2(dtype):  # the coarse pass's terms: cross term and power term in dtype, assembled by coarse_diff2
+        proj = estep.coarse_projections(np, P, dtype)
+        g = estep._cross_term(np, W * C * X, ph, proj)
+        return coarse_diff2(g, (W * np.abs(X) ** 2).sum(axis=1), estep._power_term(np, W, C, proj), hr, lpo, off)
 
     d64, d32 = diff2(np.float64), diff2(np.float32)
     # and the float64 block is the direct sum over pixels: sum w |c P - X s_t^*|^2 ... written with the shift on X

@@ -22,7 +22,7 @@ import numpy as np
 from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
-from ..ops.likelihood import coarse_diff2, coarse_select
+from ..ops.likelihood import coarse_select, orientation_log_prior
 from .grid import OrientationGrid
 from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks, project_gathered
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
@@ -181,33 +181,23 @@ def _power_term(xp, W, Cr, proj: CoarseProjections):
     return ((W * Cr * Cr).astype(proj.power.dtype) @ proj.power.T).astype(np.float64, copy=False)
 
 
-def _diff2_block(xp, X, C, W, phase, proj: CoarseProjections, cc: bool, ctf_on_ref: bool, hr, lpo, off, out=None):
-    """diff2 ``(B, T, O)`` (float64, ``+inf`` where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles
-    ``X (B, M)`` against one class's projections.
-
-    The cross term is one real GEMM over interleaved real and imaginary parts, in the precision of ``proj`` (float32
-    on GPUs: the coarse pass only selects significant samples; the per-particle constant ``sum w |X|^2`` is added in
-    float64 so the cancellation in ``a + p - 2 g`` stays accurate); the fine pass is always float64.
-    ``hr (B,)``: half the power beyond the current size, added to every value (0 for cross-correlation).
-    The coarse pass uses it for cross-correlation only; its likelihood path hands the same terms to
-    :func:`~gerelion_dask.ops.likelihood.coarse_select`.
-    """
+def _cc_block(xp, X, C, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, off, out=None):
+    """Cross-correlation "diff2" ``(B, T, O)`` = ``-Re sum (c X s_t) conj(P_o) / (|c P_o| |X|)`` (float64, ``+inf``
+    where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles ``X (B, M)`` against one class's projections
+    (``--firstiter_cc``): the cross term is the likelihood path's GEMM (:func:`_cross_term`), in the precision of
+    ``proj``.  ``out``: a float64 array of the result's shape to write into."""
     f64 = np.float64
-    dtype = proj.interleaved.dtype
     Cr = C if ctf_on_ref else xp.ones_like(C)
-    g = _cross_term(xp, (Cr * X) if cc else (W * Cr * X), phase, proj)
-    if cc:
-        normp = xp.sqrt((Cr * Cr).astype(dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
-        normx = xp.sqrt((xp.abs(X) ** 2).sum(axis=1))  # (B,)
-        den = normp[:, None, :] * normx[:, None, None]
-        allowed = xp.isfinite(lpo)[:, None, :] & xp.isfinite(off)[:, :, None]
-        d = xp.where(allowed, -g.astype(f64) / xp.where(den > 0, den, 1.0), xp.inf)
-        if out is None:
-            return d
-        out[...] = d
-        return out
-    a = (W * xp.abs(X) ** 2).sum(axis=1)
-    return coarse_diff2(g, a, _power_term(xp, W, Cr, proj), xp.asarray(hr, dtype=f64), lpo, off, out)
+    g = _cross_term(xp, Cr * X, phase, proj)
+    normp = xp.sqrt((Cr * Cr).astype(proj.power.dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
+    normx = xp.sqrt((xp.abs(X) ** 2).sum(axis=1))  # (B,)
+    den = normp[:, None, :] * normx[:, None, None]
+    allowed = xp.isfinite(lpo)[:, None, :] & xp.isfinite(off)[:, :, None]
+    d = xp.where(allowed, -g.astype(f64) / xp.where(den > 0, den, 1.0), xp.inf)
+    if out is None:
+        return d
+    out[...] = d
+    return out
 
 
 def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None):
@@ -250,7 +240,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     ``fine_max_elems`` whatever the sampling order.  A chunk's samples form one ``(K, b, T, O)`` block of cross
     terms (one GEMM per class); :func:`~gerelion_dask.ops.likelihood.coarse_select` turns it into each particle's
     significant samples (on a GPU without writing the float64 diff2 or weights).  Cross-correlation (iteration 1)
-    keeps the best sample of the diff2 block of :func:`_diff2_block`.
+    keeps the best sample of the block of :func:`_cc_block`.
     """
     ps = settings.preprocess
     N, nc = ps.ori_size, settings.coarse_size
@@ -318,12 +308,12 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
         Kc, nU = len(cls_of), len(U)
         if settings.do_cc:
-            LPOx = xp.asarray(dl[:, :, np.arange(nU) // len(up)] + pl[:, None, np.arange(nU) % len(up)])
+            LPOx = xp.asarray(orientation_log_prior(dl, pl))
             D = xp.empty((b, Kc, T, nU), np.float64)
             for k, c in enumerate(cls_of):
                 proj = full[c] if full is not None else projections(c, A)
-                _diff2_block(xp, X_, C_, W_, phase_c, proj, True, settings.ctf_on_reference, hr[J], LPOx[:, k],
-                             xp.asarray(off), out=D[:, k])
+                _cc_block(xp, X_, C_, phase_c, proj, settings.ctf_on_reference, LPOx[:, k], xp.asarray(off),
+                          out=D[:, k])
             ib = xp.argmin(D.reshape(b, -1), axis=1)
             jj, ll = np.arange(b), to_host(ib)
             del D

@@ -13,6 +13,8 @@ from functools import cache
 import cupy
 import numpy as np
 
+from ..ops.likelihood import candidate_segment, coarse_select_dense
+
 
 @cache
 def coarse_diff2_kernel():
@@ -231,8 +233,6 @@ __global__ void coarse_threshold(const int* count, const double* vals, const dou
 
 _SELECT_NAMES = [f"{k}<{t}>" for k in ("coarse_min", "coarse_sum", "coarse_candidates") for t in ("float", "double")]
 _SELECT_NAMES.append("coarse_threshold")
-CANDIDATE_CAP = 16384  # candidates per particle sorted in shared memory (128 KiB); a particle with more is redone
-# densely (flat posteriors: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound)
 
 
 @cache
@@ -248,7 +248,7 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     above ``(1 - fraction) / 2`` of the mean, a superset of the significant ones: ``weights.py``) are sorted per
     particle in shared memory and the threshold taken as
     :func:`~gerelion_dask.expectation.weights.significance_threshold` takes it (running sum in sorted order); a
-    particle with more than ``CANDIDATE_CAP`` candidates (a flat posterior) is redone from its full weight row.
+    particle with more than ``ops.likelihood.CANDIDATE_CAP`` candidates (a flat posterior) is redone from its full weight row.
     The work is a handful of kernel launches per chunk, whatever the number of particles.
     """
     f64 = np.float64
@@ -277,7 +277,7 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     args = (g, ah, p, dl, pl, off, np.int32(b), np.int32(K), np.int32(T), np.int32(U), np.int32(nd), np.int32(n_psi),
             np.int32(per))
     grid, block = (n_slices, b), (256,)
-    cap = int(min(CANDIDATE_CAP, 1 << max(0, int(N - 1).bit_length())))
+    cap = candidate_segment(N)
     vmin, imin = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), np.int64)
     mod.get_function(f"coarse_min<{tname}>")(grid, block, args + (vmin, imin))
     vsum, vmax = cupy.empty((b, n_slices), f64), cupy.empty((b, n_slices), f64)
@@ -302,18 +302,8 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     c = cols[r, q]
     over = cupy.nonzero(count > cap)[0]
     if over.size:  # more candidates than fit the shared-memory sort: these particles' weights in full
-        from ..expectation.weights import significant_set
-        from ..ops.likelihood import coarse_diff2, coarse_weights
-
-        u = cupy.arange(U)
-        lpo = dl[over][:, :, u // n_psi] + pl[over][:, None, u % n_psi]
-        D = cupy.empty((over.size, K, T, U), f64)
-        for k in range(K):
-            coarse_diff2(g[k][over], a[over], p[k][over], hr[over], lpo[:, k], off[over], out=D[:, k])
-        dmin = D.reshape(over.size, -1).min(axis=1)
-        w = coarse_weights(D, dmin, lpo, off[over]).reshape(over.size, -1)
-        del D
-        r2, c2, _, _ = significant_set(w, adaptive_fraction, maxsig, total[over])
+        r2, c2, _ = coarse_select_dense(g[:, over], a[over], hr[over], p[:, over], dl[over], pl[over], off[over],
+                                        adaptive_fraction, maxsig, total[over])
         r, c = cupy.concatenate([r, over[r2]]), cupy.concatenate([c, c2])
     o = cupy.argsort(r * N + c)
     return r[o], c[o], best

@@ -23,7 +23,13 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["coarse_diff2", "coarse_select", "coarse_weights"]
+__all__ = ["CANDIDATE_CAP", "candidate_segment", "coarse_diff2", "coarse_select", "coarse_select_dense",
+           "coarse_weights", "orientation_log_prior"]
+
+# candidates per particle the GPU twin of coarse_select sorts in shared memory (128 KiB); a particle with more
+# (a flat posterior: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound) is
+# redone by coarse_select_dense
+CANDIDATE_CAP = 16384
 
 
 def coarse_diff2(g, a, p, hr, lpo, off, out=None):
@@ -76,22 +82,43 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
         from ..kernels.coarse import coarse_select as twin
 
         return twin(g, a, hr, p, dl, pl, off, adaptive_fraction, maxsig)
+    return coarse_select_dense(g, a, hr, p, dl, pl, off, adaptive_fraction, maxsig)
+
+
+def coarse_select_dense(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
+    """:func:`coarse_select` with the diff2 and weight blocks written out (NumPy's path, and the GPU twin's for
+    particles with more candidates than it sorts in shared memory).  ``total``: the particles' weight sums when the
+    caller has them (the twin's, so that its candidates and these agree)."""
     from ..expectation.weights import significant_set
 
+    xp = get_xp(g, p)
     K, b, T, U = g.shape
-    n_psi = pl.shape[1]
-    u = np.arange(U)
-    lpo = dl[:, :, u // n_psi] + pl[:, None, u % n_psi]  # (b, K, U)
-    D = np.empty((b, K, T, U), np.float64)
+    lpo = orientation_log_prior(dl, pl)  # (b, K, U)
+    D = xp.empty((b, K, T, U), np.float64)
     for k in range(K):
         coarse_diff2(g[k], a, p[k], hr, lpo[:, k], off, out=D[:, k])
     D2 = D.reshape(b, -1)
     dmin = D2.min(axis=1)
     w = coarse_weights(D, dmin, lpo, off).reshape(b, -1)
-    total = w.sum(axis=1)
-    bad = np.nonzero(~(total > 0))[0]
+    total = w.sum(axis=1) if total is None else total
+    bad = xp.nonzero(~(total > 0))[0]
     if bad.size:  # every weight underflowed: the best sample alone (as posterior_weights does)
-        w[bad, np.argmin(D2[bad], axis=1)] = 1.0
+        w[bad, xp.argmin(D2[bad], axis=1)] = 1.0
         total[bad] = 1.0
     rows, cols, _, best = significant_set(w, adaptive_fraction, maxsig, total)
     return rows, cols, best
+
+
+def orientation_log_prior(dl, pl):
+    """The log prior ``(b, K, n_dir n_psi)`` of every orientation ``u = i_dir n_psi + i_psi`` from its separable
+    parts ``dl (b, K, n_dir)`` and ``pl (b, n_psi)``."""
+    xp = get_xp(dl, pl)
+    n_psi = pl.shape[1]
+    u = xp.arange(dl.shape[2] * n_psi)
+    return dl[:, :, u // n_psi] + pl[:, None, u % n_psi]
+
+
+def candidate_segment(n_samples: int) -> int:
+    """Candidates per particle the GPU twin of :func:`coarse_select` sorts in shared memory: the next power of two
+    at or above a particle's ``n_samples``, at most ``CANDIDATE_CAP``."""
+    return int(min(CANDIDATE_CAP, 1 << max(0, int(n_samples - 1).bit_length())))
