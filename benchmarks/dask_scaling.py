@@ -43,8 +43,9 @@ def job_config(paths, out: Path, ns):
                      offset_range=3.0, offset_step=1.0, maxsig=ns.maxsig, overwrite=True)
 
 
-PHASES = (("read_task_images", "read images"), ("preprocess_pool", "preprocess"), ("orientation_priors", "priors"),
-          ("coarse_pass", "coarse pass"), ("fine_pass", "fine pass"), ("estep_task", "whole task"))
+PHASES = (("tasks", "read_task_images", "read images"), ("estep", "preprocess_pool", "preprocess"),
+          ("estep", "orientation_priors", "priors"), ("estep", "coarse_pass", "coarse pass"),
+          ("estep", "fine_pass", "fine pass"), ("tasks", "estep_task", "whole task"))
 
 
 def install_phase_timers(task_level: bool = True) -> None:
@@ -81,12 +82,11 @@ def install_phase_timers(task_level: bool = True) -> None:
 
         setattr(mod, name, timed)
 
-    for name, label in PHASES:
-        if name in ("read_task_images", "estep_task"):
-            if task_level:
-                wrap(tasks, name, label)
-        else:
+    for module, name, label in PHASES:
+        if module == "estep":
             wrap(estep, name, label)
+        elif task_level:
+            wrap(tasks, name, label)
 
 
 def take_phase_seconds() -> dict:
@@ -120,7 +120,7 @@ class PrintIterations:
         if self.collect is not None:
             ph = self.collect()
             print(f"  [{self.label}] iteration {rec.iteration} stages (s, all tasks): "
-                  + ", ".join(f"{label} {ph.get(label, 0.0):.2f}" for _, label in PHASES if label in ph), flush=True)
+                  + ", ".join(f"{label} {ph.get(label, 0.0):.2f}" for _, _, label in PHASES if label in ph), flush=True)
 
 
 def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = False):

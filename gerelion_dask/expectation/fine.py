@@ -330,10 +330,11 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         S = len(r)
         jl = _local_index(J, sig.b[r])  # row of each significant sample's particle within the chunk
         ut = np.unique(sig.t[r])
-        t_fine = grid.fine_translations(ut).reshape(-1, 2)  # (Tf, 2)
+        tf_rows = (np.searchsorted(ut_pool, ut)[:, None] * 4 + np.arange(4)[None, :]).reshape(-1)
+        t_fine = t_fine_pool[tf_rows]  # (Tf, 2), and their phases
+        ph = ph_pool[xp.asarray(tf_rows)]
         Tf = len(t_fine)
         it_all = np.searchsorted(ut, sig.t[r])
-        ph = ph_pool[xp.asarray((np.searchsorted(ut_pool, ut)[:, None] * 4 + np.arange(4)[None, :]).reshape(-1))]
         X, Xnm, C, Cr, Wd = X_all[Jx], Xnm_all[Jx], C_all[Jx], Cr_all[Jx], Wd_all[Jx]
         ah = xp.asarray(a_all[Jx] + xp.asarray(hr_xi2[J]) / 2.0)
         # Every significant sample's 32 children are evaluated; the values are gathered per particle into a padded
@@ -376,7 +377,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             pos += F * Tf
         # the padded per-particle layout: particle jl's q-th significant sample fills columns 32 q .. 32 q + 31
         cnt = np.bincount(jl, minlength=b)
-        q = np.arange(S) - (np.cumsum(cnt) - cnt)[jl]
+        first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
+        q = np.arange(S) - first[jl]
         L = 32 * int(cnt.max())
         jq = (xp.asarray(jl), xp.asarray(q))
         D = xp.full((b, L // 32, 32), xp.inf)
@@ -403,7 +405,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         del w
         ib = to_host(xp.argmax(wp, axis=1))
         pmax = to_host(wp.max(axis=1))
-        first = np.cumsum(cnt) - cnt
         ibest = col_rows[first + ib // 32, ib % 32]  # the best sample's column in the dense layout
         wn = xp.zeros((b, pos), np.float64)  # the normalised weights in the dense layout of the weighted sums
         wn[xp.asarray(jl)[:, None], xp.asarray(col_rows)] = wp.reshape(b, L // 32, 32)[jq]
