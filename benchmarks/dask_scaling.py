@@ -9,9 +9,10 @@ from the workers' transfer logs) and for everything (the model and settings too)
 CuPy's atomic back-projection is not, so the largest relative difference and the FSC are given).  ``--gpu``: CuPy in
 process against a LocalCUDACluster (one worker per GPU); the in-process run is then the base for the Dask overhead.
 
-``--phases``: where an E-step task's time goes, per iteration (summed over tasks and workers): reading the images,
-preprocessing, priors, coarse pass, fine pass, and the whole task (the rest is moving images to the device, the
-model's device copy and the Dask task's own overhead), each stage timed between device synchronisations.
+``--phases``: where an E-step task's time goes, per iteration (summed over tasks and workers): reading the images
+(in the background thread of io/readahead.py, overlapping the device's work), waiting for them, preprocessing,
+priors, coarse pass, fine pass, and the whole task (the rest is moving images to the device, the model's device copy
+and the Dask task's own overhead); the device stages are timed between device synchronisations.
 
 Usage: ``python benchmarks/dask_scaling.py [--n 240] [--box 32] [--pool 15] [--iters 3] [--workers 1,2] [--gpu]
 [--json out.json] [--phases]``
@@ -43,9 +44,12 @@ def job_config(paths, out: Path, ns):
                      offset_range=3.0, offset_step=1.0, maxsig=ns.maxsig, overwrite=True)
 
 
-PHASES = (("tasks", "read_task_images", "read images"), ("estep", "preprocess_pool", "preprocess"),
-          ("estep", "orientation_priors", "priors"), ("estep", "coarse_pass", "coarse pass"),
-          ("estep", "fine_pass", "fine pass"), ("tasks", "estep_task", "whole task"))
+PHASES = (("tasks", "read_task_images", "read images"), ("readahead", "take", "wait for images"),
+          ("estep", "preprocess_pool", "preprocess"), ("estep", "orientation_priors", "priors"),
+          ("estep", "coarse_pass", "coarse pass"), ("estep", "fine_pass", "fine pass"),
+          ("tasks", "estep_task", "whole task"))
+HOST_ONLY = ("read images", "wait for images")  # timed without device synchronisation (the read runs in a
+# background thread while the device computes: a synchronisation there would wait for the other thread's kernels)
 
 
 def install_phase_timers(task_level: bool = True) -> None:
@@ -58,6 +62,7 @@ def install_phase_timers(task_level: bool = True) -> None:
 
     from gerelion_dask.distributed import tasks
     from gerelion_dask.expectation import estep
+    from gerelion_dask.io.readahead import ReadAhead
 
     if getattr(tasks, "_phase_seconds", None) is not None:
         return
@@ -70,23 +75,25 @@ def install_phase_timers(task_level: bool = True) -> None:
 
     def wrap(mod, name, label):
         inner = getattr(mod, name)
+        device = label not in HOST_ONLY
 
         def timed(*a, **k):
-            sync()
+            if device:
+                sync()
             t = time.perf_counter()
             try:
                 return inner(*a, **k)
             finally:
-                sync()
+                if device:
+                    sync()
                 acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
 
         setattr(mod, name, timed)
 
+    modules = {"estep": estep, "tasks": tasks, "readahead": ReadAhead}
     for module, name, label in PHASES:
-        if module == "estep":
-            wrap(estep, name, label)
-        elif task_level:
-            wrap(tasks, name, label)
+        if module != "tasks" or task_level:
+            wrap(modules[module], name, label)
 
 
 def take_phase_seconds() -> dict:

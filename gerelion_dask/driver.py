@@ -7,6 +7,7 @@ partials per half, runs the M-step, updates the schedule and writes the iteratio
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from .expectation.estep import EStepModel, EStepSettings, expectation_pool
 from .expectation.grid import OrientationGrid
 from .expectation.partials import Partials, PoolResult
 from .expectation.preprocess import PoolParticles, PreprocessSettings
+from .io.readahead import ReadAhead
 from .maximization.accuracy import estimate_accuracies
 from .maximization.model import Model
 from .maximization.mstep import MStepSettings, lowpass_map, maximization
@@ -81,17 +83,25 @@ class InProcessRunner:
         xp = _array_module(self.device)
         budget = FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]
         caches = {h: ProjectionCache(budget) for h in models}  # one iteration's projections, per half set
-        for k, (rows, pp) in enumerate(tasks):
-            imgs = xp.asarray(read_images(rows))
-            m = models[pp.half]
-            if xp is not np:
-                m = replace(m, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in m.refs])
-            part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half])
-            part = part.to_host()
-            parts.setdefault(pp.half, []).append(part)
-            results.append(res)
-            if progress:
-                progress(k + 1, len(tasks))
+        dev_models = {}  # each half set's references on the device, once per call
+        with ReadAhead() as ahead:  # the next pool's images are read while this one computes
+            for k, (rows, pp) in enumerate(tasks):
+                imgs = xp.asarray(ahead.take(k, functools.partial(read_images, rows)))
+                if k + 1 < len(tasks):
+                    ahead.start(k + 1, functools.partial(read_images, tasks[k + 1][0]))
+                m = dev_models.get(pp.half)
+                if m is None:
+                    m = models[pp.half]
+                    if xp is not np:
+                        m = replace(m, refs=[None if r is None else replace(r, data=xp.asarray(r.data))
+                                             for r in m.refs])
+                    dev_models[pp.half] = m
+                part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half])
+                part = part.to_host()
+                parts.setdefault(pp.half, []).append(part)
+                results.append(res)
+                if progress:
+                    progress(k + 1, len(tasks))
         # the fixed pairwise order of the Dask runner, so both give bit-identical sums
         return {h: tree_sum(p) for h, p in parts.items()}, PoolResult.concat(results)
 

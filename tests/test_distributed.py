@@ -191,6 +191,10 @@ def test_one_and_two_workers_match_in_process_bit_for_bit(dataset, reference, cl
     workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("estep-")}
     assert len(workers) == 2
     assert (tmp_path / "w2" / "particles.zarr").is_dir()
+    # the pools placed next on a worker were read ahead there (the results above are unchanged by it)
+    hits = client2.run(lambda: getattr(__import__("gerelion_dask.distributed.tasks", fromlist=["_"])._READ_AHEAD,
+                                       "hits", 0))
+    assert sum(hits.values()) > 0
 
 
 @pytest.mark.slow

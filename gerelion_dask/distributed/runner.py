@@ -7,7 +7,9 @@ Per call of :meth:`DaskRunner.run` (one iteration):
    recomputes them if every worker holding them dies (scattered data would be lost);
 2. one task per pool: ``client.submit(estep_task, source, selection, pool_particles, model, settings, pool,
    key=f"estep-{iteration}-{pool}-{token}", resources={"GPU": 1}, retries=2, pure=False)``; the task reads its
-   images itself (``particles.zarr`` when :meth:`DaskRunner.prepare` imported one, else the picklable ParticleSet);
+   images itself (``particles.zarr`` when :meth:`DaskRunner.prepare` imported one, else the picklable ParticleSet)
+   and reads the next pool placed on its worker in the background while it computes
+   (:class:`~gerelion_dask.io.readahead.ReadAhead`, keyed by the call's token);
 3. per half set, the pairwise tree of :func:`~gerelion_dask.distributed.reduce.tree_reduce_futures` over the pools in
    pool order (keys ``reduce-{iteration}-{half}-{level}-{i}-{token}``) and a last ``reduce-{iteration}-{half}-host``
    task that copies the sums to host memory; the per-particle results ride up the same tree;
@@ -203,10 +205,13 @@ class DaskRunner:
                       for h in halves}
         source = self._source(read_images)
         leaves = defaultdict(list)
-        for k, (rows, pp) in enumerate(tasks):
-            sel = self.store.selection(rows) if self.store is not None else rows
+        sels = [self.store.selection(rows) if self.store is not None else rows for rows, _ in tasks]
+        for k, (_, pp) in enumerate(tasks):
+            # the pool placed next on the same worker is read there while this one computes (a hint, like `where`)
+            following = sels[k + 1] if k + 1 < len(tasks) and where[k + 1] == where[k] else None
             leaves[pp.half].append(client.submit(
-                estep_task, source, sel, pp, model_f[pp.half], settings_f[pp.half], k, self.device,
+                estep_task, source, sels[k], pp, model_f[pp.half], settings_f[pp.half], k, self.device,
+                (tag, following),
                 key=f"estep-{it}-{k}-{tag}", resources={"GPU": 1}, retries=self.retries, pure=False,
                 workers=where[k], allow_other_workers=where[k] is not None))
         roots = {}

@@ -57,6 +57,9 @@ def read_task_images(source: ImageSource, selection) -> np.ndarray:
     return np.asarray(source.read_images(selection), dtype=np.float32)
 
 
+_READ_AHEAD = None  # this process's ReadAhead, made by the first task that reads ahead
+
+
 @functools.lru_cache(maxsize=2)
 def worker_array_module(device: str = "auto"):
     """``cupy`` on a worker that sees a GPU (unless ``device == "cpu"``), else ``numpy``; decided once per process."""
@@ -124,14 +127,44 @@ def device_model(model, xp):
     return replace(model, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in model.refs])
 
 
+def _read_key(tag: str, source: ImageSource, selection) -> tuple:
+    sel = tuple(selection) if isinstance(selection, tuple) else ("rows", np.asarray(selection).tobytes())
+    # a store by its path; a scattered reader by identity (one object per worker while its runner lives)
+    return tag, source.zarr_path if source.zarr_path is not None else id(source.read_images), sel
+
+
+def worker_read_ahead():
+    """This process's :class:`~gerelion_dask.io.readahead.ReadAhead` (made on first use)."""
+    global _READ_AHEAD
+    if _READ_AHEAD is None:
+        from ..io.readahead import ReadAhead
+
+        _READ_AHEAD = ReadAhead()
+    return _READ_AHEAD
+
+
 def estep_task(source: ImageSource, selection, particles, model, settings, index: int,
-               device: str = "auto") -> PoolOutput:
-    """Expectation of one pool on this worker: read the images, run the E-step, keep the sums on the device."""
+               device: str = "auto", read_ahead: tuple | None = None) -> PoolOutput:
+    """Expectation of one pool on this worker: read the images, run the E-step, keep the sums on the device.
+
+    ``read_ahead`` ``(tag, next selection or None)``: the images are taken from a read started by an earlier task
+    of this worker under ``tag`` (the iteration's task tag), and the next selection (the pool placed next on this
+    worker) is read in the background while this one computes.  The result never depends on it.
+    """
     from ..expectation.estep import expectation_pool
     from ..expectation.fine import FINE_LIMITS, ProjectionCache
 
     xp = worker_array_module(device)
-    images = xp.asarray(read_task_images(source, selection))
+    if read_ahead is None:
+        host_images = read_task_images(source, selection)
+    else:
+        tag, following = read_ahead
+        ahead = worker_read_ahead()
+        host_images = ahead.take(_read_key(tag, source, selection), lambda: read_task_images(source, selection))
+        if following is not None:
+            ahead.start(_read_key(tag, source, following), lambda: read_task_images(source, following))
+    images = xp.asarray(host_images)
+    del host_images
     host_model = model
     model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp))
     settings = _cached("settings", settings, realign)
