@@ -103,6 +103,10 @@ def take_phase_seconds() -> dict:
     acc = getattr(tasks, "_phase_seconds", None) or {}
     out = dict(acc)
     acc.clear()
+    ahead = tasks._READ_AHEAD
+    if ahead is not None:  # a worker's pools read ahead / read when their task started
+        out["pools read ahead"], out["pools not read ahead"] = float(ahead.hits), float(ahead.misses)
+        ahead.hits = ahead.misses = 0
     return out
 
 
@@ -127,7 +131,9 @@ class PrintIterations:
         if self.collect is not None:
             ph = self.collect()
             print(f"  [{self.label}] iteration {rec.iteration} stages (s, all tasks): "
-                  + ", ".join(f"{label} {ph.get(label, 0.0):.2f}" for _, _, label in PHASES if label in ph), flush=True)
+                  + ", ".join(f"{label} {ph.get(label, 0.0):.2f}" for _, _, label in PHASES if label in ph)
+                  + "".join(f", {k} {ph[k]:.0f}" for k in ("pools read ahead", "pools not read ahead") if k in ph),
+                  flush=True)
 
 
 def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = False):

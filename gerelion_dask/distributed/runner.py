@@ -6,7 +6,8 @@ Per call of :meth:`DaskRunner.run` (one iteration):
    as ``model-``/``settings-`` tasks (``client.submit(hold, model)``): tasks depend on those futures, and the scheduler
    recomputes them if every worker holding them dies (scattered data would be lost);
 2. one task per pool: ``client.submit(estep_task, source, selection, pool_particles, model, settings, pool,
-   key=f"estep-{iteration}-{pool}-{token}", resources={"GPU": 1}, retries=2, pure=False)``; the task reads its
+   key=f"estep-{iteration}-{pool}-{token}", resources={"GPU": 1}, retries=2, pure=False, priority=-pool)``
+   (pools run in pool order on a worker; reductions, priority 0, as soon as they are ready); the task reads its
    images itself (``particles.zarr`` when :meth:`DaskRunner.prepare` imported one, else the picklable ParticleSet)
    and reads the next pool placed on its worker in the background while it computes
    (:class:`~gerelion_dask.io.readahead.ReadAhead`, keyed by the call's token);
@@ -207,12 +208,14 @@ class DaskRunner:
         leaves = defaultdict(list)
         sels = [self.store.selection(rows) if self.store is not None else rows for rows, _ in tasks]
         for k, (_, pp) in enumerate(tasks):
-            # the pool placed next on the same worker is read there while this one computes (a hint, like `where`)
+            # the pool placed next on the same worker is read there while this one computes (a hint, like `where`);
+            # priority -k: a worker runs its pools in this order (else Dask's order is arbitrary and the pool read
+            # ahead is rarely the next one), and the reductions (priority 0) run as soon as they are ready
             following = sels[k + 1] if k + 1 < len(tasks) and where[k + 1] == where[k] else None
             leaves[pp.half].append(client.submit(
                 estep_task, source, sels[k], pp, model_f[pp.half], settings_f[pp.half], k, self.device,
                 (tag, following),
-                key=f"estep-{it}-{k}-{tag}", resources={"GPU": 1}, retries=self.retries, pure=False,
+                key=f"estep-{it}-{k}-{tag}", resources={"GPU": 1}, retries=self.retries, pure=False, priority=-k,
                 workers=where[k], allow_other_workers=where[k] is not None))
         roots = {}
         for h in halves:

@@ -5,7 +5,10 @@ Layout (format version 1):
 * ``particles.zarr``: one Zarr v3 **array** (not a group), float32, shape ``(N, D, D)``, dimension names
   ``("particle", "y", "x")``, chunks ``(pool_size, D, D)``: **one chunk per pool**, so a task that owns a pool owns
   its chunk, and no two writers ever touch one chunk (Zarr writes are read-modify-write per chunk; ECOSYSTEM.md §5).
-  Compressed with Blosc zstd-5 bitshuffle (default), Zstd level 3, or nothing.
+  Uncompressed by default, or Blosc zstd-5 bitshuffle, or Zstd level 3.  Measured on the H100 machine (1,000
+  images of 128 px, benchmarks/RESULTS.md, sixth session): a pool reads in 58-61 ms uncompressed and 125-143 ms with
+  Blosc (the E-step's worker thread reads the next pool beside the device's work, where uncompressed took 175 ms and
+  Blosc 340 ms); float32 noise-dominated particles compress only 1.0-1.14x, images that were float16 stacks 2.1x.
 * Its attributes: ``format`` ("gerelion_dask.particles"), ``format_version`` (1), ``n``, ``box_size``,
   ``pixel_size`` (Å), ``pool_size``, ``n_pools``, ``source_star`` (absolute path of the imported STAR file),
   ``metadata_file`` ("particles_meta.star", relative to the store's folder), ``compressor``.
@@ -69,7 +72,7 @@ def import_particles(
     out_dir: str | os.PathLike,
     *,
     pool_size: int = DEFAULT_POOL_SIZE,
-    compressor: str | None = "blosc",
+    compressor: str | None = "none",
     overwrite: bool = False,
 ) -> Path:
     """Copy a particle set's images into ``<out_dir>/particles.zarr``, one chunk per pool, plus its metadata.
@@ -83,7 +86,8 @@ def import_particles(
     pool_size : int, optional
         Particles per pool = per chunk (default 256).
     compressor : {"blosc", "zstd", "none"} or None, optional
-        Blosc zstd-5 bitshuffle (default; fastest to read), Zstd level 3, or no compression.
+        No compression (default: fastest to read, and particle images rarely compress: see the module docstring),
+        Blosc zstd-5 bitshuffle (half the disk for images that were float16), or Zstd level 3.
     overwrite : bool, optional
         Replace an existing store (default: refuse).
 
