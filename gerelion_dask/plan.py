@@ -40,7 +40,9 @@ process both half sets' caches live in the driver; a Dask worker holds two when 
 half sets (one worker, or an odd number of workers), else one.
 
 Task peak = images + max(coarse, fine) + partials.  On a GPU worker the task lives on the GPU (with the
-references ``16 H K L`` scattered to it); the worker's host holds the images and the partials copied back.
+references ``16 H K L`` scattered to it); the worker's host holds the images and the partials copied back.  Every
+process that runs tasks also holds the raw images of up to ``READ_AHEAD_DEPTH`` (2) pools read ahead, ``4 B N^2``
+each (``io/readahead.py``).
 
 The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the references
 ``16 H K L``, the reduced partials ``24 H K L`` and the M-step's working volumes ``~6 x 8 (pad N)^3``; in process
@@ -118,6 +120,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     from .expectation.fine import FINE_LIMITS
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
+    from .io.readahead import DEFAULT_DEPTH as READ_AHEAD_DEPTH
     from .ops.likelihood import candidate_segment
     from .ops.sampling import angular_step, asymmetric_unit_directions
 
@@ -151,22 +154,24 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     dense_f = (3 if backend == "gpu" else 10) * 8 * e_f  # NumPy's temporaries: tests/test_plan.py
     fine = fine_sums + max(dense_f + 2 * 16 * e_f, R * (49 * h + 150 * M))
     partials = 24 * K * L
+    ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     cache_one = min(FINE_LIMITS[backend]["cache_bytes"],
                     (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * 8 * K * O)
     task = images + max(coarse, fine) + partials
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + refs + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
     parts = {"images (per task)": images, "coarse pass (per task)": coarse, "fine pass (per task)": fine,
-             "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own}
+             "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own,
+             "images read ahead": ahead}
     if workers <= 0:  # in process: the driver runs each task and keeps every pool's partials
         held = n_pools * partials
         caches = halves * cache_one
         parts["in process: partials of all pools"] = held
         parts["projection caches"] = caches
         if backend == "gpu":
-            driver, worker, gpu = driver_own + images + held, 0.0, task + refs + caches
+            driver, worker, gpu = driver_own + images + held + ahead, 0.0, task + refs + caches
         else:
-            driver, worker, gpu = driver_own + task + held + caches, 0.0, 0.0
+            driver, worker, gpu = driver_own + task + held + caches + ahead, 0.0, 0.0
         mode, workers = "in-process", 0
     else:
         tree = (math.log2(max(2, n_pools / max(1, workers))) + 2) * partials
@@ -174,9 +179,9 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
         parts["worker: reduction tree"] = tree
         parts["worker: projection caches"] = caches
         if backend == "gpu":
-            worker, gpu = images + tree + partials, task + refs + caches
+            worker, gpu = images + tree + partials + ahead, task + refs + caches
         else:
-            worker, gpu = task + refs + tree + caches, 0.0
+            worker, gpu = task + refs + tree + caches + ahead, 0.0
         driver, mode = driver_own, "dask"
     sizes = {"box": N, "current_size": n, "coarse_size": nc, "pool": B, "K": K, "halves": halves,
              "healpix_order": healpix_order, "orientations": O, "translations": T, "pixels": M, "volume_voxels": L,
@@ -187,6 +192,15 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
 
 def _half_counts(n: int, halves: int) -> list[int]:
     return [n] if halves == 1 else [(n + 1) // 2, n // 2]
+
+
+def worker_backend(device: str = "auto") -> str:
+    """``"gpu"`` or ``"cpu"``: what E-step tasks compute on in this process (a Dask worker: ``client.run``)."""
+    import numpy as np
+
+    from .distributed.tasks import worker_array_module
+
+    return "cpu" if worker_array_module(device) is np else "gpu"
 
 
 def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> MemoryPlan:
@@ -200,7 +214,12 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
         except Exception:  # an older scheduler API or a lost connection: plan for one worker
             workers = 1
         workers = max(1, workers)
-    if device != "cpu":
+    if device != "cpu" and client is not None:  # the tasks run on the workers: plan for what they compute on
+        try:
+            backend = "gpu" if "gpu" in client.run(worker_backend, device).values() else "cpu"
+        except Exception:  # no worker answered: the CPU plan (the larger host terms)
+            backend = "cpu"
+    elif device != "cpu":
         import sys
 
         if "cupy" in sys.modules:  # never import CuPy just to plan

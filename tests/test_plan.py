@@ -60,3 +60,28 @@ def test_plan_scales_and_cli(capsys):
     assert two.parts["worker: projection caches"] == 2 * one.parts["worker: projection caches"] > 0
     huge = plan_memory(256, 10000, 64, healpix_order=4, backend="gpu", workers=1)
     assert huge.parts["worker: projection caches"] == 2 * cap
+
+
+@pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_plan_of_a_dask_run_asks_the_workers_what_they_compute_on(gpus):
+    # oracle: the workers' own backend -- a Dask driver never imports CuPy, so the plan it logs must come from the
+    # workers (the box-256 run on the H100 logged a CPU plan of 235 GiB per task before this)
+    from types import SimpleNamespace
+
+    from gerelion_dask.distributed.cluster import close_client, make_client
+    from gerelion_dask.distributed.runner import DaskRunner
+    from gerelion_dask.backend import gpu_count
+    from gerelion_dask.plan import plan_for_inputs
+
+    if gpus and gpu_count() == 0:
+        pytest.skip("no CUDA device here: run on the GPU machine")
+    cfg = SimpleNamespace(pool=POOL, K=1, split_random_halves=True, healpix_order=1, sym="C1", offset_range=3.0,
+                          offset_step=1.5, pad=2.0)
+    inp = SimpleNamespace(box=BOX, particles=SimpleNamespace(n=N), pixel_size=APIX, diameter=0.8 * BOX * APIX)
+    client, cluster = make_client(n_workers=1, dashboard_address=None, gpus=gpus)
+    try:
+        plan = plan_for_inputs(cfg, inp, DaskRunner(client, "auto"))
+        assert (plan.backend, plan.mode, plan.workers) == ("gpu" if gpus else "cpu", "dask", 1)
+        assert plan_for_inputs(cfg, inp, DaskRunner(client, "cpu")).backend == "cpu"
+    finally:
+        close_client(client, cluster)

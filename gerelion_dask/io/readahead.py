@@ -20,13 +20,15 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["ReadAhead"]
+__all__ = ["DEFAULT_DEPTH", "ReadAhead"]
+
+DEFAULT_DEPTH = 2  # reads kept that were not yet taken (gerelion_dask.plan counts this many pools of raw images)
 
 
 class ReadAhead:
     """Background reads keyed by the caller; at most ``depth`` reads not yet taken are kept."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = DEFAULT_DEPTH):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = int(depth)
