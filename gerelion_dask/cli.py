@@ -268,12 +268,16 @@ def cmd_import(argv) -> int:
     p.add_argument("--i", required=True)
     p.add_argument("--o", required=True, help="output folder")
     p.add_argument("--pool", type=int, default=256)
+    p.add_argument("--compress", choices=("none", "blosc", "zstd"), default="none",
+                   help="none (default: fastest to read; float32 particles compress ~1.1x) or blosc (half the disk "
+                        "for stacks that were float16) or zstd")
     p.add_argument("--overwrite", action="store_true")
     ns = p.parse_args(argv)
     from .io.particles import ParticleSet
     from .io.zarr_store import import_particles
 
-    out = import_particles(ParticleSet.from_star(ns.i), ns.o, pool_size=ns.pool, overwrite=ns.overwrite)
+    out = import_particles(ParticleSet.from_star(ns.i), ns.o, pool_size=ns.pool, compressor=ns.compress,
+                           overwrite=ns.overwrite)
     print(out)
     return 0
 
