@@ -75,6 +75,7 @@ class InProcessRunner:
 
     def run(self, tasks, models: dict, settings: dict, read_images, progress=None):
         from .distributed.reduce import tree_sum
+        from .distributed.tasks import device_model
 
         from .expectation.fine import FINE_LIMITS, ProjectionCache
 
@@ -91,11 +92,7 @@ class InProcessRunner:
                     ahead.start(k + 1, functools.partial(read_images, tasks[k + 1][0]))
                 m = dev_models.get(pp.half)
                 if m is None:
-                    m = models[pp.half]
-                    if xp is not np:
-                        m = replace(m, refs=[None if r is None else replace(r, data=xp.asarray(r.data))
-                                             for r in m.refs])
-                    dev_models[pp.half] = m
+                    m = dev_models[pp.half] = device_model(models[pp.half], xp)
                 part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half])
                 part = part.to_host()
                 parts.setdefault(pp.half, []).append(part)
