@@ -79,8 +79,10 @@ def main():
 
     from dask_scaling import PHASES, PrintIterations, job_config, run
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("gerelion_dask.driver").setLevel(logging.INFO)  # the memory plan of the run
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout)
+    # the memory plan of the run, and the store import (its end, timestamped: it runs before iteration 1)
+    for name in ("gerelion_dask.driver", "gerelion_dask.distributed.store"):
+        logging.getLogger(name).setLevel(logging.INFO)
     work = Path(ns.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -90,7 +92,7 @@ def main():
         parts = list(ex.map(simulate_part, jobs))
     star = tiled_star(parts, work, ns.n)
     t_sim = time.perf_counter() - t0
-    print(f"simulated {ns.unique} images of {ns.box} px in {ns.procs} processes, listed as {ns.n} particles: "
+    print(time.strftime("%H:%M:%S"), f"simulated {ns.unique} images of {ns.box} px in {ns.procs} processes, listed as {ns.n} particles: "
           f"{t_sim:.0f} s", flush=True)
 
     class Paths:
