@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,6 @@ from gerelion_dask.simulate import synthetic_pool  # noqa: E402
 def make_pool(n, box, apix, noise, seed=0):
     img, parts, A, _, s2, maps = synthetic_pool(n, box, apix, noise, seed)
     return img, parts, maps[0], s2, A
-
-
-def subset(p, k):
-    kw = {f.name: getattr(p, f.name)[:k] for f in fields(p) if isinstance(getattr(p, f.name), np.ndarray)}
-    kw["ctf"] = p.ctf.take(slice(0, k))
-    return replace(p, **kw)
 
 
 def main():
@@ -77,7 +71,7 @@ def main():
     k = min(a.cpu_n, a.n)
     if k:
         t = time.perf_counter()
-        _, r_cpu = expectation_pool(img[:k], subset(parts, k), model, st)
+        _, r_cpu = expectation_pool(img[:k], parts.take(slice(0, k)), model, st)
         dt = time.perf_counter() - t
         rows.append(("numpy", k, dt, k / dt, float(np.median(r_cpu.n_significant))))
     if gpu_count():
@@ -112,7 +106,7 @@ def main():
     if a.profile and gpu_count():
         profile_stages(cp.asarray(img), parts, mg, st)
     elif a.profile and k:
-        profile_stages(img[:k], subset(parts, k), model, st)
+        profile_stages(img[:k], parts.take(slice(0, k)), model, st)
 
 
 def profile_stages(img, parts, model, st) -> None:

@@ -193,6 +193,39 @@ def test_estep_out_of_memory_shrinks_the_chunks_and_gives_the_same_result(tmp_pa
     assert np.allclose(r1.rot, r2.rot) and np.allclose(r1.pmax, r2.pmax)
 
 
+def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(monkeypatch, caplog):
+    # oracle: the whole pool's E-step -- a pool whose particles do not fit together at any chunk size (what holds
+    # the union of their fine orientations is per pool) is evaluated as halves, recursively; partial sums add up and
+    # per-particle results keep their order.  The failure is injected (a MemoryError for more than 6 particles,
+    # whatever the chunk budget); the E-step beneath is the real one.
+    from gerelion_dask.expectation import estep
+
+    img, parts, A, off, s2, maps = _dataset(20, 3.0, seed=4)
+    model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, do_scale=True, preprocess=replace(st.preprocess, do_norm=True))
+    whole, rw = expectation_pool(img, parts, model, st)
+    real, sizes = estep._expectation_pool, []
+
+    def tight(xp, images, particles, *a, **k):
+        sizes.append(len(particles.index))
+        if len(particles.index) > 6:
+            raise MemoryError("injected: out of memory")
+        return real(xp, images, particles, *a, **k)
+
+    monkeypatch.setattr(estep, "_expectation_pool", tight)
+    with caplog.at_level("WARNING", logger="gerelion_dask.expectation.estep"):
+        split, rs = expectation_pool(img, parts, model, st)
+    assert sizes[:estep.SPLIT_AFTER_HALVINGS + 1] == [20] * (estep.SPLIT_AFTER_HALVINGS + 1)  # halvings first
+    assert sorted(n for n in sizes if n <= 6) == [5, 5, 5, 5]  # 20 -> 10 + 10 -> four pools of 5
+    assert "splitting the pool in two" in caplog.text
+    for f in fields(whole):
+        x, y = getattr(whole, f.name), getattr(split, f.name)
+        if f.name != "grid":
+            assert np.allclose(x, y, rtol=1e-9, atol=1e-12 * np.max(np.abs(x))), f.name
+    for f in fields(rw):
+        assert np.allclose(getattr(rw, f.name), getattr(rs, f.name), rtol=1e-9, atol=1e-9), f.name
+
+
 @pytest.mark.parametrize("cc", [False, True])
 def test_float32_coarse_pass_agrees_with_float64(cc):
     # oracle: the float64 coarse pass -- float32 GEMMs (the GPU default) must select the same best poses and give

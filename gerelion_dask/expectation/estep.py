@@ -24,6 +24,7 @@ from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
 from ..ops.likelihood import coarse_select, orientation_log_prior
 from .grid import OrientationGrid
+from .partials import PoolResult
 from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks, project_gathered
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # the smallest chunk budget (diff2 values) the out-of-memory retry goes down to before it gives up
 MIN_CHUNK_ELEMS = 1 << 12
+SPLIT_AFTER_HALVINGS = 3  # out of memory this many times with halved chunks: split the pool in two instead
 
 
 @dataclass(frozen=True)
@@ -203,25 +205,48 @@ def _cc_block(xp, X, C, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, o
 def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None):
     """E-step of one pool of one half set: returns ``(Partials, PoolResult)``.
 
-    When the device (or host) runs out of memory, the chunk budget is halved and the pool evaluated again: chunking
-    changes only the order of floating-point sums, not the result.  ``cache``: a
-    :class:`~gerelion_dask.expectation.fine.ProjectionCache` shared by the pools of this iteration and half set.
+    When the device (or host) runs out of memory, the chunk budget is halved and the pool evaluated again; after
+    ``SPLIT_AFTER_HALVINGS`` halvings (or at the smallest chunks) the pool is split in two halves evaluated one after
+    the other (each may halve and split again) and their partial sums added: what a pool holds whatever its chunks
+    (its images, and the projections and back-projection sums of the union of its particles' fine orientations:
+    ~1.2 MB each at 256 px) then shrinks too.  Chunks and splits change only the order of floating-point sums, not
+    the result.  ``cache``: a :class:`~gerelion_dask.expectation.fine.ProjectionCache` shared by the pools of this
+    iteration and half set.
     """
     xp = get_xp(images)
     limit = settings.fine_max_elems or FINE_LIMITS["gpu" if xp is not np else "cpu"]["max_elems"]
+    halvings = 0
     while True:
         try:
             return _expectation_pool(xp, images, particles, model, replace(settings, fine_max_elems=limit), cache)
         except MemoryError as e:  # numpy's MemoryError, and CuPy's OutOfMemoryError (a subclass of it)
-            if limit <= MIN_CHUNK_ELEMS:
+            B = len(particles.index)
+            if limit <= MIN_CHUNK_ELEMS and B < 2:
                 raise
-            limit //= 2
-            if cache is not None:
-                cache.clear()  # the shared projections go first
-            if xp is not np:
-                xp.get_default_memory_pool().free_all_blocks()
-            log.warning("out of memory in the E-step of %d particles (%s): retrying with chunks of %d values",
-                        len(particles.index), str(e).splitlines()[0][:120], limit)
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            split = B >= 2 and (halvings >= SPLIT_AFTER_HALVINGS or limit <= MIN_CHUNK_ELEMS)
+            if split:
+                log.warning("out of memory in the E-step of %d particles (%s): splitting the pool in two", B, why)
+            else:
+                limit //= 2
+                halvings += 1
+                log.warning("out of memory in the E-step of %d particles (%s): retrying with chunks of %d values",
+                            B, why, limit)
+        # outside the handler: the exception's traceback holds the failed attempt's arrays until it ends
+        if cache is not None:
+            cache.clear()  # the shared projections go first
+        if xp is not np:
+            xp.get_default_memory_pool().free_all_blocks()
+        if split:
+            return _split_pool(images, particles, model, replace(settings, fine_max_elems=limit), cache)
+
+
+def _split_pool(images, particles: PoolParticles, model, settings, cache):
+    """The E-step of a pool as two halves of its particles, one after the other: summed partials, joined results."""
+    h = len(particles.index) // 2
+    first = expectation_pool(images[:h], particles.take(slice(0, h)), model, settings, cache)
+    second = expectation_pool(images[h:], particles.take(slice(h, None)), model, settings, cache)
+    return first[0] + second[0], PoolResult.concat([first[1], second[1]])
 
 
 def _expectation_pool(xp, images, particles, model, settings, cache=None):

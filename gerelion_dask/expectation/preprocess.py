@@ -8,7 +8,7 @@ the CTF on the window.  Everything is batched over the pool; the array backend f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -37,6 +37,11 @@ class PoolParticles:
     norm: np.ndarray  # (B,) rlnNormCorrection
     offset_prior_px: np.ndarray  # (B, 2) prior centre of the offsets (pixels)
     seed_class: np.ndarray | None = None  # classification seed iteration: the one class (0-based) each may take
+
+    def take(self, rows) -> PoolParticles:
+        """The particles ``rows`` (an index array or a slice) of this pool, as a pool of their own."""
+        kw = {f.name: getattr(self, f.name)[rows] for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+        return replace(self, ctf=self.ctf.take(rows), **kw)
 
 
 @dataclass(frozen=True)
