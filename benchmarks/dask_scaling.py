@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 
-def simulate(out: Path, n: int, box: int, apix: float):
+def simulate(out: Path, n: int, box: int, apix: float, seed: int = 3):
     from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
 
-    spec = SimulationSpec(n_particles=n, box=box, apix=apix, snr=0.5, seed=3, ini_lowpass_angst=30.0, boxpad=1,
+    spec = SimulationSpec(n_particles=n, box=box, apix=apix, snr=0.5, seed=seed, ini_lowpass_angst=30.0, boxpad=1,
                           projector_padding=1)
     return simulate_dataset([phantom_map(box, apix)], spec, out / "data")
 

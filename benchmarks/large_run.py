@@ -28,13 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def simulate_part(args):
-    """One process's share: ``n`` particles with seed ``seed`` into ``out`` (returns its SimulationPaths)."""
+    """One process's share: dask_scaling's simulation of ``n`` particles with seed ``seed`` into ``out``."""
     out, n, box, apix, seed = args
-    from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
+    from dask_scaling import simulate
 
-    spec = SimulationSpec(n_particles=n, box=box, apix=apix, snr=0.5, seed=seed, ini_lowpass_angst=30.0, boxpad=1,
-                          projector_padding=1)
-    return simulate_dataset([phantom_map(box, apix)], spec, out)
+    return simulate(Path(out), n, box, apix, seed)
 
 
 def tiled_star(parts, work: Path, n: int) -> Path:
@@ -92,8 +90,8 @@ def main():
         parts = list(ex.map(simulate_part, jobs))
     star = tiled_star(parts, work, ns.n)
     t_sim = time.perf_counter() - t0
-    print(time.strftime("%H:%M:%S"), f"simulated {ns.unique} images of {ns.box} px in {ns.procs} processes, listed as {ns.n} particles: "
-          f"{t_sim:.0f} s", flush=True)
+    print(time.strftime("%H:%M:%S"), f"simulated {ns.unique} images of {ns.box} px in {ns.procs} processes, "
+          f"listed as {ns.n} particles: {t_sim:.0f} s", flush=True)
 
     class Paths:
         particles_star = star

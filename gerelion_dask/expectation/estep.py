@@ -32,7 +32,8 @@ __all__ = ["EStepModel", "EStepSettings", "expectation_pool"]
 
 log = logging.getLogger(__name__)
 
-# the smallest chunk budget (diff2 values) the out-of-memory retry goes down to before it gives up
+# the smallest chunk budget (diff2 values) the out-of-memory retry goes down to; below it the pool is split (a
+# single particle gives up)
 MIN_CHUNK_ELEMS = 1 << 12
 SPLIT_AFTER_HALVINGS = 3  # out of memory this many times with halved chunks: split the pool in two instead
 

@@ -40,7 +40,8 @@ class PoolParticles:
 
     def take(self, rows) -> PoolParticles:
         """The particles ``rows`` (an index array or a slice) of this pool, as a pool of their own."""
-        kw = {f.name: getattr(self, f.name)[rows] for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+        kw = {f.name: getattr(self, f.name)[rows] for f in fields(self)
+              if isinstance(getattr(self, f.name), np.ndarray)}
         return replace(self, ctf=self.ctf.take(rows), **kw)
 
 

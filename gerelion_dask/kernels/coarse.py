@@ -248,7 +248,8 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     above ``(1 - fraction) / 2`` of the mean, a superset of the significant ones: ``weights.py``) are sorted per
     particle in shared memory and the threshold taken as
     :func:`~gerelion_dask.expectation.weights.significance_threshold` takes it (running sum in sorted order); a
-    particle with more than ``ops.likelihood.CANDIDATE_CAP`` candidates (a flat posterior) is redone from its full weight row.
+    particle with more than ``ops.likelihood.CANDIDATE_CAP`` candidates (a flat posterior) is redone from its full
+    weight row (:func:`~gerelion_dask.ops.likelihood.coarse_select_dense`).
     The work is a handful of kernel launches per chunk, whatever the number of particles.
     """
     f64 = np.float64
