@@ -11,17 +11,23 @@ and per iteration the E-step / M-step seconds, the worker's peak RSS and CuPy po
 
   python benchmarks/large_run.py --gpu --n 100000 --unique 25000 --box 256 --apix 1.0 --pool 1000 --iters 2 \\
       --procs 16 --work /tmp/large
+
+With ``--keep``, a later run with the same ``--work`` and the same data options reuses the simulated stacks, the
+STAR file and the imported store (the job recognises its own store by the STAR file's size and time), so a run that
+a time limit cut can be repeated without its first minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,18 +92,23 @@ def main():
     t0 = time.perf_counter()
     shares = [ns.unique // ns.procs + (i < ns.unique % ns.procs) for i in range(ns.procs)]
     jobs = [(work / f"sim_{i:02d}", k, ns.box, ns.apix, 100 + i) for i, k in enumerate(shares)]
-    with ProcessPoolExecutor(ns.procs) as ex:
-        parts = list(ex.map(simulate_part, jobs))
-    star = tiled_star(parts, work, ns.n)
-    t_sim = time.perf_counter() - t0
-    print(time.strftime("%H:%M:%S"), f"simulated {ns.unique} images of {ns.box} px in {ns.procs} processes, "
-          f"listed as {ns.n} particles: {t_sim:.0f} s", flush=True)
+    made = work / "large_run.json"  # what the simulated data in --work are (written once they are complete)
+    data_key = {"n": ns.n, "unique": ns.unique, "box": ns.box, "apix": ns.apix, "procs": ns.procs}
+    old = json.loads(made.read_text()) if made.exists() else None
+    if old is not None and old["data"] == data_key and Path(old["star"]).exists():
+        star, initial_reference = Path(old["star"]), Path(old["initial_reference"])
+        print(time.strftime("%H:%M:%S"), f"reusing the {ns.unique} simulated images listed as {ns.n} particles in "
+              f"{work} (their store too, if imported)", flush=True)
+    else:
+        made.unlink(missing_ok=True)
+        with ProcessPoolExecutor(ns.procs) as ex:
+            parts = list(ex.map(simulate_part, jobs))
+        star, initial_reference = tiled_star(parts, work, ns.n), parts[0].initial_reference
+        made.write_text(json.dumps({"data": data_key, "star": str(star), "initial_reference": str(initial_reference)}))
+        print(time.strftime("%H:%M:%S"), f"simulated {ns.unique} images of {ns.box} px in {ns.procs} processes, "
+              f"listed as {ns.n} particles: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    class Paths:
-        particles_star = star
-        initial_reference = parts[0].initial_reference
-
-    cfg = job_config(Paths, work, ns)
+    cfg = job_config(SimpleNamespace(particles_star=star, initial_reference=initial_reference), work, ns)
     label = f"{ns.workers} {'GPU' if ns.gpu else 'NumPy'} worker{'s' if ns.workers > 1 else ''}"
     t1 = time.perf_counter()
     try:

@@ -28,7 +28,7 @@ from .maximization.mstep import MStepSettings, lowpass_map, maximization
 from .maximization.schedule import (ScheduleState, coarse_size, hidden_variable_changes, is_converged,
                                     next_current_size, update_counters, update_sampling)
 from .ops.ctf import CtfParams
-from .ops.projector import make_reference, reference_power_spectrum
+from .ops.projector import ReferenceSpec
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
 from .errors import InputError, RunFailedError
@@ -107,10 +107,10 @@ class InProcessRunner:
         """Particles of the iteration whose posterior weights all underflowed (each kept its best sample)."""
         return sum(int(p.n_zero_weight) for p in parts.values())
 
-    def maximize(self, parts, model, ms, ref_tau2):
+    def maximize(self, parts, model, ms):
         """The M-step on this runner's device (CuPy: the summed volumes go to the GPU for the reconstruction)."""
         xp = _array_module(self.device)
-        return maximization({h: p.on(xp) for h, p in parts.items()}, model, ms, ref_tau2)
+        return maximization({h: p.on(xp) for h, p in parts.items()}, model, ms)
 
 
 def _array_module(device: str):
@@ -242,16 +242,14 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             min(2 * (shell + cfg.incr_size), N)
         sched = replace(sched, current_size=cur, perturb=next_perturbation(sched.perturb, cfg.perturb,
                                                                              np.random.default_rng([seed, it])))
-        made = {}  # this iteration's reference transforms by (half index, class): each made once
+        # the references go to the E-step as maps (ReferenceSpec): each worker makes the transforms on its device
 
         def ref_of(hi, c, maps=model.maps, cur=cur):
-            if (hi, c) not in made:
-                made[hi, c] = make_reference(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
-            return made[hi, c]
+            return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
 
         # accuracies and auto-sampling (not in CC iterations)
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
-            ref0 = ref_of(0, 0)
+            ref0 = ref_of(0, 0).build()
             acc_r, acc_t = estimate_accuracies(ref0, st.angles[st.half == halves[0]],
                                                None if inp.ctf is None else inp.ctf.take(st.half == halves[0]), model.sigma2_noise[0], cur,
                                                N, a, np.random.default_rng(seed + it))
@@ -272,12 +270,10 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             models_pdf[0] = 1.0
             model = replace(model, pdf_class=models_pdf)
         seeds = np.random.default_rng(seed + 7).integers(0, cfg.K, inp.particles.n) if seed_iter else None
-        models, settings, ref_tau2 = {}, {}, []
+        models, settings = {}, {}
         for hi, h in enumerate(halves):
             refs = [None if m is None or model.pdf_class[c] <= 0 else ref_of(hi, c)
                     for c, m in enumerate(model.maps[hi])]
-            ref_tau2.append([np.zeros(N // 2 + 1) if r is None else _pad_spec(reference_power_spectrum(r), N)
-                             for r in refs])
             models[h] = EStepModel(refs, model.pdf_class, model.pdf_direction, model.sigma2_noise,
                                    model.data_vs_prior[hi], model.sigma_offset_angst, model.scales, model.avg_norm)
             pp = PreprocessSettings(N, a, cur, inp.diameter, cfg.maskedge, cfg.zero_mask, cfg.norm, model.avg_norm,
@@ -307,10 +303,10 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
-                           cfg.scale)
+                           cfg.scale, reference_r_max=cur // 2, padding=cfg.pad)
         try:
-            new_model, unfil = runner.maximize(parts, model, ms, ref_tau2) if hasattr(runner, "maximize") \
-                else maximization(parts, model, ms, ref_tau2)
+            new_model, unfil = runner.maximize(parts, model, ms) if hasattr(runner, "maximize") \
+                else maximization(parts, model, ms)
         except RunFailedError as e:
             raise RunFailedError(e.problem, _resume_hint(cfg.o, it - 1)) from None
         if seed_classes and it == 1 and cfg.firstiter_cc:
@@ -361,13 +357,6 @@ def _check_resume(ck, inp: JobInputs) -> None:
         raise InputError(inp.particles.star_path, f"box {inp.box} px / {inp.pixel_size:.4g} Å differs from the "
                          f"checkpoint's {ck.model.ori_size} px / {ck.model.pixel_size:.4g} Å",
                          "continue with the particles STAR file of the run")
-
-
-def _pad_spec(s, N):
-    out = np.zeros(N // 2 + 1)
-    s = np.asarray(s)
-    out[: min(len(s), len(out))] = s[: len(out)]
-    return out
 
 
 def _update_state(st: ParticleState, res: PoolResult, pixel_size: float) -> ParticleState:

@@ -40,15 +40,16 @@ process both half sets' caches live in the driver; a Dask worker holds two when 
 half sets (one worker, or an odd number of workers), else one.
 
 Task peak = images + max(coarse, fine) + partials.  On a GPU worker the task lives on the GPU (with the
-references ``16 H K L`` scattered to it); the worker's host holds the images and the partials copied back.  Every
-process that runs tasks also holds the raw images of up to ``READ_AHEAD_DEPTH`` (2) pools read ahead, ``4 B N^2``
-each (``io/readahead.py``).
+references ``16 H K L``, made there from the maps the iteration ships); the worker's host holds the images and the
+partials copied back.  Every process that runs tasks also holds the raw images of up to ``READ_AHEAD_DEPTH`` (2)
+pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
 
-The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the references
-``16 H K L``, the reduced partials ``24 H K L`` and the M-step's working volumes ``~6 x 8 (pad N)^3``; in process
-(no Dask) it also runs each task and keeps every pool's partials until the pairwise sum of the iteration
-(``24 K L`` per pool).  A Dask CPU worker holds one task, the scattered references and the partials of its part of
-the reduction tree (``~(log2 pools + 2) x 24 K L``).
+The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the reference of the
+accuracy estimate ``16 L`` (it makes no other: the E-step's are made where the tasks run, in process by the driver),
+the reduced partials ``24 H K L`` and the M-step's working volumes ``~6 x 8 (pad N)^3``; in process (no Dask) it
+also runs each task and keeps every pool's partials until the pairwise sum of the iteration (``24 K L`` per pool).
+A Dask CPU worker holds one task, the references it makes and the partials of its part of the reduction tree
+(``~(log2 pools + 2) x 24 K L``).
 
 Checked by ``tests/test_plan.py`` against tracemalloc's peak of a small in-process run (the model is an upper bound,
 within a factor stated there).
@@ -159,7 +160,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
                     (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * 8 * K * O)
     task = images + max(coarse, fine) + partials
     refs = 16 * halves * K * L
-    driver_own = 3 * 8 * halves * K * N**3 + refs + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
+    driver_own = 3 * 8 * halves * K * N**3 + 16 * L + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
     parts = {"images (per task)": images, "coarse pass (per task)": coarse, "fine pass (per task)": fine,
              "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own,
              "images read ahead": ahead}
@@ -171,7 +172,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
         if backend == "gpu":
             driver, worker, gpu = driver_own + images + held + ahead, 0.0, task + refs + caches
         else:
-            driver, worker, gpu = driver_own + task + held + caches + ahead, 0.0, 0.0
+            driver, worker, gpu = driver_own + refs + task + held + caches + ahead, 0.0, 0.0
         mode, workers = "in-process", 0
     else:
         tree = (math.log2(max(2, n_pools / max(1, workers))) + 2) * partials

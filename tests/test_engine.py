@@ -93,6 +93,50 @@ def test_estep_gpu_matches_numpy(xp):
     assert np.allclose(p_gpu.wsum_sigma2, p_np.wsum_sigma2, rtol=1e-6)
 
 
+def test_references_shipped_as_maps_are_made_on_the_tasks_device(xp):
+    # oracle: make_reference of the float64 map on NumPy (the transform the driver made before references were
+    # shipped as maps) -- device_model makes the same transform on xp's device (bit for bit on NumPy), the E-step of
+    # a pool gives the same sums, and the shipped model carries the N^3 map, not the ~8x larger transform
+    from gerelion_dask.backend import deep_nbytes
+    from gerelion_dask.distributed.tasks import device_model
+    from gerelion_dask.ops.projector import ReferenceSpec
+
+    img, parts, A, off, s2, maps = _dataset(12, 1.0, seed=4)
+    model, st = _model_settings(maps, s2, order=1)
+    shipped = replace(model, refs=[ReferenceSpec(maps[0], r_max=N // 2, padding=2.0)])
+    with pytest.raises(TypeError, match="device_model"):
+        expectation_pool(img, parts, shipped, st)
+    made = device_model(shipped, xp)
+    assert made.refs[0].grid == model.refs[0].grid
+    assert device_model(replace(shipped, refs=[None, *shipped.refs]), xp).refs[0] is None  # an empty class
+    got = to_np(made.refs[0].data)
+    if xp is np:
+        assert np.array_equal(got, model.refs[0].data)
+    else:
+        assert np.allclose(got, model.refs[0].data, rtol=1e-12, atol=1e-15 * np.abs(got).max())
+    assert deep_nbytes(shipped) * 4 < deep_nbytes(made)
+    p_ref, r_ref = expectation_pool(img, parts, model, st)
+    p_got, r_got = expectation_pool(xp.asarray(img), parts, made, st)
+    assert np.mean(r_ref.rot == r_got.rot) >= 0.99
+    assert np.allclose(to_np(p_got.bp_weight), p_ref.bp_weight, rtol=1e-6, atol=1e-9)
+
+
+def test_classification_tau2_prior_is_the_references_power_spectrum(xp):
+    # oracle: reference_power_spectrum of make_reference on NumPy, padded with zeros to N/2+1 shells (what the
+    # driver computed and handed to the M-step before) -- reference_tau2 makes it from the map on xp's device
+    from gerelion_dask.maximization.mstep import MStepSettings, reference_tau2
+    from gerelion_dask.ops.projector import reference_power_spectrum
+
+    m = _dataset(2, 1.0, seed=5)[-1][0]
+    for r_max in (N // 4, N // 2):
+        ms = MStepSettings(False, reference_r_max=r_max, padding=2.0)
+        want = np.zeros(N // 2 + 1)
+        want[: r_max + 1] = reference_power_spectrum(make_reference(m, r_max=r_max, padding=2.0))
+        got = reference_tau2(m, ms, N // 2 + 1, xp)
+        assert isinstance(got, np.ndarray) and got.shape == want.shape
+        assert np.allclose(got, want, rtol=1e-10, atol=0) and np.all(got[r_max + 1:] == 0)
+
+
 def test_two_classes_separate():
     # oracle: the true class labels -- with the two true maps as references, particles go to their own class
     maps = [phantom_map(N, APIX, "blobs"), phantom_map(N, APIX, "blobs2")]
@@ -193,24 +237,33 @@ def test_estep_out_of_memory_shrinks_the_chunks_and_gives_the_same_result(tmp_pa
     assert np.allclose(r1.rot, r2.rot) and np.allclose(r1.pmax, r2.pmax)
 
 
-def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(monkeypatch, caplog):
+def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(xp, monkeypatch, caplog):
     # oracle: the whole pool's E-step -- a pool whose particles do not fit together at any chunk size (what holds
     # the union of their fine orientations is per pool) is evaluated as halves, recursively; partial sums add up and
-    # per-particle results keep their order.  The failure is injected (a MemoryError for more than 6 particles,
-    # whatever the chunk budget); the E-step beneath is the real one.
+    # per-particle results keep their order.  The failure is injected (for more than 6 particles, whatever the chunk
+    # budget: NumPy's MemoryError, or on a GPU the OutOfMemoryError CuPy raises); the E-step beneath is the real one.
+    from gerelion_dask.distributed.tasks import device_model
     from gerelion_dask.expectation import estep
 
     img, parts, A, off, s2, maps = _dataset(20, 3.0, seed=4)
     model, st = _model_settings(maps, s2, order=1)
+    img, model = xp.asarray(img), device_model(model, xp)
     st = replace(st, do_scale=True, preprocess=replace(st.preprocess, do_norm=True))
     whole, rw = expectation_pool(img, parts, model, st)
     real, sizes = estep._expectation_pool, []
 
-    def tight(xp, images, particles, *a, **k):
+    def oom():
+        if xp is np:
+            return MemoryError("injected: out of memory")
+        from cupy.cuda.memory import OutOfMemoryError
+
+        return OutOfMemoryError(1 << 40, 80 << 30)
+
+    def tight(xp_, images, particles, *a, **k):
         sizes.append(len(particles.index))
         if len(particles.index) > 6:
-            raise MemoryError("injected: out of memory")
-        return real(xp, images, particles, *a, **k)
+            raise oom()
+        return real(xp_, images, particles, *a, **k)
 
     monkeypatch.setattr(estep, "_expectation_pool", tight)
     with caplog.at_level("WARNING", logger="gerelion_dask.expectation.estep"):
@@ -218,6 +271,7 @@ def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(monkeypatch, 
     assert sizes[:estep.SPLIT_AFTER_HALVINGS + 1] == [20] * (estep.SPLIT_AFTER_HALVINGS + 1)  # halvings first
     assert sorted(n for n in sizes if n <= 6) == [5, 5, 5, 5]  # 20 -> 10 + 10 -> four pools of 5
     assert "splitting the pool in two" in caplog.text
+    whole, split = whole.to_host(), split.to_host()
     for f in fields(whole):
         x, y = getattr(whole, f.name), getattr(split, f.name)
         if f.name != "grid":

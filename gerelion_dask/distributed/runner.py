@@ -259,14 +259,14 @@ class DaskRunner:
         """Particles of the iteration whose posterior weights all underflowed (each kept its best sample)."""
         return handle["n_zero_weight"]
 
-    def maximize(self, handle, model, ms, ref_tau2):
+    def maximize(self, handle, model, ms):
         """The M-step as one ``mstep-{iteration}`` task on a worker; only the new model comes back."""
         from .tasks import mstep_task
 
         it, tag = handle["iteration"], handle["tag"]
         if self.publisher is not None:
             self.publisher.progress(it, "mstep")
-        fut = self.client.submit(mstep_task, handle["roots"], handle["halves"], model, ms, ref_tau2, self.device,
+        fut = self.client.submit(mstep_task, handle["roots"], handle["halves"], model, ms, self.device,
                                  key=f"mstep-{it}-{tag}", resources={"GPU": 1}, pure=False, retries=self.retries)
         try:
             return fut.result()

@@ -120,11 +120,21 @@ def _cached(what: str, obj, make):
 
 
 def device_model(model, xp):
-    """The model with aligned host arrays and its reference transforms on ``xp``'s device."""
+    """The model with aligned host arrays and its reference transforms on ``xp``'s device: a
+    :class:`~gerelion_dask.ops.projector.ReferenceSpec` (a map) is transformed there, a made transform is copied."""
+    from ..ops.projector import ReferenceSpec
+
     model = realign(model)
-    if xp is np:
-        return model
-    return replace(model, refs=[None if r is None else replace(r, data=xp.asarray(r.data)) for r in model.refs])
+
+    def on_device(r):
+        if r is None:
+            return None
+        if isinstance(r, ReferenceSpec):
+            return r.build(xp)
+        return r if xp is np else replace(r, data=xp.asarray(r.data))
+
+    refs = [on_device(r) for r in model.refs]
+    return model if all(a is b for a, b in zip(refs, model.refs, strict=True)) else replace(model, refs=refs)
 
 
 def _read_key(tag: str, source: ImageSource, selection) -> tuple:
@@ -197,7 +207,7 @@ def zero_weights_of(out: PoolOutput) -> int:
     return int(out.partials.n_zero_weight)
 
 
-def mstep_task(outputs, halves, model, ms, ref_tau2, device: str = "auto"):
+def mstep_task(outputs, halves, model, ms, device: str = "auto"):
     """The M-step of one iteration on a worker, from the reduced (host) outputs of every half set.
 
     On a GPU worker the summed volumes go to the device and the reconstruction, FSC and symmetrisation run there;
@@ -206,7 +216,7 @@ def mstep_task(outputs, halves, model, ms, ref_tau2, device: str = "auto"):
     from ..maximization.mstep import maximization
 
     xp = worker_array_module(device)
-    return maximization({h: o.partials.on(xp) for h, o in zip(halves, outputs, strict=True)}, model, ms, ref_tau2)
+    return maximization({h: o.partials.on(xp) for h, o in zip(halves, outputs, strict=True)}, model, ms)
 
 
 def concat_results(result_lists) -> PoolResult:

@@ -23,6 +23,7 @@ from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import likelihood_pixels, shells_2d
 from ..ops.likelihood import coarse_select, orientation_log_prior
+from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
 from .partials import PoolResult
 from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks, project_gathered
@@ -42,7 +43,8 @@ SPLIT_AFTER_HALVINGS = 3  # out of memory this many times with halved chunks: sp
 class EStepModel(SizedByArrays):
     """The parts of the current model that one half set's E-step reads."""
 
-    refs: list  # FourierReference per class (None for an empty class)
+    refs: list  # FourierReference per class (None for an empty class). An iteration ships ReferenceSpec maps instead;
+    # distributed.tasks.device_model makes their transforms on the worker's device before expectation_pool runs
     pdf_class: np.ndarray  # (K,)
     pdf_direction: np.ndarray  # (K, n_dir)
     sigma2_noise: np.ndarray  # (n_optics, N/2+1)
@@ -215,6 +217,9 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
     iteration and half set.
     """
     xp = get_xp(images)
+    if any(isinstance(r, ReferenceSpec) for r in model.refs):
+        raise TypeError("expectation_pool needs reference transforms, not maps: pass the model through "
+                        "distributed.tasks.device_model first (it makes them once per worker and half set)")
     limit = settings.fine_max_elems or FINE_LIMITS["gpu" if xp is not np else "cpu"]["max_elems"]
     halvings = 0
     while True:

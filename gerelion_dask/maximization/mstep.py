@@ -18,11 +18,13 @@ from ..ops.backprojector import BackProjection, enforce_hermitian
 from ..ops.fourier import npix_per_shell
 from ..ops.fsc import fsc_from_backprojections
 from ..ops.masks import soft_sphere
+from ..ops.projector import ReferenceSpec, reference_power_spectrum
 from ..ops.reconstruct import reconstruct, shell_index
 from ..ops.symmetry import symmetrise_fourier
 from .model import Model, replace
 
-__all__ = ["MStepSettings", "maximization", "symmetrised", "ssnr_spectra", "lowpass_map", "update_resolution"]
+__all__ = ["MStepSettings", "maximization", "reference_tau2", "symmetrised", "ssnr_spectra", "lowpass_map",
+           "update_resolution"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class MStepSettings:
     do_norm: bool = False
     do_scale: bool = False
     min_sigma2_offset: float = 0.0  # Å^2 floor (RELION 5: 2); 0 keeps RELION 3.1 behaviour
+    reference_r_max: int | None = None  # how the E-step's references were made (classification's tau2 prior):
+    padding: float = 2.0  # ReferenceSpec(map, reference_r_max, padding)
 
 
 def symmetrised(data, weight, grid, ops) -> BackProjection:
@@ -121,10 +125,20 @@ def update_resolution(dvp_half1: np.ndarray, ori_size: int, pixel_size: float, a
     return nu / (ori_size * pixel_size)
 
 
-def maximization(partials: dict, model: Model, ms: MStepSettings, ref_tau2=None):
-    """New model from the summed partials of each half (``{1: P1, 2: P2}`` or ``{0: P}``).
+def reference_tau2(volume, ms: MStepSettings, nsh: int, xp) -> np.ndarray:
+    """Classification's tau^2 prior for one class: the power spectrum of the reference transform the E-step used
+    (``ReferenceSpec(volume, ms.reference_r_max, ms.padding)``, made here on ``xp``'s device), zero beyond its
+    ``r_max``; ``(nsh,)`` float64 on the host."""
+    spec = to_host(reference_power_spectrum(ReferenceSpec(volume, ms.reference_r_max, ms.padding).build(xp)))
+    out = np.zeros(nsh)
+    out[: min(len(spec), nsh)] = spec[:nsh]
+    return out
 
-    ``ref_tau2`` ``(H, K, nsh)``: power spectra of the references used in the E-step (classification prior).
+
+def maximization(partials: dict, model: Model, ms: MStepSettings):
+    """New model from the summed partials of each half (``{1: P1, 2: P2}`` or ``{0: P}``) and the ``model`` of the
+    E-step that made them (classification takes its tau^2 prior from that model's maps, :func:`reference_tau2`).
+
     Returns ``(model, unfiltered)``: ``unfiltered`` holds the unregularised half maps in the final iteration.
     """
     N, a = model.ori_size, model.pixel_size
@@ -168,7 +182,9 @@ def maximization(partials: dict, model: Model, ms: MStepSettings, ref_tau2=None)
                     f = np.sqrt(2 * np.clip(f, 0, None) / (1 + np.clip(f, 0, None)))
                 s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, fsc=f)
             else:
-                s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, tau2=ref_tau2[hi][c])
+                prior = np.zeros(nsh) if model.maps[hi][c] is None or model.pdf_class[c] <= 0 else \
+                    reference_tau2(model.maps[hi][c], ms, nsh, get_xp(bp.data))
+                s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, tau2=prior)
             vol = reconstruct(bp, tau2=tau2[hi, c], tau2_fudge=ms.tau2_fudge, minres_map=ms.minres_map,
                               gridding_iterations=ms.gridding_iterations)
             if ms.cc_iteration and ms.ini_high_angst > 0:
