@@ -404,6 +404,49 @@ def test_particle_set_random_subset_and_multiple_stacks(tmp_path):
     assert [h.tolist() for h in ps.half_sets()] == [[1, 3], [0, 2]]
 
 
+_MANY_STACKS_CHILD = """
+import pickle, resource, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from gerelion_dask.io import ParticleSet, import_particles
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+ps = ParticleSet.from_star({star!r})
+order = np.random.default_rng(0).permutation(ps.n)  # every pool of reads touches many stacks
+got = np.concatenate([ps.read_images(order[i:i + 37]) for i in range(0, ps.n, 37)])
+store = import_particles(ps, {out!r}, pool_size=50)
+ps2 = pickle.loads(pickle.dumps(ps))  # a set scattered to workers keeps working (and keeps its limit)
+again = ps2.read_images(order[::-1])
+pickle.dump((order, got, str(store), again), open({res!r}, "wb"))
+"""
+
+
+def test_particle_set_reads_more_stacks_than_open_files_allowed(tmp_path):
+    # oracle: the images written to 300 one-micrograph stacks -- RELION's extraction writes one stack per micrograph,
+    # and every stack kept mapped holds a file descriptor: with a soft limit of 64 open files, reading every
+    # particle in random order, importing them into a store and reading through a pickled copy must still work
+    import subprocess
+    import sys
+
+    from gerelion_dask.io import ZarrParticles
+
+    n_stacks, per = 300, 3
+    data = np.stack([_stack(tmp_path / f"mic{k:04d}.mrcs", per, box=8, seed=k) for k in range(n_stacks)])
+    names = [f"{i + 1:06d}@mic{k:04d}.mrcs" for k in range(n_stacks) for i in range(per)]
+    star = write_particles(_optics(box=8), pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": 1}),
+                           tmp_path / "p.star")
+    res = tmp_path / "res.pkl"
+    code = _MANY_STACKS_CHILD.format(tests=os.path.dirname(__file__), star=str(star), out=str(tmp_path / "job"),
+                                     res=str(res))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    order, got, store, again = pickle.load(open(res, "rb"))
+    flat = data.reshape(n_stacks * per, 8, 8)
+    np.testing.assert_array_equal(got, flat[order])
+    np.testing.assert_array_equal(again, flat[order[::-1]])
+    z = ZarrParticles(store)
+    np.testing.assert_array_equal(np.concatenate([z.read_pool(i) for i in range(z.n_pools)]), flat)
+
+
 def test_particle_set_resolves_relative_to_cwd(tmp_path, monkeypatch):
     (tmp_path / "Extract").mkdir()
     (tmp_path / "Select").mkdir()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,10 @@ class ParticleSet:
     _stack_of_row: np.ndarray = field(init=False, repr=False)
     _index_of_row: np.ndarray = field(init=False, repr=False)
     _readers: dict[int, StackReader] = field(init=False, repr=False, default_factory=dict)
+    # stacks whose memory maps are open, least recently read first (each holds a file descriptor: at most
+    # max_open_stacks() stay open, or a data set of thousands of micrograph stacks runs out of descriptors)
+    _open: OrderedDict = field(init=False, repr=False, compare=False, default_factory=OrderedDict)
+    _lock: Any = field(init=False, repr=False, compare=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         star_path = Path(self.star_path)
@@ -334,15 +340,50 @@ class ParticleSet:
             raise InputError(self.star_path, f"the rows asked for have different box sizes {sorted(boxes)}")
         box = boxes.pop() if boxes else self.box_size
         out = np.empty((rows.size, box, box), dtype=np.float32)
-        for s in np.unique(stacks):
-            where = np.flatnonzero(stacks == s)
-            out[where] = self._readers[int(s)].read(self._index_of_row[rows[where]])
+        with self._lock:  # threads may share a set; a map is never closed under another thread's read
+            for s in np.unique(stacks):
+                where = np.flatnonzero(stacks == s)
+                out[where] = self._readers[int(s)].read(self._index_of_row[rows[where]])
+                self._opened(int(s))
         return out
+
+    def _opened(self, s: int) -> None:
+        """Stack ``s`` was just read (its map is open): close the least recently read maps beyond the limit."""
+        self._open[s] = None
+        self._open.move_to_end(s)
+        limit = max_open_stacks()
+        while len(self._open) > limit:
+            old, _ = self._open.popitem(last=False)
+            self._readers[old].close()
 
     def close(self) -> None:
         """Drop the stacks' memory maps (they reopen on the next read)."""
-        for reader in self._readers.values():
-            reader.close()
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._open.clear()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # the readers drop their maps themselves
+        state["_open"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+def max_open_stacks() -> int:
+    """How many stacks a :class:`ParticleSet` keeps mapped at once: a quarter of this process's soft limit on open
+    files (Dask's sockets, Zarr and the rest need the others), between 16 and 512."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 512
+    return int(min(512, max(16, soft // 4)))
 
 
 def _resolve_stack(name: str, star_path: Path) -> Path | None:
