@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ METADATA_NAME = "particles_meta.star"
 FORMAT = "gerelion_dask.particles"
 FORMAT_VERSION = 1
 DEFAULT_POOL_SIZE = 256
+IMPORT_THREADS = 4  # pools written at once (each thread reads its pool, then encodes and writes it as one chunk)
 _COMPRESSORS = ("blosc", "zstd", "none")
 
 
@@ -130,8 +133,16 @@ def import_particles(
             store=str(tmp), shape=(n, box, box), chunks=(int(pool_size), box, box), dtype="float32",
             compressors=codecs, dimension_names=("particle", "y", "x"), attributes=attrs,
         )
-        for i, rows in enumerate(pools):
-            _write_pool(array, particle_set, i, rows)
+        # chunk writes overlap each other and the next reads (reads of one set take its lock in turn); at most
+        # 2 x IMPORT_THREADS pools are in memory
+        with ThreadPoolExecutor(max(1, min(IMPORT_THREADS, len(pools)))) as ex:
+            pending: deque = deque()
+            for i, rows in enumerate(pools):
+                if len(pending) >= 2 * IMPORT_THREADS:
+                    pending.popleft().result()
+                pending.append(ex.submit(_write_pool, array, particle_set, i, rows))
+            while pending:
+                pending.popleft().result()
         particle_set.close()
         write_particles(particle_set.optics, particle_set.metadata, out_dir / METADATA_NAME)
         if target.exists():
