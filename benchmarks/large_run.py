@@ -85,7 +85,7 @@ def main():
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout)
     # the memory plan of the run, and the store import (its end, timestamped: it runs before iteration 1)
-    for name in ("gerelion_dask.driver", "gerelion_dask.distributed.store"):
+    for name in ("gerelion_dask.driver", "gerelion_dask.distributed.store", "gerelion_dask.io.zarr_store"):
         logging.getLogger(name).setLevel(logging.INFO)
     work = Path(ns.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
