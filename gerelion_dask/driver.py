@@ -107,6 +107,13 @@ class InProcessRunner:
         """Particles of the iteration whose posterior weights all underflowed (each kept its best sample)."""
         return sum(int(p.n_zero_weight) for p in parts.values())
 
+    def power_sums(self, pool_rows, optics_index, ps, read_images) -> list:
+        """The :class:`~gerelion_dask.setup_job.PowerSums` of each pool, on this runner's device."""
+        from .setup_job import power_sums
+
+        xp = _array_module(self.device)
+        return [power_sums(xp.asarray(read_images(rows)), optics_index[rows], ps) for rows in pool_rows]
+
     def maximize(self, parts, model, ms):
         """The M-step on this runner's device (CuPy: the summed volumes go to the GPU for the reconstruction)."""
         xp = _array_module(self.device)
@@ -140,14 +147,17 @@ def _pool_particles(inp: JobInputs, st: ParticleState, rows, half: int) -> PoolP
                          st.offsets_px[rows], st.angles[rows], st.class_index[rows], st.norm[rows], prior)
 
 
-def _make_tasks(inp, st, pool_size):
-    tasks = []
+def _pool_rows(st: ParticleState, pool_size: int) -> list:
+    """``[(half, rows), ...]``: each half set's particles in pools of ``pool_size`` (the E-step's tasks)."""
+    out = []
     for h in sorted(set(st.half.tolist())):
         rows = np.nonzero(st.half == h)[0]
-        for s in range(0, len(rows), pool_size):
-            r = rows[s : s + pool_size]
-            tasks.append((r, _pool_particles(inp, st, r, int(h))))
-    return tasks
+        out.extend((int(h), rows[s : s + pool_size]) for s in range(0, len(rows), pool_size))
+    return out
+
+
+def _make_tasks(inp, st, pool_size):
+    return [(r, _pool_particles(inp, st, r, h)) for h, r in _pool_rows(st, pool_size)]
 
 
 def _initial_model(inp: JobInputs, cfg: JobConfig, sigma2, n_dir: int, halves: list) -> Model:
@@ -208,9 +218,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             sched = replace(sched, local_sigma_rot=cfg.sigma_ang, local_sigma_psi=cfg.sigma_ang)
         original = sched
         dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
-        pool_rows = [np.arange(s, min(s + 256, inp.particles.n)) for s in range(0, inp.particles.n, 256)]
-        sigma2 = initial_sigma2(inp, cfg, pool_rows)
-        model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
+        model = None  # made below, once the runner has its images (the noise spectra are summed where they are)
         records, it, final, unfil = [], 0, False, None
         prev_A = None
     else:
@@ -221,6 +229,9 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         prev_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2]) if it > 0 else None
     if hasattr(runner, "prepare"):
         runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
+    if model is None:  # the initial noise spectra, pool by pool (a Dask runner sums each pool on a worker)
+        sigma2 = initial_sigma2(inp, cfg, [rows for _, rows in _pool_rows(st, cfg.pool)], runner)
+        model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
     if writer and resume is None:
         writer(0, cfg, inp, model, st, sched, None, final=False, original=original)
     prev_off = st.offsets_px * a

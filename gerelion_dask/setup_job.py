@@ -20,7 +20,8 @@ from .ops.ctf import CtfParams
 from .ops.fourier import likelihood_pixels, shells_2d
 from .ops.masks import soft_mask_outside
 
-__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "ParticleState", "drop_non_finite",
+__all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "PowerSettings", "PowerSums", "power_sums",
+           "sigma2_from_power_sums", "ParticleState", "drop_non_finite",
            "optics_index", "ctf_params"]
 
 log = logging.getLogger(__name__)
@@ -188,40 +189,96 @@ def particle_state(inp: JobInputs, cfg: JobConfig, seed: int) -> ParticleState:
     return ParticleState(angles, offs, cls, norm, half, z, z.astype(np.int64), z)
 
 
-def initial_sigma2(inp: JobInputs, cfg: JobConfig, pool_rows: list) -> np.ndarray:
-    """Noise spectra before iteration 1 from the image power spectra (§5.4), per optics group."""
-    N = inp.box
+@dataclass(frozen=True)
+class PowerSettings:
+    """What the noise spectra before iteration 1 need to know of the job (:func:`power_sums`)."""
+
+    box: int
+    n_optics: int
+    radius_px: float  # particle radius (--particle_diameter / 2) in pixels
+    zero_mask: bool
+    maskedge: float
+
+
+@dataclass(frozen=True)
+class PowerSums:
+    """Per optics group, over a set of particles: the sum of their shell-averaged power spectra ``(G, N/2+1)``, the
+    sum of their images ``(G, N, N)`` and their count ``(G,)`` (float64, host).  Two add up to the sums of the
+    union: a job computes them pool by pool where its images are (a Dask worker's device) and adds them in pool
+    order."""
+
+    power: np.ndarray
+    image_sum: np.ndarray
+    count: np.ndarray
+
+    def __add__(self, other: PowerSums) -> PowerSums:
+        return PowerSums(self.power + other.power, self.image_sum + other.image_sum, self.count + other.count)
+
+
+def power_sums(images, optics_index, ps: PowerSettings) -> PowerSums:
+    """:class:`PowerSums` of one pool: ``images`` ``(B, N, N)`` (NumPy or CuPy: computed there, float64) and each
+    particle's optics group index ``(B,)`` (host)."""
+    from .backend import get_xp, to_host
+
+    xp = get_xp(images)
+    N = ps.box
     nsh = N // 2 + 1
-    n_opt = len(inp.particles.optics)
+    sh = shells_2d(N, xp)
+    m = likelihood_pixels(N, xp, include_dc=True)
+    shm = sh[m]
+    cnt = xp.maximum(xp.bincount(shm, minlength=nsh)[:nsh], 1)
+    img = images.astype(np.float64)
+    if ps.zero_mask:
+        img = soft_mask_outside(img, radius=ps.radius_px, width=ps.maskedge, batch_2d=True)
+    p = xp.abs(centred_rfft2(img)[:, m]) ** 2
+    o = np.asarray(optics_index)
+    power, image_sum, count = np.zeros((ps.n_optics, nsh)), np.zeros((ps.n_optics, N, N)), np.zeros(ps.n_optics)
+    for g in np.unique(o):
+        sel = xp.asarray(o == g)
+        power[g] = to_host(xp.bincount(shm, weights=p[sel].sum(axis=0), minlength=nsh)[:nsh] / cnt)
+        image_sum[g] = to_host(img[sel].sum(axis=0))
+        count[g] = int((o == g).sum())
+    return PowerSums(power, image_sum, count)
+
+
+def sigma2_from_power_sums(total: PowerSums, ps: PowerSettings) -> np.ndarray:
+    """Noise spectra before iteration 1 (§5.4), per optics group ``(G, N/2+1)``: half the mean power of the images
+    minus half the power of their mean image; shells without a positive value take the previous shell's."""
+    N = ps.box
+    nsh = N // 2 + 1
     sh = shells_2d(N)
     m = likelihood_pixels(N, include_dc=True)
     cnt = np.bincount(sh[m], minlength=nsh)[:nsh]
-    ps_sum = np.zeros((n_opt, nsh))
-    avg = np.zeros((n_opt, N, N))
-    count = np.zeros(n_opt)
-    radius = inp.diameter / (2 * inp.pixel_size)
-    for rows in pool_rows:
-        img = inp.particles.read_images(rows).astype(np.float64)
-        if cfg.zero_mask:
-            img = soft_mask_outside(img, radius=radius, width=cfg.maskedge, batch_2d=True)
-        F = centred_rfft2(img)
-        p = np.abs(F[:, m]) ** 2
-        o = inp.optics_index[rows]
-        for g in np.unique(o):
-            sel = o == g
-            ps_sum[g] += np.bincount(sh[m], weights=p[sel].sum(axis=0), minlength=nsh)[:nsh] / np.maximum(cnt, 1)
-            avg[g] += img[sel].sum(axis=0)
-            count[g] += sel.sum()
-    out = np.zeros((n_opt, nsh))
-    for g in range(n_opt):
-        if count[g] == 0:
+    out = np.zeros((ps.n_optics, nsh))
+    for g in range(ps.n_optics):
+        if total.count[g] == 0:
             continue
-        Fa = np.abs(centred_rfft2(avg[g] / count[g])[m]) ** 2
+        Fa = np.abs(centred_rfft2(total.image_sum[g] / total.count[g])[m]) ** 2
         psa = np.bincount(sh[m], weights=Fa, minlength=nsh)[:nsh] / np.maximum(cnt, 1)
-        s = ps_sum[g] / count[g] / 2.0 - psa / 2.0
+        s = total.power[g] / total.count[g] / 2.0 - psa / 2.0
         for k in range(nsh):
             if s[k] <= 0:
                 pos = s[s > 0]
                 s[k] = s[k - 1] if k > 0 and s[k - 1] > 0 else (pos[0] if pos.size else 1.0)
         out[g] = s
     return out
+
+
+def power_settings(inp: JobInputs, cfg: JobConfig) -> PowerSettings:
+    return PowerSettings(inp.box, len(inp.particles.optics), inp.diameter / (2 * inp.pixel_size), cfg.zero_mask,
+                         cfg.maskedge)
+
+
+def initial_sigma2(inp: JobInputs, cfg: JobConfig, pool_rows: list, runner=None) -> np.ndarray:
+    """Noise spectra before iteration 1 from the image power spectra (§5.4), per optics group: the
+    :class:`PowerSums` of each pool of ``pool_rows`` (by ``runner.power_sums`` where the runner has it: on its
+    workers' devices; else here, on NumPy), added in pool order."""
+    ps = power_settings(inp, cfg)
+    if runner is not None and hasattr(runner, "power_sums"):
+        sums = runner.power_sums(pool_rows, inp.optics_index, ps, inp.particles.read_images)
+    else:
+        sums = [power_sums(inp.particles.read_images(rows), inp.optics_index[rows], ps) for rows in pool_rows]
+    total = sums[0]
+    for one in sums[1:]:
+        total = total + one
+    return sigma2_from_power_sums(total, ps)

@@ -290,3 +290,26 @@ def test_cluster_service_start_status_stop(tmp_path):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not sched.exists()
     assert cli("status").returncode == 1
+
+
+def test_worker_preparations_are_dropped_when_the_next_iteration_starts(monkeypatch):
+    # oracle: counting the calls of ``make`` -- within one generation (a runner call's tag: one iteration) a host
+    # object is prepared once per worker; the first task of the next generation drops every earlier entry, whose
+    # references and projection caches would otherwise hold device memory through that iteration
+    from gerelion_dask.distributed import tasks
+
+    monkeypatch.setattr(tasks, "_PREPARED", {})
+    monkeypatch.setattr(tasks, "_GENERATION", [None])
+    made = []
+
+    def make(o):
+        made.append(o)
+        return len(made)
+
+    model, settings = object(), object()
+    assert tasks._cached("model", model, make, "it1") == 1
+    assert tasks._cached("model", model, make, "it1") == 1
+    assert tasks._cached("settings", settings, make, "it1") == 2
+    assert tasks._cached("model", model, make) == 1  # no generation (a task called on its own): kept
+    assert tasks._cached("model", model, make, "it2") == 3  # new iteration: prepared again
+    assert list(tasks._PREPARED) == [("model", id(model))]

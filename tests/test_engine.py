@@ -77,6 +77,22 @@ def test_partial_sums_of_two_half_pools_add_up():
     assert np.allclose(np.concatenate([ra.rot, rb.rot]), res.rot)
     with pytest.raises(ValueError):
         _ = a + replace(b, half=2)
+    with pytest.raises(ValueError):
+        _ = a.absorb(replace(b, half=2))
+
+
+def test_absorb_adds_in_place_exactly_like_plus(xp):
+    # oracle: Partials.__add__ -- absorb (what a split pool uses to add its halves without a third volume) gives
+    # bit-identical sums, also when the absorbed partials wait in host memory and the others are on the device
+    img, parts, A, off, s2, maps = _dataset(10, 1.0, seed=6)
+    model, st = _model_settings(maps, s2, order=1)
+    a, _ = expectation_pool(img[:4], parts.take(slice(0, 4)), model, st)
+    b, _ = expectation_pool(img[4:], parts.take(slice(4, None)), model, st)
+    want = a + b
+    got = b.on(xp).absorb(a)  # a stays on the host
+    for f in fields(want):
+        x, y = getattr(want, f.name), getattr(got, f.name)
+        assert np.array_equal(to_np(y), x) if f.name != "grid" else x == y, f.name
 
 
 def test_estep_gpu_matches_numpy(xp):
@@ -475,3 +491,31 @@ def test_overlap_chunks_matches_set_unions():
         want.append(cur)
         got = overlap_chunks(sa, sb, key, 32.0, max_elems, waste)
         assert [list(c) for c in got] == [list(c) for c in want]
+
+
+def test_initial_noise_spectrum_of_white_noise(xp):
+    # oracle: analytic -- images of white Gaussian noise of variance v, transformed with the 1/N^2 normalisation,
+    # have E|F(k)|^2 = v / N^2 at every frequency, so the noise spectrum before iteration 1 (half the mean power minus
+    # half the power of the mean image) is v / (2 N^2) (1 - 1/n) in every shell; pools computed on xp add up to the
+    # whole set's sums
+    from gerelion_dask.setup_job import PowerSettings, power_sums, sigma2_from_power_sums
+
+    n, v = 32, 4.0
+    rng = np.random.default_rng(7)
+    img = rng.normal(scale=np.sqrt(v), size=(600, n, n))
+    optics = np.repeat([0, 1], 300)
+    ps = PowerSettings(n, 2, n / 2 - 2, False, 3.0)
+    parts = [power_sums(xp.asarray(img[s : s + 250]), optics[s : s + 250], ps) for s in range(0, 600, 250)]
+    total = parts[0] + parts[1] + parts[2]
+    whole = power_sums(img, optics, ps)
+    for name in ("power", "image_sum", "count"):
+        assert np.allclose(getattr(total, name), getattr(whole, name), rtol=1e-10, atol=1e-12), name
+    s2 = sigma2_from_power_sums(total, ps)
+    want = v / (2 * n * n) * (1 - 1 / 300)
+    assert s2.shape == (2, n // 2 + 1)
+    # shells 2..N/2 hold 12-100 pixels x 300 images: each within 5 % (shell 1 has 4 pixels, shell 0 one)
+    assert np.all(np.abs(s2[:, 2:] / want - 1) < 0.05), s2[:, 2:] / want
+    assert np.all(s2 > 0)
+    masked = PowerSettings(n, 2, n / 2 - 4, True, 3.0)  # --zero_mask: the device's masked sums are NumPy's
+    a, b = power_sums(xp.asarray(img[:50]), optics[:50], masked), power_sums(img[:50], optics[:50], masked)
+    assert np.allclose(a.power, b.power, rtol=1e-10) and np.allclose(a.image_sum, b.image_sum, rtol=1e-10, atol=1e-12)

@@ -80,3 +80,4 @@ def test_an_error_of_a_read_ahead_is_raised_by_its_take():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth"):
         ReadAhead(depth=0)
+

@@ -142,6 +142,30 @@ class DaskRunner:
 
             self.store = prepare_particle_store(inp.particles, st.half, Path(cfg.o).parent, cfg.pool)
 
+    def power_sums(self, pool_rows, optics_index, ps, read_images) -> list:
+        """The initial noise spectra's :class:`~gerelion_dask.setup_job.PowerSums` of each pool (rows of
+        ``pool_rows``), one ``power-`` task per pool on the workers (after :meth:`prepare`: read from the store)."""
+        from .tasks import power_task
+
+        client = self.client
+        if not client.scheduler_info(n_workers=1)["workers"]:
+            log.info("noise spectra: waiting for a worker")
+            client.wait_for_workers(1)
+        source = self._source(read_images)
+        futures = [client.submit(power_task, source, self.store.selection(rows) if self.store is not None else rows,
+                                 optics_index[rows], ps, self.device, key=f"power-{k}-{self._token}",
+                                 resources={"GPU": 1}, retries=self.retries, pure=False, priority=-k)
+                   for k, rows in enumerate(pool_rows)]
+        try:
+            return client.gather(futures)
+        except Exception as err:
+            failed = _task_failure(err, "the initial noise spectra")
+            if failed is None:
+                raise
+            raise failed from None
+        finally:
+            del futures
+
     def start_iteration(self, iteration: int) -> None:
         """Called by the driver at the start of each iteration (the number goes into the task keys)."""
         self.iteration = int(iteration)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from ..backend import SizedByArrays
 from ..expectation.partials import Partials, PoolResult
 
-__all__ = ["PoolOutput", "estep_task", "to_host", "worker_array_module", "device_model", "read_task_images",
+__all__ = ["PoolOutput", "estep_task", "power_task", "to_host", "worker_array_module", "device_model", "read_task_images",
            "ImageSource", "realign"]
 
 
@@ -100,14 +101,28 @@ def realign(obj):
 
 
 _PREPARED: dict[tuple, tuple[Any, Any]] = {}  # (what, id(host object)) -> (host object, prepared object)
+_GENERATION: list = [None]  # the iteration (runner call tag) whose objects _PREPARED holds
 
 
-def _cached(what: str, obj, make):
+def _drop_prepared() -> None:
+    """Forget every prepared object of this process and give the device memory they held back to the device."""
+    stale = bool(_PREPARED)
+    _PREPARED.clear()
+    if stale and "cupy" in sys.modules:
+        sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
+
+
+def _cached(what: str, obj, make, generation=None):
     """``make(obj)``, once per worker process for the same host object (the scattered model or settings).
 
     The cache keeps the host object alive beside its prepared copy, so an ``id`` is never reused for another
-    object while cached; at most four entries (model and settings of two half sets) are kept.
+    object while cached; at most eight entries are kept.  A task of a new ``generation`` (the runner's tag of an
+    iteration) drops everything an earlier one prepared first: the previous iteration's references and projection
+    caches would otherwise hold device memory (up to ``cache_bytes`` each) through the next iteration.
     """
+    if generation is not None and generation != _GENERATION[0]:
+        _drop_prepared()
+        _GENERATION[0] = generation
     key = (what, id(obj))
     hit = _PREPARED.get(key)
     if hit is not None and hit[0] is obj:
@@ -165,6 +180,7 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
     from ..expectation.fine import FINE_LIMITS, ProjectionCache
 
     xp = worker_array_module(device)
+    tag = None
     if read_ahead is None:
         host_images = read_task_images(source, selection)
     else:
@@ -176,14 +192,26 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
     images = xp.asarray(host_images)
     del host_images
     host_model = model
-    model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp))
-    settings = _cached("settings", settings, realign)
+    try:
+        model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp), tag)
+    except MemoryError:  # making the references on the device: drop what this worker holds for other pools, retry
+        _drop_prepared()
+        model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp), tag)
+    settings = _cached("settings", settings, realign, tag)
     # projections shared by the pools of this iteration and half set that run on this worker (keyed, like the
     # device copy of the model, by the scattered model object: a new iteration brings a new one)
     cache = _cached(f"projections-{device}", host_model,
-                    lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]))
+                    lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]), tag)
     part, res = expectation_pool(images, realign(particles), model, settings, cache=cache)
     return PoolOutput(part, ((int(index), res),))
+
+
+def power_task(source: ImageSource, selection, optics_index, ps, device: str = "auto"):
+    """The :class:`~gerelion_dask.setup_job.PowerSums` of one pool's images, on this worker's device."""
+    from ..setup_job import power_sums
+
+    xp = worker_array_module(device)
+    return power_sums(xp.asarray(read_task_images(source, selection)), optics_index, ps)
 
 
 def hold(obj):

@@ -251,8 +251,10 @@ def _split_pool(images, particles: PoolParticles, model, settings, cache):
     """The E-step of a pool as two halves of its particles, one after the other: summed partials, joined results."""
     h = len(particles.index) // 2
     first = expectation_pool(images[:h], particles.take(slice(0, h)), model, settings, cache)
+    if get_xp(images) is not np:  # the first half's sums wait in host memory while the second half runs
+        first = (first[0].to_host(), first[1])
     second = expectation_pool(images[h:], particles.take(slice(h, None)), model, settings, cache)
-    return first[0] + second[0], PoolResult.concat([first[1], second[1]])
+    return second[0].absorb(first[0]), PoolResult.concat([first[1], second[1]])
 
 
 def _expectation_pool(xp, images, particles, model, settings, cache=None):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..backend import SizedByArrays, to_host
+from ..backend import SizedByArrays, get_xp, to_host
 from ..ops.fourier import PaddedGrid
 
 __all__ = ["Partials", "PoolResult", "empty_partials"]
@@ -46,6 +46,23 @@ class Partials(SizedByArrays):
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             vals[f.name] = a if f.name in ("half", "grid") else a + b
+        return Partials(**vals)
+
+    def absorb(self, other: Partials) -> Partials:
+        """``self + other`` with ``other``'s volumes added into ``self``'s arrays in place (slab by slab, so
+        ``other``'s may be in host memory while ``self``'s are on the device: no third volume is allocated).  Only
+        for partials whose volumes nothing else holds (a pool's fresh E-step output); same sums as ``+``."""
+        if self.half != other.half or self.grid != other.grid:
+            return self + other  # raises with the reason
+        xp = get_xp(self.bp_data)
+        for name in ("bp_data", "bp_weight"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            step = max(1, mine.shape[1] // 8)
+            for k in range(mine.shape[0]):
+                for s in range(0, mine.shape[1], step):
+                    mine[k, s : s + step] += xp.asarray(theirs[k, s : s + step])
+        vals = {f.name: getattr(self, f.name) if f.name in ("half", "grid", "bp_data", "bp_weight")
+                else getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         return Partials(**vals)
 
     def to_host(self) -> Partials:

@@ -69,8 +69,10 @@ def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dt
         dtype = xp.complex128 if volume.dtype == np.float64 else xp.complex64
     real_dtype = np.float64 if np.dtype(dtype) == np.complex128 else np.float32
     v = volume.astype(real_dtype) / sinc2_correction(n, pad_n, xp, dtype=real_dtype)
-    F = _padded_transform(v, pad_n, grid.r_pad, xp) / (n * n)
-    return FourierReference(_to_layout(F.astype(dtype), grid.r_pad), grid)
+    F = _padded_transform(v, pad_n, grid.r_pad, xp)
+    del v
+    F /= n * n
+    return FourierReference(_to_layout(F.astype(dtype, copy=False), grid.r_pad), grid)
 
 
 def _padded_transform(v, pad_n: int, r_pad: int, xp):
@@ -88,27 +90,37 @@ def _padded_transform(v, pad_n: int, r_pad: int, xp):
     c = r_pad + 1
     keep = xp.asarray(np.arange(-c, c + 1) % pad_n)
     nkx = min(c, pad_n // 2) + 1
+    # each intermediate is dropped as soon as the next holds its values: at box 256 they are 0.3-1.1 GB each, and a
+    # GPU worker makes its references beside a pool's E-step
     line = xp.zeros(v.shape[:2] + (pad_n,), dtype=v.dtype)
     line[..., rows] = v
     a = xp.fft.rfft(line, axis=2)[..., :nkx]  # (n, n, nkx): x, on the n^2 lines with data
+    del line
     plane = xp.zeros((n, pad_n, nkx), dtype=a.dtype)
     plane[:, rows, :] = a
+    del a
     b = xp.fft.fft(plane, axis=1)[:, keep, :]  # y, on the n planes with data
+    del plane
     vol = xp.zeros((pad_n,) + b.shape[1:], dtype=b.dtype)
     vol[rows] = b
-    return xp.fft.fft(vol, axis=0)[keep]  # z: (2c+1, 2c+1, nkx)
+    del b
+    vol = xp.fft.fft(vol, axis=0)  # z
+    return vol[keep]  # (2c+1, 2c+1, nkx)
 
 
 def _to_layout(F, r_pad: int):
     """The centred layout of the sphere ``|q| <= r_pad`` from :func:`_padded_transform`'s output."""
     xp = get_xp(F)
     c = r_pad + 1
-    k = xp.arange(-c, c + 1)
     _, _, px = layout_shape(r_pad)
-    kx = xp.arange(px)
-    out = F[:, :, xp.minimum(kx, F.shape[2] - 1)]
-    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
-    return xp.where(r2 <= r_pad * r_pad, out, 0).astype(F.dtype)
+    out = F  # F holds columns kx <= min(c, pad_n // 2); only at full size is that one short of the layout's c
+    if F.shape[2] < px:  # and the missing column kx = c lies outside the sphere anyway: zeros
+        out = xp.zeros(F.shape[:2] + (px,), dtype=F.dtype)
+        out[:, :, : F.shape[2]] = F
+    k = xp.arange(-c, c + 1, dtype=xp.int32)
+    kx = xp.arange(px, dtype=xp.int32)
+    out[(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2) > r_pad * r_pad] = 0  # in place
+    return out
 
 
 def slice_coordinates(rotations, n: int, grid: PaddedGrid, *, xp=None, half_plane: bool = False):
