@@ -519,3 +519,37 @@ def test_initial_noise_spectrum_of_white_noise(xp):
     masked = PowerSettings(n, 2, n / 2 - 4, True, 3.0)  # --zero_mask: the device's masked sums are NumPy's
     a, b = power_sums(xp.asarray(img[:50]), optics[:50], masked), power_sums(img[:50], optics[:50], masked)
     assert np.allclose(a.power, b.power, rtol=1e-10) and np.allclose(a.image_sum, b.image_sum, rtol=1e-10, atol=1e-12)
+
+
+def test_estep_task_drops_the_workers_caches_and_runs_a_pool_again_after_running_out_of_memory(monkeypatch, caplog):
+    # oracle: the same task without the failure -- a pool that runs out of memory even after expectation_pool's own
+    # halvings and splits (injected once) runs again once the worker has dropped its prepared references and
+    # projection caches, with the same sums and poses; a second failure is one MemoryError naming the pool
+    from gerelion_dask.distributed import tasks
+    from gerelion_dask.expectation import estep
+
+    img, parts, A, off, s2, maps = _dataset(8, 1.0, seed=8)
+    model, st = _model_settings(maps, s2, order=1)
+    src, sel = tasks.ImageSource(read_images=lambda rows: img[rows]), np.arange(8)
+    want = tasks.estep_task(src, sel, parts, model, st, 3, "cpu")
+    real, calls = estep.expectation_pool, []
+
+    def failing(n_failures):
+        def run(*a, **k):
+            calls.append(len(tasks._PREPARED))
+            if len(calls) <= n_failures:
+                raise MemoryError("injected: out of memory")
+            return real(*a, **k)
+        return run
+
+    monkeypatch.setattr(estep, "expectation_pool", failing(1))
+    with caplog.at_level("WARNING", logger="gerelion_dask.distributed.tasks"):
+        got = tasks.estep_task(src, sel, parts, model, st, 3, "cpu")
+    assert "pool 3: out of memory (injected: out of memory)" in caplog.text
+    assert calls[0] > 0 and calls[1] == 3  # the prepared model, settings and cache were dropped and made again
+    assert np.array_equal(got.partials.bp_data, want.partials.bp_data) and got.results[0][0] == 3
+    assert np.array_equal(got.results[0][1].rot, want.results[0][1].rot)
+    calls.clear()
+    monkeypatch.setattr(estep, "expectation_pool", failing(2))
+    with pytest.raises(MemoryError, match="pool 3: out of memory again after dropping"):
+        tasks.estep_task(src, sel, parts, model, st, 3, "cpu")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 
 from ..backend import SizedByArrays
 from ..expectation.partials import Partials, PoolResult
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PoolOutput", "estep_task", "power_task", "to_host", "worker_array_module", "device_model", "read_task_images",
            "ImageSource", "realign"]
@@ -191,19 +194,43 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
             ahead.start(_read_key(tag, source, following), lambda: read_task_images(source, following))
     images = xp.asarray(host_images)
     del host_images
-    host_model = model
+    host_model, host_settings, particles = model, settings, realign(particles)
+
+    def prepared():
+        model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp), tag)
+        settings = _cached("settings", host_settings, realign, tag)
+        # projections shared by the pools of this iteration and half set that run on this worker (keyed, like the
+        # device copy of the model, by the scattered model object: a new iteration brings a new one)
+        cache = _cached(f"projections-{device}", host_model,
+                        lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]), tag)
+        return model, settings, cache
+
+    def run() -> PoolOutput:
+        part, res = expectation_pool(images, particles, *prepared())
+        return PoolOutput(part, ((int(index), res),))
+
     try:
-        model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp), tag)
-    except MemoryError:  # making the references on the device: drop what this worker holds for other pools, retry
-        _drop_prepared()
-        model = _cached(f"model-{device}", host_model, lambda m: device_model(m, xp), tag)
-    settings = _cached("settings", settings, realign, tag)
-    # projections shared by the pools of this iteration and half set that run on this worker (keyed, like the
-    # device copy of the model, by the scattered model object: a new iteration brings a new one)
-    cache = _cached(f"projections-{device}", host_model,
-                    lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]), tag)
-    part, res = expectation_pool(images, realign(particles), model, settings, cache=cache)
-    return PoolOutput(part, ((int(index), res),))
+        return run()
+    except MemoryError as err:
+        # making the references, or the pool even when split down to single particles (expectation_pool's own
+        # retries): this worker's references and projection caches for other pools go, and the pool runs again
+        why, before = str(err).splitlines()[0][:160] if str(err) else type(err).__name__, _device_memory(xp)
+    _drop_prepared()  # outside the handler, whose traceback holds the failed attempt's arrays
+    log.warning("pool %d: out of memory (%s) with %s; dropped this worker's references and projection caches (%s "
+                "now), running the pool again", index, why, before, _device_memory(xp))
+    try:
+        return run()
+    except MemoryError as err:
+        raise MemoryError(f"pool {index}: out of memory again after dropping this worker's caches ({err}); device "
+                          f"memory: {_device_memory(xp)}") from None
+
+
+def _device_memory(xp) -> str:
+    """What the CuPy memory pool holds: live bytes and bytes held (live + cached), for out-of-memory messages."""
+    if xp is np:
+        return "host memory"
+    pool = xp.get_default_memory_pool()
+    return f"{pool.used_bytes() / 2**30:.1f} GiB in use of {pool.total_bytes() / 2**30:.1f} GiB held by CuPy"
 
 
 def power_task(source: ImageSource, selection, optics_index, ps, device: str = "auto"):
