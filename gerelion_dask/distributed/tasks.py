@@ -226,11 +226,29 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
 
 
 def _device_memory(xp) -> str:
-    """What the CuPy memory pool holds: live bytes and bytes held (live + cached), for out-of-memory messages."""
-    if xp is np:
-        return "host memory"
-    pool = xp.get_default_memory_pool()
-    return f"{pool.used_bytes() / 2**30:.1f} GiB in use of {pool.total_bytes() / 2**30:.1f} GiB held by CuPy"
+    """What holds memory in this worker, for out-of-memory messages: the CuPy pool's live and held bytes, the
+    prepared objects (references, projection caches) and the task results Dask keeps here (the reduction tree's
+    partial sums live on the device)."""
+    from ..backend import deep_nbytes
+
+    gib = 2.0**-30
+    parts = []
+    if xp is not np:
+        pool = xp.get_default_memory_pool()
+        parts.append(f"CuPy pool {pool.used_bytes() * gib:.1f} GiB in use of {pool.total_bytes() * gib:.1f} GiB held")
+    prepared = {}
+    for (what, _), (_, obj) in _PREPARED.items():  # a ProjectionCache counts its own bytes
+        size = obj.nbytes if isinstance(getattr(obj, "nbytes", None), int) else deep_nbytes(obj)
+        prepared[what] = prepared.get(what, 0) + size
+    parts.append("prepared " + (", ".join(f"{k} {v * gib:.1f} GiB" for k, v in prepared.items()) or "nothing"))
+    try:
+        from distributed import get_worker
+
+        state = get_worker().state
+        parts.append(f"{len(state.data)} task results of {state.nbytes * gib:.1f} GiB kept by Dask")
+    except (ImportError, ValueError, AttributeError):  # not in a worker (a task called on its own)
+        pass
+    return "; ".join(parts)
 
 
 def power_task(source: ImageSource, selection, optics_index, ps, device: str = "auto"):
