@@ -562,6 +562,29 @@ def test_import_command_compresses_only_when_asked(tmp_path):
     assert sizes["blosc"] < 0.7 * sizes["none"]
 
 
+def test_import_that_fails_midway_leaves_no_store_and_stops_reading(tmp_path, monkeypatch):
+    # oracle: the failure injected at pool 5 of 40 -- the import raises that error, leaves neither a store nor its
+    # temporary folder, and submits no pool beyond its window of 2 x IMPORT_THREADS (queued ones are cancelled)
+    from gerelion_dask.io import zarr_store
+
+    star, _ = _dataset(tmp_path, n=80)
+    ps = ParticleSet.from_star(star)
+    real, reads = ParticleSet.read_images, []
+
+    def failing(self, rows):
+        reads.append(int(rows[0]))
+        if int(rows[0]) == 10:
+            raise InputError(star, "truncated at image 11 (injected)")
+        return real(self, rows)
+
+    monkeypatch.setattr(ParticleSet, "read_images", failing)
+    with pytest.raises(InputError, match="injected"):
+        import_particles(ps, tmp_path / "out", pool_size=2)
+    assert not (tmp_path / "out" / "particles.zarr").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+    assert len(reads) <= 6 + 2 * zarr_store.IMPORT_THREADS, len(reads)  # pools 0-5 and at most the queued ones
+
+
 def test_zarr_store_errors(tmp_path):
     star, _ = _dataset(tmp_path, n=3)
     ps = ParticleSet.from_star(star)

@@ -137,12 +137,17 @@ def import_particles(
         # 2 x IMPORT_THREADS pools are in memory
         with ThreadPoolExecutor(max(1, min(IMPORT_THREADS, len(pools)))) as ex:
             pending: deque = deque()
-            for i, rows in enumerate(pools):
-                if len(pending) >= 2 * IMPORT_THREADS:
+            try:
+                for i, rows in enumerate(pools):
+                    if len(pending) >= 2 * IMPORT_THREADS:
+                        pending.popleft().result()
+                    pending.append(ex.submit(_write_pool, array, particle_set, i, rows))
+                while pending:
                     pending.popleft().result()
-                pending.append(ex.submit(_write_pool, array, particle_set, i, rows))
-            while pending:
-                pending.popleft().result()
+            except BaseException:  # an unreadable stack: the queued pools are not read (the store is discarded)
+                for fut in pending:
+                    fut.cancel()
+                raise
         particle_set.close()
         write_particles(particle_set.optics, particle_set.metadata, out_dir / METADATA_NAME)
         if target.exists():
