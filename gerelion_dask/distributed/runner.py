@@ -152,8 +152,10 @@ class DaskRunner:
             log.info("noise spectra: waiting for a worker")
             client.wait_for_workers(1)
         source = self._source(read_images)
+        self._calls += 1  # keys unique per call: a runner may serve several jobs
+        tag = f"{self._token}{self._calls:x}"
         futures = [client.submit(power_task, source, self.store.selection(rows) if self.store is not None else rows,
-                                 optics_index[rows], ps, self.device, key=f"power-{k}-{self._token}",
+                                 optics_index[rows], ps, self.device, key=f"power-{k}-{tag}",
                                  resources={"GPU": 1}, retries=self.retries, pure=False, priority=-k)
                    for k, rows in enumerate(pool_rows)]
         try:
