@@ -93,7 +93,15 @@ class InProcessRunner:
                 m = dev_models.get(pp.half)
                 if m is None:
                     m = dev_models[pp.half] = device_model(models[pp.half], xp)
-                part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half])
+
+                def release(h=pp.half):  # at a pool's first out-of-memory error: the other half set's holdings
+                    others = [k for k in dev_models if k != h] + [k for k, c in caches.items() if k != h and c.nbytes]
+                    for k in others:
+                        dev_models.pop(k, None)
+                        caches[k].clear()
+                    return bool(others)
+
+                part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half], release=release)
                 part = part.to_host()
                 parts.setdefault(pp.half, []).append(part)
                 results.append(res)

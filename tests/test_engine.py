@@ -553,3 +553,41 @@ def test_estep_task_drops_the_workers_caches_and_runs_a_pool_again_after_running
     monkeypatch.setattr(estep, "expectation_pool", failing(2))
     with pytest.raises(MemoryError, match="pool 3: out of memory again after dropping"):
         tasks.estep_task(src, sel, parts, model, st, 3, "cpu")
+
+
+@pytest.mark.parametrize("freed", [True, False])
+def test_first_out_of_memory_frees_what_other_pools_hold_before_shrinking(freed, monkeypatch):
+    # oracle: the pool's own E-step without failures -- at the first out-of-memory error the ``release`` callback
+    # runs once (in estep_task it drops the worker's references and caches of other half sets); if it freed
+    # something the pool runs again with the same chunks, else the chunks halve; the sums are the same either way.
+    # Also in estep_task: the worker's prepared objects of another half set go, this pool's stay.
+    from gerelion_dask.distributed import tasks
+    from gerelion_dask.expectation import estep
+
+    img, parts, A, off, s2, maps = _dataset(8, 1.0, seed=9)
+    model, st = _model_settings(maps, s2, order=1)
+    want, _ = expectation_pool(img, parts, model, st)
+    real, limits, released = estep._expectation_pool, [], []
+
+    def once(xp_, images, particles, model_, settings, *a, **k):
+        limits.append(settings.fine_max_elems)
+        if len(limits) == 1:
+            raise MemoryError("injected: out of memory")
+        return real(xp_, images, particles, model_, settings, *a, **k)
+
+    monkeypatch.setattr(estep, "_expectation_pool", once)
+    got, _ = expectation_pool(img, parts, model, st, release=lambda: released.append(1) or freed)
+    assert released == [1]
+    assert limits[1] == (limits[0] if freed else limits[0] // 2)
+    assert np.allclose(got.bp_data, want.bp_data, rtol=1e-9, atol=1e-12 * np.abs(want.bp_data).max())
+    if not freed:
+        return
+    src = tasks.ImageSource(read_images=lambda rows: img[rows])  # a task reads float32 images
+    monkeypatch.setattr(estep, "_expectation_pool", real)
+    want = tasks.estep_task(src, np.arange(8), parts, model, st, 0, "cpu").partials
+    monkeypatch.setattr(estep, "_expectation_pool", once)
+    monkeypatch.setattr(tasks, "_PREPARED", {("model-cpu", -1): (None, "other half set's references")})
+    limits.clear()
+    out = tasks.estep_task(src, np.arange(8), parts, model, st, 0, "cpu")
+    assert ("model-cpu", -1) not in tasks._PREPARED and len(tasks._PREPARED) == 3 and limits[0] == limits[1]
+    assert np.allclose(out.partials.bp_data, want.bp_data, rtol=1e-9, atol=1e-12 * np.abs(want.bp_data).max())

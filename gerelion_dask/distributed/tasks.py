@@ -107,12 +107,15 @@ _PREPARED: dict[tuple, tuple[Any, Any]] = {}  # (what, id(host object)) -> (host
 _GENERATION: list = [None]  # the iteration (runner call tag) whose objects _PREPARED holds
 
 
-def _drop_prepared() -> None:
-    """Forget every prepared object of this process and give the device memory they held back to the device."""
-    stale = bool(_PREPARED)
-    _PREPARED.clear()
+def _drop_prepared(keep=()) -> bool:
+    """Forget the prepared objects of this process but those of ``keep`` (keys ``(what, id)``) and give the device
+    memory they held back to the device; true when anything was dropped."""
+    stale = [key for key in _PREPARED if key not in keep]
+    for key in stale:
+        del _PREPARED[key]
     if stale and "cupy" in sys.modules:
         sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
+    return bool(stale)
 
 
 def _cached(what: str, obj, make, generation=None):
@@ -205,8 +208,13 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
                         lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]), tag)
         return model, settings, cache
 
+    # at a pool's first out-of-memory error, what this worker holds for other pools (the other half set's references
+    # and projection cache) goes before the pool's chunks shrink
+    mine = {(f"model-{device}", id(host_model)), ("settings", id(host_settings)),
+            (f"projections-{device}", id(host_model))}
+
     def run() -> PoolOutput:
-        part, res = expectation_pool(images, particles, *prepared())
+        part, res = expectation_pool(images, particles, *prepared(), release=lambda: _drop_prepared(keep=mine))
         return PoolOutput(part, ((int(index), res),))
 
     try:

@@ -205,7 +205,8 @@ def _cc_block(xp, X, C, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, o
     return out
 
 
-def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None):
+def expectation_pool(images, particles: PoolParticles, model: EStepModel, settings: EStepSettings, cache=None,
+                     release=None):
     """E-step of one pool of one half set: returns ``(Partials, PoolResult)``.
 
     When the device (or host) runs out of memory, the chunk budget is halved and the pool evaluated again; after
@@ -214,7 +215,9 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
     (its images, and the projections and back-projection sums of the union of its particles' fine orientations:
     ~1.2 MB each at 256 px) then shrinks too.  Chunks and splits change only the order of floating-point sums, not
     the result.  ``cache``: a :class:`~gerelion_dask.expectation.fine.ProjectionCache` shared by the pools of this
-    iteration and half set.
+    iteration and half set.  ``release``: called at the first out-of-memory error, before anything shrinks, to free
+    what the process holds for other pools (a worker's references and caches of the other half set); when it returns
+    true the pool is evaluated again as it was.
     """
     xp = get_xp(images)
     if any(isinstance(r, ReferenceSpec) for r in model.refs):
@@ -227,18 +230,26 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
             return _expectation_pool(xp, images, particles, model, replace(settings, fine_max_elems=limit), cache)
         except MemoryError as e:  # numpy's MemoryError, and CuPy's OutOfMemoryError (a subclass of it)
             B = len(particles.index)
-            if limit <= MIN_CHUNK_ELEMS and B < 2:
-                raise
             why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            split = B >= 2 and (halvings >= SPLIT_AFTER_HALVINGS or limit <= MIN_CHUNK_ELEMS)
-            if split:
-                log.warning("out of memory in the E-step of %d particles (%s): splitting the pool in two", B, why)
-            else:
-                limit //= 2
-                halvings += 1
-                log.warning("out of memory in the E-step of %d particles (%s): retrying with chunks of %d values",
-                            B, why, limit)
         # outside the handler: the exception's traceback holds the failed attempt's arrays until it ends
+        if release is not None:
+            freed, release = release(), None  # once
+            if xp is not np:
+                xp.get_default_memory_pool().free_all_blocks()
+            if freed:
+                log.warning("out of memory in the E-step of %d particles (%s): freed what was held for other pools, "
+                            "retrying", B, why)
+                continue
+        if limit <= MIN_CHUNK_ELEMS and B < 2:
+            raise MemoryError(f"out of memory in the E-step of one particle with the smallest chunks ({why})")
+        split = B >= 2 and (halvings >= SPLIT_AFTER_HALVINGS or limit <= MIN_CHUNK_ELEMS)
+        if split:
+            log.warning("out of memory in the E-step of %d particles (%s): splitting the pool in two", B, why)
+        else:
+            limit //= 2
+            halvings += 1
+            log.warning("out of memory in the E-step of %d particles (%s): retrying with chunks of %d values",
+                        B, why, limit)
         if cache is not None:
             cache.clear()  # the shared projections go first
         if xp is not np:
