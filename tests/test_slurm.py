@@ -53,6 +53,13 @@ def squeue(name: str) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in out.splitlines() if line.strip()]
 
 
+def all_jobs() -> list[str]:
+    """Every job SLURM still lists (any name, any state)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
@@ -118,6 +125,11 @@ def test_refine_with_adaptive_slurm_workers(slurm, dataset, tmp_path, monkeypatc
     from gerelion_dask.job_files import make_writer
 
     monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    # the node has as many CPUs as this machine (2 in CI): a job of an earlier test still ending (KillWait) would keep
+    # the second worker job pending through this short run (seen once in a full-suite run)
+    t0 = time.time()
+    while all_jobs() and time.time() - t0 < 60:
+        time.sleep(0.5)
     name = f"gerelion-ci-{uuid.uuid4().hex[:6]}"
     cfg = _job_config(refine_parser("gerelion refine", False).parse_args(_refine_flags(dataset, tmp_path)), False)
     opts = SlurmOptions(min_jobs=1, max_jobs=2, cores=1, memory="2GB", walltime="00:10:00", interface="lo",
