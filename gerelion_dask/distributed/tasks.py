@@ -24,8 +24,8 @@ from ..expectation.partials import Partials, PoolResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PoolOutput", "estep_task", "power_task", "to_host", "worker_array_module", "device_model", "read_task_images",
-           "ImageSource", "realign"]
+__all__ = ["PoolOutput", "estep_task", "power_task", "to_host", "worker_array_module", "device_model",
+           "read_task_images", "ImageSource", "realign"]
 
 
 @dataclass(frozen=True)
