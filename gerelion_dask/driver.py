@@ -95,10 +95,10 @@ class InProcessRunner:
                     m = dev_models[pp.half] = device_model(models[pp.half], xp)
 
                 def release(h=pp.half):  # at a pool's first out-of-memory error: the other half set's holdings
-                    others = [k for k in dev_models if k != h] + [k for k, c in caches.items() if k != h and c.nbytes]
-                    for k in others:
-                        dev_models.pop(k, None)
-                        caches[k].clear()
+                    others = {o for o in dev_models if o != h} | {o for o, c in caches.items() if o != h and c.nbytes}
+                    for o in others:
+                        dev_models.pop(o, None)
+                        caches[o].clear()
                     return bool(others)
 
                 part, res = expectation_pool(imgs, pp, m, settings[pp.half], cache=caches[pp.half], release=release)
@@ -117,10 +117,9 @@ class InProcessRunner:
 
     def power_sums(self, pool_rows, optics_index, ps, read_images) -> list:
         """The :class:`~gerelion_dask.setup_job.PowerSums` of each pool, on this runner's device."""
-        from .setup_job import power_sums
+        from .setup_job import pool_power_sums
 
-        xp = _array_module(self.device)
-        return [power_sums(xp.asarray(read_images(rows)), optics_index[rows], ps) for rows in pool_rows]
+        return pool_power_sums(read_images, pool_rows, optics_index, ps, _array_module(self.device))
 
     def maximize(self, parts, model, ms):
         """The M-step on this runner's device (CuPy: the summed volumes go to the GPU for the reconstruction)."""

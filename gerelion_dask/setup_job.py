@@ -21,7 +21,7 @@ from .ops.fourier import likelihood_pixels, shells_2d
 from .ops.masks import soft_mask_outside
 
 __all__ = ["JobInputs", "load_inputs", "particle_state", "initial_sigma2", "PowerSettings", "PowerSums", "power_sums",
-           "sigma2_from_power_sums", "ParticleState", "drop_non_finite",
+           "pool_power_sums", "sigma2_from_power_sums", "ParticleState", "drop_non_finite",
            "optics_index", "ctf_params"]
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,11 @@ def power_sums(images, optics_index, ps: PowerSettings) -> PowerSums:
     return PowerSums(power, image_sum, count)
 
 
+def pool_power_sums(read_images, pool_rows, optics_index, ps: PowerSettings, xp=np) -> list:
+    """:func:`power_sums` of each pool of ``pool_rows`` in this process, on ``xp``'s device."""
+    return [power_sums(xp.asarray(read_images(rows)), optics_index[rows], ps) for rows in pool_rows]
+
+
 def sigma2_from_power_sums(total: PowerSums, ps: PowerSettings) -> np.ndarray:
     """Noise spectra before iteration 1 (§5.4), per optics group ``(G, N/2+1)``: half the mean power of the images
     minus half the power of their mean image; shells without a positive value take the previous shell's."""
@@ -277,7 +282,7 @@ def initial_sigma2(inp: JobInputs, cfg: JobConfig, pool_rows: list, runner=None)
     if runner is not None and hasattr(runner, "power_sums"):
         sums = runner.power_sums(pool_rows, inp.optics_index, ps, inp.particles.read_images)
     else:
-        sums = [power_sums(inp.particles.read_images(rows), inp.optics_index[rows], ps) for rows in pool_rows]
+        sums = pool_power_sums(inp.particles.read_images, pool_rows, inp.optics_index, ps)
     total = sums[0]
     for one in sums[1:]:
         total = total + one

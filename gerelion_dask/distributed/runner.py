@@ -148,9 +148,7 @@ class DaskRunner:
         from .tasks import power_task
 
         client = self.client
-        if not client.scheduler_info(n_workers=1)["workers"]:
-            log.info("noise spectra: waiting for a worker")
-            client.wait_for_workers(1)
+        self._wait_for_a_worker("noise spectra")
         source = self._source(read_images)
         self._calls += 1  # keys unique per call: a runner may serve several jobs
         tag = f"{self._token}{self._calls:x}"
@@ -215,9 +213,7 @@ class DaskRunner:
         tag = f"{self._token}{self._calls:x}"
         it = self.iteration or self._calls
         halves = sorted({pp.half for _, pp in tasks})
-        if not client.scheduler_info(n_workers=1)["workers"]:  # e.g. SLURM worker jobs still queued: scatter
-            log.info("iteration %d: waiting for a worker", it)  # would give up after its timeout
-            client.wait_for_workers(1)
+        self._wait_for_a_worker(f"iteration {it}")
         # the iteration's inputs as (recomputable) tasks, not scattered data: a worker that dies holding the only
         # copy must not take them with it (a pool that kills its workers then ends as KilledWorker, named)
         where = placement(sorted(client.scheduler_info()["workers"]), len(tasks))
@@ -304,6 +300,13 @@ class DaskRunner:
         finally:
             handle["roots"] = None
             del fut
+
+    def _wait_for_a_worker(self, what: str) -> None:
+        """Block until the cluster has a worker (e.g. SLURM worker jobs still queued: ``scatter`` would give up
+        after its timeout, and adaptive scaling reacts only to tasks)."""
+        if not self.client.scheduler_info(n_workers=1)["workers"]:
+            log.info("%s: waiting for a worker", what)
+            self.client.wait_for_workers(1)
 
     def _source(self, read_images):
         """The ImageSource future the tasks read from (the store, or the ParticleSet scattered once per runner)."""

@@ -37,11 +37,14 @@ class Partials(SizedByArrays):
     n_particles: int
     n_zero_weight: int
 
-    def __add__(self, other: Partials) -> Partials:
+    def _check_addable(self, other: Partials) -> None:
         if self.half != other.half:
             raise ValueError(f"refusing to add partial sums of half set {self.half} and half set {other.half}")
         if self.grid != other.grid:
             raise ValueError("partial sums on different Fourier grids cannot be added")
+
+    def __add__(self, other: Partials) -> Partials:
+        self._check_addable(other)
         vals = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
@@ -52,8 +55,7 @@ class Partials(SizedByArrays):
         """``self + other`` with ``other``'s volumes added into ``self``'s arrays in place (slab by slab, so
         ``other``'s may be in host memory while ``self``'s are on the device: no third volume is allocated).  Only
         for partials whose volumes nothing else holds (a pool's fresh E-step output); same sums as ``+``."""
-        if self.half != other.half or self.grid != other.grid:
-            return self + other  # raises with the reason
+        self._check_addable(other)
         xp = get_xp(self.bp_data)
         for name in ("bp_data", "bp_weight"):
             mine, theirs = getattr(self, name), getattr(other, name)
