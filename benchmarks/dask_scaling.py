@@ -136,8 +136,9 @@ class PrintIterations:
                   flush=True)
 
 
-def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = False):
-    """(JobResult, cluster start seconds); ``n_workers`` None: in process; ``phases``: time the E-step's stages."""
+def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = False, writer=None, resume=None):
+    """(JobResult, cluster start seconds); ``n_workers`` None: in process; ``phases``: time the E-step's stages;
+    ``writer`` and ``resume`` go to ``run_job``."""
     from gerelion_dask.driver import InProcessRunner, run_job
 
     device = "auto" if gpu else "cpu"
@@ -145,7 +146,7 @@ def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = Fal
         if phases:
             install_phase_timers(task_level=False)
             progress.collect = take_phase_seconds
-        return run_job(cfg, runner=InProcessRunner(device), progress=progress), 0.0
+        return run_job(cfg, runner=InProcessRunner(device), progress=progress, writer=writer, resume=resume), 0.0
     from gerelion_dask.distributed.cluster import close_client, make_client
     from gerelion_dask.distributed.runner import DaskRunner
 
@@ -168,7 +169,8 @@ def run(cfg, n_workers: int | None, gpu: bool, progress=None, phases: bool = Fal
         from distributed import get_task_stream
 
         with get_task_stream(client) as stream:
-            res = run_job(cfg, runner=DaskRunner(client, device=device), progress=progress)
+            res = run_job(cfg, runner=DaskRunner(client, device=device), progress=progress, writer=writer,
+                              resume=resume)
         print_task_stream(stream.data, res)
         res.transfers = transfers_by_iteration(client)
         return res, start

@@ -14,7 +14,10 @@ and per iteration the E-step / M-step seconds, the worker's peak RSS and CuPy po
 
 With ``--keep``, a later run with the same ``--work`` and the same data options reuses the simulated stacks, the
 STAR file and the imported store (the job recognises its own store by the STAR file's size and time), so a run that
-a time limit cut can be repeated without its first minutes.
+a time limit cut can be repeated without its first minutes; it also saves a checkpoint after every iteration
+(``checkpoint_itNNN.npz`` in ``--work``) and continues after the latest one written with the same run options
+(``--pool``, ``--iters``, ``--healpix-order``, ``--maxsig``), so that the second call goes straight to the iteration
+the first one did not finish (at 100,000 x 256 px: the final one).
 """
 
 from __future__ import annotations
@@ -60,6 +63,33 @@ def tiled_star(parts, work: Path, n: int) -> Path:
     reps = -(-n // len(one))
     table = pd.concat([one] * reps, ignore_index=True).iloc[:n].reset_index(drop=True)
     return write_particles(optics, table, work / "particles.star")
+
+
+def checkpoints(work: Path, data_key: dict, ns):
+    """(writer, resume): a ``run_job`` writer saving each iteration's checkpoint in ``work``, and the latest checkpoint
+    saved there for these data and run options (None when there is none)."""
+    from gerelion_dask.checkpoint import load_checkpoint, save_checkpoint
+
+    key = dict(data_key, pool=ns.pool, iters=ns.iters, healpix_order=ns.healpix_order, maxsig=ns.maxsig)
+    tag = work / "checkpoints.json"  # the options the checkpoints in ``work`` were made with
+    old = json.loads(tag.read_text()) if tag.exists() else None
+    if old != key:
+        for f in work.glob("checkpoint_it*.npz"):
+            f.unlink()
+        tag.write_text(json.dumps(key))
+
+    def writer(it, *args, checkpoint=None, **kw):
+        if checkpoint is not None:
+            save_checkpoint(work / f"checkpoint_it{it:03d}.npz", checkpoint)
+            print(time.strftime("%H:%M:%S"), f"checkpoint of iteration {it} saved", flush=True)
+        return {}
+
+    saved = sorted(work.glob("checkpoint_it*.npz"))
+    resume = load_checkpoint(saved[-1]) if saved else None
+    if resume is not None:
+        print(time.strftime("%H:%M:%S"), f"continuing after iteration {resume.iteration} ({saved[-1].name})",
+              flush=True)
+    return writer, resume
 
 
 def main():
@@ -109,10 +139,12 @@ def main():
               f"listed as {ns.n} particles: {time.perf_counter() - t0:.0f} s", flush=True)
 
     cfg = job_config(SimpleNamespace(particles_star=star, initial_reference=initial_reference), work, ns)
+    writer, resume = (checkpoints(work, data_key, ns) if ns.keep else (None, None))
     label = f"{ns.workers} {'GPU' if ns.gpu else 'NumPy'} worker{'s' if ns.workers > 1 else ''}"
     t1 = time.perf_counter()
     try:
-        res, start = run(cfg, ns.workers, ns.gpu, PrintIterations(label, ns.n), phases=True)
+        res, start = run(cfg, ns.workers, ns.gpu, PrintIterations(label, ns.n), phases=True, writer=writer,
+                         resume=resume)
     finally:
         if not ns.keep:
             shutil.rmtree(work, ignore_errors=True)
