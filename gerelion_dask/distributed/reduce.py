@@ -9,7 +9,8 @@ sums of one half set in one fixed tree, by pool index::
     level 2:  ((p0+p1)+(p2+p3))  p4
     level 3:  (((p0+p1)+(p2+p3))+p4)
 
-:func:`tree_sum` evaluates it on values (the in-process runner), :func:`tree_reduce_futures` submits the same tree
+:func:`tree_sum` evaluates it on values, :class:`TreeSum` on values as they arrive (the in-process runner: it holds
+O(log n) partial sums instead of all n), :func:`tree_reduce_futures` submits the same tree
 as Dask tasks (``operator.add`` on the workers, keys ``{key_prefix}-{level}-{i}``), so with the same pools the
 result is bit-identical whatever the number of workers and whatever order the tasks finish in.  The caller reduces
 each half set separately (:class:`~gerelion_dask.expectation.partials.Partials` refuses to add different halves).
@@ -21,7 +22,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["tree_pairs", "tree_sum", "tree_reduce_futures"]
+__all__ = ["tree_pairs", "tree_sum", "TreeSum", "tree_reduce_futures"]
 
 
 def tree_pairs(n: int) -> list[list[tuple[int, int] | tuple[int]]]:
@@ -47,6 +48,38 @@ def tree_sum(items: Sequence[Any], add: Callable[[Any, Any], Any] = operator.add
     for groups in tree_pairs(len(level)):
         level = [add(level[g[0]], level[g[1]]) if len(g) == 2 else level[g[0]] for g in groups]
     return level[0]
+
+
+class TreeSum:
+    """:func:`tree_sum` of items given one at a time with :meth:`add`, holding at most ~log2(n) partial sums.
+
+    The tree of :func:`tree_pairs` is a binary counter: items are added in pairs, pairs of pairs, ... as soon as two
+    subtrees of the same size stand side by side, and :meth:`result` adds what is left from the right (the odd items
+    that moved up).  ``TreeSum`` over ``items`` gives exactly ``tree_sum(items)``, additions in the same order.
+    """
+
+    def __init__(self, add: Callable[[Any, Any], Any] = operator.add):
+        self._add = add
+        self._stack: list[tuple[int, Any]] = []  # (items in the subtree, its sum), left to right
+
+    def add(self, item: Any) -> None:
+        size, value = 1, item
+        while self._stack and self._stack[-1][0] == size:
+            left_size, left = self._stack.pop()
+            value = self._add(left, value)
+            size += left_size
+        self._stack.append((size, value))
+
+    def __len__(self) -> int:
+        return sum(size for size, _ in self._stack)
+
+    def result(self) -> Any:
+        if not self._stack:
+            raise ValueError("cannot reduce an empty list")
+        value = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            value = self._add(left, value)
+        return value
 
 
 def tree_reduce_futures(client, futures: Sequence[Any], key_prefix: str, *, key_suffix: str = "", retries: int = 2,

@@ -245,21 +245,26 @@ class DaskRunner:
                                        retries=self.retries)
             roots[h] = client.submit(to_host, root, key=f"reduce-{it}-{h}-host-{tag}", pure=False,
                                      retries=self.retries)
-        pending = [f for h in halves for f in leaves[h]]
-        leaves.clear()  # the tree holds them now; each pool's sums are freed once added
-        names = dict(zip((f.key for f in pending), _pool_names(tasks, it), strict=True))
-        for done, fut in enumerate(as_completed(pending), start=1):
+        # the pools not finished yet; a finished pool's future is dropped at once, so that Dask frees its sums as
+        # soon as the tree has added them (holding every leaf kept all of an iteration's pools on the worker: 46
+        # pools, 64.5 GiB of the H100 at 100,000 box-256 particles, and an out-of-memory error in the tree's adds)
+        pending = {f.key: f for h in halves for f in leaves[h]}
+        names = dict(zip(pending, _pool_names(tasks, it), strict=True))
+        running = as_completed(list(pending.values()))
+        leaves.clear()
+        for done, fut in enumerate(running, start=1):
+            del pending[fut.key]
             if fut.status == "error":
                 failed = _task_failure(fut.exception(), names[fut.key])
                 if failed is not None:
-                    client.cancel(pending + list(roots.values()))
+                    client.cancel([fut, *pending.values(), *roots.values()])
                     raise failed
                 fut.result()  # raise the task's error here
             if progress:
                 progress(done, len(tasks))
             if self.publisher is not None:
                 self.publisher.progress(it, "estep", done, len(tasks), force=done == len(tasks))
-        pending = fut = None
+        pending = running = fut = None
         res = [client.submit(results_of, roots[h], key=f"results-{it}-{h}-{tag}", pure=False, retries=self.retries)
                for h in halves]
         zero = [client.submit(zero_weights_of, roots[h], key=f"zero-weights-{it}-{h}-{tag}", pure=False,
