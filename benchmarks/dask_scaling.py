@@ -113,12 +113,14 @@ def take_phase_seconds() -> dict:
 class PrintIterations:
     """Progress hook: one line per finished iteration, so a run cut off by a time limit still reports."""
 
-    def __init__(self, label: str, n: int):
-        self.label, self.n = label, n
+    def __init__(self, label: str, n: int, pools_every: int = 0):
+        self.label, self.n, self.pools_every = label, n, pools_every
         self.collect = None  # () -> {stage: seconds} since the last call, when --phases
 
-    def __call__(self, done: int, total: int) -> None:  # pools done in the E-step: not printed
-        pass
+    def __call__(self, done: int, total: int) -> None:
+        """Pools done in the E-step: a timestamped line every ``pools_every`` pools (0: none)."""
+        if self.pools_every and (done % self.pools_every == 0 or done == total):
+            print(time.strftime("%H:%M:%S"), f"[{self.label}] {done} of {total} pools done", flush=True)
 
     def iteration_finished(self, rec) -> None:
         s, mem = rec.seconds, rec.memory or {}

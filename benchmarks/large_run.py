@@ -143,8 +143,8 @@ def main():
     label = f"{ns.workers} {'GPU' if ns.gpu else 'NumPy'} worker{'s' if ns.workers > 1 else ''}"
     t1 = time.perf_counter()
     try:
-        res, start = run(cfg, ns.workers, ns.gpu, PrintIterations(label, ns.n), phases=True, writer=writer,
-                         resume=resume)
+        res, start = run(cfg, ns.workers, ns.gpu, PrintIterations(label, ns.n, pools_every=10), phases=True,
+                         writer=writer, resume=resume)
     finally:
         if not ns.keep:
             shutil.rmtree(work, ignore_errors=True)
