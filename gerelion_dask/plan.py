@@ -47,9 +47,12 @@ pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
 The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the reference of the
 accuracy estimate ``16 L`` (it makes no other: the E-step's are made where the tasks run, in process by the driver),
 the reduced partials ``24 H K L`` and the M-step's working volumes ``~6 x 8 (pad N)^3``; in process (no Dask) it
-also runs each task and keeps every pool's partials until the pairwise sum of the iteration (``24 K L`` per pool).
-A Dask CPU worker holds one task, the references it makes and the partials of its part of the reduction tree
-(``~(log2 pools + 2) x 24 K L``).
+also runs each task and adds each pool's partials on the host as it finishes, in the fixed pairwise tree
+(``distributed/reduce.py::TreeSum``: at most ``bit_length(pools of a half set)`` sums per half set, plus the sum
+being made, ``24 K L`` each).  A Dask worker holds one task, the references it makes and the partials of its part of
+the reduction tree (``~(log2 pools + 2) x 24 K L``; a finished pool's sums are freed once added), on the GPU for a
+GPU worker (the tasks' outputs stay on the device), and the half sets' reduced sums copied to its host for the
+M-step task (``24 H K L``).
 
 Checked by ``tests/test_plan.py`` against tracemalloc's peak of a small in-process run (the model is an upper bound,
 within a factor stated there).
@@ -164,10 +167,10 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     parts = {"images (per task)": images, "coarse pass (per task)": coarse, "fine pass (per task)": fine,
              "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own,
              "images read ahead": ahead}
-    if workers <= 0:  # in process: the driver runs each task and keeps every pool's partials
-        held = n_pools * partials
+    if workers <= 0:  # in process: the driver runs each task and adds its partials into the pairwise tree
+        held = (sum(max(1, math.ceil(c / pool).bit_length()) for c in _half_counts(n_particles, halves)) + 1) * partials
         caches = halves * cache_one
-        parts["in process: partials of all pools"] = held
+        parts["in process: reduction tree"] = held
         parts["projection caches"] = caches
         if backend == "gpu":
             driver, worker, gpu = driver_own + images + held + ahead, 0.0, task + refs + caches
@@ -180,7 +183,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
         parts["worker: reduction tree"] = tree
         parts["worker: projection caches"] = caches
         if backend == "gpu":
-            worker, gpu = images + tree + partials + ahead, task + refs + caches
+            worker, gpu = images + halves * partials + ahead, task + refs + caches + tree
         else:
             worker, gpu = task + refs + tree + caches + ahead, 0.0
         driver, mode = driver_own, "dask"
