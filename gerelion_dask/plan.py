@@ -28,8 +28,9 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   its projection, power and back-projection sums: ``48 R M``; the chunk's arrays ``~3 x 8 min(E, 32 B f O T K)``
   on a GPU (cross terms, the weights in the layout of the weighted sums, the kept orientations' weights), ``~10 x 8``
   on a CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus the weighted sums ``Q``:
-  ``2 x 16 min(E, ...)``; then the 3D insertion of the ``R`` slices: ``R (49 h + 150 M)`` (slices,
-  weights, 3D coordinates, and the per-pixel interpolation arrays);
+  ``2 x 16 min(E, ...)``; then the 3D insertion of the ``R`` slices in chunks of ``S = FINE_LIMITS[backend]
+  ["insert_bytes"] / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices, weights, 3D coordinates, and the
+  per-pixel interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -121,7 +122,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
                 pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
                 significant_fraction: float = 1.0, current_size: int | None = None) -> MemoryPlan:
     """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process."""
-    from .expectation.fine import FINE_LIMITS
+    from .expectation.fine import FINE_LIMITS, insert_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .io.readahead import DEFAULT_DEPTH as READ_AHEAD_DEPTH
@@ -156,7 +157,9 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     e_f = min(E, 32 * B * f * O * T * K)
     fine_sums = 48 * R * M
     dense_f = (3 if backend == "gpu" else 10) * 8 * e_f  # NumPy's temporaries: tests/test_plan.py
-    fine = fine_sums + max(dense_f + 2 * 16 * e_f, R * (49 * h + 150 * M))
+    row = insert_row_bytes(n, M)
+    insert = min(R, max(1, FINE_LIMITS[backend]["insert_bytes"] // row)) * row
+    fine = fine_sums + max(dense_f + 2 * 16 * e_f, insert)
     partials = 24 * K * L
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     cache_one = min(FINE_LIMITS[backend]["cache_bytes"],

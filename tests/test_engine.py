@@ -296,6 +296,36 @@ def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(xp, monkeypat
         assert np.allclose(getattr(rw, f.name), getattr(rs, f.name), rtol=1e-9, atol=1e-9), f.name
 
 
+def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
+    # oracle: the one-shot insertion of all of a pool's fine slices -- the fine pass inserts them in chunks of
+    # FINE_LIMITS["insert_bytes"] (bounded working memory at 256 px); chunks of 2 slices must give the same sums
+    # (up to the order of float additions) and the same per-particle results
+    from gerelion_dask.distributed.tasks import device_model
+    from gerelion_dask.expectation import fine
+    from gerelion_dask.ops.fourier import likelihood_pixels
+
+    img, parts, A, off, s2, maps = _dataset(12, 3.0, seed=4)
+    model, st = _model_settings(maps, s2, order=1)
+    img, model = xp.asarray(img), device_model(model, xp)
+    backend = "cpu" if xp is np else "gpu"
+    whole, rw = expectation_pool(img, parts, model, st)
+    n = st.preprocess.current_size
+    row = fine.insert_row_bytes(n, int(likelihood_pixels(n, include_dc=True).sum()))
+    calls = []
+    real_insert = fine.insert_slices
+    monkeypatch.setattr(fine, "insert_slices", lambda bp, A_, *a: calls.append(len(A_)) or real_insert(bp, A_, *a))
+    monkeypatch.setitem(fine.FINE_LIMITS[backend], "insert_bytes", 2 * row)
+    chunked, rc = expectation_pool(img, parts, model, st)
+    assert max(calls) == 2 and len(calls) > 10  # the insertion ran in chunks of (at most) 2 slices
+    whole, chunked = whole.to_host(), chunked.to_host()
+    for f in fields(whole):
+        x, y = getattr(whole, f.name), getattr(chunked, f.name)
+        if f.name != "grid":
+            assert np.allclose(x, y, rtol=1e-10, atol=1e-12 * np.max(np.abs(x))), f.name
+    for f in fields(rw):
+        assert np.array_equal(getattr(rw, f.name), getattr(rc, f.name)), f.name
+
+
 @pytest.mark.parametrize("cc", [False, True])
 def test_float32_coarse_pass_agrees_with_float64(cc):
     # oracle: the float64 coarse pass -- float32 GEMMs (the GPU default) must select the same best poses and give

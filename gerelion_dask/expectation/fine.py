@@ -32,7 +32,7 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "overlap_chunks"]
+__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "insert_row_bytes", "overlap_chunks"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
@@ -40,9 +40,22 @@ __all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "overla
 # ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless the members overlap.
 # The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
 # in float64 on CPUs (the reference path).
-# ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.
-FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30},
-               "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30}}
+# ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``insert_bytes``: the working
+# memory of one chunk of the 3D insertion at the end of the fine pass (``insert_row_bytes`` per slice; all of a pool's
+# slices at once took ~9 MB each at 256 px, tens of GB in a box-256 final iteration); a NumPy chunk costs a few passes
+# over the whole volume (``bincount``), so the CPU's chunks are larger.
+FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
+                       "insert_bytes": 4 << 30},
+               "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
+                       "insert_bytes": 2 << 30}}
+
+
+def insert_row_bytes(n: int, M: int) -> int:
+    """Bytes the 3D insertion of one ``n``-px slice with ``M`` likelihood pixels holds at most: the slice and its
+    weights in the half-plane layout and their 3D coordinates (``49 h``, ``h = n (n/2+1)``), and the per-pixel
+    corner indices, fractions and weighted values of ``insert_slices`` (``150 M``).  An upper bound (~2x the live
+    peak measured at 128 px); ``gerelion plan`` uses the same number."""
+    return 49 * n * (n // 2 + 1) + 150 * M
 
 
 def gather(a, mask):
@@ -478,17 +491,19 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
 
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
+    step = max(1, int(limits["insert_bytes"] // insert_row_bytes(n, M)))  # slices per chunk of the insertion
     for c in bp_i:
-        rows = np.nonzero(touched[c])[0]
-        if rows.size == 0:
-            continue
-        rx = xp.asarray(rows)
-        slices = xp.zeros((rows.size, n, n // 2 + 1), np.complex128)
-        weights = xp.zeros((rows.size, n, n // 2 + 1), np.float64)
-        slices[:, mb_x] = bp_i[c][rx]
-        weights[:, mb_x] = bp_w[c][rx]
-        A = grid.fine_matrices_from_ids(cache.gids(c)[rows])
-        insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
+        touched_rows = np.nonzero(touched[c])[0]
+        for s in range(0, touched_rows.size, step):
+            rows = touched_rows[s : s + step]
+            rx = xp.asarray(rows)
+            slices = xp.zeros((rows.size, n, n // 2 + 1), np.complex128)
+            weights = xp.zeros((rows.size, n, n // 2 + 1), np.float64)
+            slices[:, mb_x] = bp_i[c][rx]
+            weights[:, mb_x] = bp_w[c][rx]
+            A = grid.fine_matrices_from_ids(cache.gids(c)[rows])
+            insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
+            slices = weights = None
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
                     acc["wsum_pdf_class"], acc["wsum_pdf_direction"], scal["off"], scal["norm"],
                     acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], scal["ll"], scal["pmax"], B,
