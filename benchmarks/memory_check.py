@@ -7,11 +7,16 @@ significant coarse orientations / all of them) and its current size, and prints,
 measured peak next to the plan for that size and the largest fraction of the iteration.
 
   python benchmarks/memory_check.py --n 20000 --box 128 --apix 2 --pool 1000 --iters 3 --healpix-order 2 --maxsig 40
+
+``--lines N`` also traces the lines of the E-step's functions in the last iteration and prints the ``N`` lines at
+which the live bytes were highest (peak during the line, and the live bytes when it started): what the peak is made
+of, for the plan's terms.
 """
 
 from __future__ import annotations
 
 import argparse
+import linecache
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +43,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--healpix-order", type=int, default=2)
     ap.add_argument("--maxsig", type=int, default=40)
+    ap.add_argument("--lines", type=int, default=0, help="trace the last iteration's E-step lines; print the top N")
     ns = ap.parse_args()
 
     class Live(cupy.cuda.MemoryHook):
@@ -46,9 +52,13 @@ def main():
         def __init__(self):
             self.now = self.peak = 0
 
+            self.marks = {}  # traced frame -> [peak during its current line, live when the line started, line]
+
         def malloc_postprocess(self, **kw):
             self.now += kw["mem_size"]
             self.peak = max(self.peak, self.now)
+            for m in self.marks.values():
+                m[0] = max(m[0], self.now)
 
         def free_postprocess(self, **kw):
             self.now -= kw["mem_size"]
@@ -64,9 +74,40 @@ def main():
         pools.append([settings.preprocess.current_size, frac, 0])
         return sig
 
+    lines = {}  # (file, function, line) -> (highest live bytes during the line, live bytes when it started)
+    traced = {"_expectation_pool", "preprocess_pool", "coarse_pass", "fine_pass", "insert_slices", "shifted_sums",
+              "project_gathered", "rows", "whole", "__init__", "posterior_weights", "coarse_select"}
+
+    def local(frame, event, arg):
+        if event in ("line", "return"):
+            key = id(frame)
+            m = live.marks.get(key)
+            if m is not None:
+                where = (frame.f_code.co_filename, frame.f_code.co_name, m[2])
+                old = lines.get(where, (0, 0))
+                lines[where] = max(old, (m[0], m[1]))
+            if event == "line":
+                live.marks[key] = [live.now, live.now, frame.f_lineno]
+            else:
+                live.marks.pop(key, None)
+        return local
+
+    def on_call(frame, event, arg):
+        if frame.f_code.co_name in traced and "gerelion_dask" in frame.f_code.co_filename:
+            return local
+        return None
+
     def pool(xp, images, particles, model, settings, cache=None):
         live.peak = start = live.now
-        out = inner_pool(xp, images, particles, model, settings, cache)
+        trace = ns.lines and settings.preprocess.current_size == ns.box
+        if trace:
+            sys.settrace(on_call)
+        try:
+            out = inner_pool(xp, images, particles, model, settings, cache)
+        finally:
+            if trace:
+                sys.settrace(None)
+                live.marks.clear()
         pools[-1][2:] = [live.peak, start, cache.nbytes if cache is not None else 0]
         return out
 
@@ -94,6 +135,13 @@ def main():
               f"{max(p[2] - p[3] for p in sel) / g:.2f}; {max(p[4] for p in sel) / g:.2f}) | "
               f"{plan.gpu_bytes / g:.2f} ({plan.task_bytes / g:.2f}; {plan.parts['projection caches'] / g:.2f}) | "
               f"{plan.gpu_bytes / max(peak, 1):.2f} |")
+
+    if lines:
+        print(f"\nlines of the E-step at {ns.box} px with the most live GPU bytes (GiB: peak during the line; live when "
+              "it started; the pools at full size, highest of each line)")
+        for (f, name, ln), (peak, start) in sorted(lines.items(), key=lambda x: -x[1][0])[:ns.lines]:
+            code = linecache.getline(f, ln).strip()[:90]
+            print(f"  {peak / g:7.2f} {start / g:7.2f}  {Path(f).name}:{name}:{ln}  {code}")
 
 
 if __name__ == "__main__":
