@@ -75,6 +75,7 @@ def main():
         return sig
 
     lines = {}  # (file, function, line) -> (highest live bytes during the line, live bytes when it started)
+    grew = {}  # (file, function, line) -> the most live bytes one execution of the line added (kept after it)
     traced = {"_expectation_pool", "preprocess_pool", "coarse_pass", "fine_pass", "insert_slices", "shifted_sums",
               "project_gathered", "rows", "whole", "__init__", "posterior_weights", "coarse_select"}
 
@@ -86,6 +87,7 @@ def main():
                 where = (frame.f_code.co_filename, frame.f_code.co_name, m[2])
                 old = lines.get(where, (0, 0))
                 lines[where] = max(old, (m[0], m[1]))
+                grew[where] = max(grew.get(where, 0), live.now - m[1])
             if event == "line":
                 live.marks[key] = [live.now, live.now, frame.f_lineno]
             else:
@@ -142,6 +144,10 @@ def main():
         for (f, name, ln), (peak, start) in sorted(lines.items(), key=lambda x: -x[1][0])[:ns.lines]:
             code = linecache.getline(f, ln).strip()[:90]
             print(f"  {peak / g:7.2f} {start / g:7.2f}  {Path(f).name}:{name}:{ln}  {code}")
+        print("\nlines that kept the most live GPU bytes after one execution (GiB; same pools)")
+        for (f, name, ln), add in sorted(grew.items(), key=lambda x: -x[1])[:ns.lines]:
+            code = linecache.getline(f, ln).strip()[:90]
+            print(f"  {add / g:7.2f}  {Path(f).name}:{name}:{ln}  {code}")
 
 
 if __name__ == "__main__":

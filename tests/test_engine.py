@@ -494,6 +494,22 @@ def test_shifted_sums_matches_einsum(xp, J, Tf):
         assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_shifted_cross_matches_einsum(xp):
+    # oracle: the float64 einsum of the definition, g[i, t, f] = Re(sum_m Z[i, m] ph[t, m] conj(P[f, m])), with row
+    # chunks of 1, 2 and all rows (max_elems bounds the (rows, Tf, M) shifted images held at once)
+    from gerelion_dask.expectation.fine import shifted_cross
+
+    rng = np.random.default_rng(6)
+    I, Tf, F, M = 7, 5, 9, 30
+    Z = rng.normal(size=(I, M)) + 1j * rng.normal(size=(I, M))
+    ph = np.exp(2j * np.pi * rng.uniform(size=(Tf, M)))
+    P = rng.normal(size=(F, M)) + 1j * rng.normal(size=(F, M))
+    want = np.einsum("im,tm,fm->itf", Z, ph, P.conj()).real
+    for max_elems in (1, 2 * Tf * M, 10**6):
+        got = to_np(shifted_cross(xp, xp.asarray(Z), xp.asarray(ph), xp.asarray(P), max_elems))
+        assert got.shape == (I, Tf, F) and np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_overlap_chunks_matches_set_unions():
     # oracle: the same greedy rule written with explicit set unions, item by item
     from gerelion_dask.expectation.fine import overlap_chunks

@@ -172,6 +172,25 @@ def shifted_sums(xp, W, V, ph, max_elems: int):
     return out
 
 
+def shifted_cross(xp, Z, ph, P, max_elems: int):
+    """``g[i, t, f] = Re(sum_m Z[i, m] ph[t, m] conj(P[f, m]))``: ``(I, Tf, F)`` float64.
+
+    One real GEMM over interleaved real and imaginary parts per chunk of rows ``i``; the shifted rows
+    ``Z[i] ph[t]`` of a chunk (``(n, Tf, M)`` complex) hold at most ``max_elems`` values (all of a fine-pass chunk's
+    particles at once held ~12 GiB at 256 px).
+    """
+    I, M = Z.shape
+    Tf, F = ph.shape[0], P.shape[0]
+    out = xp.empty((I, Tf, F), np.float64)
+    Pv = xp.ascontiguousarray(P, dtype=np.complex128).view(np.float64).T  # (2M, F)
+    step = max(1, int(max_elems // max(1, Tf * M)))
+    for s in range(0, I, step):
+        Y = Z[s : s + step][:, None, :] * ph[None]  # (n, Tf, M), contiguous
+        n = Y.shape[0]
+        out[s : s + n] = (Y.reshape(n * Tf, M).view(np.float64) @ Pv).reshape(n, Tf, F)
+    return out
+
+
 def _unique_per_particle(b, k, B: int) -> list[np.ndarray]:
     """The sorted unique values of ``k`` for each particle ``0..B-1`` (``b`` sorted): a list of ``B`` arrays."""
     order = np.lexsort((k, b))
@@ -371,18 +390,13 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             t_e = it_all[sel][:, None] * 4 + child_t[None, :]  # and fine translations
             jx, fx, tx = xp.asarray(jl[sel])[:, None], xp.asarray(f_e), xp.asarray(t_e)
             if settings.do_cc:
-                Y = (Cr * X)[:, None, :] * ph[None]
-                g_ = (Y.real.reshape(b * Tf, M) @ (P * lik).real.T
-                      + Y.imag.reshape(b * Tf, M) @ (P * lik).imag.T).reshape(b, Tf, F)
+                g_ = shifted_cross(xp, Cr * X, ph, P * lik, max_elems)  # (b, Tf, F)
                 normp = xp.sqrt((Cr * Cr * lik) @ cache.power[c][rows_x].T)  # (b, F)
                 normx = xp.sqrt((X2_all[Jx] * lik).sum(axis=1))  # (b,)
                 d_rows[xp.asarray(sel)] = -g_[jx, tx, fx] / (normp[jx, fx] * normx[jx] + 1e-300)
             else:
                 bb = (Wd * Cr * Cr) @ cache.power[c][rows_x].T  # (b, F)
-                Y = (Wd * Cr * X)[:, None, :] * ph[None]  # (b, Tf, M)
-                # Re(Y conj(P)) as one real GEMM over interleaved real and imaginary parts
-                Yv = xp.ascontiguousarray(Y).reshape(b * Tf, M).view(np.float64)
-                g_ = (Yv @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, Tf, F)
+                g_ = shifted_cross(xp, Wd * Cr * X, ph, P, max_elems)  # (b, Tf, F)
                 d_rows[xp.asarray(sel)] = (ah[jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
             del g_
             col_rows[sel] = pos + f_e * Tf + t_e
