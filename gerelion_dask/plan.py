@@ -24,19 +24,25 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   segment ``17 c b`` (``c = candidate_segment(O T K)``: at most 16,384) and the diff2 and weights of
   particles with flat posteriors redone densely (``2 x 8 e`` at most); + the particle side of the product
   ``32 b T Mc``;
-* ``fine``: the union of the children of the significant orientations, ``R = 8 f K O`` fine orientations, each with
-  its projection, power and back-projection sums: ``48 R M``; the chunk's arrays ``~3 x 8 min(E, 32 B f O T K)``
-  on a GPU (cross terms, the weights in the layout of the weighted sums, the kept orientations' weights), ``~10 x 8``
-  on a CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus the weighted sums ``Q``:
-  ``2 x 16 min(E, ...)``; then the 3D insertion of the ``R`` slices in chunks of ``S = FINE_LIMITS[backend]
-  ["insert_bytes"] / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices, weights, 3D coordinates, and the
-  per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+* ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights: ``80 B M``) and the union of
+  the children of the significant orientations, ``R = 8 f K O`` fine orientations.  While they are projected: their
+  projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at
+  most 4,096; ``fine.project_row_bytes``).  Then each with its projection, power and back-projection sums, ``48 R M``,
+  a chunk's projections ``16 R M`` (at most), and the chunk's arrays ``~3 x 8 min(E, 32 B f O T K)`` on a GPU
+  (cross terms, the weights in the layout of the weighted sums, the kept orientations' weights), ``~10 x 8`` on a
+  CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus the weighted sums ``Q``
+  ``2 x 16 min(E, ...)`` and the shifted images ``16 min(E, B 4T M)`` (``fine.shifted_cross``); or the 3D insertion of
+  the ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices,
+  weights, 3D coordinates, and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
 iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
-(float32 on a GPU; ``24 K O Mc`` in float64 on a CPU) and every fine orientation projected so far, ``16 M`` each, at
-most ``8 K O`` of them in a global search; each cache is capped at ``FINE_LIMITS[backend]["cache_bytes"]``.  In
+(float32 on a GPU; ``24 K O Mc`` in float64 on a CPU) and every fine orientation projected so far, ``16 M`` each:
+the union over the ``P`` pools of that half set on the process, modelled as ``R P^(1/4)`` (an empirical fit: the
+pools of an iteration share most of their orientations; measured 1.17 R over 2 pools at 256 px and 1.76 R over 10 at
+128 px, H100, eighth session), at most ``8 K O`` in a global search; each cache is capped at
+``FINE_LIMITS[backend]["cache_bytes"]``.  In
 process both half sets' caches live in the driver; a Dask worker holds two when its block of pools straddles the
 half sets (one worker, or an odd number of workers), else one.
 
@@ -122,7 +128,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
                 pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
                 significant_fraction: float = 1.0, current_size: int | None = None) -> MemoryPlan:
     """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process."""
-    from .expectation.fine import FINE_LIMITS, insert_row_bytes
+    from .expectation.fine import FINE_LIMITS, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .io.readahead import DEFAULT_DEPTH as READ_AHEAD_DEPTH
@@ -155,15 +161,20 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c + 32 * min(b_c, B) * T * Mc
     R = 8 * f * K * O
     e_f = min(E, 32 * B * f * O * T * K)
-    fine_sums = 48 * R * M
     dense_f = (3 if backend == "gpu" else 10) * 8 * e_f  # NumPy's temporaries: tests/test_plan.py
-    row = insert_row_bytes(n, M)
-    insert = min(R, max(1, FINE_LIMITS[backend]["insert_bytes"] // row)) * row
-    fine = fine_sums + max(dense_f + 2 * 16 * e_f, insert)
+    slice_bytes = FINE_LIMITS[backend]["slice_bytes"]
+    row_i, row_p = insert_row_bytes(n, M), project_row_bytes(n)
+    insert = min(R, max(1, slice_bytes // row_i)) * row_i
+    projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
+    shifted = 16 * min(E, B * 4 * T * M)
+    fine = 80 * B * M + max(projecting, 64 * R * M + max(dense_f + 2 * 16 * e_f + shifted, insert))
     partials = 24 * K * L
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
-    cache_one = min(FINE_LIMITS[backend]["cache_bytes"],
-                    (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * 8 * K * O)
+    counts = _half_counts(n_particles, halves)
+    # pools of one half set on one process: all of them in process or on one worker, else their share
+    per_process = max(math.ceil(c / pool) for c in counts) * (1 if workers <= halves else halves / workers)
+    union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
+    cache_one = min(FINE_LIMITS[backend]["cache_bytes"], (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union)
     task = images + max(coarse, fine) + partials
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + 16 * L + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3

@@ -298,7 +298,7 @@ def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(xp, monkeypat
 
 def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
     # oracle: the one-shot insertion of all of a pool's fine slices -- the fine pass inserts them in chunks of
-    # FINE_LIMITS["insert_bytes"] (bounded working memory at 256 px); chunks of 2 slices must give the same sums
+    # FINE_LIMITS["slice_bytes"] (bounded working memory at 256 px); chunks of 2 slices must give the same sums
     # (up to the order of float additions) and the same per-particle results
     from gerelion_dask.distributed.tasks import device_model
     from gerelion_dask.expectation import fine
@@ -314,7 +314,7 @@ def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
     calls = []
     real_insert = fine.insert_slices
     monkeypatch.setattr(fine, "insert_slices", lambda bp, A_, *a: calls.append(len(A_)) or real_insert(bp, A_, *a))
-    monkeypatch.setitem(fine.FINE_LIMITS[backend], "insert_bytes", 2 * row)
+    monkeypatch.setitem(fine.FINE_LIMITS[backend], "slice_bytes", 2 * row)
     chunked, rc = expectation_pool(img, parts, model, st)
     assert max(calls) == 2 and len(calls) > 10  # the insertion ran in chunks of (at most) 2 slices
     whole, chunked = whole.to_host(), chunked.to_host()
@@ -492,6 +492,24 @@ def test_shifted_sums_matches_einsum(xp, J, Tf):
     for max_elems in (1, 50, 10**6):
         got = to_np(shifted_sums(xp, xp.asarray(W), xp.asarray(V), xp.asarray(ph), max_elems))
         assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_projection_in_chunks_of_rotations_is_the_same(xp):
+    # oracle: the projection of all rotations at once -- project_gathered takes as many rotations at a time as fit
+    # max_bytes (bounded working memory at 256 px); each slice depends on its own rotation only, so chunks of 3
+    # (and an empty list) give the same values to the bit
+    from gerelion_dask.expectation.fine import project_gathered, project_row_bytes
+    from gerelion_dask.ops.fourier import likelihood_pixels
+    from gerelion_dask.ops.projector import make_reference
+
+    n = 16
+    ref = make_reference(xp.asarray(phantom_map(n, APIX, "blobs")), r_max=n // 2)
+    A = cv.euler_to_matrix(*np.random.default_rng(2).uniform(0, 180, (3, 10)))
+    mask = xp.asarray(likelihood_pixels(n, include_dc=True))
+    whole = to_np(project_gathered(ref, A, n, mask, xp, max_bytes=1 << 40))
+    chunked = to_np(project_gathered(ref, A, n, mask, xp, max_bytes=3 * project_row_bytes(n)))
+    assert whole.shape == (10, int(to_np(mask).sum())) and np.array_equal(whole, chunked)
+    assert project_gathered(ref, A[:0], n, mask, xp).shape == (0, whole.shape[1])
 
 
 def test_shifted_cross_matches_einsum(xp):

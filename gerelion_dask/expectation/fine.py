@@ -32,7 +32,8 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "insert_row_bytes", "overlap_chunks"]
+__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "insert_row_bytes", "overlap_chunks",
+           "project_row_bytes"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
@@ -40,14 +41,22 @@ __all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "insert
 # ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless the members overlap.
 # The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
 # in float64 on CPUs (the reference path).
-# ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``insert_bytes``: the working
-# memory of one chunk of the 3D insertion at the end of the fine pass (``insert_row_bytes`` per slice; all of a pool's
-# slices at once took ~9 MB each at 256 px, tens of GB in a box-256 final iteration); a NumPy chunk costs a few passes
-# over the whole volume (``bincount``), so the CPU's chunks are larger.
+# ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``slice_bytes``: the working
+# memory of one chunk of full 2D slices, in the projection of fine orientations (``project_row_bytes`` per slice) and
+# in the 3D insertion at the end of the fine pass (``insert_row_bytes``); all of a pool's slices at once took 9-12 GB
+# per 1,000 slices at 256 px (memory_check --lines).  A NumPy insertion chunk costs a few passes over the whole
+# volume (``bincount``), so the CPU's chunks are larger.
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
-                       "insert_bytes": 4 << 30},
+                       "slice_bytes": 4 << 30},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "insert_bytes": 2 << 30}}
+                       "slice_bytes": 2 << 30}}
+
+
+def project_row_bytes(n: int) -> int:
+    """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``: the slice's 3D
+    coordinates, Friedel-folded corners, fractions, indices and the interpolated values, ~200 bytes a half-plane
+    pixel); ``gerelion plan`` uses the same number."""
+    return 200 * n * (n // 2 + 1)
 
 
 def insert_row_bytes(n: int, M: int) -> int:
@@ -63,11 +72,21 @@ def gather(a, mask):
     return a[..., mask]
 
 
-def project_gathered(ref, A, n: int, mask, xp, chunk: int = 4096):
+def project_gathered(ref, A, n: int, mask, xp, max_bytes: int | None = None):
     """Projections of ``ref`` at the rotations ``A (R, 3, 3)``, size ``n``, window pixels ``mask`` -> ``(R, M)``;
-    ``chunk`` rotations at a time, so the full ``(chunk, n, n/2+1)`` slices stay bounded."""
-    return xp.concatenate([gather(project(ref, xp.asarray(A[s : s + chunk]), n), mask)
-                           for s in range(0, len(A), chunk)])
+    a chunk of rotations at a time whose full slices hold at most ``max_bytes`` (default: the backend's
+    ``FINE_LIMITS[...]["slice_bytes"]``; at most 4,096 rotations), written into one output array."""
+    if max_bytes is None:
+        max_bytes = FINE_LIMITS["cpu" if xp is np else "gpu"]["slice_bytes"]
+    chunk = min(4096, max(1, int(max_bytes // project_row_bytes(n))))
+    out = None
+    for s in range(0, len(A), chunk):
+        part = gather(project(ref, xp.asarray(A[s : s + chunk]), n), mask)
+        if out is None:
+            out = xp.empty((len(A),) + part.shape[1:], part.dtype)
+        out[s : s + len(part)] = part
+        part = None
+    return out if out is not None else gather(project(ref, xp.asarray(A[:0]), n), mask)
 
 
 def grid_of(model):
@@ -272,7 +291,7 @@ class FineProjections:
     of the children of its significant coarse orientations once instead of once per particle.
     """
 
-    def __init__(self, model, grid: OrientationGrid, sig: Significant, n: int, mask, xp, chunk: int = 4096,
+    def __init__(self, model, grid: OrientationGrid, sig: Significant, n: int, mask, xp,
                  cache: ProjectionCache | None = None):
         self.rows = {}
         self.data = {}
@@ -280,7 +299,7 @@ class FineProjections:
 
         def compute(c):
             def make(gid):
-                return project_gathered(model.refs[c], grid.fine_matrices_from_ids(gid), n, mask, xp, chunk)
+                return project_gathered(model.refs[c], grid.fine_matrices_from_ids(gid), n, mask, xp)
             return make
 
         for c in np.unique(sig.c):
@@ -505,7 +524,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
 
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
-    step = max(1, int(limits["insert_bytes"] // insert_row_bytes(n, M)))  # slices per chunk of the insertion
+    step = max(1, int(limits["slice_bytes"] // insert_row_bytes(n, M)))  # slices per chunk of the insertion
     for c in bp_i:
         touched_rows = np.nonzero(touched[c])[0]
         for s in range(0, touched_rows.size, step):
