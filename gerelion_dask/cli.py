@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -321,7 +322,9 @@ def main(argv=None) -> int:
             from .demo import demo_main
 
             return demo_main(rest)
-        return cmds[cmd](rest)
+        rc = cmds[cmd](rest)
+        sys.stdout.flush()  # inside the try: a reader gone before our last lines is a BrokenPipeError here
+        return rc
     except InputError as e:
         print(f"gerelion: error: {e}", file=sys.stderr)
         return 2
@@ -331,6 +334,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("gerelion: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whoever read our output went away (``gerelion plan ... | head``): no traceback; stdout goes to /dev/null so
+        # that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

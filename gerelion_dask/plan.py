@@ -17,7 +17,8 @@ memory the arrays need above an idle process.  Symbols:
 
 One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 
-* ``images``: ``B (8 N^2 + 48 N (N/2+1) + 8 h)`` (images, their transforms masked and unmasked, CTFs);
+* ``images``: ``B (8 N^2 + 48 N (N/2+1) + 8 h)`` (images, their transforms masked and unmasked, CTFs; half the
+  image-sized terms on a GPU, which keeps the float32 images in float32 / complex64);
 * ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's arrays (``e =
   min(E, B O T K)`` samples, ``b = max(1, E / (O T K))`` particles per chunk): on a CPU ``~7 x 8 e`` (cross terms,
   diff2, weights, the significance sort), on a GPU the float32 cross terms ``4 e``, each particle's candidate
@@ -30,8 +31,9 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   most 4,096; ``fine.project_row_bytes``).  Then each with its projection, power and back-projection sums, ``48 R M``,
   a chunk's projections ``16 R M`` (at most), and the chunk's arrays ``~3 x 8 min(E, 32 B f O T K)`` on a GPU
   (cross terms, the weights in the layout of the weighted sums, the kept orientations' weights), ``~10 x 8`` on a
-  CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus the weighted sums ``Q``
-  ``2 x 16 min(E, ...)`` and the shifted images ``16 min(E, B 4T M)`` (``fine.shifted_cross``); or the 3D insertion of
+  CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus one weighted-sum
+  intermediate ``16 min(E, ...)`` (``fine.shifted_sums``); or the cross terms ``8 min(E, ...)`` with the shifted images
+  ``16 min(E, B 4T M)`` (``fine.shifted_cross``; the two loops of a chunk do not overlap); or the 3D insertion of
   the ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices,
   weights, 3D coordinates, and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``.
@@ -150,7 +152,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     E = FINE_LIMITS[backend]["max_elems"]
     n_pools = sum(math.ceil(c / pool) for c in _half_counts(n_particles, halves))
 
-    images = B * (8 * N * N + 48 * N * (N // 2 + 1) + 8 * h)
+    # float64 / complex128 on a CPU; a GPU preprocesses the float32 images in float32 / complex64 (CTFs in float64)
+    images = B * ((4 if backend == "gpu" else 8) * N * N + (24 if backend == "gpu" else 48) * N * (N // 2 + 1) + 8 * h)
     b_c = max(1, E // max(1, O * T * K))
     e_c = min(E, max(B * O * T * K, O * T * K))
     if backend == "gpu":  # float32 cross terms; candidates in per-particle segments; flat rows redone densely
@@ -167,7 +170,10 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
     projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
     shifted = 16 * min(E, B * 4 * T * M)
-    fine = 80 * B * M + max(projecting, 64 * R * M + max(dense_f + 2 * 16 * e_f + shifted, insert))
+    # a chunk's peak: its cross terms with the shifted images (first loop), or the weights in the dense layout with
+    # one weighted-sum intermediate (second loop), or a chunk of the 3D insertion: they do not coexist
+    chunk_f = max(8 * e_f + shifted, dense_f + 16 * e_f, insert)
+    fine = 80 * B * M + max(projecting, 64 * R * M + chunk_f)
     partials = 24 * K * L
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     counts = _half_counts(n_particles, halves)

@@ -87,3 +87,21 @@ def test_plan_of_a_dask_run_asks_the_workers_what_they_compute_on(gpus):
         assert plan_for_inputs(cfg, inp, DaskRunner(client, "cpu")).backend == "cpu"
     finally:
         close_client(client, cluster)
+
+
+def test_plan_into_a_closed_pipe_ends_quietly():
+    # oracle: a shell's `gerelion plan ... | head -0` -- the reader has gone before the table is written: no Python
+    # traceback, the shell's exit status for SIGPIPE (128 + 13)
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "gerelion_dask.cli", "plan", "--box", "64"], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 141, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-2000:]
