@@ -42,8 +42,8 @@ Each process that runs E-step tasks also keeps one projection cache per half set
 iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
 (float32 on a GPU; ``24 K O Mc`` in float64 on a CPU) and every fine orientation projected so far, ``16 M`` each:
 the union over the ``P`` pools of that half set on the process, modelled as ``R P^(1/4)`` (an empirical fit: the
-pools of an iteration share most of their orientations; measured 1.17 R over 2 pools at 256 px and 1.76 R over 10 at
-128 px, H100, eighth session), at most ``8 K O`` in a global search; each cache is capped at
+pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
+session, and 1.76 R over 10 at 128 px, fourth session), at most ``8 K O`` in a global search; each cache is capped at
 ``FINE_LIMITS[backend]["cache_bytes"]``.  In
 process both half sets' caches live in the driver; a Dask worker holds two when its block of pools straddles the
 half sets (one worker, or an odd number of workers), else one.
