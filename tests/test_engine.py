@@ -526,6 +526,10 @@ def test_shifted_cross_matches_einsum(xp):
     for max_elems in (1, 2 * Tf * M, 10**6):
         got = to_np(shifted_cross(xp, xp.asarray(Z), xp.asarray(ph), xp.asarray(P), max_elems))
         assert got.shape == (I, Tf, F) and np.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # single-precision particle side (the interleaved GEMM must not reinterpret complex64 pairs as float64)
+    got = to_np(shifted_cross(xp, xp.asarray(Z.astype(np.complex64)), xp.asarray(ph.astype(np.complex64)),
+                              xp.asarray(P), 50))
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_overlap_chunks_matches_set_unions():

@@ -204,7 +204,7 @@ def shifted_cross(xp, Z, ph, P, max_elems: int):
     Pv = xp.ascontiguousarray(P, dtype=np.complex128).view(np.float64).T  # (2M, F)
     step = max(1, int(max_elems // max(1, Tf * M)))
     for s in range(0, I, step):
-        Y = Z[s : s + step][:, None, :] * ph[None]  # (n, Tf, M), contiguous
+        Y = (Z[s : s + step][:, None, :] * ph[None]).astype(np.complex128, copy=False)  # (n, Tf, M), contiguous
         n = Y.shape[0]
         out[s : s + n] = (Y.reshape(n * Tf, M).view(np.float64) @ Pv).reshape(n, Tf, F)
     return out
