@@ -35,6 +35,14 @@ def _model_settings(maps, s2, order=2):
     return model, settings
 
 
+def _assert_partials_close(a, b, rtol: float) -> None:
+    """Every summed field of two Partials equal to ``rtol`` (and to 1e-12 of the field's largest value)."""
+    for f in fields(a):
+        if f.name != "grid":
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            assert np.allclose(x, y, rtol=rtol, atol=1e-12 * np.max(np.abs(x))), f.name
+
+
 def _ang_err(A, B):
     return np.rad2deg(np.arccos(np.clip((np.einsum("bij,bij->b", A, B) - 1) / 2, -1, 1)))
 
@@ -195,10 +203,7 @@ def test_chunking_of_particles_does_not_change_results(cc, local):
     one, r1 = expectation_pool(img, parts, model, replace(st, fine_max_elems=1))
     dense, rd = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 30, fine_waste=1e9))
     assert int(np.max(r1.n_significant)) > 1 or cc
-    for f in fields(one):
-        x, y = getattr(one, f.name), getattr(dense, f.name)
-        if f.name != "grid":
-            assert np.allclose(x, y, rtol=1e-9, atol=1e-12 * np.max(np.abs(x))), f.name
+    _assert_partials_close(one, dense, rtol=1e-9)
     for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "class_number", "pmax", "loglik", "norm",
               "n_significant"):
         assert np.allclose(getattr(r1, f), getattr(rd, f), rtol=1e-9, atol=1e-9), f
@@ -246,10 +251,7 @@ def test_estep_out_of_memory_shrinks_the_chunks_and_gives_the_same_result(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     assert "out of memory in the E-step" in r.stderr  # the limit was hit and the retry path taken
     (p1, r1), (p2, r2) = pickle.load(open(out, "rb"))
-    for f in fields(p1):
-        if f.name != "grid":
-            x, y = getattr(p1, f.name), getattr(p2, f.name)
-            assert np.allclose(x, y, rtol=1e-9, atol=1e-12 * np.max(np.abs(x))), f.name
+    _assert_partials_close(p1, p2, rtol=1e-9)
     assert np.allclose(r1.rot, r2.rot) and np.allclose(r1.pmax, r2.pmax)
 
 
@@ -287,11 +289,7 @@ def test_a_pool_that_never_fits_is_split_and_gives_the_same_result(xp, monkeypat
     assert sizes[:estep.SPLIT_AFTER_HALVINGS + 1] == [20] * (estep.SPLIT_AFTER_HALVINGS + 1)  # halvings first
     assert sorted(n for n in sizes if n <= 6) == [5, 5, 5, 5]  # 20 -> 10 + 10 -> four pools of 5
     assert "splitting the pool in two" in caplog.text
-    whole, split = whole.to_host(), split.to_host()
-    for f in fields(whole):
-        x, y = getattr(whole, f.name), getattr(split, f.name)
-        if f.name != "grid":
-            assert np.allclose(x, y, rtol=1e-9, atol=1e-12 * np.max(np.abs(x))), f.name
+    _assert_partials_close(whole.to_host(), split.to_host(), rtol=1e-9)
     for f in fields(rw):
         assert np.allclose(getattr(rw, f.name), getattr(rs, f.name), rtol=1e-9, atol=1e-9), f.name
 
@@ -317,11 +315,7 @@ def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
     monkeypatch.setitem(fine.FINE_LIMITS[backend], "slice_bytes", 2 * row)
     chunked, rc = expectation_pool(img, parts, model, st)
     assert max(calls) == 2 and len(calls) > 10  # the insertion ran in chunks of (at most) 2 slices
-    whole, chunked = whole.to_host(), chunked.to_host()
-    for f in fields(whole):
-        x, y = getattr(whole, f.name), getattr(chunked, f.name)
-        if f.name != "grid":
-            assert np.allclose(x, y, rtol=1e-10, atol=1e-12 * np.max(np.abs(x))), f.name
+    _assert_partials_close(whole.to_host(), chunked.to_host(), rtol=1e-10)
     for f in fields(rw):
         assert np.array_equal(getattr(rw, f.name), getattr(rc, f.name)), f.name
 
