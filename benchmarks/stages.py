@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.expectation.estep import (EStepModel, EStepSettings, coarse_pass,  # noqa: E402
                                              coarse_projections, expectation_pool, orientation_priors)
-from gerelion_dask.expectation.fine import FINE_LIMITS, ProjectionCache, fine_pass  # noqa: E402
+from gerelion_dask.expectation.fine import ProjectionCache, fine_limits, fine_pass  # noqa: E402
 from gerelion_dask.expectation.grid import OrientationGrid  # noqa: E402
 from gerelion_dask.expectation.preprocess import PreprocessSettings, preprocess_pool  # noqa: E402
 from gerelion_dask.ops.backprojector import empty_backprojection, insert_slices  # noqa: E402
@@ -95,7 +95,7 @@ def main():
     cur = a.current or a.box
     images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, cur)
     ref, grid = model.refs[0], st.grid
-    dtype = np.dtype(FINE_LIMITS["cpu" if xp is np else "gpu"]["coarse_dtype"])
+    dtype = np.dtype(fine_limits(xp)["coarse_dtype"])
     rows = []
     pre, t = timed(xp, preprocess_pool, images, parts, st.preprocess, model.sigma2_noise)
     rows.append(("preprocess", t, a.n / t, "particles/s", float("nan")))

@@ -77,14 +77,14 @@ class InProcessRunner:
         from .distributed.reduce import TreeSum
         from .distributed.tasks import device_model
 
-        from .expectation.fine import FINE_LIMITS, ProjectionCache
+        from .expectation.fine import ProjectionCache, fine_limits
 
         # each half set's sums, added as the pools finish in the fixed pairwise order of the Dask runner (so both give
         # bit-identical sums) and holding ~log2(pools) of them (all of them: 109 GB at 100,000 box-256 particles)
         parts: dict[int, TreeSum] = {}
         results = []
         xp = _array_module(self.device)
-        budget = FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]
+        budget = fine_limits(xp)["cache_bytes"]
         caches = {h: ProjectionCache(budget) for h in models}  # one iteration's projections, per half set
         dev_models = {}  # each half set's references on the device, once per call
         with ReadAhead() as ahead:  # the next pool's images are read while this one computes

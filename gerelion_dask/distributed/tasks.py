@@ -183,7 +183,7 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
     worker) is read in the background while this one computes.  The result never depends on it.
     """
     from ..expectation.estep import expectation_pool
-    from ..expectation.fine import FINE_LIMITS, ProjectionCache
+    from ..expectation.fine import ProjectionCache, fine_limits
 
     xp = worker_array_module(device)
     tag = None
@@ -205,7 +205,7 @@ def estep_task(source: ImageSource, selection, particles, model, settings, index
         # projections shared by the pools of this iteration and half set that run on this worker (keyed, like the
         # device copy of the model, by the scattered model object: a new iteration brings a new one)
         cache = _cached(f"projections-{device}", host_model,
-                        lambda m: ProjectionCache(FINE_LIMITS["cpu" if xp is np else "gpu"]["cache_bytes"]), tag)
+                        lambda m: ProjectionCache(fine_limits(xp)["cache_bytes"]), tag)
         return model, settings, cache
 
     # at a pool's first out-of-memory error, what this worker holds for other pools (the other half set's references

@@ -26,7 +26,7 @@ from ..ops.likelihood import coarse_select, orientation_log_prior
 from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
 from .partials import PoolResult
-from .fine import FINE_LIMITS, Significant, fine_pass, gather, overlap_chunks, project_gathered
+from .fine import Significant, fine_limits, fine_pass, gather, overlap_chunks, project_gathered
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
 
 __all__ = ["EStepModel", "EStepSettings", "expectation_pool"]
@@ -223,7 +223,7 @@ def expectation_pool(images, particles: PoolParticles, model: EStepModel, settin
     if any(isinstance(r, ReferenceSpec) for r in model.refs):
         raise TypeError("expectation_pool needs reference transforms, not maps: pass the model through "
                         "distributed.tasks.device_model first (it makes them once per worker and half set)")
-    limit = settings.fine_max_elems or FINE_LIMITS["gpu" if xp is not np else "cpu"]["max_elems"]
+    limit = settings.fine_max_elems or fine_limits(xp)["max_elems"]
     halvings = 0
     while True:
         try:
@@ -293,7 +293,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     B = len(particles.index)
     n_psi = grid.n_psi
     O = grid.n_dir * n_psi
-    limits = FINE_LIMITS["gpu" if xp is not np else "cpu"]
+    limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
     waste = settings.fine_waste or limits["waste"]
     dtype = np.dtype(settings.coarse_dtype if settings.coarse_dtype != "auto" else limits["coarse_dtype"])

@@ -32,7 +32,7 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_pass", "insert_row_bytes", "overlap_chunks",
+__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_limits", "fine_pass", "insert_row_bytes", "overlap_chunks",
            "project_row_bytes"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
@@ -50,6 +50,11 @@ FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "floa
                        "slice_bytes": 4 << 30},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
                        "slice_bytes": 2 << 30}}
+
+
+def fine_limits(xp) -> dict:
+    """The ``FINE_LIMITS`` entry of the backend ``xp`` computes on (NumPy: ``"cpu"``, else ``"gpu"``)."""
+    return FINE_LIMITS["cpu" if xp is np else "gpu"]
 
 
 def project_row_bytes(n: int) -> int:
@@ -77,7 +82,7 @@ def project_gathered(ref, A, n: int, mask, xp, max_bytes: int | None = None):
     a chunk of rotations at a time whose full slices hold at most ``max_bytes`` (default: the backend's
     ``FINE_LIMITS[...]["slice_bytes"]``; at most 4,096 rotations), written into one output array."""
     if max_bytes is None:
-        max_bytes = FINE_LIMITS["cpu" if xp is np else "gpu"]["slice_bytes"]
+        max_bytes = fine_limits(xp)["slice_bytes"]
     chunk = min(4096, max(1, int(max_bytes // project_row_bytes(n))))
     out = None
     for s in range(0, len(A), chunk):
@@ -324,7 +329,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     K = len(model.refs)
     B = len(particles.index)
     nO = grid.n_dir * grid.n_psi
-    limits = FINE_LIMITS["gpu" if xp is not np else "cpu"]
+    limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
     waste = settings.fine_waste or limits["waste"]
 
