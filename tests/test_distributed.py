@@ -233,32 +233,42 @@ def test_one_and_two_workers_match_in_process_bit_for_bit(dataset, reference, cl
 
 
 class _EStepResultsHeld:
-    """E-step progress callback: the largest number of E-step results the scheduler kept in memory at any call."""
+    """E-step progress callback: at each call, how many finished E-step results a client (the driver) still holds
+    beyond those it has not been handed yet (finished - done: still queued in ``as_completed``); the largest excess.
+
+    Counted by the scheduler's ``who_wants``, not by what is in memory: a result the driver has let go stays in memory
+    until the worker's tree has added it, and how far the adds lag depends on the machine's load (9 results in memory
+    once on the CI machine), while the driver's own references are what the fix is about.  With the fix the excess is
+    the result being handled plus releases still in flight; without it every finished result stays held (excess =
+    ``done``: 30 at the last call)."""
 
     def __init__(self, client):
         self.client, self.most, self.calls = client, 0, 0
 
     def __call__(self, done, total):
         def count(dask_scheduler):
-            return sum(1 for ts in dask_scheduler.tasks.values()
-                       if ts.state == "memory" and str(ts.key).startswith("estep-"))
+            estep = [ts for ts in dask_scheduler.tasks.values() if str(ts.key).startswith("estep-")]
+            held = sum(1 for ts in estep if ts.state == "memory" and ts.who_wants)
+            unfinished = sum(1 for ts in estep if ts.state in ("waiting", "queued", "no-worker", "processing"))
+            return held, unfinished
 
+        held, unfinished = self.client.run_on_scheduler(count)
         self.calls += 1
-        self.most = max(self.most, self.client.run_on_scheduler(count))
+        self.most = max(self.most, held - ((total - unfinished) - done))
 
 
 def test_finished_pools_are_freed_once_added(dataset, reference, client2, tmp_path):
     # oracle: the fixed tree -- a pool's sums are needed only until the tree has added them, so Dask must not keep
     # every pool of an iteration until its end (it did: 46 pools, 64.5 GiB of an H100 at 100,000 box-256 particles,
-    # then an out-of-memory error); 60 particles in pools of 2 are ~30 pools an iteration, and the driver's callback
-    # sees a few of them in memory at a time (before the fix: all ~30 at the last call); results unchanged
+    # then an out-of-memory error); 60 particles in pools of 2 are ~30 pools an iteration, and at each progress call
+    # the driver still holds a few finished ones at most (before the fix: all ~30 at the last call); results unchanged
     from gerelion_dask.distributed.runner import DaskRunner
     from gerelion_dask.driver import run_job
 
     held = _EStepResultsHeld(client2)
     result = run_job(_config(dataset, tmp_path / "p2", pool=2), runner=DaskRunner(client2, "cpu"), progress=held)
     assert held.calls >= 2 * 28
-    assert held.most <= 8, held.most
+    assert held.most <= 4, held.most  # 2 here, also with both cores busy; 30 before the fix
     assert np.isfinite(result.model.maps[0][0]).all()
 
 
