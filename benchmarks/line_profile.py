@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.expectation.estep import coarse_pass, orientation_priors  # noqa: E402
-from gerelion_dask.expectation.fine import ProjectionCache, fine_pass  # noqa: E402
+from gerelion_dask.expectation.fine import (ProjectionCache, _unique_per_particle, fine_limits, fine_pass,  # noqa: E402
+                                           overlap_chunks)
 from gerelion_dask.expectation.preprocess import preprocess_pool  # noqa: E402
 from stages import synthetic_estep  # noqa: E402  (benchmarks/stages.py: the same synthetic pool)
 
@@ -65,6 +66,26 @@ def traced(sync, fn, names, *args, top=25):
     return out
 
 
+def chunk_stats(sig, st, xp):
+    """The fine pass's chunks of this pool (as ``fine_pass`` forms them): members, union orientations and
+    translations, and the dense work against the members' own."""
+    B = len(sig.n_sig)
+    nO = st.grid.n_dir * st.grid.n_psi
+    limits = fine_limits(xp)
+    okeys = _unique_per_particle(sig.b, sig.c * nO + sig.o, B)
+    tkeys = _unique_per_particle(sig.b, sig.t, B)
+    chunks = overlap_chunks(okeys, tkeys, sig.best, 32.0, st.fine_max_elems or limits["max_elems"],
+                            st.fine_waste or limits["waste"])
+    b = np.array([len(J) for J in chunks])
+    F = np.array([8 * len(np.unique(np.concatenate([okeys[j] for j in J]))) for J in chunks])
+    T = np.array([4 * len(np.unique(np.concatenate([tkeys[j] for j in J]))) for J in chunks])
+    own = np.array([sum(32 * len(okeys[j]) * len(tkeys[j]) for j in J) for J in chunks])
+    dense = b * F * T
+    print(f"fine chunks: {len(chunks)}; members median {np.median(b):.0f} (max {b.max()}), union orientations "
+          f"median {np.median(F):.0f} (max {F.max()}), translations median {np.median(T):.0f} (max {T.max()}); "
+          f"dense / own work {dense.sum() / own.sum():.1f}; dense values {dense.sum():.3g}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--box", type=int, default=128)
@@ -78,6 +99,12 @@ def main():
     ap.add_argument("--offset-range", type=float, default=5.0, help="pixels")
     ap.add_argument("--offset-step", type=float, default=2.0, help="pixels")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--fine-waste", type=float, default=0.0, help="fine-pass chunk waste allowed (0: backend's)")
+    ap.add_argument("--fine-max-elems", type=int, default=0, help="fine-pass chunk budget (0: backend's)")
+    ap.add_argument("--repeat", type=int, default=2, help="untraced runs of each pass (best time printed)")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="WASTE:MAX_ELEMS",
+                    help="also time the fine pass untraced with these chunk settings (0: backend's), e.g. 32:0 0:1e6")
+    ap.add_argument("--no-trace", action="store_true", help="untraced times only")
     a = ap.parse_args()
     xp = np
     if gpu_count():
@@ -87,7 +114,7 @@ def main():
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
     images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
     grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
-    st = replace(st, grid=grid, maxsig=a.maxsig)
+    st = replace(st, grid=grid, maxsig=a.maxsig, fine_waste=a.fine_waste, fine_max_elems=a.fine_max_elems)
     cache = ProjectionCache(1 << 33)
     pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
     pri = orientation_priors(parts, model, st)
@@ -95,9 +122,35 @@ def main():
     fine_pass(xp, pre, parts, model, st, sig, cache)
     print(f"{'numpy' if xp is np else 'cupy'}; box {a.box}, {a.n} particles, noise {a.noise}: median "
           f"{np.median(sig.n_sig):.0f} significant samples")
+    chunk_stats(sig, st, xp)
+    for name, fn, args in (("coarse_pass", coarse_pass, (xp, pre, parts, model, st, pri, cache)),
+                           ("fine_pass", fine_pass, (xp, pre, parts, model, st, sig, cache))):
+        best = np.inf
+        for _ in range(a.repeat):
+            sync()
+            t0 = time.perf_counter()
+            fn(*args)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        print(f"{name}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
+    for item in a.sweep:
+        w, e = (float(v) for v in item.split(":"))
+        st_s = replace(st, fine_waste=w, fine_max_elems=int(e))
+        chunk_stats(sig, st_s, xp)
+        best = np.inf
+        for _ in range(a.repeat):
+            sync()
+            t0 = time.perf_counter()
+            fine_pass(xp, pre, parts, model, st_s, sig, cache)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        print(f"  fine_pass with waste {w:g}, max_elems {e:g}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
+    if a.no_trace:
+        return
     traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
            xp, pre, parts, model, st, pri, cache, top=a.top)
-    traced(sync, fine_pass, {"fine_pass", "shifted_sums", "posterior_weights", "significant_set", "overlap_chunks"},
+    traced(sync, fine_pass, {"fine_pass", "shifted_cross", "posterior_weights", "significant_set", "_children_diff2",
+                             "_child_posteriors", "_add_rows"},
            xp, pre, parts, model, st, sig, cache, top=a.top)
 
 

@@ -25,17 +25,19 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   segment ``17 c b`` (``c = candidate_segment(O T K)``: at most 16,384) and the diff2 and weights of
   particles with flat posteriors redone densely (``2 x 8 e`` at most); + the particle side of the product
   ``32 b T Mc``;
-* ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights: ``80 B M``) and the union of
-  the children of the significant orientations, ``R = 8 f K O`` fine orientations.  While they are projected: their
-  projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at
-  most 4,096; ``fine.project_row_bytes``).  Then each with its projection, power and back-projection sums, ``48 R M``,
-  a chunk's projections ``16 R M`` (at most), and the chunk's arrays ``~3 x 8 min(E, 32 B f O T K)`` on a GPU
-  (cross terms, the weights in the layout of the weighted sums, the kept orientations' weights), ``~10 x 8`` on a
-  CPU (NumPy's temporaries of the same expressions; checked by ``tests/test_plan.py``) plus one weighted-sum
-  intermediate ``16 min(E, ...)`` (``fine.shifted_sums``); or the cross terms ``8 min(E, ...)`` with the shifted images
-  ``16 min(E, B 4T M)`` (``fine.shifted_cross``; the two loops of a chunk do not overlap); or the 3D insertion of
-  the ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices,
-  weights, 3D coordinates, and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+* ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms
+  and the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations,
+  ``R = 8 f K O`` fine orientations.  While they are projected: their projections ``16 R M`` and one chunk of full
+  slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at most 4,096; ``fine.project_row_bytes``).  Then
+  each with its projection, power and back-projection sums, ``48 R M``, and the largest of the pass's phases (they
+  do not coexist): a chunk's diff2, with its projections ``16 R M`` (at most), cross terms ``8 e`` (``e = min(E,
+  32 B f O T K)``) and shifted images ``16 min(E, B 4T M)`` (``fine.shifted_cross``), beside the group's children
+  ``8 g`` (``g = min(E / 16, e)``, ``fine._group_particles``); the group's posterior weights ``~6 x 8 e`` on a GPU,
+  ``~10 x 8 e`` on a CPU (NumPy's temporaries; checked by ``tests/test_plan.py``); a chunk of the weighted sums'
+  pairs, ``100 min(E / 8, B R M)`` beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's
+  host); or the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices:
+  ``min(R, S) (49 h + 150 M)`` (slices, weights, 3D coordinates, and the per-pixel interpolation arrays;
+  ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -164,16 +166,20 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c + 32 * min(b_c, B) * T * Mc
     R = 8 * f * K * O
     e_f = min(E, 32 * B * f * O * T * K)
-    dense_f = (3 if backend == "gpu" else 10) * 8 * e_f  # NumPy's temporaries: tests/test_plan.py
+    e_g = min(E // 16, e_f)  # children of one group of particles (fine._group_particles)
+    dense_w = (6 if backend == "gpu" else 10) * 8 * e_f  # the group's posterior weights; NumPy's temporaries
     slice_bytes = FINE_LIMITS[backend]["slice_bytes"]
     row_i, row_p = insert_row_bytes(n, M), project_row_bytes(n)
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
     projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
     shifted = 16 * min(E, B * 4 * T * M)
-    # a chunk's peak: its cross terms with the shifted images (first loop), or the weights in the dense layout with
-    # one weighted-sum intermediate (second loop), or a chunk of the 3D insertion: they do not coexist
-    chunk_f = max(8 * e_f + shifted, dense_f + 16 * e_f, insert)
-    fine = 80 * B * M + max(projecting, 64 * R * M + chunk_f)
+    # the fine pass's peak is one of its phases, which do not coexist: a chunk's diff2 (its projections, cross terms
+    # and shifted images, beside the group's children), the group's posterior weights, a chunk of pairs of the
+    # weighted sums (~100 bytes a pixel of E / 8 pair pixels, beside the children's index arrays: ~40 bytes a child
+    # on a GPU, ~120 on a CPU's host), or a chunk of the 3D insertion
+    pairs = 100 * min(E // 8, B * R * M) + (40 if backend == "gpu" else 120) * e_g
+    chunk_f = max(16 * R * M + 8 * e_f + shifted + 8 * e_g, dense_w, pairs, insert)
+    fine = 112 * B * M + max(projecting, 48 * R * M + chunk_f)
     partials = 24 * K * L
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     counts = _half_counts(n_particles, halves)

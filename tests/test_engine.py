@@ -209,6 +209,116 @@ def test_chunking_of_particles_does_not_change_results(cc, local):
         assert np.allclose(getattr(r1, f), getattr(rd, f), rtol=1e-9, atol=1e-9), f
 
 
+def _direct_fine_pass(pre, parts, model, st, sig):
+    """The fine pass evaluated child by child in float64 NumPy (ALGORITHM.md §4.3-4.6): every child's projection
+    and shifted image made on its own, diff2 = sum_k |X s_t - Cr P_f|^2 / (2 sigma^2) + the high-resolution term,
+    weights over a particle's children, its significance threshold, and each sum written out per child."""
+    from gerelion_dask.expectation.fine import gather, grid_of, project_gathered
+    from gerelion_dask.expectation.weights import posterior_weights, significance_threshold
+    from gerelion_dask.ops.backprojector import BackProjection, insert_slices
+    from gerelion_dask.ops.fourier import likelihood_pixels, shells_2d
+
+    ps, grid = st.preprocess, st.grid
+    n, NB = ps.current_size, ps.ori_size
+    mb = likelihood_pixels(n, include_dc=True)
+    shb = shells_2d(n)[mb]
+    X, Xnm, ctf = gather(pre.fimg, mb), gather(pre.fimg_nomask, mb), gather(pre.ctf, mb)
+    s2 = np.asarray(model.sigma2_noise)[parts.optics_group][:, shb]
+    K = len(model.refs)
+    bp = {c: {} for c in range(K)}  # class -> fine id -> [data, weight] (M,)
+    sigma2 = np.zeros((1, NB // 2 + 1))
+    wdir = np.zeros((K, grid.n_dir))
+    wcls, off, xa, aa, norm, pmax, ll = np.zeros(K), 0.0, 0.0, 0.0, [], [], []
+    poses = []
+    for j in range(len(parts.index)):
+        C = ctf[j] * model.scales[parts.group[j]]
+        Cr = C if st.ctf_on_reference else np.ones_like(C)
+        rows = np.nonzero(sig.b == j)[0]
+        kids = []  # (class, coarse orientation, fine id, fine translation px, log prior, P, s)
+        for r in rows:
+            gids = grid.fine_ids(np.array([sig.o[r]]))[0]
+            tf = grid.fine_translations(np.array([sig.t[r]]))[0]
+            P = project_gathered(model.refs[sig.c[r]], grid.fine_matrices_from_ids(gids), n, mb, np)
+            s = gather(cv.shift_phase_2d(n, NB, tf), mb)
+            kids += [(sig.c[r], sig.o[r], gids[f], tf[t], sig.lp[r], P[f], s[t]) for f in range(8) for t in range(4)]
+        lik = shb >= 1
+        d = np.array([(np.abs(X[j] * k[6] - Cr * k[5]) ** 2 / (2 * s2[j]))[lik].sum() + pre.highres_xi2[j] / 2
+                      for k in kids])
+        w, dmin, sumw, _ = posterior_weights(d[None], np.array([k[4] for k in kids])[None])
+        thr = significance_threshold(w, st.adaptive_fraction, st.maxsig, sumw)
+        w = np.where(w >= thr[:, None], w, 0.0)[0] / sumw[0]
+        best = kids[int(np.argmax(w))]
+        poses.append((best[0], best[2], best[3]))
+        pmax.append(w.max())
+        ll.append(np.log(sumw[0]) - dmin[0] - np.log(2 * np.pi * s2[j][lik]).sum())
+        resid = np.zeros(len(mb.nonzero()[0]))
+        for wk, (c, o, g, tf, _, P, s) in zip(w, kids, strict=True):
+            if wk == 0:
+                continue
+            e = bp[c].setdefault(g, [0j, 0.0])
+            e[0] = e[0] + wk * Xnm[j] * s * C / s2[j]
+            e[1] = e[1] + wk * C * C / s2[j]
+            resid += wk * np.abs(X[j] * s - Cr * P) ** 2
+            good = np.asarray(model.data_vs_prior)[c][shb] > 3
+            xa += wk * (Cr * np.real(X[j] * s * np.conj(P)) * good).sum()
+            aa += wk * (Cr * Cr * np.abs(P) ** 2 * good).sum()
+            wdir[c, o // grid.n_psi] += wk
+            wcls[c] += wk
+            off += wk * (((parts.offset_prior_px[j] - pre.int_offset_px[j] - tf) * ps.pixel_size) ** 2).sum()
+        np.add.at(sigma2[0], shb, resid)
+        sigma2[0] += pre.power_highres[j]
+        norm.append(parts.norm[j] / model.avg_norm * np.sqrt(2 * (resid.sum() + pre.power_highres[j].sum())))
+    vol_d = np.zeros((K,) + grid_of(model).shape, complex)
+    vol_w = np.zeros((K,) + grid_of(model).shape)
+    for c in range(K):
+        g = np.array(sorted(bp[c]))
+        sl = np.zeros((len(g), n, n // 2 + 1), complex)
+        wt = np.zeros((len(g), n, n // 2 + 1))
+        sl[:, mb] = [bp[c][x][0] for x in g]
+        wt[:, mb] = [bp[c][x][1] for x in g]
+        insert_slices(BackProjection(vol_d[c], vol_w[c], grid_of(model)), grid.fine_matrices_from_ids(g), sl, wt)
+    return (vol_d, vol_w, sigma2, wdir, wcls, off, xa, aa, np.array(norm), np.array(pmax), np.array(ll), poses)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, xp):
+    # oracle: _direct_fine_pass (float64 NumPy, child by child) -- the fine pass's chunked diff2 and its weighted
+    # sums over (particle, class, orientation) pairs (on NumPy and on CuPy) must give the same volumes, noise,
+    # prior, offset, scale and norm sums, and the same best pose, pmax and log-likelihood per particle
+    from gerelion_dask.expectation.estep import coarse_pass, orientation_priors
+    from gerelion_dask.expectation.fine import fine_pass
+    from gerelion_dask.expectation.preprocess import PreprocessedPool, preprocess_pool
+
+    maps = [phantom_map(N, APIX, seed=1), phantom_map(N, APIX, seed=2)][:K] if K == 2 else None
+    img, parts, A, off, s2, maps = _dataset(6, 4.0, seed=11, maps=maps, classes=np.arange(6) % K if K == 2 else None)
+    model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, do_scale=True, grid=replace(st.grid, perturb=0.3), preprocess=replace(st.preprocess, do_norm=True))
+    model = replace(model, data_vs_prior=np.where(np.arange(N // 2 + 1) < 6, 10.0, 1.0)[None].repeat(K, 0))
+    mx = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
+    pre = preprocess_pool(xp.asarray(img), parts, st.preprocess, model.sigma2_noise)
+    sig = coarse_pass(xp, pre, parts, mx, st, orientation_priors(parts, model, st))
+    assert sig.n_sig.max() > 3  # several significant samples, so the weights and pairs are not trivial
+    part, res = fine_pass(xp, pre, parts, mx, st, sig)
+    part = part.to_host()
+    pre = PreprocessedPool(*(to_np(getattr(pre, f.name)) for f in fields(pre)))
+    vd, vw, sigma2, wdir, wcls, off_, xa, aa, norm, pmax, ll, poses = _direct_fine_pass(pre, parts, model, st, sig)
+    close = dict(rtol=1e-9, atol=1e-12)
+    assert np.allclose(part.bp_data, vd, rtol=1e-9, atol=1e-12 * np.abs(vd).max())
+    assert np.allclose(part.bp_weight, vw, rtol=1e-9, atol=1e-12 * np.abs(vw).max())
+    assert np.allclose(part.wsum_sigma2, sigma2, **close)
+    assert np.allclose(part.wsum_pdf_direction, wdir, **close) and np.allclose(part.wsum_pdf_class, wcls, **close)
+    assert np.isclose(part.wsum_sigma2_offset, off_, **close)
+    assert np.isclose(part.wsum_scale_xa.sum(), xa, **close) and np.isclose(part.wsum_scale_aa.sum(), aa, **close)
+    assert np.allclose(res.norm, norm, **close) and np.allclose(res.pmax, pmax, **close)
+    assert np.allclose(res.loglik, ll, **close)
+    assert list(res.class_number) == [p[0] + 1 for p in poses]
+    got = np.stack(cv.matrix_to_euler(cv.euler_to_matrix(res.rot, res.tilt, res.psi)), 1)
+    want = np.stack(cv.matrix_to_euler(st.grid.fine_matrices_from_ids(np.array([p[1] for p in poses]))), 1)
+    assert np.allclose(got, want, atol=1e-9)
+    want_o = (pre.int_offset_px + np.array([p[2] for p in poses])) * st.preprocess.pixel_size
+    assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), want_o, atol=1e-9)
+
+
 _OOM_CHILD = r"""
 import logging, resource, sys, pickle
 import numpy as np
@@ -469,23 +579,6 @@ def test_counter_normals_are_standard_and_independent(xp):
     for a, b in ((z.real[:, :-1], z.real[:, 1:]), (z.real, z.imag), (z.real[:-1], z.real[1:])):
         assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / np.sqrt(a.size)
     assert np.array_equal(to_np(counter_normals([7], 10, xp))[0], to_np(counter_normals([3, 7], 20, xp))[1, :10])
-
-
-@pytest.mark.parametrize("J, Tf", [(3, 8), (12, 4)])  # contracted over translations first / over j first
-def test_shifted_sums_matches_einsum(xp, J, Tf):
-    # oracle: the float64 einsum of the definition, out[i, m] = sum_j sum_t W[i, j, t] V[j, m] ph[t, m], for both
-    # contraction orders and with row chunks smaller than the input (max_elems)
-    from gerelion_dask.expectation.fine import shifted_sums
-
-    rng = np.random.default_rng(5)
-    I, M = 7, 30
-    W = rng.uniform(size=(I, J, Tf))
-    V = rng.normal(size=(J, M)) + 1j * rng.normal(size=(J, M))
-    ph = np.exp(2j * np.pi * rng.uniform(size=(Tf, M)))
-    want = np.einsum("ijt,jm,tm->im", W, V, ph)
-    for max_elems in (1, 50, 10**6):
-        got = to_np(shifted_sums(xp, xp.asarray(W), xp.asarray(V), xp.asarray(ph), max_elems))
-        assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_projection_in_chunks_of_rotations_is_the_same(xp):

@@ -11,9 +11,10 @@ the per-particle evaluation (a chunk of one).  How many particles share a chunk 
 large chunks amortise kernel launches, on a CPU chunks stay near one particle unless the members overlap (a union at
 most ``waste`` times the sum of the members' own work).
 
-The weighted sums of §4.6 use the same algebra: with ``Q_j = W_j @ s`` (weights over translations times the
-translation phases), the back-projection data of fine orientation f is ``sum_j Q_jf * X_j * c_j / sigma^2``, and
-the model/data cross term of the noise, scale and norm sums is ``Re(X_j * sum_f conj(P_f) Q_jf)``.  Back-projection
+The weighted sums of §4.6 are taken over the (particle, class, fine orientation) pairs that kept any weight after
+the fine pass's significance threshold: with ``Q = sum_t w_t s_t`` (a pair's weights over its fine translations times
+the translation phases), the pair adds ``Q * X_j * c_j / sigma^2`` to the back-projection data of its orientation, and
+``Re(X_j conj(P_f) Q)`` to the model/data cross term of its particle's noise, scale and norm sums.  Back-projection
 sums of all particles of the pool are merged per fine orientation before one 3D insertion each.
 """
 
@@ -166,36 +167,6 @@ def _compact(sets) -> tuple[list[np.ndarray], int]:
     return np.split(inv, np.cumsum(sizes)[:-1]), len(u)
 
 
-def shifted_sums(xp, W, V, ph, max_elems: int):
-    """``out[i, m] = sum_j sum_t W[i, j, t] V[j, m] ph[t, m]`` for real ``W (I, J, Tf)``, complex ``V (J, M)`` and
-    translation phases ``ph (Tf, M)``: the fine pass's weighted sums of shifted images per orientation (``V`` =
-    images, ``j`` = particles) and of projections per particle (``V`` = conj(P), ``j`` = orientations).
-
-    Contracted in the order with the smaller intermediate (as ``einsum`` would choose): over ``t`` first (a real GEMM
-    ``(I*J, Tf) @ (Tf, 2M)`` against the interleaved phases, then a pass over ``(I, J, M)``) when ``J < Tf``, else
-    over ``j`` first (``(I*Tf, J) @ (J, 2M)`` against the interleaved ``V``, then a pass over ``(I, Tf, M)``); rows
-    ``i`` are taken in chunks whose intermediate holds at most ``max_elems`` values.
-    """
-    I, J, Tf = W.shape
-    M = V.shape[1]
-    out = xp.empty((I, M), np.complex128)
-    over_t = J < Tf
-    step = max(1, int(max_elems // max(1, (J if over_t else Tf) * M)))
-    Vv = xp.ascontiguousarray(V, dtype=np.complex128)
-    ph_v = xp.ascontiguousarray(ph, dtype=np.complex128).view(np.float64) if over_t else None
-    for s in range(0, I, step):
-        w = W[s : s + step]
-        n = w.shape[0]
-        if over_t:
-            Q = (xp.ascontiguousarray(w).reshape(n * J, Tf) @ ph_v).view(np.complex128).reshape(n, J, M)
-            out[s : s + n] = (Q * Vv[None]).sum(axis=1)
-        else:
-            wt = xp.ascontiguousarray(w.transpose(0, 2, 1)).reshape(n * Tf, J)
-            Z = (wt @ Vv.view(np.float64)).view(np.complex128).reshape(n, Tf, M)
-            out[s : s + n] = (Z * ph[None]).sum(axis=1)
-    return out
-
-
 def shifted_cross(xp, Z, ph, P, max_elems: int):
     """``g[i, t, f] = Re(sum_m Z[i, m] ph[t, m] conj(P[f, m]))``: ``(I, Tf, F)`` float64.
 
@@ -321,8 +292,125 @@ class FineProjections:
         return self.rows[c]
 
 
+def _add_rows(xp, target, rows: np.ndarray, values) -> None:
+    """``target[rows[i]] += values[i]`` for every ``i`` (repeated rows add up): a scatter-add of rows.  CuPy adds with
+    atomics on the device (complex rows as their float64 parts), so its sums are not bit-reproducible, like the 3D
+    insertion; NumPy sums each run of equal rows (after a stable sort by row) and adds it once, in a fixed order
+    (7x faster than a row at a time, and ``np.add.at`` is slower still, for runs of tens of rows of ~1,000 values)."""
+    if xp is np:
+        if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+            order = np.argsort(rows, kind="stable")
+            rows, values = rows[order], values[order]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]).tolist()
+        for lo, hi in zip(starts, starts[1:] + [len(rows)], strict=True):
+            target[rows[lo]] += values[lo] if hi == lo + 1 else values[lo:hi].sum(axis=0)
+        return
+    if xp.iscomplexobj(target):
+        target, values = target.view(np.float64), xp.ascontiguousarray(values).view(np.float64)
+    xp.add.at(target, xp.asarray(rows), values)
+
+
+@dataclass(frozen=True)
+class _PoolPixels:
+    """A pool's arrays at the fine pass's likelihood pixels, ``(B, M)`` (``a``: ``(B,)``), on the pool's device."""
+
+    X: object  # masked images
+    Xnm: object  # unmasked images (back-projection)
+    C: object  # CTF x scale
+    Cr: object  # CTF on the reference (ones without --ctf on the likelihood side)
+    Wd: object  # 1 / (2 sigma^2) at the likelihood shells, else 0
+    Wbp: object  # 1 / sigma^2
+    X2: object  # |X|^2
+    a: object  # sum Wd |X|^2 + the high-resolution part: the image term of diff2
+
+
+def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> list[np.ndarray]:
+    """Consecutive runs of ``order`` whose padded child layout (members x 32 x their most significant samples)
+    holds at most ``max_elems`` values and whose children (32 per significant sample) number at most
+    ``max_elems / 16``: the host keeps ~15 index arrays per child that kept weight (at least one particle each)."""
+    groups, start, widest, children = [], 0, 0, 0
+    for i, j in enumerate(order):
+        own = 32 * max(int(n_sig[j]), 1)
+        if i > start and ((i - start + 1) * max(widest, own) > max_elems or children + own > max_elems // 16):
+            groups.append(order[start:i])
+            start, widest, children = i, 0, 0
+        widest, children = max(widest, own), children + own
+    if len(order):
+        groups.append(order[start:])
+    return groups
+
+
+def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, J: np.ndarray, grid, ut_pool,
+                    ph_pool, do_cc: bool, lik, max_elems: int):
+    """diff2 (or -CC) of the 32 children of every significant sample of the particles ``J``: ``(rows, (S, 32))``
+    with ``rows = sig.rows_of(J)``.  Evaluated as dense products over the union of the members' orientations and
+    translations (``shifted_cross``) of which each particle's own children are taken."""
+    Jx = xp.asarray(J)
+    r = sig.rows_of(J)
+    jl = _local_index(J, sig.b[r])  # row of each significant sample's particle within the chunk
+    ut = np.unique(sig.t[r])
+    tf_rows = (np.searchsorted(ut_pool, ut)[:, None] * 4 + np.arange(4)[None, :]).reshape(-1)
+    ph = ph_pool[xp.asarray(tf_rows)]  # (Tf, M) the phases of the chunk's fine translations
+    it_all = np.searchsorted(ut, sig.t[r])
+    X, Cr, Wd = px.X[Jx], px.Cr[Jx], px.Wd[Jx]
+    child_f, child_t = np.divmod(np.arange(32), 4)  # a significant sample's 32 children: (8 orientations, 4 shifts)
+    d_rows = xp.empty((len(r), 32), np.float64)
+    for c in np.unique(sig.c[r]):
+        sel = np.nonzero(sig.c[r] == c)[0]
+        oc = np.unique(sig.o[r][sel])
+        io = np.searchsorted(oc, sig.o[r][sel])
+        rows_x = xp.asarray(fp.positions(c, grid.fine_ids(oc).reshape(-1)))
+        P = fp.data[c][rows_x]  # (F, M)
+        jx = xp.asarray(jl[sel])[:, None]
+        fx = xp.asarray(io[:, None] * 8 + child_f[None, :])  # (S_c, 32) the children's fine orientations here
+        tx = xp.asarray(it_all[sel][:, None] * 4 + child_t[None, :])  # and fine translations
+        if do_cc:
+            g_ = shifted_cross(xp, Cr * X, ph, P * lik, max_elems)  # (b, Tf, F)
+            normp = xp.sqrt((Cr * Cr * lik) @ fp.power[c][rows_x].T)  # (b, F)
+            normx = xp.sqrt((px.X2[Jx] * lik).sum(axis=1))  # (b,)
+            d_rows[xp.asarray(sel)] = -g_[jx, tx, fx] / (normp[jx, fx] * normx[jx] + 1e-300)
+        else:
+            bb = (Wd * Cr * Cr) @ fp.power[c][rows_x].T  # (b, F)
+            g_ = shifted_cross(xp, Wd * Cr * X, ph, P, max_elems)  # (b, Tf, F)
+            d_rows[xp.asarray(sel)] = (px.a[Jx][jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
+        del g_
+    return r, d_rows
+
+
+def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, b: int, settings):
+    """Normalised posterior weights of a group's children in the padded layout ``(b, L)`` (particle ``jl``'s
+    ``q``-th significant sample fills columns ``32 q .. 32 q + 31``), thresholded at the significance of the fine
+    samples (RELION keeps weights >= the significant weight in its sums); with ``--firstiter_cc`` the best child
+    alone has weight 1.  Returns ``(wp, dmin, sumw, bad)`` (``bad`` on the host)."""
+    L = 32 * (int(q.max()) + 1)
+    jq = (xp.asarray(jl), xp.asarray(q))
+    D = xp.full((b, L // 32, 32), xp.inf)
+    LP = xp.full((b, L // 32, 32), -xp.inf)
+    D[jq] = d
+    LP[jq] = xp.asarray(lp)[:, None]  # children inherit their parent's prior
+    D, LP = D.reshape(b, L), LP.reshape(b, L)
+    if settings.do_cc:
+        best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
+        w = xp.zeros_like(D)
+        w[xp.arange(b), best] = 1.0
+        return w, D[xp.arange(b), best], xp.ones(b), np.zeros(b, bool)
+    w, dmin, sumw, bad = posterior_weights(D, LP)
+    del D, LP
+    thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
+    w = xp.where(w >= thr[:, None], w, 0.0)
+    return w / sumw[:, None], dmin, sumw, to_host(bad)
+
+
 def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: ProjectionCache | None = None):
-    """Pass 2 for one pool: the significant coarse samples of pass 1 -> ``(Partials, PoolResult)``."""
+    """Pass 2 for one pool: the significant coarse samples of pass 1 -> ``(Partials, PoolResult)``.
+
+    Per group of particles (all of a pool unless their padded child layout exceeds the chunk budget): the children's
+    diff2 in chunks of overlapping particles (:func:`_children_diff2`), the posterior weights and significance of
+    the whole group at once (:func:`_child_posteriors`), then the weighted sums over the (particle, class, fine
+    orientation) pairs that kept any weight.  A pair's weights over its fine translations times their phases give
+    ``Q = sum_t w_t s_t``; it adds ``Q X c / sigma^2`` to its orientation's back-projection data and
+    ``Re(X conj(P) Q)`` to its particle's model/data cross term (§4.6).
+    """
     ps = settings.preprocess
     N, n = ps.ori_size, ps.current_size
     grid = settings.grid
@@ -341,18 +429,18 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     nsh = N // 2 + 1
     M = len(shb)
     mb_x = xp.asarray(mb)
-    X_all = gather(pre.fimg, mb_x)
-    Xnm_all = gather(pre.fimg_nomask, mb_x)
-    C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
-    Cr_all = C_all if settings.ctf_on_reference else xp.ones_like(C_all)
     lik_h = shb >= 1
     lik = xp.asarray(lik_h)
     s2_all = xp.asarray(sig2)[xp.asarray(og)][:, xp.asarray(shb)]  # (B, M), gathered on the device
+    X_all = gather(pre.fimg, mb_x)
+    C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
     Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
-    Wbp_all = 1.0 / s2_all
     X2_all = xp.abs(X_all) ** 2
-    a_all = (Wd_all * X2_all).sum(axis=1)
     hr_xi2 = to_host(pre.highres_xi2)
+    px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
+                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all, X2_all,
+                     (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0)
+    del s2_all
     highres = to_host(pre.power_highres)
     shell_1hot = xp.asarray((shb[:, None] == np.arange(nsh)[None, :]).astype(np.float64))  # (M, nsh)
     good = {c: xp.asarray(np.asarray(model.data_vs_prior)[c][shb] > 3) for c in range(K)}
@@ -363,7 +451,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
            ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
             "group_counts")}
-    scal = {"off": 0.0, "norm": 0.0, "ll": 0.0, "pmax": 0.0, "zero": 0}
+    scal = {"off": 0.0, "zero": 0}
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
     cache = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
@@ -378,154 +466,120 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     ut_pool = np.unique(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
     ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
-    child_f, child_t = np.divmod(np.arange(32), 4)  # a significant sample's 32 children: (8 orientations, 4 shifts)
-    for J in overlap_chunks(okeys, tkeys, sig.best, 32.0, max_elems, waste):
-        b = len(J)
-        Jx = xp.asarray(J)
-        r = sig.rows_of(J)  # grouped by particle in the order of J, each particle's rows by (class, orient., trans.)
-        S = len(r)
-        jl = _local_index(J, sig.b[r])  # row of each significant sample's particle within the chunk
-        ut = np.unique(sig.t[r])
-        tf_rows = (np.searchsorted(ut_pool, ut)[:, None] * 4 + np.arange(4)[None, :]).reshape(-1)
-        t_fine = t_fine_pool[tf_rows]  # (Tf, 2), and their phases
-        ph = ph_pool[xp.asarray(tf_rows)]
-        Tf = len(t_fine)
-        it_all = np.searchsorted(ut, sig.t[r])
-        X, Xnm, C, Cr, Wd = X_all[Jx], Xnm_all[Jx], C_all[Jx], Cr_all[Jx], Wd_all[Jx]
-        ah = xp.asarray(a_all[Jx] + xp.asarray(hr_xi2[J]) / 2.0)
-        # Every significant sample's 32 children are evaluated; the values are gathered per particle into a padded
-        # (b, L) array (L = 32 x the most significant samples of a member) instead of the dense (b, F x Tf) block,
-        # most of which belongs to other members' parents.  ``col`` maps each child to its column in the dense
-        # layout (class blocks of (F, Tf)) that the weighted sums below use.
-        d_rows = xp.empty((S, 32), np.float64)
-        col_rows = np.empty((S, 32), np.int64)
-        blocks = []
-        pos = 0
-        for c in np.unique(sig.c[r]):
-            sel = np.nonzero(sig.c[r] == c)[0]
-            oc = np.unique(sig.o[r][sel])
-            io = np.searchsorted(oc, sig.o[r][sel])
-            gid = grid.fine_ids(oc).reshape(-1)
-            rows = cache.positions(c, gid)
-            rows_x = xp.asarray(rows)
-            P = cache.data[c][rows_x]  # (F, M)
-            F = len(rows)
-            f_e = io[:, None] * 8 + child_f[None, :]  # (S_c, 32) the children's fine orientations in this block
-            t_e = it_all[sel][:, None] * 4 + child_t[None, :]  # and fine translations
-            jx, fx, tx = xp.asarray(jl[sel])[:, None], xp.asarray(f_e), xp.asarray(t_e)
-            if settings.do_cc:
-                g_ = shifted_cross(xp, Cr * X, ph, P * lik, max_elems)  # (b, Tf, F)
-                normp = xp.sqrt((Cr * Cr * lik) @ cache.power[c][rows_x].T)  # (b, F)
-                normx = xp.sqrt((X2_all[Jx] * lik).sum(axis=1))  # (b,)
-                d_rows[xp.asarray(sel)] = -g_[jx, tx, fx] / (normp[jx, fx] * normx[jx] + 1e-300)
-            else:
-                bb = (Wd * Cr * Cr) @ cache.power[c][rows_x].T  # (b, F)
-                g_ = shifted_cross(xp, Wd * Cr * X, ph, P, max_elems)  # (b, Tf, F)
-                d_rows[xp.asarray(sel)] = (ah[jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
-            del g_
-            col_rows[sel] = pos + f_e * Tf + t_e
-            blocks.append((c, oc, gid, rows, P))
-            pos += F * Tf
-        # the padded per-particle layout: particle jl's q-th significant sample fills columns 32 q .. 32 q + 31
+    ph_pool_v = xp.ascontiguousarray(ph_pool, dtype=np.complex128).view(np.float64)  # (4 |ut_pool|, 2 M)
+    resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
+    XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
+    CCW = px.C * px.C * px.Wbp
+    Cr2 = px.Cr * px.Cr
+    goodf = {c: g.astype(np.float64) for c, g in good.items()}
+    xa = xp.zeros(B, np.float64)
+    aa = xp.zeros(B, np.float64)
+    ws = np.zeros(B)  # each particle's kept weight (normalised: ~1)
+    pair_step = max(1, int(max_elems // (8 * M)))  # pairs per chunk of the weighted sums (~14 (n, M) arrays live)
+    for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
+        b = len(G)
+        r = sig.rows_of(G)  # the group's significant samples, grouped by particle in the order of G
+        jl = _local_index(G, sig.b[r])
         cnt = np.bincount(jl, minlength=b)
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
-        q = np.arange(S) - first[jl]
-        L = 32 * int(cnt.max())
-        jq = (xp.asarray(jl), xp.asarray(q))
-        D = xp.full((b, L // 32, 32), xp.inf)
-        LP = xp.full((b, L // 32, 32), -xp.inf)
-        D[jq] = d_rows
-        LP[jq] = xp.asarray(sig.lp[r])[:, None]  # children inherit their parent's prior
-        D, LP = D.reshape(b, L), LP.reshape(b, L)
-        del d_rows
-        if settings.do_cc:
-            best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
-            w = xp.zeros_like(D)
-            w[xp.arange(b), best] = 1.0
-            dmin = D[xp.arange(b), best]
-            sumw = xp.ones(b)
-            bad = np.zeros(b, bool)
-        else:
-            w, dmin, sumw, bad = posterior_weights(D, LP)
-            thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
-            w = xp.where(w >= thr[:, None], w, 0.0)
-            bad = to_host(bad)
-        del D, LP
+        q = np.arange(len(r)) - first[jl]
+        where = np.full(len(sig.b), -1)
+        where[r] = np.arange(len(r))
+        d = xp.empty((len(r), 32), np.float64)
+        for L_ in overlap_chunks([okeys[j] for j in G], [tkeys[j] for j in G], sig.best[G], 32.0, max_elems, waste):
+            rc, dc = _children_diff2(xp, px, cache, sig, G[L_], grid, ut_pool, ph_pool, settings.do_cc, lik,
+                                     max_elems)
+            d[xp.asarray(where[rc])] = dc
+            del dc
+        wp, dmin, sumw, bad = _child_posteriors(xp, d, sig.lp[r], jl, q, b, settings)
+        del d
         scal["zero"] += int(np.sum(bad))
-        wp = w / sumw[:, None]  # normalised, padded
-        del w
+        # each particle's best child -> its pose, class and offset
         ib = to_host(xp.argmax(wp, axis=1))
-        pmax = to_host(wp.max(axis=1))
-        ibest = col_rows[first + ib // 32, ib % 32]  # the best sample's column in the dense layout
-        wn = xp.zeros((b, pos), np.float64)  # the normalised weights in the dense layout of the weighted sums
-        wn[xp.asarray(jl)[:, None], xp.asarray(col_rows)] = wp.reshape(b, L // 32, 32)[jq]
-        del wp
-        resid = xp.zeros((b, M), np.float64)
-        ws_tot = xp.zeros(b, np.float64)
-        w_trans = xp.zeros((b, Tf), np.float64)
-        xa = xp.zeros(b, np.float64)
-        aa = xp.zeros(b, np.float64)
-        pos = 0
-        for c, oc, gid, rows, P in blocks:
-            F = len(rows)
-            Wm = wn[:, pos : pos + F * Tf].reshape(b, F, Tf)
-            jb = np.nonzero((ibest >= pos) & (ibest < pos + F * Tf))[0]  # members whose best sample is here
-            if jb.size:
-                r_, t_ = np.divmod(ibest[jb].astype(np.int64) - pos, Tf)
-                Jb = J[jb]
-                out["rot"][Jb], out["tilt"][Jb], out["psi"][Jb] = matrix_to_euler(grid.fine_matrices_from_ids(gid[r_]))
-                o_b = (int_off[Jb] + t_fine[t_]) * ps.pixel_size
-                out["ox"][Jb], out["oy"][Jb] = o_b[:, 0], o_b[:, 1]
-                out["cls"][Jb] = int(c) + 1
-            pos += F * Tf
-            wo = Wm.sum(axis=2)  # (b, F)
-            w_dir = to_host(wo.sum(axis=0)).reshape(len(oc), 8).sum(axis=1)
-            np.add.at(acc["wsum_pdf_direction"][c], oc // grid.n_psi, w_dir)
-            keep = np.nonzero(to_host(wo.max(axis=0)) > 0)[0]
-            if keep.size == 0:
-                continue
-            touched[c][rows[keep]] = True
-            w_trans += Wm.sum(axis=1)
-            ws = wo.sum(axis=1)
-            ws_tot += ws
-            acc["wsum_pdf_class"][c] += float(ws.sum())
-            bp_d = Xnm * C * Wbp_all[Jx]
-            bp_wt = C * C * Wbp_all[Jx]
-            kk, rk = xp.asarray(keep), xp.asarray(rows[keep])
-            Wk = Wm[:, kk]  # (b, F', Tf): the orientations with any weight
-            # each fine orientation occurs once per chunk, so the scatters below have no duplicate rows
-            bp_i[c][rk] += shifted_sums(xp, Wk.transpose(1, 0, 2), bp_d, ph, max_elems)
-            bp_w[c][rk] += wo[:, kk].T @ bp_wt
-            T_ = shifted_sums(xp, Wk, xp.conj(P[kk]), ph, max_elems)  # (b, M): sum_f conj(P_f) (shifted weights)
-            Pw = wo[:, kk] @ cache.power[c][rk]
-            del Wk
-            XT = (X * T_).real  # sum_f Re(conj(P_f) X Q_f): the model/data cross term
-            resid += (Cr * Cr) * Pw - 2.0 * Cr * XT + X2_all[Jx] * ws[:, None]
-            if settings.do_scale:
-                xa += (Cr * XT * good[c]).sum(axis=1)
-                aa += (Cr * Cr * Pw * good[c]).sum(axis=1)
-        u_f = int_off[J][:, None, :] + t_fine[None]  # (b, Tf, 2)
-        d2o = (((particles.offset_prior_px[J][:, None, :] - u_f) * ps.pixel_size) ** 2).sum(-1)
-        scal["off"] += float((to_host(w_trans) * d2o).sum())
-        if settings.do_scale:
-            np.add.at(acc["wsum_scale_xa"], particles.group[J], to_host(xa))
-            np.add.at(acc["wsum_scale_aa"], particles.group[J], to_host(aa))
-        per_shell = to_host(resid @ shell_1hot) + highres[J]  # (b, nsh)
-        np.add.at(acc["wsum_sigma2"], og[J], per_shell)
-        np.add.at(acc["sumw_optics"], og[J], to_host(ws_tot))
-        np.add.at(acc["group_counts"], particles.group[J], 1.0)
-        acc_norm = to_host(resid.sum(axis=1)) + highres[J].sum(axis=1)
-        norm_j = np.asarray(particles.norm)[J]
-        newnorm = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j
-        out["norm"][J] = newnorm
-        out["pmax"][J] = pmax
+        out["pmax"][G] = to_host(wp.max(axis=1))
+        row_b = r[first + ib // 32]
+        cf_b, ct_b = np.divmod(ib % 32, 4)
+        gid_b = grid.fine_ids(sig.o[row_b], cf_b)
+        out["rot"][G], out["tilt"][G], out["psi"][G] = matrix_to_euler(grid.fine_matrices_from_ids(gid_b))
+        o_b = (int_off[G] + grid.fine_translations(sig.t[row_b])[np.arange(b), ct_b]) * ps.pixel_size
+        out["ox"][G], out["oy"][G] = o_b[:, 0], o_b[:, 1]
+        out["cls"][G] = sig.c[row_b] + 1
         if settings.do_cc:
-            out["ll"][J] = -to_host(dmin)
+            out["ll"][G] = -to_host(dmin)
         else:
-            out["ll"][J] = np.log(to_host(sumw)) - to_host(dmin) - logsig[og[J]]
-    scal["norm"] = float(out["norm"].sum())
-    scal["pmax"] = float(out["pmax"].sum())
-    scal["ll"] = float(out["ll"].sum())
+            out["ll"][G] = np.log(to_host(sumw)) - to_host(dmin) - logsig[og[G]]
+        # the children that kept weight, as (particle, class, fine orientation) pairs
+        wp3 = wp.reshape(b, -1, 32)
+        nz = xp.nonzero(wp3 > 0)
+        wv_x = wp3[nz]
+        del wp, wp3
+        cj, cq, ck = (to_host(a) for a in nz)
+        del nz
+        wv = to_host(wv_x)
+        row = r[first[cj] + cq]
+        del cq
+        cc, co = sig.c[row], sig.o[row]
+        cg = grid.fine_ids(co, ck // 4)
+        tp = np.searchsorted(ut_pool, sig.t[row]) * 4 + ck % 4  # row in the pool's fine translations
+        del row, ck
+        ws += np.bincount(G[cj], wv, minlength=B)
+        acc["wsum_pdf_class"] += np.bincount(cc, wv, minlength=K)
+        acc["wsum_pdf_direction"] += np.bincount(cc * grid.n_dir + co // grid.n_psi, wv,
+                                                 minlength=K * grid.n_dir).reshape(K, grid.n_dir)
+        del co
+        Tp = len(t_fine_pool)
+        w_trans = np.bincount(cj * Tp + tp, wv, minlength=b * Tp).reshape(b, Tp)  # per particle and translation
+        u_f = int_off[G][:, None, :] + t_fine_pool[None]  # (b, Tp, 2) the offsets of the fine translations
+        d2o = (((particles.offset_prior_px[G][:, None, :] - u_f) * ps.pixel_size) ** 2).sum(-1)
+        scal["off"] += float((w_trans * d2o).sum())
+        del w_trans, u_f, d2o
+        del wv
+        order = np.argsort((cc * (int(cg.max()) + 1) + cg) * b + cj, kind="stable")  # by class, orientation, particle
+        cj, cc, cg, tp, wv_x = cj[order], cc[order], cg[order], tp[order], wv_x[xp.asarray(order)]
+        del order
+        new = np.ones(len(cj), bool)
+        new[1:] = (cj[1:] != cj[:-1]) | (cg[1:] != cg[:-1]) | (cc[1:] != cc[:-1])
+        pair = np.cumsum(new) - 1  # each child's pair
+        starts = np.flatnonzero(new)  # each pair's first child
+        del new
+        for c in np.unique(cc):
+            pc = np.flatnonzero(cc[starts] == c)  # this class's pairs (consecutive)
+            rows_c = cache.positions(c, cg[starts[pc]])
+            touched[c][rows_c] = True
+            for s in range(0, len(pc), pair_step):
+                pp = pc[s : s + pair_step]
+                lo, hi = starts[pp[0]], (starts[pp[-1] + 1] if pp[-1] + 1 < len(starts) else len(cj))
+                Wc = xp.zeros((len(pp), len(t_fine_pool)), np.float64)  # each pair's weights over fine translations
+                Wc[xp.asarray(pair[lo:hi] - pp[0]), xp.asarray(tp[lo:hi])] = wv_x[lo:hi]
+                Q = (Wc @ ph_pool_v).view(np.complex128)  # (n, M): sum_t w_t s_t
+                wo = Wc.sum(axis=1)[:, None]  # (n, 1) the pair's weight
+                del Wc
+                Jp = G[cj[starts[pp]]]
+                Jx, rx = xp.asarray(Jp), xp.asarray(rows_c[s : s + len(pp)])
+                _add_rows(xp, bp_i[c], rows_c[s : s + len(pp)], XCW[Jx] * Q)
+                _add_rows(xp, bp_w[c], rows_c[s : s + len(pp)], wo * CCW[Jx])
+                crxt = px.Cr[Jx] * (px.X[Jx] * (xp.conj(cache.data[c][rx]) * Q)).real  # Cr Re(X conj(P) Q)
+                del Q
+                cpw = Cr2[Jx] * cache.power[c][rx]  # Cr^2 |P|^2 (times the pair's weight: the model term)
+                _add_rows(xp, resid, Jp, wo * cpw - 2.0 * crxt)
+                if settings.do_scale:
+                    xp.add.at(xa, Jx, crxt @ goodf[c])
+                    xp.add.at(aa, Jx, wo[:, 0] * (cpw @ goodf[c]))
+                del crxt, cpw
+        del wv_x
+    del XCW, CCW, Cr2
+    resid += X2_all * xp.asarray(ws)[:, None]
+    if settings.do_scale:
+        np.add.at(acc["wsum_scale_xa"], particles.group, to_host(xa))
+        np.add.at(acc["wsum_scale_aa"], particles.group, to_host(aa))
+    per_shell = to_host(resid @ shell_1hot) + highres  # (B, nsh)
+    np.add.at(acc["wsum_sigma2"], og, per_shell)
+    np.add.at(acc["sumw_optics"], og, ws)
+    np.add.at(acc["group_counts"], particles.group, 1.0)
+    acc_norm = to_host(resid.sum(axis=1)) + highres.sum(axis=1)
+    del resid
+    norm_j = np.asarray(particles.norm, dtype=np.float64)
+    out["norm"] = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j.copy()
 
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
@@ -543,9 +597,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
             slices = weights = None
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
-                    acc["wsum_pdf_class"], acc["wsum_pdf_direction"], scal["off"], scal["norm"],
-                    acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], scal["ll"], scal["pmax"], B,
-                    scal["zero"])
+                    acc["wsum_pdf_class"], acc["wsum_pdf_direction"], scal["off"], float(out["norm"].sum()),
+                    acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], float(out["ll"].sum()),
+                    float(out["pmax"].sum()), B, scal["zero"])
     res = PoolResult(particles.index, out["rot"], out["tilt"], out["psi"], out["ox"], out["oy"],
                      out["cls"].astype(np.int64), out["pmax"], sig.n_sig.astype(np.int64), out["ll"], out["norm"])
     return part, res

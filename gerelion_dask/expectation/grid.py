@@ -104,11 +104,15 @@ class OrientationGrid:
         A = euler_to_matrix(r, t, s) @ self._perturb_matrix
         return A, self.fine_ids(coarse_o), (r, t, s)
 
-    def fine_ids(self, coarse_o: np.ndarray) -> np.ndarray:
+    def fine_ids(self, coarse_o: np.ndarray, child: np.ndarray | None = None) -> np.ndarray:
         """Global ids ``(len, 8)`` of the children of coarse orientations (``fine_orientations`` without the
-        matrices): ``((4 * dir_pix + sub_dir) * n_psi + psi) * 2 + sub_psi``."""
+        matrices): ``((4 * dir_pix + sub_dir) * n_psi + psi) * 2 + sub_psi``; with ``child`` (0-7, the shape of
+        ``coarse_o``) only that child's id, ``(len,)``."""
         coarse_o = np.asarray(coarse_o, dtype=np.int64)
         d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
+        if child is not None:
+            child = np.asarray(child, dtype=np.int64)
+            return ((4 * self.dir_pix[d] + child // 2) * self.n_psi + p) * 2 + child % 2
         child = 4 * self.dir_pix[d][:, None] + np.arange(4)[None, :]  # (len, 4)
         return (np.repeat(child, 2, axis=1) * self.n_psi + p[:, None]) * 2 + np.tile(np.arange(2), 4)[None, :]
 
