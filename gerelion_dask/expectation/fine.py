@@ -33,8 +33,8 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_limits", "fine_pass", "insert_row_bytes", "overlap_chunks",
-           "project_row_bytes"]
+__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_chunking", "fine_limits", "fine_pass",
+           "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
@@ -47,15 +47,30 @@ __all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_limits", "fine
 # in the 3D insertion at the end of the fine pass (``insert_row_bytes``); all of a pool's slices at once took 9-12 GB
 # per 1,000 slices at 256 px (memory_check --lines).  A NumPy insertion chunk costs a few passes over the whole
 # volume (``bincount``), so the CPU's chunks are larger.
+# The fine pass's diff2 chunks (``fine_chunking``): a chunk's dense work costs ~M per value, its fixed steps the
+# same at every size, so the waste allowed falls with the pixels M, ``waste_pixels / M`` between ``waste_min`` and
+# ``waste``, and a chunk may always grow to ``floor_pixels / M`` values (particles with one significant sample have
+# too little own work for the ratio alone).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
-                       "slice_bytes": 4 << 30},
+                       "slice_bytes": 4 << 30, "waste_pixels": 0.0, "waste_min": 1.5, "floor_pixels": 0.0},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "slice_bytes": 2 << 30}}
+                       "slice_bytes": 2 << 30, "waste_pixels": 3e5, "waste_min": 32.0, "floor_pixels": 6.4e9}}
 
 
 def fine_limits(xp) -> dict:
     """The ``FINE_LIMITS`` entry of the backend ``xp`` computes on (NumPy: ``"cpu"``, else ``"gpu"``)."""
     return FINE_LIMITS["cpu" if xp is np else "gpu"]
+
+
+def fine_chunking(limits: dict, M: int, waste: float = 0.0) -> tuple[float, float]:
+    """``(waste, floor)`` of the fine pass's diff2 chunks at ``M`` likelihood pixels (``FINE_LIMITS``); a given
+    ``waste`` (``--fine_waste`` of the benchmarks) is used as it is, with no floor."""
+    if waste:
+        return float(waste), 0.0
+    w = limits["waste"]
+    if limits["waste_pixels"]:
+        w = min(w, max(limits["waste_min"], limits["waste_pixels"] / max(M, 1)))
+    return float(w), limits["floor_pixels"] / max(M, 1)
 
 
 def project_row_bytes(n: int) -> int:
@@ -121,12 +136,14 @@ class Significant:
         return np.concatenate([np.arange(x, y) for x, y in zip(lo, hi, strict=True)]) if len(J) else np.zeros(0, int)
 
 
-def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float) -> list[np.ndarray]:
+def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float,
+                   floor: float = 0.0) -> list[np.ndarray]:
     """Group items whose index sets overlap: item j searches ``sets_a[j] x sets_b[j]`` (sorted unique arrays).
 
     Items are taken in ``key`` order; an item joins the current chunk while the chunk's dense work (members x
-    union_a x union_b x ``per_pair``) stays within ``max_elems`` and within ``waste`` times the members' own work.
-    The unions are kept as marks over the values that occur, so an item costs the size of its own sets.
+    union_a x union_b x ``per_pair``) stays within ``max_elems`` and either within ``waste`` times the members' own
+    work or within ``floor`` (work too small to be worth a chunk of its own).  The unions are kept as marks over the
+    values that occur, so an item costs the size of its own sets.
     """
     ids_a, n_a = _compact(sets_a)
     ids_b, n_b = _compact(sets_b)
@@ -140,7 +157,7 @@ def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: 
             na = la + int(np.count_nonzero(~mark_a[ids_a[j]]))
             nb = lb + int(np.count_nonzero(~mark_b[ids_b[j]]))
             dense = (len(cur) + 1) * float(na) * nb * per_pair
-            if dense > max_elems or dense > waste * (own_sum + own):
+            if dense > max_elems or (dense > waste * (own_sum + own) and dense > floor):
                 chunks.append(np.array(cur))
                 for i in cur:
                     mark_a[ids_a[i]] = False
@@ -419,7 +436,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     nO = grid.n_dir * grid.n_psi
     limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
-    waste = settings.fine_waste or limits["waste"]
 
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
     scale = np.asarray(model.scales)[particles.group]
@@ -466,6 +482,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     ut_pool = np.unique(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
     ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
+    waste, floor = fine_chunking(limits, M, settings.fine_waste)
     ph_pool_v = xp.ascontiguousarray(ph_pool, dtype=np.complex128).view(np.float64)  # (4 |ut_pool|, 2 M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
     XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
@@ -486,7 +503,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         where = np.full(len(sig.b), -1)
         where[r] = np.arange(len(r))
         d = xp.empty((len(r), 32), np.float64)
-        for L_ in overlap_chunks([okeys[j] for j in G], [tkeys[j] for j in G], sig.best[G], 32.0, max_elems, waste):
+        for L_ in overlap_chunks([okeys[j] for j in G], [tkeys[j] for j in G], sig.best[G], 32.0, max_elems, waste,
+                                 floor):
             rc, dc = _children_diff2(xp, px, cache, sig, G[L_], grid, ut_pool, ph_pool, settings.do_cc, lik,
                                      max_elems)
             d[xp.asarray(where[rc])] = dc
