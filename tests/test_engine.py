@@ -581,6 +581,26 @@ def test_counter_normals_are_standard_and_independent(xp):
     assert np.array_equal(to_np(counter_normals([7], 10, xp))[0], to_np(counter_normals([3, 7], 20, xp))[1, :10])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_add_rows_matches_add_at(xp, dtype):
+    # oracle: np.add.at -- the fine pass's scatter-add of rows (NumPy: runs of equal rows summed in order; CuPy:
+    # kernels/rows.py, one thread block per run) must add every row, repeats included, in any order of the rows
+    from gerelion_dask.expectation.fine import _add_rows
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 40, 3000)
+    rows[:50] = 7  # a long run into one row
+    values = rng.normal(size=(3000, 300)) + (1j * rng.normal(size=(3000, 300)) if dtype is np.complex128 else 0)
+    target = rng.normal(size=(40, 300)).astype(dtype)
+    want = target.copy()
+    np.add.at(want, rows, values)
+    got = xp.asarray(target)
+    _add_rows(xp, got, xp.asarray(rows), xp.asarray(values))
+    assert np.allclose(to_np(got), want, rtol=1e-12, atol=1e-12)
+    _add_rows(xp, got, xp.asarray(rows[:0]), xp.asarray(values[:0]))  # nothing to add
+    assert np.allclose(to_np(got), want, rtol=1e-12, atol=1e-12)
+
+
 def test_projection_in_chunks_of_rotations_is_the_same(xp):
     # oracle: the projection of all rotations at once -- project_gathered takes as many rotations at a time as fit
     # max_bytes (bounded working memory at 256 px); each slice depends on its own rotation only, so chunks of 3

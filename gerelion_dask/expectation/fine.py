@@ -302,29 +302,35 @@ class FineProjections:
             self.power[c] = xp.abs(self.data[c]) ** 2
             self.rows[c] = gid
 
-    def positions(self, c: int, gid) -> np.ndarray:
-        return np.searchsorted(self.rows[c], gid)
+    def positions(self, c: int, gid):
+        """Rows of the fine-orientation ids ``gid`` in this pool's projections (on ``gid``'s backend)."""
+        xp = get_xp(gid)
+        return xp.searchsorted(self.rows[c] if xp is np else xp.asarray(self.rows[c]), gid)
 
     def gids(self, c: int) -> np.ndarray:
         return self.rows[c]
 
 
-def _add_rows(xp, target, rows: np.ndarray, values) -> None:
-    """``target[rows[i]] += values[i]`` for every ``i`` (repeated rows add up): a scatter-add of rows.  CuPy adds with
-    atomics on the device (complex rows as their float64 parts), so its sums are not bit-reproducible, like the 3D
-    insertion; NumPy sums each run of equal rows (after a stable sort by row) and adds it once, in a fixed order
-    (7x faster than a row at a time, and ``np.add.at`` is slower still, for runs of tens of rows of ~1,000 values)."""
-    if xp is np:
-        if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
-            order = np.argsort(rows, kind="stable")
-            rows, values = rows[order], values[order]
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]).tolist()
-        for lo, hi in zip(starts, starts[1:] + [len(rows)], strict=True):
-            target[rows[lo]] += values[lo] if hi == lo + 1 else values[lo:hi].sum(axis=0)
+def _add_rows(xp, target, rows, values) -> None:
+    """``target[rows[i]] += values[i]`` for every ``i`` (repeated rows add up): a scatter-add of rows, in a fixed
+    order.  NumPy sums each run of equal rows (after a stable sort by row) and adds it once (7x faster than a row at a
+    time, and ``np.add.at`` is slower still, for runs of tens of rows of ~1,000 values); the CuPy twin
+    (``kernels/rows.py``) does the same with one thread block per run (no atomics)."""
+    if xp is not np:
+        from ..kernels.rows import add_rows
+
+        if xp.iscomplexobj(target):
+            target, values = target.view(np.float64), xp.ascontiguousarray(values).view(np.float64)
+        add_rows(target, rows, values)
         return
-    if xp.iscomplexobj(target):
-        target, values = target.view(np.float64), xp.ascontiguousarray(values).view(np.float64)
-    xp.add.at(target, xp.asarray(rows), values)
+    if len(rows) == 0:
+        return
+    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+        order = np.argsort(rows, kind="stable")
+        rows, values = rows[order], values[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]).tolist()
+    for lo, hi in zip(starts, starts[1:] + [len(rows)], strict=True):
+        target[rows[lo]] += values[lo] if hi == lo + 1 else values[lo:hi].sum(axis=0)
 
 
 @dataclass(frozen=True)
@@ -473,7 +479,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     cache = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
     bp_i = {c: xp.zeros(cache.data[c].shape, np.complex128) for c in cache.data}
     bp_w = {c: xp.zeros(cache.data[c].shape, np.float64) for c in cache.data}
-    touched = {c: np.zeros(cache.data[c].shape[0], bool) for c in cache.data}
+    touched = {c: xp.zeros(cache.data[c].shape[0], bool) for c in cache.data}
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
     okeys = _unique_per_particle(sig.b, sig.c * nO + sig.o, B)  # each particle's significant (class, orientation)
@@ -489,9 +495,12 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     CCW = px.C * px.C * px.Wbp
     Cr2 = px.Cr * px.Cr
     goodf = {c: g.astype(np.float64) for c, g in good.items()}
-    xa = xp.zeros(B, np.float64)
-    aa = xp.zeros(B, np.float64)
-    ws = np.zeros(B)  # each particle's kept weight (normalised: ~1)
+    xa = xp.zeros((B, 1), np.float64)
+    aa = xp.zeros((B, 1), np.float64)
+    ws = xp.zeros(B, np.float64)  # each particle's kept weight (normalised: ~1)
+    sig_x = {k: xp.asarray(getattr(sig, k)) for k in ("c", "o", "t")}
+    ut_pool_x = xp.asarray(ut_pool)
+    Tp = len(t_fine_pool)
     pair_step = max(1, int(max_elems // (8 * M)))  # pairs per chunk of the weighted sums (~14 (n, M) arrays live)
     for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
         b = len(G)
@@ -526,70 +535,76 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             out["ll"][G] = -to_host(dmin)
         else:
             out["ll"][G] = np.log(to_host(sumw)) - to_host(dmin) - logsig[og[G]]
-        # the children that kept weight, as (particle, class, fine orientation) pairs
+        # the children that kept weight, as (particle, class, fine orientation) pairs; on the pool's device
         wp3 = wp.reshape(b, -1, 32)
-        nz = xp.nonzero(wp3 > 0)
-        wv_x = wp3[nz]
+        cj, cq, ck = xp.nonzero(wp3 > 0)
+        wv = wp3[cj, cq, ck]
         del wp, wp3
-        cj, cq, ck = (to_host(a) for a in nz)
-        del nz
-        wv = to_host(wv_x)
-        row = r[first[cj] + cq]
+        row = xp.asarray(r)[xp.asarray(first)[cj] + cq]
         del cq
-        cc, co = sig.c[row], sig.o[row]
+        cc, co = sig_x["c"][row], sig_x["o"][row]
         cg = grid.fine_ids(co, ck // 4)
-        tp = np.searchsorted(ut_pool, sig.t[row]) * 4 + ck % 4  # row in the pool's fine translations
+        tp = xp.searchsorted(ut_pool_x, sig_x["t"][row]) * 4 + ck % 4  # row in the pool's fine translations
         del row, ck
-        ws += np.bincount(G[cj], wv, minlength=B)
-        acc["wsum_pdf_class"] += np.bincount(cc, wv, minlength=K)
-        acc["wsum_pdf_direction"] += np.bincount(cc * grid.n_dir + co // grid.n_psi, wv,
-                                                 minlength=K * grid.n_dir).reshape(K, grid.n_dir)
+        Gx = xp.asarray(G)
+        ws += xp.bincount(Gx[cj], weights=wv, minlength=B)
+        acc["wsum_pdf_class"] += to_host(xp.bincount(cc, weights=wv, minlength=K))
+        acc["wsum_pdf_direction"] += to_host(xp.bincount(cc * grid.n_dir + co // grid.n_psi, weights=wv,
+                                                         minlength=K * grid.n_dir)).reshape(K, grid.n_dir)
         del co
-        Tp = len(t_fine_pool)
-        w_trans = np.bincount(cj * Tp + tp, wv, minlength=b * Tp).reshape(b, Tp)  # per particle and translation
+        w_trans = to_host(xp.bincount(cj * Tp + tp, weights=wv, minlength=b * Tp)).reshape(b, Tp)
         u_f = int_off[G][:, None, :] + t_fine_pool[None]  # (b, Tp, 2) the offsets of the fine translations
         d2o = (((particles.offset_prior_px[G][:, None, :] - u_f) * ps.pixel_size) ** 2).sum(-1)
         scal["off"] += float((w_trans * d2o).sum())
         del w_trans, u_f, d2o
-        del wv
-        order = np.argsort((cc * (int(cg.max()) + 1) + cg) * b + cj, kind="stable")  # by class, orientation, particle
-        cj, cc, cg, tp, wv_x = cj[order], cc[order], cg[order], tp[order], wv_x[xp.asarray(order)]
+        key = (cc * (int(cg.max()) + 1) + cg) * b + cj  # children by class, fine orientation, particle
+        order = xp.argsort(key)
+        key, cj, cc, cg, tp, wv = key[order], cj[order], cc[order], cg[order], tp[order], wv[order]
         del order
-        new = np.ones(len(cj), bool)
-        new[1:] = (cj[1:] != cj[:-1]) | (cg[1:] != cg[:-1]) | (cc[1:] != cc[:-1])
-        pair = np.cumsum(new) - 1  # each child's pair
-        starts = np.flatnonzero(new)  # each pair's first child
+        new = xp.ones(key.size, bool)
+        new[1:] = key[1:] != key[:-1]
+        del key
+        pair = xp.cumsum(new) - 1  # each child's pair
+        starts = xp.flatnonzero(new)  # each pair's first child
         del new
-        for c in np.unique(cc):
-            pc = np.flatnonzero(cc[starts] == c)  # this class's pairs (consecutive)
-            rows_c = cache.positions(c, cg[starts[pc]])
+        p_c, p_g, p_j = cc[starts], cg[starts], cj[starts]
+        starts_h = np.append(to_host(starts), cj.size)  # pair i's children: starts_h[i] .. starts_h[i + 1]
+        per_class = to_host(xp.bincount(p_c, minlength=K))  # pairs are ordered by class
+        del cc, cg, cj, starts
+        lo_c = 0
+        for c in range(K):
+            hi_c, lo_c = lo_c + int(per_class[c]), lo_c
+            if hi_c == lo_c:
+                continue
+            rows_c = cache.positions(c, p_g[lo_c:hi_c])
             touched[c][rows_c] = True
-            for s in range(0, len(pc), pair_step):
-                pp = pc[s : s + pair_step]
-                lo, hi = starts[pp[0]], (starts[pp[-1] + 1] if pp[-1] + 1 < len(starts) else len(cj))
-                Wc = xp.zeros((len(pp), len(t_fine_pool)), np.float64)  # each pair's weights over fine translations
-                Wc[xp.asarray(pair[lo:hi] - pp[0]), xp.asarray(tp[lo:hi])] = wv_x[lo:hi]
+            for s in range(lo_c, hi_c, pair_step):
+                e = min(s + pair_step, hi_c)
+                lo, hi = int(starts_h[s]), int(starts_h[e])
+                Wc = xp.zeros((e - s, Tp), np.float64)  # each pair's weights over the fine translations
+                Wc[pair[lo:hi] - s, tp[lo:hi]] = wv[lo:hi]
                 Q = (Wc @ ph_pool_v).view(np.complex128)  # (n, M): sum_t w_t s_t
                 wo = Wc.sum(axis=1)[:, None]  # (n, 1) the pair's weight
                 del Wc
-                Jp = G[cj[starts[pp]]]
-                Jx, rx = xp.asarray(Jp), xp.asarray(rows_c[s : s + len(pp)])
-                _add_rows(xp, bp_i[c], rows_c[s : s + len(pp)], XCW[Jx] * Q)
-                _add_rows(xp, bp_w[c], rows_c[s : s + len(pp)], wo * CCW[Jx])
+                Jx, rx = Gx[p_j[s:e]], rows_c[s - lo_c : e - lo_c]
+                _add_rows(xp, bp_i[c], rx, XCW[Jx] * Q)
+                _add_rows(xp, bp_w[c], rx, wo * CCW[Jx])
                 crxt = px.Cr[Jx] * (px.X[Jx] * (xp.conj(cache.data[c][rx]) * Q)).real  # Cr Re(X conj(P) Q)
                 del Q
                 cpw = Cr2[Jx] * cache.power[c][rx]  # Cr^2 |P|^2 (times the pair's weight: the model term)
-                _add_rows(xp, resid, Jp, wo * cpw - 2.0 * crxt)
+                _add_rows(xp, resid, Jx, wo * cpw - 2.0 * crxt)
                 if settings.do_scale:
-                    xp.add.at(xa, Jx, crxt @ goodf[c])
-                    xp.add.at(aa, Jx, wo[:, 0] * (cpw @ goodf[c]))
+                    _add_rows(xp, xa, Jx, (crxt @ goodf[c])[:, None])
+                    _add_rows(xp, aa, Jx, wo * (cpw @ goodf[c])[:, None])
                 del crxt, cpw
-        del wv_x
+            lo_c = hi_c
+        del wv, pair, tp, p_c, p_g, p_j
     del XCW, CCW, Cr2
-    resid += X2_all * xp.asarray(ws)[:, None]
+    resid += X2_all * ws[:, None]
+    ws = to_host(ws)
     if settings.do_scale:
-        np.add.at(acc["wsum_scale_xa"], particles.group, to_host(xa))
-        np.add.at(acc["wsum_scale_aa"], particles.group, to_host(aa))
+        np.add.at(acc["wsum_scale_xa"], particles.group, to_host(xa)[:, 0])
+        np.add.at(acc["wsum_scale_aa"], particles.group, to_host(aa)[:, 0])
     per_shell = to_host(resid @ shell_1hot) + highres  # (B, nsh)
     np.add.at(acc["wsum_sigma2"], og, per_shell)
     np.add.at(acc["sumw_optics"], og, ws)
@@ -603,7 +618,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
     step = max(1, int(limits["slice_bytes"] // insert_row_bytes(n, M)))  # slices per chunk of the insertion
     for c in bp_i:
-        touched_rows = np.nonzero(touched[c])[0]
+        touched_rows = np.nonzero(to_host(touched[c]))[0]
         for s in range(0, touched_rows.size, step):
             rows = touched_rows[s : s + step]
             rx = xp.asarray(rows)

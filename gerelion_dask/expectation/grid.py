@@ -15,6 +15,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..backend import get_xp
+
 from ..conventions import euler_to_matrix
 
 __all__ = ["OrientationGrid", "coarse_translations"]
@@ -104,17 +106,19 @@ class OrientationGrid:
         A = euler_to_matrix(r, t, s) @ self._perturb_matrix
         return A, self.fine_ids(coarse_o), (r, t, s)
 
-    def fine_ids(self, coarse_o: np.ndarray, child: np.ndarray | None = None) -> np.ndarray:
+    def fine_ids(self, coarse_o, child=None):
         """Global ids ``(len, 8)`` of the children of coarse orientations (``fine_orientations`` without the
         matrices): ``((4 * dir_pix + sub_dir) * n_psi + psi) * 2 + sub_psi``; with ``child`` (0-7, the shape of
-        ``coarse_o``) only that child's id, ``(len,)``."""
-        coarse_o = np.asarray(coarse_o, dtype=np.int64)
+        ``coarse_o``) only that child's id, ``(len,)``.  On the backend of ``coarse_o`` (NumPy or CuPy)."""
+        xp = get_xp(coarse_o)
+        coarse_o = xp.asarray(coarse_o, dtype=np.int64)
         d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
+        dir_pix = xp.asarray(self.dir_pix)
         if child is not None:
-            child = np.asarray(child, dtype=np.int64)
-            return ((4 * self.dir_pix[d] + child // 2) * self.n_psi + p) * 2 + child % 2
-        child = 4 * self.dir_pix[d][:, None] + np.arange(4)[None, :]  # (len, 4)
-        return (np.repeat(child, 2, axis=1) * self.n_psi + p[:, None]) * 2 + np.tile(np.arange(2), 4)[None, :]
+            child = xp.asarray(child, dtype=np.int64)
+            return ((4 * dir_pix[d] + child // 2) * self.n_psi + p) * 2 + child % 2
+        sub = xp.arange(8) // 2
+        return ((4 * dir_pix[d][:, None] + sub[None, :]) * self.n_psi + p[:, None]) * 2 + (xp.arange(8) % 2)[None, :]
 
     def fine_translations(self, coarse_t: np.ndarray) -> np.ndarray:
         """Children of coarse translations, ``(len, 4, 2)`` pixels (``x_sub * 2 + y_sub``)."""
