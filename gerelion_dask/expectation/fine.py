@@ -573,7 +573,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         del cc, cg, cj, starts
         lo_c = 0
         for c in range(K):
-            hi_c, lo_c = lo_c + int(per_class[c]), lo_c
+            hi_c = lo_c + int(per_class[c])
             if hi_c == lo_c:
                 continue
             rows_c = cache.positions(c, p_g[lo_c:hi_c])
