@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -107,9 +108,14 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--work", default="large_run", help="folder for the simulated stacks, the store and the run")
     ap.add_argument("--keep", action="store_true", help="keep --work afterwards (default: removed)")
+    ap.add_argument("--gpu-memory", type=float, default=0.0, metavar="GIB",
+                    help="emulate a GPU of this many GiB: CuPy's pool limit in the workers (CUPY_GPU_MEMORY_LIMIT), "
+                         "which the E-step's budgets follow (fine.device_memory_bytes)")
     ns = ap.parse_args()
     if ns.unique > ns.n or ns.unique < ns.procs:
         ap.error("need procs <= unique <= n")
+    if ns.gpu_memory:  # read by CuPy in each worker process the cluster starts (they inherit the environment)
+        os.environ["CUPY_GPU_MEMORY_LIMIT"] = str(int(ns.gpu_memory * 2**30))
 
     from dask_scaling import PHASES, PrintIterations, job_config, run
 

@@ -11,7 +11,8 @@ memory the arrays need above an idle process.  Symbols:
 * ``B`` particles per pool (``--pool``), ``K`` classes, ``H`` half sets, ``O = n_dir n_psi`` coarse orientations of
   one asymmetric unit at the HEALPix order, ``T`` coarse translations;
 * ``E = FINE_LIMITS[backend]["max_elems"]`` (``expectation/fine.py``): the most diff2 values of one chunk of
-  particles, in the coarse and in the fine pass;
+  particles, in the coarse and in the fine pass (on a GPU with less than ~78 GiB it, the projection caches and the
+  slice chunks below shrink with the GPU's memory: ``fine.gpu_limits``, ``--gpu_memory``);
 * ``f`` the fraction of coarse orientations that are significant for some particle of a pool (``--significant``;
   default 1, the worst case, met in the first iterations after a cross-correlation start).
 
@@ -130,9 +131,12 @@ class MemoryPlan:
 def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: int = 2, healpix_order: int = 2,
                 sym: str = "C1", offset_range: float = 6.0, offset_step: float = 2.0, pad: float = 2.0,
                 pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
-                significant_fraction: float = 1.0, current_size: int | None = None) -> MemoryPlan:
-    """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process."""
-    from .expectation.fine import FINE_LIMITS, insert_row_bytes, project_row_bytes
+                significant_fraction: float = 1.0, current_size: int | None = None,
+                gpu_memory_bytes: float | None = None) -> MemoryPlan:
+    """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process.
+    ``gpu_memory_bytes``: the GPU's total memory, whose budgets the E-step takes (``fine.gpu_limits``; default: those
+    of an 80 GB H100)."""
+    from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .io.readahead import DEFAULT_DEPTH as READ_AHEAD_DEPTH
@@ -151,7 +155,10 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     T = len(coarse_translations(offset_range, offset_step))
     B = min(int(pool), int(n_particles))
     f = float(significant_fraction)
-    E = FINE_LIMITS[backend]["max_elems"]
+    limits = FINE_LIMITS[backend]
+    if backend == "gpu":
+        limits = gpu_limits(limits, GPU_SIZED_FOR if gpu_memory_bytes is None else gpu_memory_bytes)
+    E = limits["max_elems"]
     n_pools = sum(math.ceil(c / pool) for c in _half_counts(n_particles, halves))
 
     # float64 / complex128 on a CPU; a GPU preprocesses the float32 images in float32 / complex64 (CTFs in float64)
@@ -168,7 +175,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     e_f = min(E, 32 * B * f * O * T * K)
     e_g = min(E // 16, e_f)  # children of one group of particles (fine._group_particles)
     dense_w = (6 if backend == "gpu" else 10) * 8 * e_f  # the group's posterior weights; NumPy's temporaries
-    slice_bytes = FINE_LIMITS[backend]["slice_bytes"]
+    slice_bytes = limits["slice_bytes"]
     row_i, row_p = insert_row_bytes(n, M), project_row_bytes(n)
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
     projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
@@ -186,7 +193,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # pools of one half set on one process: all of them in process or on one worker, else their share
     per_process = max(math.ceil(c / pool) for c in counts) * (1 if workers <= halves else halves / workers)
     union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
-    cache_one = min(FINE_LIMITS[backend]["cache_bytes"], (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union)
+    cache_one = min(limits["cache_bytes"], (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union)
     task = images + max(coarse, fine) + partials
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + 16 * L + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
@@ -233,9 +240,22 @@ def worker_backend(device: str = "auto") -> str:
     return "cpu" if worker_array_module(device) is np else "gpu"
 
 
+def worker_gpu_memory(device: str = "auto") -> float:
+    """Memory of the GPU that E-step tasks compute on in this process (``fine.device_memory_bytes``), 0 without one
+    (``client.run``)."""
+    if worker_backend(device) != "gpu":
+        return 0.0
+    import cupy
+
+    from .expectation.fine import device_memory_bytes
+
+    return float(device_memory_bytes(cupy))
+
+
 def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> MemoryPlan:
-    """The plan of a job about to run (the driver logs its summary at the start of every run)."""
-    workers, backend = 0, "cpu"
+    """The plan of a job about to run (the driver logs its summary at the start of every run), with the budgets of
+    the smallest GPU the tasks run on."""
+    workers, backend, gpu_memory = 0, "cpu", None
     client = getattr(runner, "client", None)
     device = getattr(runner, "device", "auto")
     if client is not None:
@@ -246,7 +266,8 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
         workers = max(1, workers)
     if device != "cpu" and client is not None:  # the tasks run on the workers: plan for what they compute on
         try:
-            backend = "gpu" if "gpu" in client.run(worker_backend, device).values() else "cpu"
+            sizes = [v for v in client.run(worker_gpu_memory, device).values() if v > 0]
+            backend, gpu_memory = ("gpu", min(sizes)) if sizes else ("cpu", None)
         except Exception:  # no worker answered: the CPU plan (the larger host terms)
             backend = "cpu"
     elif device != "cpu":
@@ -256,9 +277,10 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
             from .backend import gpu_count
 
             backend = "gpu" if gpu_count() > 0 else "cpu"
+            gpu_memory = worker_gpu_memory(device) if backend == "gpu" else None
     return plan_memory(inp.box, inp.particles.n, cfg.pool, cfg.K, 2 if cfg.split_random_halves else 1,
                        cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
-                       inp.diameter, backend, workers, significant_fraction)
+                       inp.diameter, backend, workers, significant_fraction, gpu_memory_bytes=gpu_memory)
 
 
 def plan_main(argv) -> int:
@@ -282,6 +304,8 @@ def plan_main(argv) -> int:
     p.add_argument("--pool", type=int, default=64)
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--workers", type=int, default=0, help="Dask workers (0: in process)")
+    p.add_argument("--gpu_memory", type=float, default=0.0,
+                   help="GPU memory in GiB (with --device gpu; 0: an 80 GB H100's budgets, which larger GPUs use too)")
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")
     ns = p.parse_args(argv)
@@ -299,8 +323,10 @@ def plan_main(argv) -> int:
                          "100000 --healpix_order 2 --pool 64")
     if not 0 < ns.significant <= 1:
         raise InputError(None, f"--significant {ns.significant} must be in (0, 1]")
+    if ns.gpu_memory < 0 or (ns.gpu_memory and ns.device != "gpu"):
+        raise InputError(None, f"--gpu_memory {ns.gpu_memory:g} needs --device gpu and a size in GiB above 0")
     plan = plan_memory(box, n, ns.pool, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
                        ns.offset_step, ns.pad, apix, ns.particle_diameter, "gpu" if ns.device == "gpu" else "cpu",
-                       ns.workers, ns.significant)
+                       ns.workers, ns.significant, gpu_memory_bytes=ns.gpu_memory * 2**30 if ns.gpu_memory else None)
     print(plan.table())
     return 0

@@ -601,6 +601,29 @@ def test_add_rows_matches_add_at(xp, dtype):
     assert np.allclose(to_np(got), want, rtol=1e-12, atol=1e-12)
 
 
+def test_fine_limits_follow_the_devices_memory(xp):
+    # oracle: the device's own total memory (CUDA's memGetInfo), CuPy's pool limit and gpu_limits -- NumPy uses the
+    # CPU budgets; a GPU uses FINE_LIMITS["gpu"] itself from ~78 GiB up (an H100 or H200), else the budgets scaled
+    # to the memory it offers this process
+    from gerelion_dask.expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, fine_limits, gpu_limits
+
+    if xp is np:
+        assert fine_limits(np) is FINE_LIMITS["cpu"]
+        return
+    total = xp.cuda.runtime.memGetInfo()[1]
+    got = fine_limits(xp)
+    assert got == gpu_limits(FINE_LIMITS["gpu"], total)
+    assert (got is FINE_LIMITS["gpu"]) == (total >= GPU_SIZED_FOR)
+    pool = xp.get_default_memory_pool()
+    before = pool.get_limit()
+    try:  # a process limited to 24 GiB (CUPY_GPU_MEMORY_LIMIT on a shared GPU) takes a 24 GiB card's budgets
+        pool.set_limit(size=24 * 2**30)
+        assert fine_limits(xp) == gpu_limits(FINE_LIMITS["gpu"], min(total, 24 * 2**30))
+        assert fine_limits(xp)["max_elems"] == 1 << 24
+    finally:
+        pool.set_limit(size=before)
+
+
 def test_projection_in_chunks_of_rotations_is_the_same(xp):
     # oracle: the projection of all rotations at once -- project_gathered takes as many rotations at a time as fit
     # max_bytes (bounded working memory at 256 px); each slice depends on its own rotation only, so chunks of 3

@@ -105,3 +105,31 @@ def test_plan_into_a_closed_pipe_ends_quietly():
         os.close(w)
     assert p.returncode == 141, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-2000:]
+
+
+def test_gpu_budgets_shrink_with_the_gpu_memory():
+    # oracle: the H100 the budgets were sized on -- from ~78 GiB up the E-step uses FINE_LIMITS["gpu"] itself (the
+    # same dict: tests that patch it keep working, and H100/H200 runs are unchanged); a smaller GPU gets smaller
+    # caches, slice chunks and chunk budgets (never larger for less memory), and the plan follows them
+    from gerelion_dask.expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits
+
+    g = FINE_LIMITS["gpu"]
+    assert gpu_limits(g, 79.6 * 2**30) is g and gpu_limits(g, 139 * 2**30) is g
+    small = gpu_limits(g, 24 * 2**30)
+    assert small is not g and small["max_elems"] == 1 << 24  # 2^26 x 24/78 = 2.06e7 -> 2^24
+    assert small["cache_bytes"] == int(g["cache_bytes"] * 24 / 78)
+    assert small["slice_bytes"] == int(g["slice_bytes"] * 24 / 78)
+    assert (small["waste"], small["coarse_dtype"]) == (g["waste"], g["coarse_dtype"])
+    assert gpu_limits(g, 1 << 30)["max_elems"] == 1 << 20 and gpu_limits(g, 1 << 30)["slice_bytes"] == 64 << 20
+    sizes = [2**30 * s for s in (1, 4, 8, 12, 16, 24, 32, 40, 48, 64, 77, 78, 80)]
+    for key in ("max_elems", "cache_bytes", "slice_bytes"):
+        vals = [gpu_limits(g, s)[key] for s in sizes]
+        assert vals == sorted(vals) and vals[-1] == g[key], key
+    assert GPU_SIZED_FOR <= 79 * 2**30  # an 80 GB H100 reports ~79.6 GiB
+    h100 = plan_memory(256, 100000, 1000, healpix_order=2, backend="gpu", workers=1)
+    assert plan_memory(256, 100000, 1000, healpix_order=2, backend="gpu", workers=1,
+                       gpu_memory_bytes=80 * 2**30).gpu_bytes == h100.gpu_bytes
+    card = plan_memory(256, 100000, 1000, healpix_order=2, backend="gpu", workers=1, gpu_memory_bytes=24 * 2**30)
+    assert card.sizes["max_elems"] == 1 << 24 and card.gpu_bytes < h100.gpu_bytes
+    assert cli_main(["plan", "--box", "256", "--device", "gpu", "--gpu_memory", "24"]) == 0
+    assert cli_main(["plan", "--box", "256", "--gpu_memory", "24"]) == 2  # a GPU size for a CPU plan

@@ -20,6 +20,7 @@ sums of all particles of the pool are merged per fine orientation before one 3D 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +34,8 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "ProjectionCache", "Significant", "fine_chunking", "fine_limits", "fine_pass",
-           "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
+__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "fine_chunking",
+           "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
@@ -57,9 +58,39 @@ FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "floa
                        "slice_bytes": 2 << 30, "waste_pixels": 3e5, "waste_min": 32.0, "floor_pixels": 6.4e9}}
 
 
+# FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is
+GPU_SIZED_FOR = 78 << 30
+
+
+def gpu_limits(limits: dict, total_bytes: float) -> dict:
+    """``limits`` (a ``FINE_LIMITS["gpu"]``) for a GPU of ``total_bytes``: the dict itself from ``GPU_SIZED_FOR``
+    up; below, a copy whose projection caches, slice chunks and chunk budget shrink with the memory (the budget to a
+    power of two of at least 2^20 values, the slice chunks to at least 64 MiB).  From the device's total, not its
+    free memory, so that a run's chunks, and so its sums to the last bit, do not depend on what else is running."""
+    if total_bytes >= GPU_SIZED_FOR:
+        return limits
+    f = max(float(total_bytes), 1.0) / GPU_SIZED_FOR
+    out = dict(limits)
+    out["cache_bytes"] = int(limits["cache_bytes"] * f)
+    out["slice_bytes"] = max(64 << 20, int(limits["slice_bytes"] * f))
+    out["max_elems"] = max(1 << 20, 1 << int(math.log2(max(1.0, limits["max_elems"] * f))))
+    return out
+
+
+def device_memory_bytes(xp) -> int:
+    """The memory the current CuPy device offers this process: its total, or less where CuPy's memory pool is limited
+    (``CUPY_GPU_MEMORY_LIMIT``, e.g. ``50%`` on a shared GPU, or ``set_limit``)."""
+    total = int(xp.cuda.runtime.memGetInfo()[1])
+    limit = int(xp.get_default_memory_pool().get_limit())
+    return min(total, limit) if limit > 0 else total
+
+
 def fine_limits(xp) -> dict:
-    """The ``FINE_LIMITS`` entry of the backend ``xp`` computes on (NumPy: ``"cpu"``, else ``"gpu"``)."""
-    return FINE_LIMITS["cpu" if xp is np else "gpu"]
+    """The ``FINE_LIMITS`` entry of the backend ``xp`` computes on: ``"cpu"`` for NumPy, else ``"gpu"`` for the
+    current device's memory (:func:`gpu_limits` of :func:`device_memory_bytes`)."""
+    if xp is np:
+        return FINE_LIMITS["cpu"]
+    return gpu_limits(FINE_LIMITS["gpu"], device_memory_bytes(xp))
 
 
 def fine_chunking(limits: dict, M: int, waste: float = 0.0) -> tuple[float, float]:
