@@ -281,7 +281,7 @@ class ProjectionCache:
 
     def rows(self, c: int, gids: np.ndarray, compute):
         """Projections of the sorted unique fine-orientation ids ``gids`` of class ``c``; ``compute(ids)`` makes the
-        missing ones."""
+        missing ones.  The result may be the cache's own array: read it, never write to it."""
         have_g, have_b, have_r = self._index.get(c, (np.zeros(0, np.int64),) * 3)
         missing = gids[~np.isin(gids, have_g, assume_unique=True)]
         blocks = list(self._blocks.get(c, []))
@@ -299,6 +299,9 @@ class ProjectionCache:
             g, b, r = have_g, have_b, have_r
         pos = np.searchsorted(g, gids)
         blk, row = b[pos], r[pos]
+        one = blocks[int(blk[0])] if len(gids) else None
+        if one is not None and len(one) == len(gids) and np.all(blk == blk[0]) and np.all(row == np.arange(len(row))):
+            return one  # exactly one block in order (a half set's first pool): no copy (2.5 GiB at 256 px)
         xp = get_xp(blocks[0])
         out = xp.empty((len(gids), blocks[0].shape[1]), blocks[0].dtype)
         for i in np.unique(blk):
