@@ -133,7 +133,8 @@ def main():
         f = max(p[1] for p in sel)
         peak = max(p[2] for p in sel)
         plan = plan_memory(ns.box, ns.n, ns.pool, 1, 2, ns.healpix_order, "C1", 3.0, 1.0, 2.0, ns.apix, diameter,
-                           "gpu", 0, significant_fraction=f, current_size=size)
+                           "gpu", 0, significant_fraction=f, current_size=size,
+                           maxsig=ns.maxsig)
         print(f"| {size} | {len(sel)} | {f:.4f} | {peak / g:.2f} ({max(p[3] for p in sel) / g:.2f}; "
               f"{max(p[2] - p[3] for p in sel) / g:.2f}; {max(p[4] for p in sel) / g:.2f}) | "
               f"{plan.gpu_bytes / g:.2f} ({plan.task_bytes / g:.2f}; {plan.parts['projection caches'] / g:.2f}) | "

@@ -28,13 +28,14 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   ``32 b T Mc``;
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms
   and the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations,
-  ``R = 8 f K O`` fine orientations.  While they are projected: their projections ``16 R M`` and one chunk of full
+  ``R = 8 f K O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``).  While they are projected: their projections ``16 R M`` and one chunk of full
   slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at most 4,096; ``fine.project_row_bytes``).  Then
   each with its projection, power and back-projection sums, ``48 R M``, and the largest of the pass's phases (they
   do not coexist): a chunk's diff2, with its projections ``16 R M`` (at most), cross terms ``8 e`` (``e = min(E,
   32 B f O T K)``) and shifted images ``16 min(E, B 4T M)`` (``fine.shifted_cross``), beside the group's children
-  ``8 g`` (``g = min(E / 16, e)``, ``fine._group_particles``); the group's posterior weights ``~6 x 8 e`` on a GPU,
-  ``~10 x 8 e`` on a CPU (NumPy's temporaries; checked by ``tests/test_plan.py``); a chunk of the weighted sums'
+  ``8 g`` (``g = min(E / 16, w)``, ``fine._group_particles``); the group's posterior weights ``~6 x 8 w`` on a GPU,
+  ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with ``--maxsig``, else ``e``; NumPy's temporaries; checked
+  by ``tests/test_plan.py``); a chunk of the weighted sums'
   pairs, ``100 min(E / 8, B R M)`` beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's
   host); or the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices:
   ``min(R, S) (49 h + 150 M)`` (slices, weights, 3D coordinates, and the per-pixel interpolation arrays;
@@ -132,10 +133,11 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
                 sym: str = "C1", offset_range: float = 6.0, offset_step: float = 2.0, pad: float = 2.0,
                 pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
                 significant_fraction: float = 1.0, current_size: int | None = None,
-                gpu_memory_bytes: float | None = None) -> MemoryPlan:
+                gpu_memory_bytes: float | None = None, maxsig: int = -1) -> MemoryPlan:
     """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process.
     ``gpu_memory_bytes``: the GPU's total memory, whose budgets the E-step takes (``fine.gpu_limits``; default: those
-    of an 80 GB H100)."""
+    of an 80 GB H100).  ``maxsig`` (``--maxsig``, > 0): at most that many significant samples per particle, which
+    bounds the fine pass's per-group weights."""
     from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
@@ -173,8 +175,14 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c + 32 * min(b_c, B) * T * Mc
     R = 8 * f * K * O
     e_f = min(E, 32 * B * f * O * T * K)
-    e_g = min(E // 16, e_f)  # children of one group of particles (fine._group_particles)
-    dense_w = (6 if backend == "gpu" else 10) * 8 * e_f  # the group's posterior weights; NumPy's temporaries
+    e_w, P = e_f, B * R  # a group's padded children; (particle, fine orientation) pairs
+    if maxsig and maxsig > 0:  # at most maxsig significant samples a particle, 32 children (8 orientations) each
+        R, e_w, P = min(R, 8 * B * maxsig), min(e_f, 32 * B * maxsig), min(B * R, 8 * B * maxsig)
+        # a diff2 chunk is dense over its members' orientations x translations (at most maxsig of each per member),
+        # within the chunk rule's waste or floor (fine.fine_chunking)
+        e_f = min(e_f, max(limits["waste"] * 32 * B * maxsig**2, limits["floor_pixels"] / max(M, 1)))
+    e_g = min(E // 16, e_w)  # children of one group of particles (fine._group_particles)
+    dense_w = (6 if backend == "gpu" else 10) * 8 * e_w  # the group's posterior weights; NumPy's temporaries
     slice_bytes = limits["slice_bytes"]
     row_i, row_p = insert_row_bytes(n, M), project_row_bytes(n)
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
@@ -184,7 +192,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # and shifted images, beside the group's children), the group's posterior weights, a chunk of pairs of the
     # weighted sums (~100 bytes a pixel of E / 8 pair pixels, beside the children's index arrays: ~40 bytes a child
     # on a GPU, ~120 on a CPU's host), or a chunk of the 3D insertion
-    pairs = 100 * min(E // 8, B * R * M) + (40 if backend == "gpu" else 120) * e_g
+    pairs = 100 * min(E // 8, P * M) + (40 if backend == "gpu" else 120) * e_g
     chunk_f = max(16 * R * M + 8 * e_f + shifted + 8 * e_g, dense_w, pairs, insert)
     fine = 112 * B * M + max(projecting, 48 * R * M + chunk_f)
     partials = 24 * K * L
@@ -280,7 +288,8 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
             gpu_memory = worker_gpu_memory(device) if backend == "gpu" else None
     return plan_memory(inp.box, inp.particles.n, cfg.pool, cfg.K, 2 if cfg.split_random_halves else 1,
                        cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
-                       inp.diameter, backend, workers, significant_fraction, gpu_memory_bytes=gpu_memory)
+                       inp.diameter, backend, workers, significant_fraction, gpu_memory_bytes=gpu_memory,
+                       maxsig=getattr(cfg, "maxsig", -1))
 
 
 def plan_main(argv) -> int:
@@ -306,6 +315,7 @@ def plan_main(argv) -> int:
     p.add_argument("--workers", type=int, default=0, help="Dask workers (0: in process)")
     p.add_argument("--gpu_memory", type=float, default=0.0,
                    help="GPU memory in GiB (with --device gpu; 0: an 80 GB H100's budgets, which larger GPUs use too)")
+    p.add_argument("--maxsig", type=int, default=-1, help="most significant samples per particle (-1: no limit)")
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")
     ns = p.parse_args(argv)
@@ -327,6 +337,7 @@ def plan_main(argv) -> int:
         raise InputError(None, f"--gpu_memory {ns.gpu_memory:g} needs --device gpu and a size in GiB above 0")
     plan = plan_memory(box, n, ns.pool, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
                        ns.offset_step, ns.pad, apix, ns.particle_diameter, "gpu" if ns.device == "gpu" else "cpu",
-                       ns.workers, ns.significant, gpu_memory_bytes=ns.gpu_memory * 2**30 if ns.gpu_memory else None)
+                       ns.workers, ns.significant, gpu_memory_bytes=ns.gpu_memory * 2**30 if ns.gpu_memory else None,
+                       maxsig=ns.maxsig)
     print(plan.table())
     return 0
