@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.expectation.estep import coarse_pass, orientation_priors  # noqa: E402
-from gerelion_dask.expectation.fine import (ProjectionCache, _unique_per_particle, fine_chunking,  # noqa: E402
-                                           fine_limits, fine_pass, overlap_chunks)
+from gerelion_dask.expectation.fine import (ProjectionCache, _unique_per_particle, diff2_chunks,  # noqa: E402
+                                           fine_chunking, fine_limits, fine_pass)
 from gerelion_dask.ops.fourier import likelihood_pixels  # noqa: E402
 from gerelion_dask.expectation.preprocess import preprocess_pool  # noqa: E402
 from stages import synthetic_estep  # noqa: E402  (benchmarks/stages.py: the same synthetic pool)
@@ -68,24 +68,26 @@ def traced(sync, fn, names, *args, top=25):
 
 
 def chunk_stats(sig, st, xp):
-    """The fine pass's chunks of this pool (as ``fine_pass`` forms them): members, union orientations and
-    translations, and the dense work against the members' own."""
+    """The fine pass's diff2 chunks of this pool (``fine.diff2_chunks``, as ``fine_pass`` forms them): members,
+    union orientations and translations, and the dense work against the members' own."""
     B = len(sig.n_sig)
-    nO = st.grid.n_dir * st.grid.n_psi
     limits = fine_limits(xp)
-    okeys = _unique_per_particle(sig.b, sig.c * nO + sig.o, B)
-    tkeys = _unique_per_particle(sig.b, sig.t, B)
     M = int(likelihood_pixels(st.preprocess.current_size, include_dc=True).sum())
     waste, floor = fine_chunking(limits, M, st.fine_waste)
-    chunks = overlap_chunks(okeys, tkeys, sig.best, 32.0, st.fine_max_elems or limits["max_elems"], waste, floor)
+    max_elems = st.fine_max_elems or limits["max_elems"]
+    groups = list(diff2_chunks(sig, max_elems, waste, floor))
+    chunks = [J for _, js in groups for J in js]
+    okeys = _unique_per_particle(sig.b, sig.c * sig.n_orient + sig.o, B)
+    tkeys = _unique_per_particle(sig.b, sig.t, B)
     b = np.array([len(J) for J in chunks])
     F = np.array([8 * len(np.unique(np.concatenate([okeys[j] for j in J]))) for J in chunks])
     T = np.array([4 * len(np.unique(np.concatenate([tkeys[j] for j in J]))) for J in chunks])
     own = np.array([sum(32 * len(okeys[j]) * len(tkeys[j]) for j in J) for J in chunks])
     dense = b * F * T
-    print(f"fine chunks (waste {waste:g}, floor {floor:.3g}): {len(chunks)}; members median {np.median(b):.0f} (max {b.max()}), union orientations "
-          f"median {np.median(F):.0f} (max {F.max()}), translations median {np.median(T):.0f} (max {T.max()}); "
-          f"dense / own work {dense.sum() / own.sum():.1f}; dense values {dense.sum():.3g}")
+    print(f"fine chunks (waste {waste:g}, floor {floor:.3g}): {len(chunks)} in {len(groups)} group(s); members median "
+          f"{np.median(b):.0f} (max {b.max()}), union orientations median {np.median(F):.0f} (max {F.max()}), "
+          f"translations median {np.median(T):.0f} (max {T.max()}); dense / own work {dense.sum() / own.sum():.1f}; "
+          f"dense values {dense.sum():.3g}")
 
 
 def main():

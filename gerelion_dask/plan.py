@@ -26,20 +26,20 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   segment ``17 c b`` (``c = candidate_segment(O T K)``: at most 16,384) and the diff2 and weights of
   particles with flat posteriors redone densely (``2 x 8 e`` at most); + the particle side of the product
   ``32 b T Mc``;
-* ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms
-  and the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations,
-  ``R = 8 f K O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``).  While they are projected: their projections ``16 R M`` and one chunk of full
-  slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at most 4,096; ``fine.project_row_bytes``).  Then
-  each with its projection, power and back-projection sums, ``48 R M``, and the largest of the pass's phases (they
-  do not coexist): a chunk's diff2, with its projections ``16 R M`` (at most), cross terms ``8 e`` (``e = min(E,
-  32 B f O T K)``) and shifted images ``16 min(E, B 4T M)`` (``fine.shifted_cross``), beside the group's children
-  ``8 g`` (``g = min(E / 16, w)``, ``fine._group_particles``); the group's posterior weights ``~6 x 8 w`` on a GPU,
-  ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with ``--maxsig``, else ``e``; NumPy's temporaries; checked
-  by ``tests/test_plan.py``); a chunk of the weighted sums'
-  pairs, ``100 min(E / 8, B R M)`` beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's
-  host); or the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices:
-  ``min(R, S) (49 h + 150 M)`` (slices, weights, 3D coordinates, and the per-pixel interpolation arrays;
-  ``fine.insert_row_bytes``);
+* ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
+  the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations,
+  ``R = 8 f K O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``).  While they are projected: their
+  projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at
+  most 4,096; ``fine.project_row_bytes``).  Then each with its projection, power and back-projection sums,
+  ``48 R M``, and the largest of the pass's phases (they do not coexist): a chunk's diff2, with its projections
+  ``16 R M`` (at most), cross terms ``8 e`` (``e = min(E, 32 B f O T K)``) and shifted images ``16 min(E, B 4T M)``
+  (``fine.shifted_cross``), beside the group's children ``8 g`` (``g = min(E / 16, w)``, ``fine._group_particles``);
+  the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with
+  ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); a chunk of the weighted sums'
+  pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``)
+  beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host); or the 3D insertion of the
+  ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices,
+  weights, 3D coordinates, and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -209,7 +209,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
              "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own,
              "images read ahead": ahead}
     if workers <= 0:  # in process: the driver runs each task and adds its partials into the pairwise tree
-        held = (sum(max(1, math.ceil(c / pool).bit_length()) for c in _half_counts(n_particles, halves)) + 1) * partials
+        held = (sum(max(1, math.ceil(c / pool).bit_length()) for c in counts) + 1) * partials
         caches = halves * cache_one
         parts["in process: reduction tree"] = held
         parts["projection caches"] = caches

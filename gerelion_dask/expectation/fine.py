@@ -34,8 +34,9 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "fine_chunking",
-           "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
+__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "diff2_chunks",
+           "fine_chunking", "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks",
+           "project_row_bytes"]
 
 # Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
 # chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
@@ -397,6 +398,17 @@ def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> li
     return groups
 
 
+def diff2_chunks(sig: Significant, max_elems: int, waste: float, floor: float):
+    """The fine pass's groups of particles (:func:`_group_particles`, taken in the order of their best coarse sample)
+    and each group's chunks of overlapping particles (:func:`overlap_chunks`): yields ``(G, [J, ...])``, pool rows."""
+    B = len(sig.n_sig)
+    okeys = _unique_per_particle(sig.b, sig.c * sig.n_orient + sig.o, B)  # each particle's (class, orientation)
+    tkeys = _unique_per_particle(sig.b, sig.t, B)  # and translations
+    for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
+        yield G, [G[L] for L in overlap_chunks([okeys[j] for j in G], [tkeys[j] for j in G], sig.best[G], 32.0,
+                                               max_elems, waste, floor)]
+
+
 def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, J: np.ndarray, grid, ut_pool,
                     ph_pool, do_cc: bool, lik, max_elems: int):
     """diff2 (or -CC) of the 32 children of every significant sample of the particles ``J``: ``(rows, (S, 32))``
@@ -410,6 +422,10 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
     ph = ph_pool[xp.asarray(tf_rows)]  # (Tf, M) the phases of the chunk's fine translations
     it_all = np.searchsorted(ut, sig.t[r])
     X, Cr, Wd = px.X[Jx], px.Cr[Jx], px.Wd[Jx]
+    if do_cc:
+        Z, normx = Cr * X, xp.sqrt((px.X2[Jx] * lik).sum(axis=1))  # (b,)
+    else:
+        Z, ah = Wd * Cr * X, px.a[Jx]
     child_f, child_t = np.divmod(np.arange(32), 4)  # a significant sample's 32 children: (8 orientations, 4 shifts)
     d_rows = xp.empty((len(r), 32), np.float64)
     for c in np.unique(sig.c[r]):
@@ -422,14 +438,13 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
         fx = xp.asarray(io[:, None] * 8 + child_f[None, :])  # (S_c, 32) the children's fine orientations here
         tx = xp.asarray(it_all[sel][:, None] * 4 + child_t[None, :])  # and fine translations
         if do_cc:
-            g_ = shifted_cross(xp, Cr * X, ph, P * lik, max_elems)  # (b, Tf, F)
+            g_ = shifted_cross(xp, Z, ph, P * lik, max_elems)  # (b, Tf, F)
             normp = xp.sqrt((Cr * Cr * lik) @ fp.power[c][rows_x].T)  # (b, F)
-            normx = xp.sqrt((px.X2[Jx] * lik).sum(axis=1))  # (b,)
             d_rows[xp.asarray(sel)] = -g_[jx, tx, fx] / (normp[jx, fx] * normx[jx] + 1e-300)
         else:
             bb = (Wd * Cr * Cr) @ fp.power[c][rows_x].T  # (b, F)
-            g_ = shifted_cross(xp, Wd * Cr * X, ph, P, max_elems)  # (b, Tf, F)
-            d_rows[xp.asarray(sel)] = (px.a[Jx][jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
+            g_ = shifted_cross(xp, Z, ph, P, max_elems)  # (b, Tf, F)
+            d_rows[xp.asarray(sel)] = (ah[jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
         del g_
     return r, d_rows
 
@@ -473,7 +488,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     grid = settings.grid
     K = len(model.refs)
     B = len(particles.index)
-    nO = grid.n_dir * grid.n_psi
     limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
 
@@ -499,7 +513,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     del s2_all
     highres = to_host(pre.power_highres)
     shell_1hot = xp.asarray((shb[:, None] == np.arange(nsh)[None, :]).astype(np.float64))  # (M, nsh)
-    good = {c: xp.asarray(np.asarray(model.data_vs_prior)[c][shb] > 3) for c in range(K)}
+    # the scale sums' resolution range: shells where the class's data dominate its prior
+    goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
     int_off = pre.int_offset_px
 
     partials = empty_partials(particles.half, grid_of(model), K, grid.n_dir, settings.n_optics, settings.n_groups,
@@ -507,7 +522,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
            ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
             "group_counts")}
-    scal = {"off": 0.0, "zero": 0}
+    off_sum, n_zero = 0.0, 0  # the offset prior's weighted sum; particles whose weights all underflowed
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
     cache = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
@@ -516,8 +531,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     touched = {c: xp.zeros(cache.data[c].shape[0], bool) for c in cache.data}
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
-    okeys = _unique_per_particle(sig.b, sig.c * nO + sig.o, B)  # each particle's significant (class, orientation)
-    tkeys = _unique_per_particle(sig.b, sig.t, B)  # and translations
     # the phases of every fine translation of the pool, made once (chunks take their rows)
     ut_pool = np.unique(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
@@ -528,7 +541,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
     CCW = px.C * px.C * px.Wbp
     Cr2 = px.Cr * px.Cr
-    goodf = {c: g.astype(np.float64) for c, g in good.items()}
     xa = xp.zeros((B, 1), np.float64)
     aa = xp.zeros((B, 1), np.float64)
     ws = xp.zeros(B, np.float64)  # each particle's kept weight (normalised: ~1)
@@ -536,7 +548,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     ut_pool_x = xp.asarray(ut_pool)
     Tp = len(t_fine_pool)
     pair_step = max(1, int(max_elems // (8 * M)))  # pairs per chunk of the weighted sums (~14 (n, M) arrays live)
-    for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
+    for G, chunks in diff2_chunks(sig, max_elems, waste, floor):
         b = len(G)
         r = sig.rows_of(G)  # the group's significant samples, grouped by particle in the order of G
         jl = _local_index(G, sig.b[r])
@@ -546,15 +558,13 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         where = np.full(len(sig.b), -1)
         where[r] = np.arange(len(r))
         d = xp.empty((len(r), 32), np.float64)
-        for L_ in overlap_chunks([okeys[j] for j in G], [tkeys[j] for j in G], sig.best[G], 32.0, max_elems, waste,
-                                 floor):
-            rc, dc = _children_diff2(xp, px, cache, sig, G[L_], grid, ut_pool, ph_pool, settings.do_cc, lik,
-                                     max_elems)
+        for J in chunks:
+            rc, dc = _children_diff2(xp, px, cache, sig, J, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
             d[xp.asarray(where[rc])] = dc
             del dc
         wp, dmin, sumw, bad = _child_posteriors(xp, d, sig.lp[r], jl, q, b, settings)
         del d
-        scal["zero"] += int(np.sum(bad))
+        n_zero += int(np.sum(bad))
         # each particle's best child -> its pose, class and offset
         ib = to_host(xp.argmax(wp, axis=1))
         out["pmax"][G] = to_host(wp.max(axis=1))
@@ -589,7 +599,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         w_trans = to_host(xp.bincount(cj * Tp + tp, weights=wv, minlength=b * Tp)).reshape(b, Tp)
         u_f = int_off[G][:, None, :] + t_fine_pool[None]  # (b, Tp, 2) the offsets of the fine translations
         d2o = (((particles.offset_prior_px[G][:, None, :] - u_f) * ps.pixel_size) ** 2).sum(-1)
-        scal["off"] += float((w_trans * d2o).sum())
+        off_sum += float((w_trans * d2o).sum())
         del w_trans, u_f, d2o
         key = (cc * (int(cg.max()) + 1) + cg) * b + cj  # children by class, fine orientation, particle
         order = xp.argsort(key)
@@ -664,9 +674,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
             slices = weights = None
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
-                    acc["wsum_pdf_class"], acc["wsum_pdf_direction"], scal["off"], float(out["norm"].sum()),
+                    acc["wsum_pdf_class"], acc["wsum_pdf_direction"], off_sum, float(out["norm"].sum()),
                     acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], float(out["ll"].sum()),
-                    float(out["pmax"].sum()), B, scal["zero"])
+                    float(out["pmax"].sum()), B, n_zero)
     res = PoolResult(particles.index, out["rot"], out["tilt"], out["psi"], out["ox"], out["oy"],
                      out["cls"].astype(np.int64), out["pmax"], sig.n_sig.astype(np.int64), out["ll"], out["norm"])
     return part, res

@@ -16,7 +16,6 @@ from functools import cached_property
 import numpy as np
 
 from ..backend import get_xp
-
 from ..conventions import euler_to_matrix
 
 __all__ = ["OrientationGrid", "coarse_translations"]
@@ -112,13 +111,11 @@ class OrientationGrid:
         ``coarse_o``) only that child's id, ``(len,)``.  On the backend of ``coarse_o`` (NumPy or CuPy)."""
         xp = get_xp(coarse_o)
         coarse_o = xp.asarray(coarse_o, dtype=np.int64)
+        if child is None:  # all 8 children: (len, 1) against (1, 8)
+            coarse_o, child = coarse_o[:, None], xp.arange(8)[None, :]
+        child = xp.asarray(child, dtype=np.int64)
         d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
-        dir_pix = xp.asarray(self.dir_pix)
-        if child is not None:
-            child = xp.asarray(child, dtype=np.int64)
-            return ((4 * dir_pix[d] + child // 2) * self.n_psi + p) * 2 + child % 2
-        sub = xp.arange(8) // 2
-        return ((4 * dir_pix[d][:, None] + sub[None, :]) * self.n_psi + p[:, None]) * 2 + (xp.arange(8) % 2)[None, :]
+        return ((4 * xp.asarray(self.dir_pix)[d] + child // 2) * self.n_psi + p) * 2 + child % 2
 
     def fine_translations(self, coarse_t: np.ndarray) -> np.ndarray:
         """Children of coarse translations, ``(len, 4, 2)`` pixels (``x_sub * 2 + y_sub``)."""
