@@ -25,9 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.expectation.estep import coarse_pass, orientation_priors  # noqa: E402
-from gerelion_dask.expectation.fine import (ProjectionCache, _unique_per_particle, diff2_chunks,  # noqa: E402
-                                           fine_chunking, fine_limits, fine_pass)
-from gerelion_dask.ops.fourier import likelihood_pixels  # noqa: E402
+from gerelion_dask.expectation.fine import ProjectionCache, _group_particles, fine_limits, fine_pass  # noqa: E402
 from gerelion_dask.expectation.preprocess import preprocess_pool  # noqa: E402
 from stages import synthetic_estep  # noqa: E402  (benchmarks/stages.py: the same synthetic pool)
 
@@ -67,27 +65,14 @@ def traced(sync, fn, names, *args, top=25):
     return out
 
 
-def chunk_stats(sig, st, xp):
-    """The fine pass's diff2 chunks of this pool (``fine.diff2_chunks``, as ``fine_pass`` forms them): members,
-    union orientations and translations, and the dense work against the members' own."""
-    B = len(sig.n_sig)
+def group_stats(sig, st, xp):
+    """The fine pass's groups of particles (``fine._group_particles``, as ``fine_pass`` forms them) and the children
+    it evaluates (32 per significant sample)."""
     limits = fine_limits(xp)
-    M = int(likelihood_pixels(st.preprocess.current_size, include_dc=True).sum())
-    waste, floor = fine_chunking(limits, M, st.fine_waste)
     max_elems = st.fine_max_elems or limits["max_elems"]
-    groups = list(diff2_chunks(sig, max_elems, waste, floor))
-    chunks = [J for _, js in groups for J in js]
-    okeys = _unique_per_particle(sig.b, sig.c * sig.n_orient + sig.o, B)
-    tkeys = _unique_per_particle(sig.b, sig.t, B)
-    b = np.array([len(J) for J in chunks])
-    F = np.array([8 * len(np.unique(np.concatenate([okeys[j] for j in J]))) for J in chunks])
-    T = np.array([4 * len(np.unique(np.concatenate([tkeys[j] for j in J]))) for J in chunks])
-    own = np.array([sum(32 * len(okeys[j]) * len(tkeys[j]) for j in J) for J in chunks])
-    dense = b * F * T
-    print(f"fine chunks (waste {waste:g}, floor {floor:.3g}): {len(chunks)} in {len(groups)} group(s); members median "
-          f"{np.median(b):.0f} (max {b.max()}), union orientations median {np.median(F):.0f} (max {F.max()}), "
-          f"translations median {np.median(T):.0f} (max {T.max()}); dense / own work {dense.sum() / own.sum():.1f}; "
-          f"dense values {dense.sum():.3g}")
+    groups = _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems)
+    print(f"fine groups (budget {max_elems:.3g} values): {len(groups)}, members {[len(g) for g in groups][:8]}; "
+          f"significant samples {len(sig.b)}, children evaluated {32 * len(sig.b)}")
 
 
 def main():
@@ -103,11 +88,11 @@ def main():
     ap.add_argument("--offset-range", type=float, default=5.0, help="pixels")
     ap.add_argument("--offset-step", type=float, default=2.0, help="pixels")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--fine-waste", type=float, default=0.0, help="fine-pass chunk waste allowed (0: backend's)")
-    ap.add_argument("--fine-max-elems", type=int, default=0, help="fine-pass chunk budget (0: backend's)")
+    ap.add_argument("--coarse-waste", type=float, default=0.0, help="coarse-pass chunk waste allowed (0: backend's)")
+    ap.add_argument("--fine-max-elems", type=int, default=0, help="E-step chunk budget (0: backend's)")
     ap.add_argument("--repeat", type=int, default=2, help="untraced runs of each pass (best time printed)")
-    ap.add_argument("--sweep", nargs="*", default=[], metavar="WASTE:MAX_ELEMS",
-                    help="also time the fine pass untraced with these chunk settings (0: backend's), e.g. 32:0 0:1e6")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="MAX_ELEMS",
+                    help="also time the fine pass untraced with these group budgets, e.g. 1e6 1e7")
     ap.add_argument("--no-trace", action="store_true", help="untraced times only")
     a = ap.parse_args()
     xp = np
@@ -118,7 +103,7 @@ def main():
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
     images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
     grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
-    st = replace(st, grid=grid, maxsig=a.maxsig, fine_waste=a.fine_waste, fine_max_elems=a.fine_max_elems)
+    st = replace(st, grid=grid, maxsig=a.maxsig, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
     cache = ProjectionCache(1 << 33)
     pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
     pri = orientation_priors(parts, model, st)
@@ -126,7 +111,7 @@ def main():
     fine_pass(xp, pre, parts, model, st, sig, cache)
     print(f"{'numpy' if xp is np else 'cupy'}; box {a.box}, {a.n} particles, noise {a.noise}: median "
           f"{np.median(sig.n_sig):.0f} significant samples")
-    chunk_stats(sig, st, xp)
+    group_stats(sig, st, xp)
     for name, fn, args in (("coarse_pass", coarse_pass, (xp, pre, parts, model, st, pri, cache)),
                            ("fine_pass", fine_pass, (xp, pre, parts, model, st, sig, cache))):
         best = np.inf
@@ -138,9 +123,9 @@ def main():
             best = min(best, time.perf_counter() - t0)
         print(f"{name}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
     for item in a.sweep:
-        w, e = (float(v) for v in item.split(":"))
-        st_s = replace(st, fine_waste=w, fine_max_elems=int(e))
-        chunk_stats(sig, st_s, xp)
+        e = float(item)
+        st_s = replace(st, fine_max_elems=int(e))
+        group_stats(sig, st_s, xp)
         best = np.inf
         for _ in range(a.repeat):
             sync()
@@ -148,12 +133,12 @@ def main():
             fine_pass(xp, pre, parts, model, st_s, sig, cache)
             sync()
             best = min(best, time.perf_counter() - t0)
-        print(f"  fine_pass with waste {w:g}, max_elems {e:g}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
+        print(f"  fine_pass with max_elems {e:g}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
     if a.no_trace:
         return
     traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
            xp, pre, parts, model, st, pri, cache, top=a.top)
-    traced(sync, fine_pass, {"fine_pass", "shifted_cross", "posterior_weights", "significant_set", "_children_diff2",
+    traced(sync, fine_pass, {"fine_pass", "children_diff2", "posterior_weights", "significant_set", "_children_diff2",
                              "_child_posteriors", "_add_rows"},
            xp, pre, parts, model, st, sig, cache, top=a.top)
 

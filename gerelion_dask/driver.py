@@ -7,6 +7,7 @@ partials per half, runs the M-step, updates the schedule and writes the iteratio
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import time
@@ -87,6 +88,7 @@ class InProcessRunner:
         budget = fine_limits(xp)["cache_bytes"]
         caches = {h: ProjectionCache(budget) for h in models}  # one iteration's projections, per half set
         dev_models = {}  # each half set's references on the device, once per call
+        left = collections.Counter(pp.half for _, pp in tasks)  # a half set's cache and references go with its last pool
         with ReadAhead() as ahead:  # the next pool's images are read while this one computes
             for k, (rows, pp) in enumerate(tasks):
                 imgs = xp.asarray(ahead.take(k, functools.partial(read_images, rows)))
@@ -107,6 +109,10 @@ class InProcessRunner:
                 part = part.to_host()
                 parts.setdefault(pp.half, TreeSum()).add(part)
                 results.append(res)
+                left[pp.half] -= 1
+                if not left[pp.half]:
+                    caches[pp.half].clear()
+                    dev_models.pop(pp.half, None)
                 if progress:
                     progress(k + 1, len(tasks))
         return {h: p.result() for h, p in parts.items()}, PoolResult.concat(results)

@@ -31,15 +31,17 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   ``R = 8 f K O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``).  While they are projected: their
   projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at
   most 4,096; ``fine.project_row_bytes``).  Then each with its projection, power and back-projection sums,
-  ``48 R M``, and the largest of the pass's phases (they do not coexist): a chunk's diff2, with its projections
-  ``16 R M`` (at most), cross terms ``8 e`` (``e = min(E, 32 B f O T K)``) and shifted images ``16 min(E, B 4T M)``
-  (``fine.shifted_cross``), beside the group's children ``8 g`` (``g = min(E / 16, w)``, ``fine._group_particles``);
+  ``48 R M``, and the largest of the pass's phases (they do not coexist): the group's children's diff2, ``8 g``
+  (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per class) beside
+  the group's weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2`` (shifted
+  images, gathered projections and powers: ``11 E``; the GPU kernel keeps none);
   the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with
   ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); a chunk of the weighted sums'
   pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``)
   beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host); or the 3D insertion of the
-  ``R`` slices in chunks of ``S = slice_bytes / (49 h + 150 M)`` slices: ``min(R, S) (49 h + 150 M)`` (slices,
-  weights, 3D coordinates, and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+  ``R`` slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h`` (slices and
+  weights; one kernel), on a CPU ``s = 49 h + 150 M`` (with the 3D coordinates and the per-pixel interpolation
+  arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``.
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -49,8 +51,9 @@ the union over the ``P`` pools of that half set on the process, modelled as ``R 
 pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
 session, and 1.76 R over 10 at 128 px, fourth session), at most ``8 K O`` in a global search; each cache is capped at
 ``FINE_LIMITS[backend]["cache_bytes"]``.  In
-process both half sets' caches live in the driver; a Dask worker holds two when its block of pools straddles the
-half sets (one worker, or an odd number of workers), else one.
+process the driver runs one half set's pools after the other and frees a half set's cache and references with its
+last pool (``driver.InProcessRunner``), so one of each lives at a time; a Dask worker holds two caches when its block
+of pools straddles the half sets (one worker, or an odd number of workers), else one.
 
 Task peak = images + max(coarse, fine) + partials.  On a GPU worker the task lives on the GPU (with the
 references ``16 H K L``, made there from the maps the iteration ships); the worker's host holds the images and the
@@ -178,22 +181,19 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     e_w, P = e_f, B * R  # a group's padded children; (particle, fine orientation) pairs
     if maxsig and maxsig > 0:  # at most maxsig significant samples a particle, 32 children (8 orientations) each
         R, e_w, P = min(R, 8 * B * maxsig), min(e_f, 32 * B * maxsig), min(B * R, 8 * B * maxsig)
-        # a diff2 chunk is dense over its members' orientations x translations (at most maxsig of each per member),
-        # within the chunk rule's waste or floor (fine.fine_chunking)
-        e_f = min(e_f, max(limits["waste"] * 32 * B * maxsig**2, limits["floor_pixels"] / max(M, 1)))
     e_g = min(E // 16, e_w)  # children of one group of particles (fine._group_particles)
     dense_w = (6 if backend == "gpu" else 10) * 8 * e_w  # the group's posterior weights; NumPy's temporaries
     slice_bytes = limits["slice_bytes"]
-    row_i, row_p = insert_row_bytes(n, M), project_row_bytes(n)
+    row_i, row_p = insert_row_bytes(n, M, backend == "gpu"), project_row_bytes(n)
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
     projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
-    shifted = 16 * min(E, B * 4 * T * M)
-    # the fine pass's peak is one of its phases, which do not coexist: a chunk's diff2 (its projections, cross terms
-    # and shifted images, beside the group's children), the group's posterior weights, a chunk of pairs of the
+    # the fine pass's peak is one of its phases, which do not coexist: the group's diff2 (beside its weighted images;
+    # NumPy's batch temporaries), the group's posterior weights, a chunk of pairs of the
     # weighted sums (~100 bytes a pixel of E / 8 pair pixels, beside the children's index arrays: ~40 bytes a child
     # on a GPU, ~120 on a CPU's host), or a chunk of the 3D insertion
     pairs = 100 * min(E // 8, P * M) + (40 if backend == "gpu" else 120) * e_g
-    chunk_f = max(16 * R * M + 8 * e_f + shifted + 8 * e_g, dense_w, pairs, insert)
+    diff2 = 24 * B * M + (16 if K > 1 else 8) * e_g + (11 * E if backend == "cpu" else 0)
+    chunk_f = max(diff2, dense_w, pairs, insert)
     fine = 112 * B * M + max(projecting, 48 * R * M + chunk_f)
     partials = 24 * K * L
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
@@ -210,7 +210,9 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
              "images read ahead": ahead}
     if workers <= 0:  # in process: the driver runs each task and adds its partials into the pairwise tree
         held = (sum(max(1, math.ceil(c / pool).bit_length()) for c in counts) + 1) * partials
-        caches = halves * cache_one
+        caches = cache_one  # one half set's at a time, as its references (refs / halves)
+        refs = refs / halves
+        parts["references (H halves)"] = refs
         parts["in process: reduction tree"] = held
         parts["projection caches"] = caches
         if backend == "gpu":

@@ -201,7 +201,7 @@ def test_chunking_of_particles_does_not_change_results(cc, local):
         parts = replace(parts, angles=ang)
         st = replace(st, local_sigma_rot=15.0, local_sigma_psi=15.0)
     one, r1 = expectation_pool(img, parts, model, replace(st, fine_max_elems=1))
-    dense, rd = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 30, fine_waste=1e9))
+    dense, rd = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 30, coarse_waste=1e9))
     assert int(np.max(r1.n_significant)) > 1 or cc
     _assert_partials_close(one, dense, rtol=1e-9)
     for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "class_number", "pmax", "loglik", "norm",
@@ -339,7 +339,7 @@ need = vm("VmPeak") - vm0  # address space the small-chunk run needed (VmPeak: h
 # room for that plus 64 MiB; one dense chunk of all particles needs far more.  (The child runs with a low glibc
 # mmap threshold, so freed arrays leave the address space at once and the limit measures what is live.)
 resource.setrlimit(resource.RLIMIT_AS, (vm("VmSize") + need + (64 << 20), resource.RLIM_INFINITY))
-big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 26, fine_waste=1e9))
+big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 26, coarse_waste=1e9))
 pickle.dump((ref, big), open({out!r}, "wb"))
 """
 
@@ -418,7 +418,7 @@ def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
     backend = "cpu" if xp is np else "gpu"
     whole, rw = expectation_pool(img, parts, model, st)
     n = st.preprocess.current_size
-    row = fine.insert_row_bytes(n, int(likelihood_pixels(n, include_dc=True).sum()))
+    row = fine.insert_row_bytes(n, int(likelihood_pixels(n, include_dc=True).sum()), xp is not np)
     calls = []
     real_insert = fine.insert_slices
     monkeypatch.setattr(fine, "insert_slices", lambda bp, A_, *a: calls.append(len(A_)) or real_insert(bp, A_, *a))
@@ -651,24 +651,35 @@ def test_projection_in_chunks_of_rotations_is_the_same(xp):
     assert project_gathered(ref, A[:0], n, mask, xp).shape == (0, whole.shape[1])
 
 
-def test_shifted_cross_matches_einsum(xp):
-    # oracle: the float64 einsum of the definition, g[i, t, f] = Re(sum_m Z[i, m] ph[t, m] conj(P[f, m])), with row
-    # chunks of 1, 2 and all rows (max_elems bounds the (rows, Tf, M) shifted images held at once)
-    from gerelion_dask.expectation.fine import shifted_cross
+def test_children_diff2_matches_the_definition(xp):
+    # oracle: the float64 einsum of the definition for each sample's 32 children (ops.likelihood.children_diff2):
+    # g = Re sum_m Z[j] ph[trow + t] conj(P[prow[f]]), p = sum_m V[j] |P[prow[f]]|^2, diff2 = (a + p) - 2 g and
+    # -CC = -g / (sqrt(p) a); NumPy in batches of 1, 3 and all samples, the CuPy kernel in one launch; repeated
+    # particles, orientations and translations
+    from gerelion_dask.ops.likelihood import children_diff2
 
     rng = np.random.default_rng(6)
-    I, Tf, F, M = 7, 5, 9, 30
-    Z = rng.normal(size=(I, M)) + 1j * rng.normal(size=(I, M))
-    ph = np.exp(2j * np.pi * rng.uniform(size=(Tf, M)))
+    b, F, T, M, R = 5, 13, 12, 300, 23  # M > the kernel's 128 threads: each thread sums several pixels
+    Z = rng.normal(size=(b, M)) + 1j * rng.normal(size=(b, M))
+    V = rng.uniform(0.1, 2.0, size=(b, M))
+    a = rng.uniform(50.0, 100.0, size=b)
+    ph = np.exp(2j * np.pi * rng.uniform(size=(T, M)))
     P = rng.normal(size=(F, M)) + 1j * rng.normal(size=(F, M))
-    want = np.einsum("im,tm,fm->itf", Z, ph, P.conj()).real
-    for max_elems in (1, 2 * Tf * M, 10**6):
-        got = to_np(shifted_cross(xp, xp.asarray(Z), xp.asarray(ph), xp.asarray(P), max_elems))
-        assert got.shape == (I, Tf, F) and np.allclose(got, want, rtol=1e-12, atol=1e-12)
-    # single-precision particle side (the interleaved GEMM must not reinterpret complex64 pairs as float64)
-    got = to_np(shifted_cross(xp, xp.asarray(Z.astype(np.complex64)), xp.asarray(ph.astype(np.complex64)),
-                              xp.asarray(P), 50))
-    assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    power = np.abs(P) ** 2
+    j = rng.integers(0, b, R)
+    prow = rng.integers(0, F, (R, 8))
+    trow = rng.integers(0, T // 4, R) * 4
+    g = np.einsum("rm,rtm,rfm->rft", Z[j], ph[trow[:, None] + np.arange(4)], P[prow].conj()).real  # (R, 8, 4)
+    p = np.einsum("rm,rfm->rf", V[j], power[prow])
+    want = ((a[j][:, None, None] + p[:, :, None]) - 2.0 * g).reshape(R, 32)
+    want_cc = (-g / (np.sqrt(p)[:, :, None] * a[j][:, None, None])).reshape(R, 32)
+    args = [xp.asarray(x) for x in (Z, V, a, ph, P, power, j, prow, trow)]
+    for max_elems in ((1, 3 * 24 * M, 10**8) if xp is np else (10**8,)):
+        got = to_np(children_diff2(*args, cc=False, max_elems=max_elems))
+        assert got.shape == (R, 32) and np.allclose(got, want, rtol=1e-12, atol=1e-10)
+        got = to_np(children_diff2(*args, cc=True, max_elems=max_elems))
+        assert np.allclose(got, want_cc, rtol=1e-12, atol=1e-14)
+    assert children_diff2(*args[:6], *(x[:0] for x in args[6:])).shape == (0, 32)
 
 
 def test_overlap_chunks_matches_set_unions():

@@ -69,8 +69,8 @@ class EStepSettings:
     symmetry_operators: np.ndarray | None = None  # (G, 3, 3) for local-search distances
     n_optics: int = 1
     n_groups: int = 1
-    fine_max_elems: int = 0  # fine pass: most diff2 values per particle chunk (0: by backend, see fine.py)
-    fine_waste: float = 0.0  # fine pass: dense chunk work / members' own work allowed (0: by backend)
+    fine_max_elems: int = 0  # E-step: most values per chunk or group of particles (0: by backend, see fine.py)
+    coarse_waste: float = 0.0  # coarse pass: dense chunk work / members' own work allowed (0: by backend)
     coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)
 
 
@@ -295,7 +295,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     O = grid.n_dir * n_psi
     limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
-    waste = settings.fine_waste or limits["waste"]
+    waste = settings.coarse_waste or limits["waste"]
     dtype = np.dtype(settings.coarse_dtype if settings.coarse_dtype != "auto" else limits["coarse_dtype"])
     scale = np.asarray(model.scales)[particles.group]
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)

@@ -1,15 +1,14 @@
 """Pass 2 of the E-step (ALGORITHM.md §4.3-4.6): the children of significant coarse samples, batched over particles.
 
 Every particle's significant coarse samples ``(class, orientation, translation)`` have 8 x 4 children (oversampling
-1).  Particles are grouped into chunks whose members search similar orientations (sorted by their best coarse
-orientation); a chunk is evaluated as dense matrix products over the union of its members' children,
+1), and only those children are evaluated (:func:`~gerelion_dask.ops.likelihood.children_diff2`, a thread block per
+significant sample on a GPU),
 
     diff2(j, f, t) = a_j + sum_k w_jk c_jk^2 |P_f(k)|^2 - 2 Re sum_k (w_jk c_jk X_j(k) s_t(k)) conj(P_f(k))
 
-and the pairs whose coarse parent was not significant for particle j are excluded (weight 0), so the result equals
-the per-particle evaluation (a chunk of one).  How many particles share a chunk is a cost decision only: on a GPU
-large chunks amortise kernel launches, on a CPU chunks stay near one particle unless the members overlap (a union at
-most ``waste`` times the sum of the members' own work).
+with the projections ``P_f`` of every fine orientation the pool needs made once per pool (:class:`FineProjections`,
+shared by the pools of an iteration through a :class:`ProjectionCache`).  Posterior weights and significance are
+taken per group of particles (the whole pool unless its padded child layout exceeds the chunk budget).
 
 The weighted sums of §4.6 are taken over the (particle, class, fine orientation) pairs that kept any weight after
 the fine pass's significance threshold: with ``Q = sum_t w_t s_t`` (a pair's weights over its fine translations times
@@ -29,19 +28,20 @@ from ..backend import deep_nbytes, get_xp, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import likelihood_pixels, shells_2d
+from ..ops.likelihood import children_diff2
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "diff2_chunks",
-           "fine_chunking", "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks",
-           "project_row_bytes"]
+__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "fine_limits",
+           "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
 
-# Work budgets per chunk of particles (diff2 values) and the dense-over-union waste allowed, per backend: on a GPU large
-# chunks amortise kernel launches (waste 512 against 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128,
-# H100, benchmarks/RESULTS.md; 2^26 values against 2^25 since the sparse fine-pass weights: 4,690 against 4,060 at
-# ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless the members overlap.
+# Work budgets per chunk of particles (values; the coarse pass's chunks and the fine pass's groups) and the coarse
+# pass's dense-over-union waste allowed, per backend: on a GPU large chunks amortise kernel launches (waste 512 against
+# 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128, H100, benchmarks/RESULTS.md; 2^26 values against
+# 2^25: 4,690 against 4,060 at ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless
+# the members overlap.
 # The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
 # in float64 on CPUs (the reference path).
 # ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``slice_bytes``: the working
@@ -49,14 +49,10 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # in the 3D insertion at the end of the fine pass (``insert_row_bytes``); all of a pool's slices at once took 9-12 GB
 # per 1,000 slices at 256 px (memory_check --lines).  A NumPy insertion chunk costs a few passes over the whole
 # volume (``bincount``), so the CPU's chunks are larger.
-# The fine pass's diff2 chunks (``fine_chunking``): a chunk's dense work costs ~M per value, its fixed steps the
-# same at every size, so the waste allowed falls with the pixels M, ``waste_pixels / M`` between ``waste_min`` and
-# ``waste``, and a chunk may always grow to ``floor_pixels / M`` values (particles with one significant sample have
-# too little own work for the ratio alone).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
-                       "slice_bytes": 4 << 30, "waste_pixels": 0.0, "waste_min": 1.5, "floor_pixels": 0.0},
+                       "slice_bytes": 4 << 30},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "slice_bytes": 2 << 30, "waste_pixels": 3e5, "waste_min": 32.0, "floor_pixels": 6.4e9}}
+                       "slice_bytes": 2 << 30}}
 
 
 # FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is
@@ -94,17 +90,6 @@ def fine_limits(xp) -> dict:
     return gpu_limits(FINE_LIMITS["gpu"], device_memory_bytes(xp))
 
 
-def fine_chunking(limits: dict, M: int, waste: float = 0.0) -> tuple[float, float]:
-    """``(waste, floor)`` of the fine pass's diff2 chunks at ``M`` likelihood pixels (``FINE_LIMITS``); a given
-    ``waste`` (``--fine_waste`` of the benchmarks) is used as it is, with no floor."""
-    if waste:
-        return float(waste), 0.0
-    w = limits["waste"]
-    if limits["waste_pixels"]:
-        w = min(w, max(limits["waste_min"], limits["waste_pixels"] / max(M, 1)))
-    return float(w), limits["floor_pixels"] / max(M, 1)
-
-
 def project_row_bytes(n: int) -> int:
     """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``: the slice's 3D
     coordinates, Friedel-folded corners, fractions, indices and the interpolated values, ~200 bytes a half-plane
@@ -112,12 +97,13 @@ def project_row_bytes(n: int) -> int:
     return 200 * n * (n // 2 + 1)
 
 
-def insert_row_bytes(n: int, M: int) -> int:
+def insert_row_bytes(n: int, M: int, gpu: bool = False) -> int:
     """Bytes the 3D insertion of one ``n``-px slice with ``M`` likelihood pixels holds at most: the slice and its
-    weights in the half-plane layout and their 3D coordinates (``49 h``, ``h = n (n/2+1)``), and the per-pixel
-    corner indices, fractions and weighted values of ``insert_slices`` (``150 M``).  An upper bound (~2x the live
-    peak measured at 128 px); ``gerelion plan`` uses the same number."""
-    return 49 * n * (n // 2 + 1) + 150 * M
+    weights in the half-plane layout (``24 h``, ``h = n (n/2+1)``), which is all on a GPU (one kernel,
+    ``kernels/backproject.py``); NumPy adds their 3D coordinates (``25 h``) and the per-pixel corner indices,
+    fractions and weighted values of ``insert_slices`` (``150 M``; ~2x the live peak measured at 128 px).
+    ``gerelion plan`` uses the same number."""
+    return 24 * n * (n // 2 + 1) if gpu else 49 * n * (n // 2 + 1) + 150 * M
 
 
 def gather(a, mask):
@@ -168,14 +154,12 @@ class Significant:
         return np.concatenate([np.arange(x, y) for x, y in zip(lo, hi, strict=True)]) if len(J) else np.zeros(0, int)
 
 
-def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float,
-                   floor: float = 0.0) -> list[np.ndarray]:
+def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float) -> list[np.ndarray]:
     """Group items whose index sets overlap: item j searches ``sets_a[j] x sets_b[j]`` (sorted unique arrays).
 
     Items are taken in ``key`` order; an item joins the current chunk while the chunk's dense work (members x
-    union_a x union_b x ``per_pair``) stays within ``max_elems`` and either within ``waste`` times the members' own
-    work or within ``floor`` (work too small to be worth a chunk of its own).  The unions are kept as marks over the
-    values that occur, so an item costs the size of its own sets.
+    union_a x union_b x ``per_pair``) stays within ``max_elems`` and within ``waste`` times the members' own work.
+    The unions are kept as marks over the values that occur, so an item costs the size of its own sets.
     """
     ids_a, n_a = _compact(sets_a)
     ids_b, n_b = _compact(sets_b)
@@ -189,7 +173,7 @@ def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: 
             na = la + int(np.count_nonzero(~mark_a[ids_a[j]]))
             nb = lb + int(np.count_nonzero(~mark_b[ids_b[j]]))
             dense = (len(cur) + 1) * float(na) * nb * per_pair
-            if dense > max_elems or (dense > waste * (own_sum + own) and dense > floor):
+            if dense > max_elems or dense > waste * (own_sum + own):
                 chunks.append(np.array(cur))
                 for i in cur:
                     mark_a[ids_a[i]] = False
@@ -214,34 +198,6 @@ def _compact(sets) -> tuple[list[np.ndarray], int]:
         return [np.zeros(0, np.int64) for _ in sets], 0
     u, inv = np.unique(np.concatenate([np.asarray(x) for x in sets]), return_inverse=True)
     return np.split(inv, np.cumsum(sizes)[:-1]), len(u)
-
-
-def shifted_cross(xp, Z, ph, P, max_elems: int):
-    """``g[i, t, f] = Re(sum_m Z[i, m] ph[t, m] conj(P[f, m]))``: ``(I, Tf, F)`` float64.
-
-    One real GEMM over interleaved real and imaginary parts per chunk of rows ``i``; the shifted rows
-    ``Z[i] ph[t]`` of a chunk (``(n, Tf, M)`` complex) hold at most ``max_elems`` values (all of a fine-pass chunk's
-    particles at once held ~12 GiB at 256 px).
-    """
-    I, M = Z.shape
-    Tf, F = ph.shape[0], P.shape[0]
-    out = xp.empty((I, Tf, F), np.float64)
-    Pv = xp.ascontiguousarray(P, dtype=np.complex128).view(np.float64).T  # (2M, F)
-    step = max(1, int(max_elems // max(1, Tf * M)))
-    for s in range(0, I, step):
-        Y = (Z[s : s + step][:, None, :] * ph[None]).astype(np.complex128, copy=False)  # (n, Tf, M), contiguous
-        n = Y.shape[0]
-        out[s : s + n] = (Y.reshape(n * Tf, M).view(np.float64) @ Pv).reshape(n, Tf, F)
-    return out
-
-
-def _unique_per_particle(b, k, B: int) -> list[np.ndarray]:
-    """The sorted unique values of ``k`` for each particle ``0..B-1`` (``b`` sorted): a list of ``B`` arrays."""
-    order = np.lexsort((k, b))
-    bs, ks = b[order], k[order]
-    first = np.ones(len(ks), bool)
-    first[1:] = (bs[1:] != bs[:-1]) | (ks[1:] != ks[:-1])
-    return np.split(ks[first], np.searchsorted(bs[first], np.arange(1, B)))
 
 
 def _local_index(J, b):
@@ -398,55 +354,30 @@ def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> li
     return groups
 
 
-def diff2_chunks(sig: Significant, max_elems: int, waste: float, floor: float):
-    """The fine pass's groups of particles (:func:`_group_particles`, taken in the order of their best coarse sample)
-    and each group's chunks of overlapping particles (:func:`overlap_chunks`): yields ``(G, [J, ...])``, pool rows."""
-    B = len(sig.n_sig)
-    okeys = _unique_per_particle(sig.b, sig.c * sig.n_orient + sig.o, B)  # each particle's (class, orientation)
-    tkeys = _unique_per_particle(sig.b, sig.t, B)  # and translations
-    for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
-        yield G, [G[L] for L in overlap_chunks([okeys[j] for j in G], [tkeys[j] for j in G], sig.best[G], 32.0,
-                                               max_elems, waste, floor)]
-
-
-def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, J: np.ndarray, grid, ut_pool,
-                    ph_pool, do_cc: bool, lik, max_elems: int):
-    """diff2 (or -CC) of the 32 children of every significant sample of the particles ``J``: ``(rows, (S, 32))``
-    with ``rows = sig.rows_of(J)``.  Evaluated as dense products over the union of the members' orientations and
-    translations (``shifted_cross``) of which each particle's own children are taken."""
-    Jx = xp.asarray(J)
-    r = sig.rows_of(J)
-    jl = _local_index(J, sig.b[r])  # row of each significant sample's particle within the chunk
-    ut = np.unique(sig.t[r])
-    tf_rows = (np.searchsorted(ut_pool, ut)[:, None] * 4 + np.arange(4)[None, :]).reshape(-1)
-    ph = ph_pool[xp.asarray(tf_rows)]  # (Tf, M) the phases of the chunk's fine translations
-    it_all = np.searchsorted(ut, sig.t[r])
-    X, Cr, Wd = px.X[Jx], px.Cr[Jx], px.Wd[Jx]
+def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, G: np.ndarray, r: np.ndarray,
+                    jl: np.ndarray, grid, ut_pool, ph_pool, do_cc: bool, lik, max_elems: int):
+    """diff2 (or -CC) of the 32 children of the significant samples ``r`` of the group of particles ``G`` (``jl``:
+    each sample's particle within ``G``): ``(len(r), 32)``, child ``4 f + t`` for fine orientation ``f`` and fine
+    translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per class)."""
+    Gx = xp.asarray(G)
+    X, Cr = px.X[Gx], px.Cr[Gx]
     if do_cc:
-        Z, normx = Cr * X, xp.sqrt((px.X2[Jx] * lik).sum(axis=1))  # (b,)
+        Z, V, a = Cr * X * lik, Cr * Cr * lik, xp.sqrt((px.X2[Gx] * lik).sum(axis=1))
     else:
-        Z, ah = Wd * Cr * X, px.a[Jx]
-    child_f, child_t = np.divmod(np.arange(32), 4)  # a significant sample's 32 children: (8 orientations, 4 shifts)
-    d_rows = xp.empty((len(r), 32), np.float64)
-    for c in np.unique(sig.c[r]):
-        sel = np.nonzero(sig.c[r] == c)[0]
-        oc = np.unique(sig.o[r][sel])
-        io = np.searchsorted(oc, sig.o[r][sel])
-        rows_x = xp.asarray(fp.positions(c, grid.fine_ids(oc).reshape(-1)))
-        P = fp.data[c][rows_x]  # (F, M)
-        jx = xp.asarray(jl[sel])[:, None]
-        fx = xp.asarray(io[:, None] * 8 + child_f[None, :])  # (S_c, 32) the children's fine orientations here
-        tx = xp.asarray(it_all[sel][:, None] * 4 + child_t[None, :])  # and fine translations
-        if do_cc:
-            g_ = shifted_cross(xp, Z, ph, P * lik, max_elems)  # (b, Tf, F)
-            normp = xp.sqrt((Cr * Cr * lik) @ fp.power[c][rows_x].T)  # (b, F)
-            d_rows[xp.asarray(sel)] = -g_[jx, tx, fx] / (normp[jx, fx] * normx[jx] + 1e-300)
-        else:
-            bb = (Wd * Cr * Cr) @ fp.power[c][rows_x].T  # (b, F)
-            g_ = shifted_cross(xp, Z, ph, P, max_elems)  # (b, Tf, F)
-            d_rows[xp.asarray(sel)] = (ah[jx] + bb[jx, fx]) - 2.0 * g_[jx, tx, fx]
-        del g_
-    return r, d_rows
+        Wd = px.Wd[Gx]
+        Z, V, a = Wd * Cr * X, Wd * Cr * Cr, px.a[Gx]
+    trow = xp.asarray(np.searchsorted(ut_pool, sig.t[r]) * 4)  # each sample's first fine translation's phase row
+    cr, orr, jx = sig.c[r], xp.asarray(sig.o[r]), xp.asarray(jl)
+    d = xp.empty((len(r), 32), np.float64)
+    for c in np.unique(cr):
+        sel = np.nonzero(cr == c)[0]
+        sx = xp.asarray(sel)
+        prow = fp.positions(c, grid.fine_ids(orr[sx]))  # (S, 8) rows of the children's fine orientations
+        d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], fp.power[c], jx[sx], prow, trow[sx], do_cc, max_elems)
+        if len(sel) == len(r):
+            return d_c
+        d[sx] = d_c
+    return d
 
 
 def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, b: int, settings):
@@ -477,7 +408,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     """Pass 2 for one pool: the significant coarse samples of pass 1 -> ``(Partials, PoolResult)``.
 
     Per group of particles (all of a pool unless their padded child layout exceeds the chunk budget): the children's
-    diff2 in chunks of overlapping particles (:func:`_children_diff2`), the posterior weights and significance of
+    diff2 (:func:`_children_diff2`), the posterior weights and significance of
     the whole group at once (:func:`_child_posteriors`), then the weighted sums over the (particle, class, fine
     orientation) pairs that kept any weight.  A pair's weights over its fine translations times their phases give
     ``Q = sum_t w_t s_t``; it adds ``Q X c / sigma^2`` to its orientation's back-projection data and
@@ -512,7 +443,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                      (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0)
     del s2_all
     highres = to_host(pre.power_highres)
-    shell_1hot = xp.asarray((shb[:, None] == np.arange(nsh)[None, :]).astype(np.float64))  # (M, nsh)
+    shell_1hot = (xp.asarray(shb)[:, None] == xp.arange(nsh)[None, :]).astype(np.float64)  # (M, nsh)
     # the scale sums' resolution range: shells where the class's data dominate its prior
     goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
     int_off = pre.int_offset_px
@@ -535,7 +466,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     ut_pool = np.unique(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
     ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
-    waste, floor = fine_chunking(limits, M, settings.fine_waste)
     ph_pool_v = xp.ascontiguousarray(ph_pool, dtype=np.complex128).view(np.float64)  # (4 |ut_pool|, 2 M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
     XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
@@ -547,21 +477,16 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     sig_x = {k: xp.asarray(getattr(sig, k)) for k in ("c", "o", "t")}
     ut_pool_x = xp.asarray(ut_pool)
     Tp = len(t_fine_pool)
+    t_fine_x = xp.asarray(t_fine_pool)
     pair_step = max(1, int(max_elems // (8 * M)))  # pairs per chunk of the weighted sums (~14 (n, M) arrays live)
-    for G, chunks in diff2_chunks(sig, max_elems, waste, floor):
+    for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
         b = len(G)
         r = sig.rows_of(G)  # the group's significant samples, grouped by particle in the order of G
         jl = _local_index(G, sig.b[r])
         cnt = np.bincount(jl, minlength=b)
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
         q = np.arange(len(r)) - first[jl]
-        where = np.full(len(sig.b), -1)
-        where[r] = np.arange(len(r))
-        d = xp.empty((len(r), 32), np.float64)
-        for J in chunks:
-            rc, dc = _children_diff2(xp, px, cache, sig, J, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
-            d[xp.asarray(where[rc])] = dc
-            del dc
+        d = _children_diff2(xp, px, cache, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
         wp, dmin, sumw, bad = _child_posteriors(xp, d, sig.lp[r], jl, q, b, settings)
         del d
         n_zero += int(np.sum(bad))
@@ -596,11 +521,10 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         acc["wsum_pdf_direction"] += to_host(xp.bincount(cc * grid.n_dir + co // grid.n_psi, weights=wv,
                                                          minlength=K * grid.n_dir)).reshape(K, grid.n_dir)
         del co
-        w_trans = to_host(xp.bincount(cj * Tp + tp, weights=wv, minlength=b * Tp)).reshape(b, Tp)
-        u_f = int_off[G][:, None, :] + t_fine_pool[None]  # (b, Tp, 2) the offsets of the fine translations
-        d2o = (((particles.offset_prior_px[G][:, None, :] - u_f) * ps.pixel_size) ** 2).sum(-1)
-        off_sum += float((w_trans * d2o).sum())
-        del w_trans, u_f, d2o
+        # each child's squared distance (A^2) from its particle's offset prior
+        e_o = (xp.asarray(particles.offset_prior_px[G] - int_off[G])[cj] - t_fine_x[tp]) * ps.pixel_size
+        off_sum += float(to_host((wv * (e_o * e_o).sum(axis=1)).sum()))
+        del e_o
         key = (cc * (int(cg.max()) + 1) + cg) * b + cj  # children by class, fine orientation, particle
         order = xp.argsort(key)
         key, cj, cc, cg, tp, wv = key[order], cj[order], cc[order], cg[order], tp[order], wv[order]
@@ -660,7 +584,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
 
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
-    step = max(1, int(limits["slice_bytes"] // insert_row_bytes(n, M)))  # slices per chunk of the insertion
+    step = max(1, int(limits["slice_bytes"] // insert_row_bytes(n, M, xp is not np)))  # slices per insertion chunk
     for c in bp_i:
         touched_rows = np.nonzero(to_host(touched[c]))[0]
         for s in range(0, touched_rows.size, step):

@@ -6,7 +6,7 @@ For every 2D pixel k of a slice (half plane: the redundant pixels ``kx = 0, ky <
 ``D[v] += w_v Fimg(k)``, ``W[v] += w_v Fw(k)``.  Pixels with ``Fw <= 0`` are skipped.
 
 The sums are order-independent up to float rounding; on NumPy they are done with ``bincount`` (deterministic),
-on CuPy with atomic adds.  ``enforce_hermitian`` is RELION's ``enforceHermitianSymmetry`` of the kx = 0 plane.
+on CuPy by one kernel with atomic adds (:mod:`gerelion_dask.kernels.backproject`).  ``enforce_hermitian`` is RELION's ``enforceHermitianSymmetry`` of the kx = 0 plane.
 """
 
 from __future__ import annotations
@@ -43,22 +43,13 @@ def empty_backprojection(grid: PaddedGrid, xp=np, dtype=np.complex128) -> BackPr
     return BackProjection(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=real), grid)
 
 
-def _scatter_add(xp, target, idx, values):
-    """``target.flat[idx] += values`` with repeated indices summed."""
-    if xp is np:
-        if np.iscomplexobj(target):
-            target.real.flat[:] += np.bincount(idx, weights=values.real, minlength=target.size)
-            target.imag.flat[:] += np.bincount(idx, weights=values.imag, minlength=target.size)
-        else:
-            target.flat[:] += np.bincount(idx, weights=values, minlength=target.size)
-        return
-    flat = target.reshape(-1)  # CuPy: atomic adds
-    if xp.iscomplexobj(flat):
-        fr = flat.view(flat.real.dtype).reshape(-1, 2)
-        xp.add.at(fr[:, 0], idx, values.real.astype(fr.dtype))
-        xp.add.at(fr[:, 1], idx, values.imag.astype(fr.dtype))
+def _scatter_add(target, idx, values):
+    """``target.flat[idx] += values`` with repeated indices summed (NumPy: ``bincount``, deterministic)."""
+    if np.iscomplexobj(target):
+        target.real.flat[:] += np.bincount(idx, weights=values.real, minlength=target.size)
+        target.imag.flat[:] += np.bincount(idx, weights=values.imag, minlength=target.size)
     else:
-        xp.add.at(flat, idx, values.astype(flat.dtype))
+        target.flat[:] += np.bincount(idx, weights=values, minlength=target.size)
 
 
 def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjection:
@@ -68,9 +59,12 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjectio
     Frequencies of the slices are in units of the original box (windowed layout of ``window_rfft2``).
     """
     xp = get_xp(bp.data, fimg)
+    if xp is not np:
+        from ..kernels.backproject import insert_slices as twin
+
+        return twin(bp, rotations, fimg, fweight)
     n = fimg.shape[-2]
-    real = np.float64 if bp.data.dtype == np.complex128 else np.float32
-    A = xp.asarray(rotations, dtype=real)
+    A = xp.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the volumes' precision
     if A.ndim == 2:
         A = A[None]
     q, valid = slice_coordinates(A, n, bp.grid, xp=xp, half_plane=True)
@@ -85,8 +79,8 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjectio
             for dx, wx in ((0, 1 - fx), (1, fx)):
                 idx = base + dz * sz + dy * sy + dx * sx
                 tw = wz * wy * wx
-                _scatter_add(xp, bp.data, idx, vals * tw)
-                _scatter_add(xp, bp.weight, idx, wts * tw)
+                _scatter_add(bp.data, idx, vals * tw)
+                _scatter_add(bp.weight, idx, wts * tw)
     return bp
 
 
