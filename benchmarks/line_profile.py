@@ -7,6 +7,9 @@ line: compare lines, not totals.  Runs on CuPy when a GPU is present, else NumPy
   python benchmarks/line_profile.py --box 128 --n 1024 --coarse 64 --current 96 --noise 3 [--top 25]
   python benchmarks/line_profile.py --box 128 --apix 2 --n 1000 --coarse 22 --current 42 --maxsig 40 \\
       --offset-range 3 --offset-step 1 --noise 15      (a pool of a 128-px refinement's second iteration)
+  python benchmarks/line_profile.py --from-run 4000 --iters 3 --pool 1000 --box 128 --apix 2 --maxsig 40
+      (the last pool of a real refinement: dask_scaling.py's simulated data, run in process for --iters
+      iterations; its coarse and fine passes are then timed on that pool's own inputs)
 """
 
 from __future__ import annotations
@@ -75,6 +78,40 @@ def group_stats(sig, st, xp):
           f"significant samples {len(sig.b)}, children evaluated {32 * len(sig.b)}")
 
 
+def pool_of_run(a):
+    """The inputs of the coarse and fine passes of the last pool of a synthetic refinement (``dask_scaling.py``'s
+    data and flags: ``--from-run`` particles, ``--box``, ``--apix``, ``--pool``, ``--iters``, ``--order``,
+    ``--maxsig``), run in process: ``((xp, pre, parts, model, st, pri, cache), (..., sig, cache))``."""
+    import tempfile
+
+    from dask_scaling import job_config, simulate  # benchmarks/dask_scaling.py: the same data and flags
+
+    from gerelion_dask.driver import InProcessRunner, run_job
+    from gerelion_dask.expectation import estep
+
+    seen = {}
+    real = {"coarse_pass": estep.coarse_pass, "fine_pass": estep.fine_pass}
+
+    def recorder(name):
+        def call(*args):
+            seen[name] = args
+            return real[name](*args)
+        return call
+
+    estep.coarse_pass, estep.fine_pass = recorder("coarse_pass"), recorder("fine_pass")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = simulate(Path(tmp), a.from_run, a.box, a.apix)
+            ns = argparse.Namespace(healpix_order=a.order, iters=a.iters, pool=a.pool, maxsig=a.maxsig)
+            res = run_job(job_config(paths, Path(tmp), ns), runner=InProcessRunner("auto"))
+    finally:
+        estep.coarse_pass, estep.fine_pass = real["coarse_pass"], real["fine_pass"]
+    last = res.iterations[-1]
+    print(f"refinement of {a.from_run} particles: {len(res.iterations)} iterations, the last at size "
+          f"{last.current_size}, its E-step {last.seconds['estep']:.2f} s in process")
+    return seen["coarse_pass"], seen["fine_pass"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--box", type=int, default=128)
@@ -94,6 +131,10 @@ def main():
     ap.add_argument("--sweep", nargs="*", default=[], metavar="MAX_ELEMS",
                     help="also time the fine pass untraced with these group budgets, e.g. 1e6 1e7")
     ap.add_argument("--no-trace", action="store_true", help="untraced times only")
+    ap.add_argument("--from-run", type=int, default=0, metavar="N",
+                    help="profile the last pool of a synthetic refinement of N particles instead (see above)")
+    ap.add_argument("--iters", type=int, default=3, help="with --from-run: iterations of the refinement")
+    ap.add_argument("--pool", type=int, default=1000, help="with --from-run: particles per pool")
     a = ap.parse_args()
     xp = np
     if gpu_count():
@@ -101,16 +142,23 @@ def main():
 
         xp = cupy
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
-    images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
-    grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
-    st = replace(st, grid=grid, maxsig=a.maxsig, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
-    cache = ProjectionCache(1 << 33)
-    pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
-    pri = orientation_priors(parts, model, st)
-    sig = coarse_pass(xp, pre, parts, model, st, pri, cache)  # warm-up: compilation, plans, the projection cache
-    fine_pass(xp, pre, parts, model, st, sig, cache)
-    print(f"{'numpy' if xp is np else 'cupy'}; box {a.box}, {a.n} particles, noise {a.noise}: median "
-          f"{np.median(sig.n_sig):.0f} significant samples")
+    if a.from_run:
+        (xp, pre, parts, model, st, pri, cache), (_, _, _, _, _, sig, _) = pool_of_run(a)
+        st = replace(st, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        fine_pass(xp, pre, parts, model, st, sig, cache)  # warm-up: the projection cache (the run freed it)
+        what = f"the last pool of a refinement ({len(parts.index)} particles, size {st.preprocess.current_size})"
+    else:
+        images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
+        grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
+        st = replace(st, grid=grid, maxsig=a.maxsig, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        cache = ProjectionCache(1 << 33)
+        pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
+        pri = orientation_priors(parts, model, st)
+        sig = coarse_pass(xp, pre, parts, model, st, pri, cache)  # warm-up: compilation, plans, the projection cache
+        fine_pass(xp, pre, parts, model, st, sig, cache)
+        what = f"box {a.box}, {a.n} particles, noise {a.noise}"
+    print(f"{'numpy' if xp is np else 'cupy'}; {what}: median {np.median(sig.n_sig):.0f} significant samples "
+          f"(mean {np.mean(sig.n_sig):.1f})")
     group_stats(sig, st, xp)
     for name, fn, args in (("coarse_pass", coarse_pass, (xp, pre, parts, model, st, pri, cache)),
                            ("fine_pass", fine_pass, (xp, pre, parts, model, st, sig, cache))):

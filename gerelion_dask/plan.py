@@ -29,20 +29,21 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations,
   ``R = 8 f K O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``).  While they are projected: their
-  projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x 200 h``, ``S_p = slice_bytes / 200 h``, at
-  most 4,096; ``fine.project_row_bytes``).  Then each with its projection, power and back-projection sums,
-  ``48 R M``, and the largest of the pass's phases (they do not coexist): the group's children's diff2, ``8 g``
+  projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = slice_bytes / s_p``, at
+  most 4,096, ``s_p = 32 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``).  Then each with its projection and back-projection sums, ``40 R M``,
+  and the largest of the pass's phases (they do not coexist): the group's children's diff2, ``8 g``
   (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per class) beside
   the group's weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2`` (shifted
   images, gathered projections and powers: ``11 E``; the GPU kernel keeps none);
   the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with
-  ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); a chunk of the weighted sums'
+  ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); or a chunk of the weighted sums'
   pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``)
-  beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host); or the 3D insertion of the
-  ``R`` slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h`` (slices and
-  weights; one kernel), on a CPU ``s = 49 h + 150 M`` (with the 3D coordinates and the per-pixel interpolation
-  arrays; ``fine.insert_row_bytes``);
-* ``partials``: the pool's back-projection sums ``24 K L``.
+  beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host).  Last, with only the
+  back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
+  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h + 16 M`` (slices,
+  weights and the gathered sums; one kernel), on a CPU ``s = 49 h + 150 M`` (with the 3D coordinates and the
+  per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+* ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
 iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
@@ -55,7 +56,7 @@ process the driver runs one half set's pools after the other and frees a half se
 last pool (``driver.InProcessRunner``), so one of each lives at a time; a Dask worker holds two caches when its block
 of pools straddles the half sets (one worker, or an odd number of workers), else one.
 
-Task peak = images + max(coarse, fine) + partials.  On a GPU worker the task lives on the GPU (with the
+Task peak = images + max(coarse, fine), the fine pass's insertion phase holding the partials.  On a GPU worker the task lives on the GPU (with the
 references ``16 H K L``, made there from the maps the iteration ships); the worker's host holds the images and the
 partials copied back.  Every process that runs tasks also holds the raw images of up to ``READ_AHEAD_DEPTH`` (2)
 pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
@@ -184,7 +185,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     e_g = min(E // 16, e_w)  # children of one group of particles (fine._group_particles)
     dense_w = (6 if backend == "gpu" else 10) * 8 * e_w  # the group's posterior weights; NumPy's temporaries
     slice_bytes = limits["slice_bytes"]
-    row_i, row_p = insert_row_bytes(n, M, backend == "gpu"), project_row_bytes(n)
+    row_i, row_p = insert_row_bytes(n, M, backend == "gpu"), project_row_bytes(n, backend == "gpu")
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
     projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
     # the fine pass's peak is one of its phases, which do not coexist: the group's diff2 (beside its weighted images;
@@ -193,16 +194,15 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # on a GPU, ~120 on a CPU's host), or a chunk of the 3D insertion
     pairs = 100 * min(E // 8, P * M) + (40 if backend == "gpu" else 120) * e_g
     diff2 = 24 * B * M + (16 if K > 1 else 8) * e_g + (11 * E if backend == "cpu" else 0)
-    chunk_f = max(diff2, dense_w, pairs, insert)
-    fine = 112 * B * M + max(projecting, 48 * R * M + chunk_f)
     partials = 24 * K * L
+    fine = max(112 * B * M + max(projecting, 40 * R * M + max(diff2, dense_w, pairs)), 24 * R * M + insert + partials)
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     counts = _half_counts(n_particles, halves)
     # pools of one half set on one process: all of them in process or on one worker, else their share
     per_process = max(math.ceil(c / pool) for c in counts) * (1 if workers <= halves else halves / workers)
     union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
     cache_one = min(limits["cache_bytes"], (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union)
-    task = images + max(coarse, fine) + partials
+    task = images + max(coarse, fine)
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + 16 * L + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
     parts = {"images (per task)": images, "coarse pass (per task)": coarse, "fine pass (per task)": fine,

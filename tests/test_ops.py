@@ -144,6 +144,26 @@ def test_project_backproject_cycle(xp, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.complex128, np.complex64])
+def test_project_kernel_matches_numpy(dtype):
+    # oracle: the NumPy projection (trilinear_gather at slice_coordinates): the CuPy kernel gives the same slices to
+    # float rounding; a window smaller and one larger than the reference's r_max, repeated and identity rotations
+    cupy = pytest.importorskip("cupy")
+    v = _phantom(24, 4)
+    A = _uniform_rotations(30, 9)
+    A[5], A[6] = A[2], np.eye(3)
+    for r_max in (12, 7):
+        ref = make_reference(v, r_max=r_max, dtype=dtype)
+        ref_d = make_reference(cupy.asarray(v), r_max=r_max, dtype=dtype)
+        for n in (24, 10):
+            want = project(ref, A, n)
+            got = project(ref_d, cupy.asarray(A), n)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            tol = (1e-12 if dtype == np.complex128 else 1e-5) * np.abs(want).max()
+            assert np.abs(to_np(got) - want).max() <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.complex128, np.complex64])
 def test_insert_slices_kernel_matches_numpy(dtype):
     # oracle: the NumPy insertion (bincount of the trilinear corner weights): the CuPy kernel's atomic adds give the
     # same volumes to float rounding; slices larger than the grid's r_max (pixels beyond it skipped), slices of a

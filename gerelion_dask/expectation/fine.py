@@ -90,20 +90,21 @@ def fine_limits(xp) -> dict:
     return gpu_limits(FINE_LIMITS["gpu"], device_memory_bytes(xp))
 
 
-def project_row_bytes(n: int) -> int:
-    """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``: the slice's 3D
-    coordinates, Friedel-folded corners, fractions, indices and the interpolated values, ~200 bytes a half-plane
-    pixel); ``gerelion plan`` uses the same number."""
-    return 200 * n * (n // 2 + 1)
+def project_row_bytes(n: int, gpu: bool = False) -> int:
+    """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``): on a GPU the slice and
+    its gathered pixels (``32 h``, ``h = n (n/2+1)``; one kernel, ``kernels/projector.py``), with NumPy also the
+    slice's 3D coordinates, Friedel-folded corners, fractions and indices (~200 bytes a half-plane pixel);
+    ``gerelion plan`` uses the same number."""
+    return (32 if gpu else 200) * n * (n // 2 + 1)
 
 
 def insert_row_bytes(n: int, M: int, gpu: bool = False) -> int:
     """Bytes the 3D insertion of one ``n``-px slice with ``M`` likelihood pixels holds at most: the slice and its
-    weights in the half-plane layout (``24 h``, ``h = n (n/2+1)``), which is all on a GPU (one kernel,
-    ``kernels/backproject.py``); NumPy adds their 3D coordinates (``25 h``) and the per-pixel corner indices,
-    fractions and weighted values of ``insert_slices`` (``150 M``; ~2x the live peak measured at 128 px).
-    ``gerelion plan`` uses the same number."""
-    return 24 * n * (n // 2 + 1) if gpu else 49 * n * (n // 2 + 1) + 150 * M
+    weights in the half-plane layout (``24 h``, ``h = n (n/2+1)``) and the row of sums gathered into it (``16 M``),
+    which is all on a GPU (one kernel, ``kernels/backproject.py``); NumPy adds their 3D coordinates (``25 h``) and
+    the per-pixel corner indices, fractions and weighted values of ``insert_slices`` (``150 M``; ~2x the live peak
+    measured at 128 px).  ``gerelion plan`` uses the same number."""
+    return 24 * n * (n // 2 + 1) + 16 * M if gpu else 49 * n * (n // 2 + 1) + 150 * M
 
 
 def gather(a, mask):
@@ -117,7 +118,7 @@ def project_gathered(ref, A, n: int, mask, xp, max_bytes: int | None = None):
     ``FINE_LIMITS[...]["slice_bytes"]``; at most 4,096 rotations), written into one output array."""
     if max_bytes is None:
         max_bytes = fine_limits(xp)["slice_bytes"]
-    chunk = min(4096, max(1, int(max_bytes // project_row_bytes(n))))
+    chunk = min(4096, max(1, int(max_bytes // project_row_bytes(n, xp is not np))))
     out = None
     for s in range(0, len(A), chunk):
         part = gather(project(ref, xp.asarray(A[s : s + chunk]), n), mask)
@@ -279,7 +280,6 @@ class FineProjections:
                  cache: ProjectionCache | None = None):
         self.rows = {}
         self.data = {}
-        self.power = {}
 
         def compute(c):
             def make(gid):
@@ -290,7 +290,6 @@ class FineProjections:
             o = np.unique(sig.o[sig.c == c])
             gid = np.sort(grid.fine_ids(o).reshape(-1))
             self.data[c] = cache.rows(int(c), gid, compute(c)) if cache is not None else compute(c)(gid)
-            self.power[c] = xp.abs(self.data[c]) ** 2
             self.rows[c] = gid
 
     def positions(self, c: int, gid):
@@ -373,7 +372,7 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
         sel = np.nonzero(cr == c)[0]
         sx = xp.asarray(sel)
         prow = fp.positions(c, grid.fine_ids(orr[sx]))  # (S, 8) rows of the children's fine orientations
-        d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], fp.power[c], jx[sx], prow, trow[sx], do_cc, max_elems)
+        d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], jx[sx], prow, trow[sx], do_cc, max_elems)
         if len(sel) == len(r):
             return d_c
         d[sx] = d_c
@@ -557,9 +556,11 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                 Jx, rx = Gx[p_j[s:e]], rows_c[s - lo_c : e - lo_c]
                 _add_rows(xp, bp_i[c], rx, XCW[Jx] * Q)
                 _add_rows(xp, bp_w[c], rx, wo * CCW[Jx])
-                crxt = px.Cr[Jx] * (px.X[Jx] * (xp.conj(cache.data[c][rx]) * Q)).real  # Cr Re(X conj(P) Q)
+                Pr = cache.data[c][rx]
+                crxt = px.Cr[Jx] * (px.X[Jx] * (xp.conj(Pr) * Q)).real  # Cr Re(X conj(P) Q)
                 del Q
-                cpw = Cr2[Jx] * cache.power[c][rx]  # Cr^2 |P|^2 (times the pair's weight: the model term)
+                cpw = Cr2[Jx] * (Pr.real**2 + Pr.imag**2)  # Cr^2 |P|^2 (times the pair's weight: the model term)
+                del Pr
                 _add_rows(xp, resid, Jx, wo * cpw - 2.0 * crxt)
                 if settings.do_scale:
                     _add_rows(xp, xa, Jx, (crxt @ goodf[c])[:, None])
@@ -578,7 +579,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     np.add.at(acc["sumw_optics"], og, ws)
     np.add.at(acc["group_counts"], particles.group, 1.0)
     acc_norm = to_host(resid.sum(axis=1)) + highres.sum(axis=1)
-    del resid
+    # the 3D insertion needs only the back-projection sums: the pool's pixels, phases and projections go first
+    del resid, px, X_all, C_all, Wd_all, X2_all, ph_pool, ph_pool_v
+    cache.data = {}
     norm_j = np.asarray(particles.norm, dtype=np.float64)
     out["norm"] = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j.copy()
 

@@ -1,8 +1,9 @@
 """CuPy twin of :func:`gerelion_dask.ops.likelihood.children_diff2` (imported only when CuPy arrays are passed there).
 
 One thread block per significant sample: its threads stride over the likelihood pixels, each keeping the 32 cross
-terms (8 fine orientations x 4 fine translations) and the 8 model terms of its pixels in registers, so a sample reads
-its particle's image, its 4 phase rows and its 8 projection rows once and writes its 32 diff2 values; nothing is
+terms (8 fine orientations x 4 fine translations) and the 8 model terms (|P|^2 made from the projection itself) of
+its pixels in registers, so a sample reads its particle's image, its 4 phase rows and its 8 projection rows once and
+writes its 32 diff2 values; nothing is
 evaluated for children of other particles (the dense products over a chunk's union of orientations and translations
 that this replaces did 160-540x the particles' own work, ``benchmarks/RESULTS.md``, tenth session).  The block sums
 its threads' values in a fixed order (warp shuffles, then the warps in turn): the result does not depend on timing.
@@ -21,7 +22,7 @@ _SRC = r"""
 #define NT 128
 extern "C" __global__ void __launch_bounds__(NT)
 gerelion_children_diff2(const double* Z, const double* V, const double* a, const double* ph, const double* P,
-                        const double* pw, const long long* jrow, const long long* prow, const long long* trow,
+                        const long long* jrow, const long long* prow, const long long* trow,
                         long long R, long long M, int cc, double* d) {
     const long long r = blockIdx.x;
     if (r >= R) return;
@@ -44,7 +45,7 @@ gerelion_children_diff2(const double* Z, const double* V, const double* a, const
         }
         for (int f = 0; f < 8; ++f) {
             const double pr = P[2 * (pf[f] + m)], pi = P[2 * (pf[f] + m) + 1];
-            pp[f] += vm * pw[pf[f] + m];
+            pp[f] += vm * (pr * pr + pi * pi);
             for (int t = 0; t < 4; ++t) g[4 * f + t] += yr[t] * pr + yi[t] * pi;
         }
     }
@@ -77,7 +78,7 @@ def _kernel():
     return cupy.RawKernel(_SRC, "gerelion_children_diff2")
 
 
-def children_diff2(Z, V, a, ph, P, power, j, prow, trow, cc: bool = False):
+def children_diff2(Z, V, a, ph, P, j, prow, trow, cc: bool = False):
     """CuPy twin of :func:`gerelion_dask.ops.likelihood.children_diff2` (same arguments but ``max_elems``: the
     kernel keeps no temporaries)."""
     f64, i64 = np.float64, np.int64
@@ -89,7 +90,7 @@ def children_diff2(Z, V, a, ph, P, power, j, prow, trow, cc: bool = False):
     Z = cupy.ascontiguousarray(Z, dtype=np.complex128)
     ph = cupy.ascontiguousarray(ph, dtype=np.complex128)
     P = cupy.ascontiguousarray(P, dtype=np.complex128)
-    V, a, power = (cupy.ascontiguousarray(x, dtype=f64) for x in (V, a, power))
+    V, a = (cupy.ascontiguousarray(x, dtype=f64) for x in (V, a))
     j, prow, trow = (cupy.ascontiguousarray(cupy.asarray(x), dtype=i64) for x in (j, prow, trow))
-    _kernel()((R,), (_THREADS,), (Z, V, a, ph, P, power, j, prow, trow, np.int64(R), np.int64(M), np.int32(cc), out))
+    _kernel()((R,), (_THREADS,), (Z, V, a, ph, P, j, prow, trow, np.int64(R), np.int64(M), np.int32(cc), out))
     return out

@@ -128,15 +128,15 @@ def candidate_segment(n_samples: int) -> int:
     return int(min(CANDIDATE_CAP, 1 << max(0, int(n_samples - 1).bit_length())))
 
 
-def children_diff2(Z, V, a, ph, P, power, j, prow, trow, cc: bool = False, max_elems: int = 1 << 22):
+def children_diff2(Z, V, a, ph, P, j, prow, trow, cc: bool = False, max_elems: int = 1 << 22):
     """diff2 (or ``-CC``) of the 32 children of significant samples, each child on its own: ``(R, 32)`` float64.
 
     Sample ``r`` of particle ``j[r]`` has the fine orientations ``prow[r] (8,)`` (rows of the projections ``P (F, M)``,
-    complex, with ``power = |P|^2``) and the fine translations ``trow[r] + 0..3`` (rows of the phases ``ph (T, M)``);
+    complex) and the fine translations ``trow[r] + 0..3`` (rows of the phases ``ph (T, M)``);
     its child ``4 f + t`` is orientation ``f`` with translation ``t``.  Per particle: ``Z (b, M)`` the weighted image
     (``w c X``, or ``c X`` on the likelihood pixels for CC), ``V (b, M)`` the model weights (``w c^2``, or ``c^2`` on
     the likelihood pixels), ``a (b,)`` the image term (or the image norm for CC).  With
-    ``g = Re sum_m Z[j, m] ph[trow + t, m] conj(P[prow[f], m])`` and ``p = sum_m V[j, m] power[prow[f], m]``:
+    ``g = Re sum_m Z[j, m] ph[trow + t, m] conj(P[prow[f], m])`` and ``p = sum_m V[j, m] |P[prow[f], m]|^2``:
     ``diff2 = (a + p) - 2 g``, or ``-g / (sqrt(p) a + 1e-300)`` for CC.  NumPy evaluates samples in batches of at
     most ``max_elems`` gathered values; the CuPy twin (:func:`gerelion_dask.kernels.fine.children_diff2`) reads each
     sample's rows once in one thread block.
@@ -145,17 +145,17 @@ def children_diff2(Z, V, a, ph, P, power, j, prow, trow, cc: bool = False, max_e
     if xp is not np:
         from ..kernels.fine import children_diff2 as twin
 
-        return twin(Z, V, a, ph, P, power, j, prow, trow, cc)
+        return twin(Z, V, a, ph, P, j, prow, trow, cc)
     R, M = len(j), Z.shape[1]
     out = np.empty((R, 32), np.float64)
-    step = max(1, int(max_elems // (24 * M)))  # shifted images (4 M complex) and projections (8 M complex, 8 M)
+    step = max(1, int(max_elems // (24 * M)))  # shifted images (4 M complex), projections and powers (8 M each)
     t4 = np.arange(4)
     for s in range(0, R, step):
         js, pr = j[s : s + step], prow[s : s + step]
         Y = np.ascontiguousarray(Z[js][:, None, :] * ph[trow[s : s + step, None] + t4[None, :]])  # (S, 4, M)
         Pg = np.ascontiguousarray(P[pr], dtype=np.complex128)  # (S, 8, M)
         g = np.matmul(Y.view(np.float64), Pg.view(np.float64).transpose(0, 2, 1))  # (S, 4, 8) = Re(Y conj(P))
-        p = np.matmul(power[pr], V[js][:, :, None])[:, :, 0]  # (S, 8)
+        p = np.matmul(Pg.real**2 + Pg.imag**2, V[js][:, :, None])[:, :, 0]  # (S, 8)
         g = g.transpose(0, 2, 1)  # (S, 8, 4): child 4 f + t
         if cc:
             d = -g / (np.sqrt(p)[:, :, None] * a[js][:, None, None] + 1e-300)

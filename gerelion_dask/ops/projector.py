@@ -184,12 +184,16 @@ def project(ref: FourierReference, rotations, n: int | None = None):
     """Central slices ``(B, n, n//2+1)`` of ``ref`` for rotation matrices ``(B, 3, 3)`` (RELION ``get2DFourierTransform``).
 
     ``n`` defaults to ``2 * r_max``.  The result is in the windowed half-complex layout of
-    :func:`gerelion_dask.conventions.window_rfft2`; frequencies are in units of the original box.
+    :func:`gerelion_dask.conventions.window_rfft2`; frequencies are in units of the original box.  On CuPy one
+    kernel (:mod:`gerelion_dask.kernels.projector`).
     """
     xp = get_xp(ref.data)
     n = 2 * ref.grid.r_max if n is None else n
-    real = np.float64 if ref.data.dtype == np.complex128 else np.float32
-    A = xp.asarray(rotations, dtype=real)
+    if xp is not np:
+        from ..kernels.projector import project as twin
+
+        return twin(ref, rotations, n)
+    A = xp.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the reference's precision
     if A.ndim == 2:
         A = A[None]
     q, valid = slice_coordinates(A, n, ref.grid, xp=xp)
