@@ -88,7 +88,7 @@ class InProcessRunner:
         budget = fine_limits(xp)["cache_bytes"]
         caches = {h: ProjectionCache(budget) for h in models}  # one iteration's projections, per half set
         dev_models = {}  # each half set's references on the device, once per call
-        left = collections.Counter(pp.half for _, pp in tasks)  # a half set's cache and references go with its last pool
+        left = collections.Counter(pp.half for _, pp in tasks)  # a half set's cache and references go after its last
         with ReadAhead() as ahead:  # the next pool's images are read while this one computes
             for k, (rows, pp) in enumerate(tasks):
                 imgs = xp.asarray(ahead.take(k, functools.partial(read_images, rows)))

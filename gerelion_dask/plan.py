@@ -21,28 +21,29 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``images``: ``B (8 N^2 + 48 N (N/2+1) + 8 h)`` (images, their transforms masked and unmasked, CTFs; half the
   image-sized terms on a GPU, which keeps the float32 images in float32 / complex64);
 * ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's arrays (``e =
-  min(E, B O T K)`` samples, ``b = max(1, E / (O T K))`` particles per chunk): on a CPU ``~7 x 8 e`` (cross terms,
+  min(F E, B O T K)`` samples, ``b = max(1, F E / (O T K))`` particles per chunk, ``F =
+  FINE_LIMITS[backend]["coarse_factor"]``: 2 on a GPU, 1 on a CPU): on a CPU ``~7 x 8 e`` (cross terms,
   diff2, weights, the significance sort), on a GPU the float32 cross terms ``4 e``, each particle's candidate
   segment ``17 c b`` (``c = candidate_segment(O T K)``: at most 16,384) and the diff2 and weights of
-  particles with flat posteriors redone densely (``2 x 8 e`` at most); + the particle side of the product
+  particles with flat posteriors redone densely, a batch of at most ``ops.likelihood.REDO_SAMPLES`` samples at a
+  time with their temporaries (``48 min(e, 2^24)``); + the particle side of the product
   ``32 b T Mc``;
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
-  the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations,
-  ``R = 8 f K O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``).  While they are projected: their
-  projections ``16 R M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = slice_bytes / s_p``, at
-  most 4,096, ``s_p = 32 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``).  Then each with its projection and back-projection sums, ``40 R M``,
-  and the largest of the pass's phases (they do not coexist): the group's children's diff2, ``8 g``
-  (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per class) beside
-  the group's weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2`` (shifted
-  images, gathered projections and powers: ``11 E``; the GPU kernel keeps none);
-  the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with
-  ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); or a chunk of the weighted sums'
-  pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``)
-  beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host).  Last, with only the
-  back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
-  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h + 16 M`` (slices,
-  weights and the gathered sums; one kernel), on a CPU ``s = 49 h + 150 M`` (with the 3D coordinates and the
-  per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+  the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
+  O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
+  M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = slice_bytes / s_p``, at most 4,096, ``s_p = 32 h``
+  on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). Then each with its projection and back-projection sums,
+  ``40 R M``, and the largest of the pass's phases (they do not coexist): the group's children's diff2, ``8 g`` (``g =
+  min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per class) beside the group's
+  weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2`` (shifted images, gathered
+  projections and powers: ``11 E``; the GPU kernel keeps none); the group's posterior weights ``~6 x 8 w`` on a GPU,
+  ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with ``--maxsig``, else ``e``; NumPy's temporaries; checked by
+  ``tests/test_plan.py``); or a chunk of the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a
+  particle and a fine orientation, at most ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU,
+  ``120 g`` on a CPU's host). Last, with only the back-projection sums ``24 R M`` left (the pixels and projections are
+  freed first), the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on
+  a GPU ``s = 24 h + 16 M`` (slices, weights and the gathered sums; one kernel), on a CPU ``s = 49 h + 150 M`` (with
+  the 3D coordinates and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -56,10 +57,10 @@ process the driver runs one half set's pools after the other and frees a half se
 last pool (``driver.InProcessRunner``), so one of each lives at a time; a Dask worker holds two caches when its block
 of pools straddles the half sets (one worker, or an odd number of workers), else one.
 
-Task peak = images + max(coarse, fine), the fine pass's insertion phase holding the partials.  On a GPU worker the task lives on the GPU (with the
-references ``16 H K L``, made there from the maps the iteration ships); the worker's host holds the images and the
-partials copied back.  Every process that runs tasks also holds the raw images of up to ``READ_AHEAD_DEPTH`` (2)
-pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
+Task peak = images + max(coarse, fine), the fine pass's insertion phase holding the partials. On a GPU worker the task
+lives on the GPU (with the references ``16 H K L``, made there from the maps the iteration ships); the worker's host
+holds the images and the partials copied back. Every process that runs tasks also holds the raw images of up to
+``READ_AHEAD_DEPTH`` (2) pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
 
 The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the reference of the
 accuracy estimate ``16 L`` (it makes no other: the E-step's are made where the tasks run, in process by the driver),
@@ -146,7 +147,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .io.readahead import DEFAULT_DEPTH as READ_AHEAD_DEPTH
-    from .ops.likelihood import candidate_segment
+    from .ops.likelihood import REDO_SAMPLES, candidate_segment
     from .ops.sampling import angular_step, asymmetric_unit_directions
 
     N = int(box)
@@ -169,11 +170,13 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
 
     # float64 / complex128 on a CPU; a GPU preprocesses the float32 images in float32 / complex64 (CTFs in float64)
     images = B * ((4 if backend == "gpu" else 8) * N * N + (24 if backend == "gpu" else 48) * N * (N // 2 + 1) + 8 * h)
-    b_c = max(1, E // max(1, O * T * K))
-    e_c = min(E, max(B * O * T * K, O * T * K))
+    E_c = limits["coarse_factor"] * E  # a global coarse search's chunk budget
+    b_c = max(1, E_c // max(1, O * T * K))
+    e_c = min(E_c, max(B * O * T * K, O * T * K))
     if backend == "gpu":  # float32 cross terms; candidates in per-particle segments; flat rows redone densely
         cap = candidate_segment(O * T * K)
-        chunk_c = 4 * e_c + 2 * 8 * e_c + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O
+        redo = 48 * min(e_c, REDO_SAMPLES)  # flat particles' dense rows, a bounded batch at a time
+        chunk_c = 4 * e_c + redo + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O
     else:  # float64 cross terms, diff2, weights and the significance sort of the whole block
         chunk_c = 7 * 8 * e_c
     coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c + 32 * min(b_c, B) * T * Mc

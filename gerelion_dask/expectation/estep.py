@@ -299,12 +299,16 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     dtype = np.dtype(settings.coarse_dtype if settings.coarse_dtype != "auto" else limits["coarse_dtype"])
     scale = np.asarray(model.scales)[particles.group]
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
-    mc = xp.asarray(likelihood_pixels(nc))
-    shc = shells_2d(nc)[to_host(mc)]
+    def pixels():  # the coarse window's likelihood pixels, their shells and the translations' phases (T, Mc)
+        m = likelihood_pixels(nc)
+        mx = xp.asarray(m)
+        return mx, xp.asarray(shells_2d(nc)[m]), gather(shift_phase_2d(nc, N, xp.asarray(grid.translations)), mx)
+
+    key = ("coarse-pixels", nc, N, grid.translations.tobytes())
+    mc, shc, phase_c = cache.whole(key, pixels) if cache is not None else pixels()
     Xc = gather(window_rfft2(pre.fimg, nc), mc)
     Cc = gather(window_rfft2(pre.ctf, nc), mc) * xp.asarray(scale)[:, None]
-    Wc = 1.0 / (2.0 * xp.asarray(sig2)[xp.asarray(particles.optics_group)][:, xp.asarray(shc)])  # on the device
-    phase_c = gather(shift_phase_2d(nc, N, xp.asarray(grid.translations)), mc)  # (T, Mc)
+    Wc = 1.0 / (2.0 * xp.asarray(sig2)[xp.asarray(particles.optics_group)][:, shc])  # on the device
     T = len(grid.translations)
     hr = to_host(pre.highres_xi2) / 2.0 if not settings.do_cc else np.zeros(B)
     fin_d = np.isfinite(pri.dir_lp)  # (B, K, n_dir)
@@ -322,7 +326,8 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         chunks = overlap_chunks(dsets, psets, key, T * max(1, len(classes)), max_elems, waste)
         full = None
     else:
-        per = max(1, int(max_elems // max(1, O * T * max(1, len(classes)))))
+        # global searches: the chunk's float32 cross terms are the whole block, so the GPU takes twice the budget
+        per = max(1, int(limits["coarse_factor"] * max_elems // max(1, O * T * max(1, len(classes)))))
         chunks = [np.arange(s, min(B, s + per)) for s in range(0, B, per)]
         full = {}
         for c in classes:

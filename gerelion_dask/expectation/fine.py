@@ -44,15 +44,17 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # the members overlap.
 # The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
 # in float64 on CPUs (the reference path).
+# ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (float32 on a GPU:
+# one chunk for a pool of 1,000 at HEALPix order 2, where two chunks paid the selection's fixed steps twice).
 # ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``slice_bytes``: the working
 # memory of one chunk of full 2D slices, in the projection of fine orientations (``project_row_bytes`` per slice) and
 # in the 3D insertion at the end of the fine pass (``insert_row_bytes``); all of a pool's slices at once took 9-12 GB
 # per 1,000 slices at 256 px (memory_check --lines).  A NumPy insertion chunk costs a few passes over the whole
 # volume (``bincount``), so the CPU's chunks are larger.
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
-                       "slice_bytes": 4 << 30},
+                       "slice_bytes": 4 << 30, "coarse_factor": 1},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "slice_bytes": 2 << 30}}
+                       "slice_bytes": 2 << 30, "coarse_factor": 2}}
 
 
 # FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is

@@ -13,6 +13,7 @@ from functools import cache
 import cupy
 import numpy as np
 
+from ..ops import likelihood
 from ..ops.likelihood import candidate_segment, coarse_select_dense
 
 
@@ -302,9 +303,16 @@ def coarse_select(g, a, hr, p, dl, pl, off, adaptive_fraction: float = 0.999, ma
     r, q = cupy.nonzero(keep)
     c = cols[r, q]
     over = cupy.nonzero(count > cap)[0]
-    if over.size:  # more candidates than fit the shared-memory sort: these particles' weights in full
-        r2, c2, _ = coarse_select_dense(g[:, over], a[over], hr[over], p[:, over], dl[over], pl[over], off[over],
-                                        adaptive_fraction, maxsig, total[over])
-        r, c = cupy.concatenate([r, over[r2]]), cupy.concatenate([c, c2])
+    if over.size:  # more candidates than fit the shared-memory sort: these particles' weights in full, a few at a
+        # time (their float64 diff2 and weights: 16 bytes a sample, at most REDO_SAMPLES samples at once)
+        step = max(1, likelihood.REDO_SAMPLES // N)
+        rs, cs = [r], [c]
+        for s in range(0, int(over.size), step):
+            ov = over[s : s + step]
+            r2, c2, _ = coarse_select_dense(g[:, ov], a[ov], hr[ov], p[:, ov], dl[ov], pl[ov], off[ov],
+                                            adaptive_fraction, maxsig, total[ov])
+            rs.append(ov[r2])
+            cs.append(c2)
+        r, c = cupy.concatenate(rs), cupy.concatenate(cs)
     o = cupy.argsort(r * N + c)
     return r[o], c[o], best

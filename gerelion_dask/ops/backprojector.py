@@ -5,8 +5,9 @@ For every 2D pixel k of a slice (half plane: the redundant pixels ``kx = 0, ky <
 (``-q``, ``conj``); the value is distributed to the 8 neighbours with trilinear weights:
 ``D[v] += w_v Fimg(k)``, ``W[v] += w_v Fw(k)``.  Pixels with ``Fw <= 0`` are skipped.
 
-The sums are order-independent up to float rounding; on NumPy they are done with ``bincount`` (deterministic),
-on CuPy by one kernel with atomic adds (:mod:`gerelion_dask.kernels.backproject`).  ``enforce_hermitian`` is RELION's ``enforceHermitianSymmetry`` of the kx = 0 plane.
+The sums are order-independent up to float rounding; on NumPy they are done with ``bincount`` (deterministic), on CuPy
+by one kernel with atomic adds (:mod:`gerelion_dask.kernels.backproject`). ``enforce_hermitian`` is RELION's
+``enforceHermitianSymmetry`` of the kx = 0 plane.
 """
 
 from __future__ import annotations

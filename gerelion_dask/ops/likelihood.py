@@ -27,13 +27,18 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["CANDIDATE_CAP", "candidate_segment", "children_diff2", "coarse_diff2", "coarse_select",
-           "coarse_select_dense", "coarse_weights", "orientation_log_prior"]
+__all__ = ["CANDIDATE_CAP", "REDO_SAMPLES", "candidate_segment", "children_diff2", "coarse_diff2",
+           "coarse_select", "coarse_select_dense", "coarse_weights", "orientation_log_prior"]
 
 # candidates per particle the GPU twin of coarse_select sorts in shared memory (128 KiB); a particle with more
 # (a flat posterior: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound) is
 # redone by coarse_select_dense
 CANDIDATE_CAP = 16384
+
+# samples of such particles the GPU twin redoes at once from their dense rows (coarse_select_dense's float64 diff2 and
+# weights with their temporaries): bounded whatever the chunk, so a chunk of a whole pool of 1,000 at a flat first
+# iteration does not hold gigabytes of them
+REDO_SAMPLES = 1 << 24
 
 
 def coarse_diff2(g, a, p, hr, lpo, off, out=None):
