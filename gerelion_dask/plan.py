@@ -22,12 +22,12 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   image-sized terms on a GPU, which keeps the float32 images in float32 / complex64);
 * ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's arrays (``e =
   min(F E, B O T K)`` samples, ``b = max(1, F E / (O T K))`` particles per chunk, ``F =
-  FINE_LIMITS[backend]["coarse_factor"]``: 2 on a GPU, 1 on a CPU): on a CPU ``~7 x 8 e`` (cross terms,
-  diff2, weights, the significance sort), on a GPU the float32 cross terms ``4 e``, each particle's candidate
-  segment ``17 c b`` (``c = candidate_segment(O T K)``: at most 16,384) and the diff2 and weights of
-  particles with flat posteriors redone densely, a batch of at most ``ops.likelihood.REDO_SAMPLES`` samples at a
-  time with their temporaries (``48 min(e, 2^24)``); + the particle side of the product
-  ``32 b T Mc``;
+  FINE_LIMITS[backend]["coarse_factor"]``: 2 on a GPU, 1 on a CPU): on a CPU ``~7 x 8 e`` (cross terms, diff2,
+  weights, the significance sort) and the particle side of the product ``32 b T Mc``; on a GPU the float32 cross
+  terms ``4 e`` beside the larger of two phases, the GEMM's shifted images (``16 b T Mc``: complex64 and their
+  interleaved copy) or the selection: each particle's candidate segment ``17 c b`` (``c = candidate_segment(O T
+  K)``: at most 16,384) and the rows of particles with flat posteriors redone densely, a batch of at most
+  ``ops.likelihood.REDO_SAMPLES`` samples at a time with their temporaries (``48 min(e, 2^24)``);
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
@@ -173,13 +173,14 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     E_c = limits["coarse_factor"] * E  # a global coarse search's chunk budget
     b_c = max(1, E_c // max(1, O * T * K))
     e_c = min(E_c, max(B * O * T * K, O * T * K))
-    if backend == "gpu":  # float32 cross terms; candidates in per-particle segments; flat rows redone densely
+    if backend == "gpu":  # float32 cross terms beside the GEMM's shifted images (complex64 and interleaved), then
+        # beside the selection's candidates in per-particle segments and flat rows redone densely (two phases)
         cap = candidate_segment(O * T * K)
         redo = 48 * min(e_c, REDO_SAMPLES)  # flat particles' dense rows, a bounded batch at a time
-        chunk_c = 4 * e_c + redo + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O
-    else:  # float64 cross terms, diff2, weights and the significance sort of the whole block
-        chunk_c = 7 * 8 * e_c
-    coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c + 32 * min(b_c, B) * T * Mc
+        chunk_c = 4 * e_c + max(16 * min(b_c, B) * T * Mc, redo + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O)
+    else:  # float64 cross terms, diff2, weights and the significance sort of the whole block; the shifted images
+        chunk_c = 7 * 8 * e_c + 32 * min(b_c, B) * T * Mc
+    coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c
     R = 8 * f * K * O
     e_f = min(E, 32 * B * f * O * T * K)
     e_w, P = e_f, B * R  # a group's padded children; (particle, fine orientation) pairs

@@ -143,7 +143,7 @@ def test_plan_with_maxsig_bounds_the_fine_pass_by_the_samples_kept():
     # padded weights hold at most 32 B maxsig values; the plan must use them (at 38 px of a box-256 run with maxsig
     # 40 it fell from 4.39 to 2.96 GiB against the 2.72 GiB measured on the H100, RESULTS.md ninth session).  Tenth
     # session (fine-pass kernels, one coarse chunk per pool, flat rows redone in bounded batches): measured 1.74 GiB,
-    # the plan an upper bound 1.6x above it (its coarse terms take the worst case: every particle's row redone)
+    # the plan an upper bound 1.5x above it (its coarse terms take the worst case: a whole batch of rows redone)
     kw = dict(healpix_order=2, offset_range=3.0, offset_step=1.0, pixel_size=1.0, backend="gpu",
               significant_fraction=0.1773, current_size=38)
     free = plan_memory(256, 3000, 1000, **kw)
