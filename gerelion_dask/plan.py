@@ -27,29 +27,31 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   terms ``4 e`` beside the larger of two phases, the GEMM's shifted images (``16 b T Mc``: complex64 and their
   interleaved copy) or the selection: each particle's candidate segment ``17 c b`` (``c = candidate_segment(O T
   K)``: at most 16,384) and the rows of particles with flat posteriors redone densely, a batch of at most
-  ``ops.likelihood.REDO_SAMPLES`` samples at a time with their temporaries (``48 min(e, 2^24)``);
+  ``ops.likelihood.REDO_SAMPLES`` samples at a time with their temporaries (``48 min(e, 2^22)``);
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
   M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = slice_bytes / s_p``, at most 4,096, ``s_p = 32 h``
-  on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). Then each with its projection and back-projection sums,
-  ``40 R M``, and the largest of the pass's phases (they do not coexist): the group's children's diff2, ``8 g`` (``g =
-  min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per class) beside the group's
-  weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2`` (shifted images, gathered
-  projections and powers: ``11 E``; the GPU kernel keeps none); the group's posterior weights ``~6 x 8 w`` on a GPU,
-  ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with ``--maxsig``, else ``e``; NumPy's temporaries; checked by
-  ``tests/test_plan.py``); or a chunk of the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a
-  particle and a fine orientation, at most ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU,
-  ``120 g`` on a CPU's host). Last, with only the back-projection sums ``24 R M`` left (the pixels and projections are
-  freed first), the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on
-  a GPU ``s = 24 h + 16 M`` (slices, weights and the gathered sums; one kernel), on a CPU ``s = 49 h + 150 M`` (with
-  the 3D coordinates and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+  on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own array (no
+  copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``16 M U``, ``U`` below) unless
+  the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each fine orientation with its
+  back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not coexist): the group's children's
+  diff2, ``8 g`` (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per
+  class) beside the group's weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2``
+  (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps none); the group's posterior
+  weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with ``--maxsig``, else ``e``;
+  NumPy's temporaries; checked by ``tests/test_plan.py``); or a chunk of the weighted sums' pairs, ``100 min(E / 8, P
+  M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``) beside the children's index
+  arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the back-projection sums ``24 R M`` left (the
+  pixels and projections are freed first), the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / s``
+  slices, ``min(R, S) s``: on a GPU ``s = 24 h + 16 M`` (slices, weights and the gathered sums; one kernel), on a CPU
+  ``s = 49 h + 150 M`` (with the 3D coordinates and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
 iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
 (float32 on a GPU; ``24 K O Mc`` in float64 on a CPU) and every fine orientation projected so far, ``16 M`` each:
-the union over the ``P`` pools of that half set on the process, modelled as ``R P^(1/4)`` (an empirical fit: the
+the union over the ``P`` pools of that half set on the process, ``U``, modelled as ``R P^(1/4)`` (an empirical fit: the
 pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
 session, and 1.76 R over 10 at 128 px, fourth session), at most ``8 K O`` in a global search; each cache is capped at
 ``FINE_LIMITS[backend]["cache_bytes"]``.  In
@@ -199,13 +201,19 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     pairs = 100 * min(E // 8, P * M) + (40 if backend == "gpu" else 120) * e_g
     diff2 = 24 * B * M + (16 if K > 1 else 8) * e_g + (11 * E if backend == "cpu" else 0)
     partials = 24 * K * L
-    fine = max(112 * B * M + max(projecting, 40 * R * M + max(diff2, dense_w, pairs)), 24 * R * M + insert + partials)
-    ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     counts = _half_counts(n_particles, halves)
     # pools of one half set on one process: all of them in process or on one worker, else their share
     per_process = max(math.ceil(c / pool) for c in counts) * (1 if workers <= halves else halves / workers)
     union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
-    cache_one = min(limits["cache_bytes"], (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union)
+    cache_want = (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union
+    cache_one = min(limits["cache_bytes"], cache_want)
+    if cache_want <= limits["cache_bytes"]:  # the pool reads the cache's array: its projections are the cache's;
+        own, grow = 0, 16 * M * union  # growing that array holds a second copy for a moment
+    else:  # the pool's own rows beside a full cache
+        own, grow = 16 * R * M, 0
+    fine = max(112 * B * M + max(projecting, grow, own + 24 * R * M + max(diff2, dense_w, pairs)),
+               24 * R * M + insert + partials)
+    ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     task = images + max(coarse, fine)
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + 16 * L + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3

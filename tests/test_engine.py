@@ -492,14 +492,20 @@ def test_projection_cache_gives_bit_identical_results():
     cache = ProjectionCache()
     first, rf = expectation_pool(img[:12], sub(slice(0, 12)), model, st, cache=cache)  # an earlier pool fills it
     alone, ra = expectation_pool(img[:12], sub(slice(0, 12)), model, st)
-    for f in fields(first):  # the first pool gets the cached block itself (no copy): the same sums
+    for f in fields(first):  # the first pool reads the cache's own array: the same sums
         if f.name != "grid":
             assert np.array_equal(np.asarray(getattr(first, f.name)), np.asarray(getattr(alone, f.name))), f.name
     gids = np.sort(cache._index[0][0])
-    block = cache.rows(0, gids, lambda ids: 1 / 0)  # everything cached: nothing computed, one block in order
-    assert block is cache._blocks[0][0]
-    part = cache.rows(0, gids[1:], lambda ids: 1 / 0)  # a subset: a copy of its rows
-    assert not np.shares_memory(part, block) and np.array_equal(part, block[1:])
+    P, where = cache.rows(0, gids, lambda ids: 1 / 0)  # everything cached: nothing computed, the cache's array
+    assert P is cache._rows[0] and np.array_equal(np.sort(where), np.arange(len(gids)))
+    P2, where2 = cache.rows(0, gids[1::2], lambda ids: 1 / 0)  # a subset: the same array, no copy
+    assert P2 is P and np.array_equal(where2, where[1::2])
+    tiny = ProjectionCache(max_bytes=0)  # nothing fits: each pool gets its own rows, the same sums
+    over, ro = expectation_pool(img[12:], sub(slice(12, 24)), model, st, cache=tiny)
+    assert tiny.nbytes == 0
+    for f in fields(plain):
+        if f.name != "grid":
+            assert np.array_equal(np.asarray(getattr(plain, f.name)), np.asarray(getattr(over, f.name))), f.name
     n_cached = cache.nbytes
     cached, rc = expectation_pool(img[12:], sub(slice(12, 24)), model, st, cache=cache)
     assert n_cached > 0 and cache.nbytes >= n_cached

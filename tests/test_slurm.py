@@ -69,9 +69,9 @@ def dataset(tmp_path_factory):
     return simulate_dataset([phantom_map(BOX, APIX)], spec, tmp_path_factory.mktemp("slurm_data"))
 
 
-def _refine_flags(dataset, out: Path) -> list[str]:
+def _refine_flags(dataset, out: Path, iters: int = 3) -> list[str]:
     return ["--i", str(dataset.particles_star), "--o", str(out / "run"), "--ref", str(dataset.initial_reference),
-            "--ini_high", "30", "--ctf", "--healpix_order", "1", "--auto_iter_max", "3", "--pool", "13",
+            "--ini_high", "30", "--ctf", "--healpix_order", "1", "--auto_iter_max", str(iters), "--pool", "13",
             "--random_seed", "5", "--offset_range", "2", "--offset_step", "1", "--maxsig", "10", "--device", "cpu"]
 
 
@@ -131,7 +131,10 @@ def test_refine_with_adaptive_slurm_workers(slurm, dataset, tmp_path, monkeypatc
     while all_jobs() and time.time() - t0 < 60:
         time.sleep(0.5)
     name = f"gerelion-ci-{uuid.uuid4().hex[:6]}"
-    cfg = _job_config(refine_parser("gerelion refine", False).parse_args(_refine_flags(dataset, tmp_path)), False)
+    # five iterations: the E-step got faster (tenth session) and with three the run twice ended before the second
+    # worker job had run (SLURM allocated it 1-3 s before the run cancelled it)
+    flags = _refine_flags(dataset, tmp_path, iters=5)
+    cfg = _job_config(refine_parser("gerelion refine", False).parse_args(flags), False)
     opts = SlurmOptions(min_jobs=1, max_jobs=2, cores=1, memory="2GB", walltime="00:10:00", interface="lo",
                         log_directory=str(tmp_path / "slurm-logs"))
     # quick adaptive decisions (defaults: every 1 s, 3 alike in a row, 5 s of work per worker)

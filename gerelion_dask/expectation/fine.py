@@ -221,12 +221,12 @@ class ProjectionCache:
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = int(max_bytes)
         self.nbytes = 0
-        self._blocks = {}  # class -> list of (R, M) arrays
-        self._index = {}  # class -> (gids, block, row) of everything cached, sorted by gid
+        self._rows = {}  # class -> (R, M) array of every projection cached, in the order they were made
+        self._index = {}  # class -> (gids sorted, their rows in that array)
         self._whole = {}  # key -> the coarse pass's projections of the whole coarse grid (global searches)
 
     def clear(self) -> None:
-        self._blocks, self._index, self._whole, self.nbytes = {}, {}, {}, 0
+        self._rows, self._index, self._whole, self.nbytes = {}, {}, {}, 0
 
     def whole(self, key, compute):
         """``compute()`` once per ``key`` (the coarse pass keys its whole-grid projections by class and size)."""
@@ -240,34 +240,41 @@ class ProjectionCache:
         return value
 
     def rows(self, c: int, gids: np.ndarray, compute):
-        """Projections of the sorted unique fine-orientation ids ``gids`` of class ``c``; ``compute(ids)`` makes the
-        missing ones.  The result may be the cache's own array: read it, never write to it."""
-        have_g, have_b, have_r = self._index.get(c, (np.zeros(0, np.int64),) * 3)
+        """Projections of the sorted unique fine-orientation ids ``gids`` of class ``c``: ``(P, where)``, the
+        projection of ``gids[i]`` being ``P[where[i]]``; ``compute(ids)`` makes the missing ones.  ``P`` is the
+        cache's own array (one per class, grown by the missing rows) unless they do not fit its budget, when it is
+        made for these ids alone; read it, never write to it.  A pool never holds a copy of cached rows (2.5 GiB at
+        256 px)."""
+        if not len(gids):
+            return compute(gids), np.zeros(0, np.int64)
+        have = self._rows.get(c)
+        have_g, have_r = self._index.get(c, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         missing = gids[~np.isin(gids, have_g, assume_unique=True)]
-        blocks = list(self._blocks.get(c, []))
         if missing.size:
             new = compute(missing)
-            blocks.append(new)
-            g = np.concatenate([have_g, missing])
-            order = np.argsort(g, kind="stable")
-            g, b = g[order], np.concatenate([have_b, np.full(missing.size, len(blocks) - 1)])[order]
-            r = np.concatenate([have_r, np.arange(missing.size)])[order]
-            if self.nbytes + new.nbytes <= self.max_bytes:
-                self._blocks[c], self._index[c] = blocks, (g, b, r)
-                self.nbytes += new.nbytes
-        else:
-            g, b, r = have_g, have_b, have_r
-        pos = np.searchsorted(g, gids)
-        blk, row = b[pos], r[pos]
-        one = blocks[int(blk[0])] if len(gids) else None
-        if one is not None and len(one) == len(gids) and np.all(blk == blk[0]) and np.all(row == np.arange(len(row))):
-            return one  # exactly one block in order (a half set's first pool): no copy (2.5 GiB at 256 px)
-        xp = get_xp(blocks[0])
-        out = xp.empty((len(gids), blocks[0].shape[1]), blocks[0].dtype)
-        for i in np.unique(blk):
-            sel = np.nonzero(blk == i)[0]
-            out[xp.asarray(sel)] = blocks[i][xp.asarray(row[sel])]
-        return out
+            if self.nbytes + new.nbytes <= self.max_bytes:  # grow the cache's array
+                xp = get_xp(new)
+                grown = new if have is None else xp.concatenate([have, new])
+                have = new = None
+                g = np.concatenate([have_g, missing])
+                r = np.concatenate([have_r, np.arange(len(have_r), len(g))])
+                order = np.argsort(g, kind="stable")
+                self._rows[c], self._index[c] = grown, (g[order], r[order])
+                self.nbytes += (len(grown) - len(have_r)) * grown.shape[1] * grown.itemsize
+            else:  # over budget: these ids' rows alone, the cached ones copied
+                present = gids[np.isin(gids, have_g, assume_unique=True)]
+                if present.size:
+                    xp = get_xp(new)
+                    new = xp.concatenate([have[xp.asarray(have_r[np.searchsorted(have_g, present)])], new])
+                return new, _rows_of(np.concatenate([present, missing]), gids)
+        g, r = self._index[c]
+        return self._rows[c], r[np.searchsorted(g, gids)]
+
+
+def _rows_of(g: np.ndarray, gids: np.ndarray) -> np.ndarray:
+    """Position in ``g`` (unique values, any order) of each of ``gids`` (all present)."""
+    order = np.argsort(g, kind="stable")
+    return order[np.searchsorted(g[order], gids)]
 
 
 class FineProjections:
@@ -280,8 +287,9 @@ class FineProjections:
 
     def __init__(self, model, grid: OrientationGrid, sig: Significant, n: int, mask, xp,
                  cache: ProjectionCache | None = None):
-        self.rows = {}
-        self.data = {}
+        self.rows = {}  # class -> the pool's fine-orientation ids, sorted: the pool's rows
+        self.data = {}  # class -> projections: the pool's row i is data[c][where[c][i]] (maybe the cache's array)
+        self.where = {}
 
         def compute(c):
             def make(gid):
@@ -291,13 +299,21 @@ class FineProjections:
         for c in np.unique(sig.c):
             o = np.unique(sig.o[sig.c == c])
             gid = np.sort(grid.fine_ids(o).reshape(-1))
-            self.data[c] = cache.rows(int(c), gid, compute(c)) if cache is not None else compute(c)(gid)
+            if cache is not None:
+                self.data[c], where = cache.rows(int(c), gid, compute(c))
+            else:
+                self.data[c], where = compute(c)(gid), np.arange(len(gid))
             self.rows[c] = gid
+            self.where[c] = xp.asarray(where)
 
     def positions(self, c: int, gid):
-        """Rows of the fine-orientation ids ``gid`` in this pool's projections (on ``gid``'s backend)."""
+        """The pool's rows of the fine-orientation ids ``gid`` (on ``gid``'s backend)."""
         xp = get_xp(gid)
         return xp.searchsorted(self.rows[c] if xp is np else xp.asarray(self.rows[c]), gid)
+
+    def projections(self, c: int, pool_rows):
+        """Rows of ``data[c]`` holding the projections of the pool's rows ``pool_rows``."""
+        return self.where[c][pool_rows]
 
     def gids(self, c: int) -> np.ndarray:
         return self.rows[c]
@@ -373,7 +389,7 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
     for c in np.unique(cr):
         sel = np.nonzero(cr == c)[0]
         sx = xp.asarray(sel)
-        prow = fp.positions(c, grid.fine_ids(orr[sx]))  # (S, 8) rows of the children's fine orientations
+        prow = fp.projections(c, fp.positions(c, grid.fine_ids(orr[sx])))  # (S, 8) the children's projections
         d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], jx[sx], prow, trow[sx], do_cc, max_elems)
         if len(sel) == len(r):
             return d_c
@@ -458,9 +474,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
     cache = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
-    bp_i = {c: xp.zeros(cache.data[c].shape, np.complex128) for c in cache.data}
-    bp_w = {c: xp.zeros(cache.data[c].shape, np.float64) for c in cache.data}
-    touched = {c: xp.zeros(cache.data[c].shape[0], bool) for c in cache.data}
+    bp_i = {c: xp.zeros((len(cache.gids(c)), M), np.complex128) for c in cache.data}  # per pool row
+    bp_w = {c: xp.zeros((len(cache.gids(c)), M), np.float64) for c in cache.data}
+    touched = {c: xp.zeros(len(cache.gids(c)), bool) for c in cache.data}
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
     # the phases of every fine translation of the pool, made once (chunks take their rows)
@@ -558,7 +574,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                 Jx, rx = Gx[p_j[s:e]], rows_c[s - lo_c : e - lo_c]
                 _add_rows(xp, bp_i[c], rx, XCW[Jx] * Q)
                 _add_rows(xp, bp_w[c], rx, wo * CCW[Jx])
-                Pr = cache.data[c][rx]
+                Pr = cache.data[c][cache.projections(c, rx)]
                 crxt = px.Cr[Jx] * (px.X[Jx] * (xp.conj(Pr) * Q)).real  # Cr Re(X conj(P) Q)
                 del Q
                 cpw = Cr2[Jx] * (Pr.real**2 + Pr.imag**2)  # Cr^2 |P|^2 (times the pair's weight: the model term)

@@ -38,7 +38,7 @@ CANDIDATE_CAP = 16384
 # samples of such particles the GPU twin redoes at once from their dense rows (coarse_select_dense's float64 diff2 and
 # weights with their temporaries): bounded whatever the chunk, so a chunk of a whole pool of 1,000 at a flat first
 # iteration does not hold gigabytes of them
-REDO_SAMPLES = 1 << 24
+REDO_SAMPLES = 1 << 22
 
 
 def coarse_diff2(g, a, p, hr, lpo, off, out=None):
