@@ -148,7 +148,7 @@ class Significant:
     t: np.ndarray  # coarse translation
     lp: np.ndarray  # log prior of the coarse sample (its children inherit it)
     n_sig: np.ndarray  # (B,) significant samples per particle
-    best: np.ndarray  # (B,) class * n_orient + orientation of the best coarse sample (a sort key for chunking)
+    best: np.ndarray  # (B,) class * n_orient + orientation of the best coarse sample (the fine pass groups by it)
     n_orient: int
 
     def rows_of(self, J) -> np.ndarray:
