@@ -33,19 +33,20 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
   M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = slice_bytes / s_p``, at most 4,096, ``s_p = 32 h``
   on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own array (no
-  copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``16 M U``, ``U`` below) unless
-  the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each fine orientation with its
-  back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not coexist): the group's children's
-  diff2, ``8 g`` (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``, gathered per
-  class) beside the group's weighted images ``24 B M``, and on a CPU the batch of ``ops.likelihood.children_diff2``
-  (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps none); the group's posterior
-  weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with ``--maxsig``, else ``e``;
-  NumPy's temporaries; checked by ``tests/test_plan.py``); or a chunk of the weighted sums' pairs, ``100 min(E / 8, P
-  M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``) beside the children's index
-  arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the back-projection sums ``24 R M`` left (the
-  pixels and projections are freed first), the 3D insertion of the ``R`` slices in chunks of ``S = slice_bytes / s``
-  slices, ``min(R, S) s``: on a GPU ``s = 24 h + 16 M`` (slices, weights and the gathered sums; one kernel), on a CPU
-  ``s = 49 h + 150 M`` (with the 3D coordinates and the per-pixel interpolation arrays; ``fine.insert_row_bytes``);
+  copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U, cache_bytes)``,
+  ``U`` below) unless the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each fine orientation
+  with its back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not coexist): the group's
+  children's diff2, ``8 g`` (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``,
+  gathered per class) beside the group's weighted images ``24 B M``, and on a CPU the batch of
+  ``ops.likelihood.children_diff2`` (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps
+  none); the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with
+  ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); or a chunk of the weighted sums'
+  pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``)
+  beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the
+  back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
+  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h + 16 M`` (slices, weights
+  and the gathered sums; one kernel), on a CPU ``s = 49 h + 150 M`` (with the 3D coordinates and the per-pixel
+  interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
@@ -207,10 +208,10 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
     cache_want = (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union
     cache_one = min(limits["cache_bytes"], cache_want)
-    if cache_want <= limits["cache_bytes"]:  # the pool reads the cache's array: its projections are the cache's;
-        own, grow = 0, 16 * M * union  # growing that array holds a second copy for a moment
-    else:  # the pool's own rows beside a full cache
-        own, grow = 16 * R * M, 0
+    # growing the cache's array by a pool's missing rows holds a second copy of it for a moment; a pool reads that
+    # array (its projections are the cache's) unless the cache is full, when it keeps its own rows beside it
+    grow = min(16 * M * union, limits["cache_bytes"])
+    own = 0 if cache_want <= limits["cache_bytes"] else 16 * R * M
     fine = max(112 * B * M + max(projecting, grow, own + 24 * R * M + max(diff2, dense_w, pairs)),
                24 * R * M + insert + partials)
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
