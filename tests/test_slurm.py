@@ -131,15 +131,16 @@ def test_refine_with_adaptive_slurm_workers(slurm, dataset, tmp_path, monkeypatc
     while all_jobs() and time.time() - t0 < 60:
         time.sleep(0.5)
     name = f"gerelion-ci-{uuid.uuid4().hex[:6]}"
-    # five iterations: the E-step got faster (tenth session) and with three the run twice ended before the second
-    # worker job had run (SLURM allocated it 1-3 s before the run cancelled it)
     flags = _refine_flags(dataset, tmp_path, iters=5)
     cfg = _job_config(refine_parser("gerelion refine", False).parse_args(flags), False)
     opts = SlurmOptions(min_jobs=1, max_jobs=2, cores=1, memory="2GB", walltime="00:10:00", interface="lo",
                         log_directory=str(tmp_path / "slurm-logs"))
-    # quick adaptive decisions (defaults: every 1 s, 3 alike in a row, 5 s of work per worker)
+    # quick adaptive decisions (defaults: every 1 s, 3 alike in a row, 5 s of work per worker), but a worker job is
+    # only given up after 20 alike (6 s): an iteration's E-step here is well under a second (tenth session), and
+    # with 3 the adaptive cluster cancelled the second job 0.9 s after submitting it, before SLURM had started it
+    # (slurmctld.log; three full-suite runs of twelve)
     with dask.config.set({"jobqueue.slurm.name": name, "distributed.adaptive.interval": "300ms",
-                          "distributed.adaptive.wait-count": 3, "distributed.adaptive.target-duration": "1s"}):
+                          "distributed.adaptive.wait-count": 20, "distributed.adaptive.target-duration": "1s"}):
         client, cluster = make_client(dashboard_address="127.0.0.1:0", gpus=False, slurm=opts)
         watcher = Watcher(name, cluster, client)
         watcher.start()
