@@ -187,7 +187,7 @@ def main():
     traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
            xp, pre, parts, model, st, pri, cache, top=a.top)
     traced(sync, fine_pass, {"fine_pass", "children_diff2", "posterior_weights", "significant_set", "_children_diff2",
-                             "_child_posteriors", "_add_rows"},
+                             "_child_posteriors", "pair_sums"},
            xp, pre, parts, model, st, sig, cache, top=a.top)
 
 

@@ -78,7 +78,7 @@ def main():
     grew = {}  # (file, function, line) -> the most live bytes one execution of the line added (kept after it)
     traced = {"_expectation_pool", "preprocess_pool", "coarse_pass", "fine_pass", "insert_slices", "_children_diff2",
               "children_diff2",
-              "_child_posteriors", "_add_rows", "project_gathered", "rows", "whole", "__init__", "posterior_weights",
+              "_child_posteriors", "pair_sums", "project_gathered", "rows", "whole", "__init__", "posterior_weights",
               "coarse_select"}
 
     def local(frame, event, arg):

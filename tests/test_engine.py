@@ -597,10 +597,10 @@ def test_counter_normals_are_standard_and_independent(xp):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.complex128])
-def test_add_rows_matches_add_at(xp, dtype):
-    # oracle: np.add.at -- the fine pass's scatter-add of rows (NumPy: runs of equal rows summed in order; CuPy:
-    # kernels/rows.py, one thread block per run) must add every row, repeats included, in any order of the rows
-    from gerelion_dask.expectation.fine import _add_rows
+def test_add_rows_matches_add_at(dtype):
+    # oracle: np.add.at -- the NumPy scatter-add of rows (runs of equal rows summed in order) must add every row,
+    # repeats included, in any order of the rows
+    from gerelion_dask.ops.likelihood import add_rows
 
     rng = np.random.default_rng(3)
     rows = rng.integers(0, 40, 3000)
@@ -609,11 +609,55 @@ def test_add_rows_matches_add_at(xp, dtype):
     target = rng.normal(size=(40, 300)).astype(dtype)
     want = target.copy()
     np.add.at(want, rows, values)
-    got = xp.asarray(target)
-    _add_rows(xp, got, xp.asarray(rows), xp.asarray(values))
-    assert np.allclose(to_np(got), want, rtol=1e-12, atol=1e-12)
-    _add_rows(xp, got, xp.asarray(rows[:0]), xp.asarray(values[:0]))  # nothing to add
-    assert np.allclose(to_np(got), want, rtol=1e-12, atol=1e-12)
+    got = target.copy()
+    add_rows(got, rows, values)
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+    add_rows(got, rows[:0], values[:0])  # nothing to add
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_pair_sums_match_a_loop_over_pairs_and_children(xp):
+    # oracle: the definition of ops.likelihood.pair_sums written as a float64 loop over pairs and their children --
+    # Q = sum_i w_i ph[tp_i], wo = sum_i w_i; bp_i[brow] += XCW[j] Q, bp_w[brow] += wo CCW[j],
+    # x = Cr Re(X conj(P) Q), m = Cr^2 |P|^2, resid[j] += wo m - 2 x, xa[j] += x.gf, aa[j] += wo m.gf.  Pairs come
+    # unsorted, with repeated rows and particles, a pair with no children, onto nonzero targets; NumPy in chunks of
+    # 1, 3 and all pairs, the CuPy kernels in one call
+    from gerelion_dask.ops.likelihood import pair_sums
+
+    rng = np.random.default_rng(8)
+    b, F, T, M, R, n_p = 6, 11, 16, 300, 9, 40  # M > the kernels' 128 threads
+    cplx = lambda *s: rng.normal(size=s) + 1j * rng.normal(size=s)  # noqa: E731
+    XCW, X, ph, P = cplx(b, M), cplx(b, M), np.exp(2j * np.pi * rng.uniform(size=(T, M))), cplx(F, M)
+    CCW, Cr, gf = rng.uniform(0.1, 2, (b, M)), rng.uniform(-1, 1, (b, M)), (rng.uniform(size=M) > 0.3) * 1.0
+    pj, prow, brow = rng.integers(0, b, n_p), rng.integers(0, F, n_p), rng.integers(0, R, n_p)
+    nch = rng.integers(1, 5, n_p)
+    nch[7] = 0
+    cstart = np.r_[0, np.cumsum(nch)]
+    tp = np.concatenate([rng.choice(T, k, replace=False) for k in nch])
+    wv = rng.uniform(0.0, 1.0, cstart[-1])
+    start = {"bp_i": cplx(R, M), "bp_w": rng.normal(size=(R, M)), "resid": rng.normal(size=(b, M)),
+             "xa": rng.normal(size=b), "aa": rng.normal(size=b)}
+    want = {k: v.copy() for k, v in start.items()}
+    for p in range(n_p):
+        j, ch = pj[p], slice(cstart[p], cstart[p + 1])
+        Q = (wv[ch, None] * ph[tp[ch]]).sum(axis=0)
+        wo = wv[ch].sum()
+        want["bp_i"][brow[p]] += XCW[j] * Q
+        want["bp_w"][brow[p]] += wo * CCW[j]
+        x = Cr[j] * (X[j] * np.conj(P[prow[p]]) * Q).real
+        m = Cr[j] ** 2 * np.abs(P[prow[p]]) ** 2
+        want["resid"][j] += wo * m - 2 * x
+        want["xa"][j] += (x * gf).sum()
+        want["aa"][j] += wo * (m * gf).sum()
+    ins = [xp.asarray(a) for a in (XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv)]
+    for max_elems in ((1, 3 * 8 * M, 10**8) if xp is np else (10**8,)):
+        got = {k: xp.asarray(v.copy()) for k, v in start.items()}
+        pair_sums(*ins, *got.values(), max_elems=max_elems)
+        for k in start:
+            assert np.allclose(to_np(got[k]), want[k], rtol=1e-12, atol=1e-10), (k, max_elems)
+    got = {k: xp.asarray(v.copy()) for k, v in start.items()}
+    pair_sums(*ins[:7], *(a[:0] for a in ins[7:10]), ins[10][:1], *ins[11:], *got.values())  # no pairs
+    assert all(np.array_equal(to_np(got[k]), start[k]) for k in start)
 
 
 def test_fine_limits_follow_the_devices_memory(xp):

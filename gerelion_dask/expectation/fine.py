@@ -28,7 +28,7 @@ from ..backend import deep_nbytes, get_xp, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import likelihood_pixels, shells_2d
-from ..ops.likelihood import children_diff2
+from ..ops.likelihood import children_diff2, pair_sums
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
@@ -152,9 +152,11 @@ class Significant:
     n_orient: int
 
     def rows_of(self, J) -> np.ndarray:
+        """The rows of the particles ``J``, particle by particle in the order of ``J``."""
         lo = np.searchsorted(self.b, J, side="left")
-        hi = np.searchsorted(self.b, J, side="right")
-        return np.concatenate([np.arange(x, y) for x, y in zip(lo, hi, strict=True)]) if len(J) else np.zeros(0, int)
+        n = np.searchsorted(self.b, J, side="right") - lo
+        first = np.cumsum(n) - n  # each particle's first position in the result
+        return np.arange(int(n.sum()), dtype=np.int64) + np.repeat(lo - first, n)
 
 
 def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float) -> list[np.ndarray]:
@@ -290,6 +292,7 @@ class FineProjections:
         self.rows = {}  # class -> the pool's fine-orientation ids, sorted: the pool's rows
         self.data = {}  # class -> projections: the pool's row i is data[c][where[c][i]] (maybe the cache's array)
         self.where = {}
+        self._rows_x = {}  # class -> ``rows`` on the device (made once: positions() runs per group)
 
         def compute(c):
             def make(gid):
@@ -309,7 +312,11 @@ class FineProjections:
     def positions(self, c: int, gid):
         """The pool's rows of the fine-orientation ids ``gid`` (on ``gid``'s backend)."""
         xp = get_xp(gid)
-        return xp.searchsorted(self.rows[c] if xp is np else xp.asarray(self.rows[c]), gid)
+        if xp is np:
+            return np.searchsorted(self.rows[c], gid)
+        if c not in self._rows_x:
+            self._rows_x[c] = xp.asarray(self.rows[c])
+        return xp.searchsorted(self._rows_x[c], gid)
 
     def projections(self, c: int, pool_rows):
         """Rows of ``data[c]`` holding the projections of the pool's rows ``pool_rows``."""
@@ -319,26 +326,16 @@ class FineProjections:
         return self.rows[c]
 
 
-def _add_rows(xp, target, rows, values) -> None:
-    """``target[rows[i]] += values[i]`` for every ``i`` (repeated rows add up): a scatter-add of rows, in a fixed
-    order.  NumPy sums each run of equal rows (after a stable sort by row) and adds it once (7x faster than a row at a
-    time, and ``np.add.at`` is slower still, for runs of tens of rows of ~1,000 values); the CuPy twin
-    (``kernels/rows.py``) does the same with one thread block per run (no atomics)."""
-    if xp is not np:
-        from ..kernels.rows import add_rows
-
-        if xp.iscomplexobj(target):
-            target, values = target.view(np.float64), xp.ascontiguousarray(values).view(np.float64)
-        add_rows(target, rows, values)
+def _sum_into(target, idx, values) -> None:
+    """``target[idx[i]] += values[i]`` (host arrays, ``values`` with rows of any shape): one sum per run of equal
+    indices after a stable sort (``np.add.at`` over a pool's (B, shells) rows took ~1 ms)."""
+    idx = np.asarray(idx)
+    if idx.size == 0:
         return
-    if len(rows) == 0:
-        return
-    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
-        order = np.argsort(rows, kind="stable")
-        rows, values = rows[order], values[order]
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]).tolist()
-    for lo, hi in zip(starts, starts[1:] + [len(rows)], strict=True):
-        target[rows[lo]] += values[lo] if hi == lo + 1 else values[lo:hi].sum(axis=0)
+    order = np.argsort(idx, kind="stable")
+    srt = idx[order]
+    starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]])
+    target[srt[starts]] += np.add.reduceat(np.asarray(values)[order], starts, axis=0)
 
 
 @dataclass(frozen=True)
@@ -359,6 +356,9 @@ def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> li
     """Consecutive runs of ``order`` whose padded child layout (members x 32 x their most significant samples)
     holds at most ``max_elems`` values and whose children (32 per significant sample) number at most
     ``max_elems / 16``: the host keeps ~15 index arrays per child that kept weight (at least one particle each)."""
+    owns = 32 * np.maximum(np.asarray(n_sig, np.int64)[order], 1)
+    if len(order) * int(owns.max(initial=0)) <= max_elems and int(owns.sum()) <= max_elems // 16:
+        return [order] if len(order) else []  # one group (the loop below would make the same one)
     groups, start, widest, children = [], 0, 0, 0
     for i, j in enumerate(order):
         own = 32 * max(int(n_sig[j]), 1)
@@ -473,29 +473,25 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     off_sum, n_zero = 0.0, 0  # the offset prior's weighted sum; particles whose weights all underflowed
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
-    cache = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
-    bp_i = {c: xp.zeros((len(cache.gids(c)), M), np.complex128) for c in cache.data}  # per pool row
-    bp_w = {c: xp.zeros((len(cache.gids(c)), M), np.float64) for c in cache.data}
-    touched = {c: xp.zeros(len(cache.gids(c)), bool) for c in cache.data}
+    fp = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
+    bp_i = {c: xp.zeros((len(fp.gids(c)), M), np.complex128) for c in fp.data}  # per pool row
+    bp_w = {c: xp.zeros((len(fp.gids(c)), M), np.float64) for c in fp.data}
+    touched = {c: xp.zeros(len(fp.gids(c)), bool) for c in fp.data}
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
     # the phases of every fine translation of the pool, made once (chunks take their rows)
     ut_pool = np.unique(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
     ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
-    ph_pool_v = xp.ascontiguousarray(ph_pool, dtype=np.complex128).view(np.float64)  # (4 |ut_pool|, 2 M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
     XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
     CCW = px.C * px.C * px.Wbp
-    Cr2 = px.Cr * px.Cr
-    xa = xp.zeros((B, 1), np.float64)
-    aa = xp.zeros((B, 1), np.float64)
+    xa = xp.zeros(B, np.float64)  # the scale sums' model/data and model/model terms per particle
+    aa = xp.zeros(B, np.float64)
     ws = xp.zeros(B, np.float64)  # each particle's kept weight (normalised: ~1)
     sig_x = {k: xp.asarray(getattr(sig, k)) for k in ("c", "o", "t")}
     ut_pool_x = xp.asarray(ut_pool)
-    Tp = len(t_fine_pool)
     t_fine_x = xp.asarray(t_fine_pool)
-    pair_step = max(1, int(max_elems // (8 * M)))  # pairs per chunk of the weighted sums (~14 (n, M) arrays live)
     for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
         b = len(G)
         r = sig.rows_of(G)  # the group's significant samples, grouped by particle in the order of G
@@ -503,7 +499,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         cnt = np.bincount(jl, minlength=b)
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
         q = np.arange(len(r)) - first[jl]
-        d = _children_diff2(xp, px, cache, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
+        d = _children_diff2(xp, px, fp, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
         wp, dmin, sumw, bad = _child_posteriors(xp, d, sig.lp[r], jl, q, b, settings)
         del d
         n_zero += int(np.sum(bad))
@@ -549,11 +545,10 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         new = xp.ones(key.size, bool)
         new[1:] = key[1:] != key[:-1]
         del key
-        pair = xp.cumsum(new) - 1  # each child's pair
         starts = xp.flatnonzero(new)  # each pair's first child
         del new
-        p_c, p_g, p_j = cc[starts], cg[starts], cj[starts]
-        starts_h = np.append(to_host(starts), cj.size)  # pair i's children: starts_h[i] .. starts_h[i + 1]
+        p_c, p_g, p_j = cc[starts], cg[starts], Gx[cj[starts]]
+        cstart = xp.concatenate([starts, xp.full(1, cj.size, starts.dtype)])  # pair i: cstart[i] .. cstart[i + 1]
         per_class = to_host(xp.bincount(p_c, minlength=K))  # pairs are ordered by class
         del cc, cg, cj, starts
         lo_c = 0
@@ -561,45 +556,27 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             hi_c = lo_c + int(per_class[c])
             if hi_c == lo_c:
                 continue
-            rows_c = cache.positions(c, p_g[lo_c:hi_c])
+            rows_c = fp.positions(c, p_g[lo_c:hi_c])
             touched[c][rows_c] = True
-            for s in range(lo_c, hi_c, pair_step):
-                e = min(s + pair_step, hi_c)
-                lo, hi = int(starts_h[s]), int(starts_h[e])
-                Wc = xp.zeros((e - s, Tp), np.float64)  # each pair's weights over the fine translations
-                Wc[pair[lo:hi] - s, tp[lo:hi]] = wv[lo:hi]
-                Q = (Wc @ ph_pool_v).view(np.complex128)  # (n, M): sum_t w_t s_t
-                wo = Wc.sum(axis=1)[:, None]  # (n, 1) the pair's weight
-                del Wc
-                Jx, rx = Gx[p_j[s:e]], rows_c[s - lo_c : e - lo_c]
-                _add_rows(xp, bp_i[c], rx, XCW[Jx] * Q)
-                _add_rows(xp, bp_w[c], rx, wo * CCW[Jx])
-                Pr = cache.data[c][cache.projections(c, rx)]
-                crxt = px.Cr[Jx] * (px.X[Jx] * (xp.conj(Pr) * Q)).real  # Cr Re(X conj(P) Q)
-                del Q
-                cpw = Cr2[Jx] * (Pr.real**2 + Pr.imag**2)  # Cr^2 |P|^2 (times the pair's weight: the model term)
-                del Pr
-                _add_rows(xp, resid, Jx, wo * cpw - 2.0 * crxt)
-                if settings.do_scale:
-                    _add_rows(xp, xa, Jx, (crxt @ goodf[c])[:, None])
-                    _add_rows(xp, aa, Jx, wo * (cpw @ goodf[c])[:, None])
-                del crxt, cpw
+            pair_sums(XCW, CCW, px.X, px.Cr, goodf[c], ph_pool, fp.data[c], p_j[lo_c:hi_c],
+                      fp.projections(c, rows_c), rows_c, cstart[lo_c : hi_c + 1], tp, wv, bp_i[c], bp_w[c], resid,
+                      xa, aa, max_elems)
             lo_c = hi_c
-        del wv, pair, tp, p_c, p_g, p_j
-    del XCW, CCW, Cr2
+        del wv, tp, p_c, p_g, p_j, cstart
+    del XCW, CCW
     resid += X2_all * ws[:, None]
     ws = to_host(ws)
     if settings.do_scale:
-        np.add.at(acc["wsum_scale_xa"], particles.group, to_host(xa)[:, 0])
-        np.add.at(acc["wsum_scale_aa"], particles.group, to_host(aa)[:, 0])
+        _sum_into(acc["wsum_scale_xa"], particles.group, to_host(xa))
+        _sum_into(acc["wsum_scale_aa"], particles.group, to_host(aa))
     per_shell = to_host(resid @ shell_1hot) + highres  # (B, nsh)
-    np.add.at(acc["wsum_sigma2"], og, per_shell)
-    np.add.at(acc["sumw_optics"], og, ws)
-    np.add.at(acc["group_counts"], particles.group, 1.0)
+    _sum_into(acc["wsum_sigma2"], og, per_shell)
+    _sum_into(acc["sumw_optics"], og, ws)
+    _sum_into(acc["group_counts"], particles.group, np.ones(B))
     acc_norm = to_host(resid.sum(axis=1)) + highres.sum(axis=1)
     # the 3D insertion needs only the back-projection sums: the pool's pixels, phases and projections go first
-    del resid, px, X_all, C_all, Wd_all, X2_all, ph_pool, ph_pool_v
-    cache.data = {}
+    del resid, px, X_all, C_all, Wd_all, X2_all, ph_pool
+    fp.data = {}
     norm_j = np.asarray(particles.norm, dtype=np.float64)
     out["norm"] = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j.copy()
 
@@ -615,7 +592,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             weights = xp.zeros((rows.size, n, n // 2 + 1), np.float64)
             slices[:, mb_x] = bp_i[c][rx]
             weights[:, mb_x] = bp_w[c][rx]
-            A = grid.fine_matrices_from_ids(cache.gids(c)[rows])
+            A = grid.fine_matrices_from_ids(fp.gids(c)[rows])
             insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
             slices = weights = None
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],

@@ -1,0 +1,159 @@
+"""CuPy twin of :func:`gerelion_dask.ops.likelihood.pair_sums` (imported only when CuPy arrays are passed there).
+
+Two kernels, neither of which writes a per-pair array (the NumPy formula gathers ~10 ``(pairs, M)`` arrays: the
+fine pass's weighted sums cost more than its diff2 before this, ``benchmarks/RESULTS.md``, eleventh session):
+
+- to the orientations: the pairs are sorted (stably) by their back-projection row, and one thread per (run of equal
+  rows, pixel) makes each pair's ``Q = sum_i w_i ph_i`` at its pixel, adds ``XCW Q`` and ``wo CCW`` over the run in
+  order, and adds the two sums to the row once;
+- to the particles: the pairs sorted (stably) by particle, one thread block per particle; its threads stride over
+  the pixels, make ``Q`` again, add the noise terms of every pair of the particle to its ``resid`` row, and sum the
+  scale terms, which the block reduces in a fixed order (warp shuffles, then the warps in turn).
+
+Every target element is written by one thread of one launch, so the sums do not depend on timing (no atomics).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import cupy
+import numpy as np
+
+_THREADS = 128
+
+_SRC = r"""
+#define NT 128
+
+__device__ __forceinline__ void pair_q(const double* ph, const long long* cstart, const long long* tp,
+                                       const double* wv, long long p, long long M, long long m,
+                                       double& qr, double& qi, double& wo) {
+    qr = 0.0; qi = 0.0; wo = 0.0;
+    for (long long c = cstart[p]; c < cstart[p + 1]; ++c) {
+        const double w = wv[c];
+        const double* s = ph + 2 * (tp[c] * M + m);
+        qr += w * s[0];
+        qi += w * s[1];
+        wo += w;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+gerelion_pairs_to_rows(const double* XCW, const double* CCW, const double* ph, const long long* pj,
+                       const long long* cstart, const long long* tp, const double* wv, const long long* order,
+                       const long long* rstart, const long long* rrow, long long n_runs, long long M,
+                       double* bp_i, double* bp_w) {
+    const long long run = blockIdx.x;
+    const long long m = (long long)blockIdx.y * NT + threadIdx.x;
+    if (run >= n_runs || m >= M) return;
+    double ar = 0.0, ai = 0.0, aw = 0.0;
+    for (long long k = rstart[run]; k < rstart[run + 1]; ++k) {
+        const long long p = order[k], j = pj[p];
+        double qr, qi, wo;
+        pair_q(ph, cstart, tp, wv, p, M, m, qr, qi, wo);
+        const double xr = XCW[2 * (j * M + m)], xi = XCW[2 * (j * M + m) + 1];
+        ar += xr * qr - xi * qi;
+        ai += xr * qi + xi * qr;
+        aw += wo * CCW[j * M + m];
+    }
+    const long long o = rrow[run] * M + m;
+    bp_i[2 * o] += ar;
+    bp_i[2 * o + 1] += ai;
+    bp_w[o] += aw;
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+gerelion_pairs_to_particles(const double* X, const double* Cr, const double* gf, const double* ph, const double* P,
+                            const long long* pj, const long long* prow, const long long* cstart, const long long* tp,
+                            const double* wv, const long long* order, const long long* jstart, long long n_runs,
+                            long long M, double* resid, double* xa, double* aa) {
+    const long long run = blockIdx.x;
+    if (run >= n_runs) return;
+    const long long j = pj[order[jstart[run]]];
+    double sx = 0.0, sa = 0.0;
+    for (long long m = threadIdx.x; m < M; m += NT) {
+        const double xr = X[2 * (j * M + m)], xi = X[2 * (j * M + m) + 1], cr = Cr[j * M + m], g = gf[m];
+        double rs = 0.0;
+        for (long long k = jstart[run]; k < jstart[run + 1]; ++k) {
+            const long long p = order[k];
+            double qr, qi, wo;
+            pair_q(ph, cstart, tp, wv, p, M, m, qr, qi, wo);
+            const double pr = P[2 * (prow[p] * M + m)], pi = P[2 * (prow[p] * M + m) + 1];
+            const double ur = xr * pr + xi * pi, ui = xi * pr - xr * pi;  // X conj(P)
+            const double x = cr * (ur * qr - ui * qi);                   // Cr Re(X conj(P) Q)
+            const double mo = cr * cr * (pr * pr + pi * pi);             // Cr^2 |P|^2
+            rs += wo * mo - 2.0 * x;
+            sx += x * g;
+            sa += wo * mo * g;
+        }
+        resid[j * M + m] += rs;
+    }
+    __shared__ double part[NT / 32][2];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        sx += __shfl_down_sync(0xffffffffu, sx, o);
+        sa += __shfl_down_sync(0xffffffffu, sa, o);
+    }
+    if (lane == 0) {
+        part[wid][0] = sx;
+        part[wid][1] = sa;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double tx = 0.0, ta = 0.0;
+        for (int w = 0; w < NT / 32; ++w) {
+            tx += part[w][0];
+            ta += part[w][1];
+        }
+        xa[j] += tx;
+        aa[j] += ta;
+    }
+}
+"""
+
+
+@cache
+def _module():
+    return cupy.RawModule(code=_SRC, options=("-std=c++14",))
+
+
+def _runs(key):
+    """A stable order of ``key`` and the starts of its runs of equal values (with the end appended)."""
+    order = cupy.argsort(key)  # CuPy's argsort is stable (radix sort)
+    srt = key[order]
+    start = cupy.concatenate([cupy.zeros(1, np.int64), cupy.flatnonzero(srt[1:] != srt[:-1]).astype(np.int64) + 1,
+                              cupy.full(1, key.size, np.int64)])
+    return order, start, srt[start[:-1]]
+
+
+def _target(a, dtype, name):
+    if not (isinstance(a, cupy.ndarray) and a.dtype == dtype and a.flags.c_contiguous):
+        raise ValueError(f"pair_sums needs a C-contiguous {np.dtype(dtype).name} {name} on the device")
+    return a
+
+
+def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa) -> None:
+    """CuPy twin of :func:`gerelion_dask.ops.likelihood.pair_sums` (same arguments but ``max_elems``: the kernels
+    keep no temporaries beyond two sort orders of the pairs)."""
+    f64, c128, i64 = np.float64, np.complex128, np.int64
+    n_p = int(len(pj))
+    if n_p == 0:
+        return
+    bp_i, bp_w = _target(bp_i, c128, "bp_i"), _target(bp_w, f64, "bp_w")
+    resid, xa, aa = _target(resid, f64, "resid"), _target(xa, f64, "xa"), _target(aa, f64, "aa")
+    M = int(X.shape[1])
+    XCW, X, ph, P = (cupy.ascontiguousarray(a, dtype=c128) for a in (XCW, X, ph, P))
+    CCW, Cr, gf, wv = (cupy.ascontiguousarray(cupy.asarray(a), dtype=f64) for a in (CCW, Cr, gf, wv))
+    pj, prow, brow, cstart, tp = (cupy.ascontiguousarray(cupy.asarray(a), dtype=i64)
+                                  for a in (pj, prow, brow, cstart, tp))
+    mod = _module()
+    order, start, row = _runs(brow)
+    n_runs = int(row.size)
+    mod.get_function("gerelion_pairs_to_rows")(
+        (n_runs, (M + _THREADS - 1) // _THREADS), (_THREADS,),
+        (XCW, CCW, ph, pj, cstart, tp, wv, order, start, row, np.int64(n_runs), np.int64(M), bp_i, bp_w))
+    order, start, _ = _runs(pj)
+    n_runs = int(start.size) - 1
+    mod.get_function("gerelion_pairs_to_particles")(
+        (n_runs,), (_THREADS,),
+        (X, Cr, gf, ph, P, pj, prow, cstart, tp, wv, order, start, np.int64(n_runs), np.int64(M), resid, xa, aa))
