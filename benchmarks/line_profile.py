@@ -10,6 +10,9 @@ line: compare lines, not totals.  Runs on CuPy when a GPU is present, else NumPy
   python benchmarks/line_profile.py --from-run 4000 --iters 3 --pool 1000 --box 128 --apix 2 --maxsig 40
       (the last pool of a real refinement: dask_scaling.py's simulated data, run in process for --iters
       iterations; its coarse and fine passes are then timed on that pool's own inputs)
+  python benchmarks/line_profile.py --from-run 4000 ... --save pool.pkl, then --load pool.pkl --no-trace
+      (A/B: time two trees on one recorded pool, alternating processes; run-to-run drift on the GPU machine is
+      ~25 %, larger than many changes)
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def main():
                     help="profile the last pool of a synthetic refinement of N particles instead (see above)")
     ap.add_argument("--iters", type=int, default=3, help="with --from-run: iterations of the refinement")
     ap.add_argument("--pool", type=int, default=1000, help="with --from-run: particles per pool")
+    ap.add_argument("--save", default="", metavar="FILE", help="with --from-run: pickle the pool's inputs to FILE")
+    ap.add_argument("--load", default="", metavar="FILE",
+                    help="time the passes on a pool saved by --save (A/B of two trees on one pool, one process each)")
     a = ap.parse_args()
     xp = np
     if gpu_count():
@@ -142,8 +148,23 @@ def main():
 
         xp = cupy
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
-    if a.from_run:
+    if a.load:
+        import pickle
+
+        with open(a.load, "rb") as fh:
+            pre, parts, model, st, pri, sig = pickle.load(fh)
+        st = replace(st, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        cache = ProjectionCache(fine_limits(xp)["cache_bytes"])
+        coarse_pass(xp, pre, parts, model, st, pri, cache)  # warm-up: compilation, plans, the projection cache
+        fine_pass(xp, pre, parts, model, st, sig, cache)
+        what = f"the pool of {a.load} ({len(parts.index)} particles, size {st.preprocess.current_size})"
+    elif a.from_run:
         (xp, pre, parts, model, st, pri, cache), (_, _, _, _, _, sig, _) = pool_of_run(a)
+        if a.save:
+            import pickle
+
+            with open(a.save, "wb") as fh:
+                pickle.dump((pre, parts, model, st, pri, sig), fh)
         st = replace(st, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
         fine_pass(xp, pre, parts, model, st, sig, cache)  # warm-up: the projection cache (the run freed it)
         what = f"the last pool of a refinement ({len(parts.index)} particles, size {st.preprocess.current_size})"
@@ -162,14 +183,14 @@ def main():
     group_stats(sig, st, xp)
     for name, fn, args in (("coarse_pass", coarse_pass, (xp, pre, parts, model, st, pri, cache)),
                            ("fine_pass", fine_pass, (xp, pre, parts, model, st, sig, cache))):
-        best = np.inf
+        times = []
         for _ in range(a.repeat):
             sync()
             t0 = time.perf_counter()
             fn(*args)
             sync()
-            best = min(best, time.perf_counter() - t0)
-        print(f"{name}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
+            times.append(time.perf_counter() - t0)
+        print(f"{name}: {1e3 * min(times):.1f} ms untraced (best of {a.repeat}; median {1e3 * np.median(times):.1f})")
     for item in a.sweep:
         e = float(item)
         st_s = replace(st, fine_max_elems=int(e))

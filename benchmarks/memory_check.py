@@ -8,7 +8,8 @@ measured peak next to the plan for that size and the largest fraction of the ite
 
   python benchmarks/memory_check.py --n 20000 --box 128 --apix 2 --pool 1000 --iters 3 --healpix-order 2 --maxsig 40
 
-``--lines N`` also traces the lines of the E-step's functions in the last iteration and prints the ``N`` lines at
+``--lines N`` also traces the lines of the E-step's functions at the current size ``--lines-size`` (default: the
+box, the last iteration) and prints the ``N`` lines at
 which the live bytes were highest (peak during the line, and the live bytes when it started): what the peak is made
 of, for the plan's terms.
 """
@@ -43,7 +44,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--healpix-order", type=int, default=2)
     ap.add_argument("--maxsig", type=int, default=40)
-    ap.add_argument("--lines", type=int, default=0, help="trace the last iteration's E-step lines; print the top N")
+    ap.add_argument("--lines", type=int, default=0, help="trace the E-step lines at --lines-size; print the top N")
+    ap.add_argument("--lines-size", type=int, default=0, help="current size whose pools --lines traces (default: box)")
     ns = ap.parse_args()
 
     class Live(cupy.cuda.MemoryHook):
@@ -79,7 +81,7 @@ def main():
     traced = {"_expectation_pool", "preprocess_pool", "coarse_pass", "fine_pass", "insert_slices", "_children_diff2",
               "children_diff2",
               "_child_posteriors", "pair_sums", "project_gathered", "rows", "whole", "__init__", "posterior_weights",
-              "coarse_select"}
+              "coarse_select", "coarse_select_dense", "_cross_term", "_power_term"}
 
     def local(frame, event, arg):
         if event in ("line", "return"):
@@ -103,7 +105,7 @@ def main():
 
     def pool(xp, images, particles, model, settings, cache=None):
         live.peak = start = live.now
-        trace = ns.lines and settings.preprocess.current_size == ns.box
+        trace = ns.lines and settings.preprocess.current_size == (ns.lines_size or ns.box)
         if trace:
             sys.settrace(on_call)
         try:
@@ -142,7 +144,7 @@ def main():
               f"{plan.gpu_bytes / max(peak, 1):.2f} |")
 
     if lines:
-        print(f"\nlines of the E-step at {ns.box} px with the most live GPU bytes (GiB: peak during the line; live when "
+        print(f"\nlines of the E-step at {ns.lines_size or ns.box} px with the most live GPU bytes (GiB: peak during the line; live when "
               "it started; the pools at full size, highest of each line)")
         for (f, name, ln), (peak, start) in sorted(lines.items(), key=lambda x: -x[1][0])[:ns.lines]:
             code = linecache.getline(f, ln).strip()[:90]

@@ -18,8 +18,13 @@ memory the arrays need above an idle process.  Symbols:
 
 One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 
-* ``images``: ``B (8 N^2 + 48 N (N/2+1) + 8 h)`` (images, their transforms masked and unmasked, CTFs; half the
-  image-sized terms on a GPU, which keeps the float32 images in float32 / complex64);
+* ``preprocessing`` (``expectation/preprocess.py``; ``r`` bytes a real image value: 4 on a GPU, which keeps the
+  float32 images in float32 / complex64, 8 on a CPU): the pool's raw float32 images ``4 B N^2`` and the largest of
+  its steps, the shifted images and the background noise being made (``2 r B N^2`` and one batch of 256 noise
+  images' float64 temporaries, ``256 (40 N (N/2+1) + 8 N^2)``), their blend (``4 r B N^2``: both, the result and one
+  temporary), or the masked images with their rolled copy and transform (``2 r B N^2 + 2 r B N (N/2+1)``);
+* ``held`` through the passes: the raw images and the windowed transforms, masked and unmasked, and CTFs,
+  ``4 B N^2 + B h (4 r + 8)``;
 * ``coarse``: projections of every orientation ``16 K O Mc`` + ``8 O Mc`` (|P|^2) + the chunk's arrays (``e =
   min(F E, B O T K)`` samples, ``b = max(1, F E / (O T K))`` particles per chunk, ``F =
   FINE_LIMITS[backend]["coarse_factor"]``: 2 on a GPU, 1 on a CPU): on a CPU ``~7 x 8 e`` (cross terms, diff2,
@@ -60,9 +65,9 @@ process the driver runs one half set's pools after the other and frees a half se
 last pool (``driver.InProcessRunner``), so one of each lives at a time; a Dask worker holds two caches when its block
 of pools straddles the half sets (one worker, or an odd number of workers), else one.
 
-Task peak = images + max(coarse, fine), the fine pass's insertion phase holding the partials. On a GPU worker the task
-lives on the GPU (with the references ``16 H K L``, made there from the maps the iteration ships); the worker's host
-holds the images and the partials copied back. Every process that runs tasks also holds the raw images of up to
+Task peak = max(preprocessing, held + max(coarse, fine)), the fine pass's insertion phase holding the partials. On
+a GPU worker the task lives on the GPU (with the references ``16 H K L``, made there from the maps the iteration
+ships); the worker's host holds the raw images and the partials copied back. Every process that runs tasks also holds the raw images of up to
 ``READ_AHEAD_DEPTH`` (2) pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
 
 The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the reference of the
@@ -149,6 +154,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
+    from .expectation.preprocess import _NOISE_BATCH as NOISE_BATCH
     from .io.readahead import DEFAULT_DEPTH as READ_AHEAD_DEPTH
     from .ops.likelihood import REDO_SAMPLES, candidate_segment
     from .ops.sampling import angular_step, asymmetric_unit_directions
@@ -172,7 +178,13 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     n_pools = sum(math.ceil(c / pool) for c in _half_counts(n_particles, halves))
 
     # float64 / complex128 on a CPU; a GPU preprocesses the float32 images in float32 / complex64 (CTFs in float64)
-    images = B * ((4 if backend == "gpu" else 8) * N * N + (24 if backend == "gpu" else 48) * N * (N // 2 + 1) + 8 * h)
+    rb = 4 if backend == "gpu" else 8  # bytes of a real image value while preprocessing
+    raw = 4 * B * N * N  # the pool's float32 images, held by the task throughout
+    held = raw + B * h * (4 * rb + 8)  # beside the windowed transforms, masked and unmasked, and the CTFs
+    noise_batch = NOISE_BATCH * (40 * N * (N // 2 + 1) + 8 * N * N)  # one batch of background noise, float64
+    preprocessing = raw + max(rb * B * N * N * 2 + noise_batch,  # the shifted images and the noise being made
+                              rb * B * N * N * 4,  # their blend (the result and one temporary)
+                              rb * B * N * N * 2 + 2 * rb * B * N * (N // 2 + 1))  # masked, rolled, transformed
     E_c = limits["coarse_factor"] * E  # a global coarse search's chunk budget
     b_c = max(1, E_c // max(1, O * T * K))
     e_c = min(E_c, max(B * O * T * K, O * T * K))
@@ -215,23 +227,24 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     fine = max(112 * B * M + max(projecting, grow, own + 24 * R * M + max(diff2, dense_w, pairs)),
                24 * R * M + insert + partials)
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
-    task = images + max(coarse, fine)
+    task = max(preprocessing, held + max(coarse, fine))
     refs = 16 * halves * K * L
     driver_own = 3 * 8 * halves * K * N**3 + 16 * L + 24 * halves * K * L + 6 * 8 * (pad * N) ** 3
-    parts = {"images (per task)": images, "coarse pass (per task)": coarse, "fine pass (per task)": fine,
+    parts = {"preprocessing (per task)": preprocessing, "images held (per task)": held,
+             "coarse pass (per task)": coarse, "fine pass (per task)": fine,
              "pool partials": partials, "references (H halves)": refs, "driver: maps, sums, M-step": driver_own,
              "images read ahead": ahead}
     if workers <= 0:  # in process: the driver runs each task and adds its partials into the pairwise tree
-        held = (sum(max(1, math.ceil(c / pool).bit_length()) for c in counts) + 1) * partials
+        held_tree = (sum(max(1, math.ceil(c / pool).bit_length()) for c in counts) + 1) * partials
         caches = cache_one  # one half set's at a time, as its references (refs / halves)
         refs = refs / halves
         parts["references (H halves)"] = refs
-        parts["in process: reduction tree"] = held
+        parts["in process: reduction tree"] = held_tree
         parts["projection caches"] = caches
         if backend == "gpu":
-            driver, worker, gpu = driver_own + images + held + ahead, 0.0, task + refs + caches
+            driver, worker, gpu = driver_own + raw + held_tree + ahead, 0.0, task + refs + caches
         else:
-            driver, worker, gpu = driver_own + refs + task + held + caches + ahead, 0.0, 0.0
+            driver, worker, gpu = driver_own + refs + task + held_tree + caches + ahead, 0.0, 0.0
         mode, workers = "in-process", 0
     else:
         tree = (math.log2(max(2, n_pools / max(1, workers))) + 2) * partials
@@ -239,7 +252,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
         parts["worker: reduction tree"] = tree
         parts["worker: projection caches"] = caches
         if backend == "gpu":
-            worker, gpu = images + halves * partials + ahead, task + refs + caches + tree
+            worker, gpu = raw + halves * partials + ahead, task + refs + caches + tree
         else:
             worker, gpu = task + refs + tree + caches + ahead, 0.0
         driver, mode = driver_own, "dask"

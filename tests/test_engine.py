@@ -621,7 +621,7 @@ def test_pair_sums_match_a_loop_over_pairs_and_children(xp):
     # Q = sum_i w_i ph[tp_i], wo = sum_i w_i; bp_i[brow] += XCW[j] Q, bp_w[brow] += wo CCW[j],
     # x = Cr Re(X conj(P) Q), m = Cr^2 |P|^2, resid[j] += wo m - 2 x, xa[j] += x.gf, aa[j] += wo m.gf.  Pairs come
     # unsorted, with repeated rows and particles, a pair with no children, onto nonzero targets; NumPy in chunks of
-    # 1, 3 and all pairs, the CuPy kernels in one call
+    # 1, 3 and all pairs, the CuPy kernels in one call; rows unsorted and sorted (with rows_sorted)
     from gerelion_dask.ops.likelihood import pair_sums
 
     rng = np.random.default_rng(8)
@@ -637,24 +637,31 @@ def test_pair_sums_match_a_loop_over_pairs_and_children(xp):
     wv = rng.uniform(0.0, 1.0, cstart[-1])
     start = {"bp_i": cplx(R, M), "bp_w": rng.normal(size=(R, M)), "resid": rng.normal(size=(b, M)),
              "xa": rng.normal(size=b), "aa": rng.normal(size=b)}
-    want = {k: v.copy() for k, v in start.items()}
-    for p in range(n_p):
-        j, ch = pj[p], slice(cstart[p], cstart[p + 1])
-        Q = (wv[ch, None] * ph[tp[ch]]).sum(axis=0)
-        wo = wv[ch].sum()
-        want["bp_i"][brow[p]] += XCW[j] * Q
-        want["bp_w"][brow[p]] += wo * CCW[j]
-        x = Cr[j] * (X[j] * np.conj(P[prow[p]]) * Q).real
-        m = Cr[j] ** 2 * np.abs(P[prow[p]]) ** 2
-        want["resid"][j] += wo * m - 2 * x
-        want["xa"][j] += (x * gf).sum()
-        want["aa"][j] += wo * (m * gf).sum()
-    ins = [xp.asarray(a) for a in (XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv)]
-    for max_elems in ((1, 3 * 8 * M, 10**8) if xp is np else (10**8,)):
-        got = {k: xp.asarray(v.copy()) for k, v in start.items()}
-        pair_sums(*ins, *got.values(), max_elems=max_elems)
-        for k in start:
-            assert np.allclose(to_np(got[k]), want[k], rtol=1e-12, atol=1e-10), (k, max_elems)
+
+    def oracle(brow):
+        want = {k: v.copy() for k, v in start.items()}
+        for p in range(n_p):
+            j, ch = pj[p], slice(cstart[p], cstart[p + 1])
+            Q = (wv[ch, None] * ph[tp[ch]]).sum(axis=0)
+            wo = wv[ch].sum()
+            want["bp_i"][brow[p]] += XCW[j] * Q
+            want["bp_w"][brow[p]] += wo * CCW[j]
+            x = Cr[j] * (X[j] * np.conj(P[prow[p]]) * Q).real
+            m = Cr[j] ** 2 * np.abs(P[prow[p]]) ** 2
+            want["resid"][j] += wo * m - 2 * x
+            want["xa"][j] += (x * gf).sum()
+            want["aa"][j] += wo * (m * gf).sum()
+        return want
+
+    # unsorted rows, and rows in order with the caller's promise (rows_sorted: the twin skips its sort)
+    for rows, promise in ((brow, False), (np.sort(brow), True)):
+        want = oracle(rows)
+        ins = [xp.asarray(a) for a in (XCW, CCW, X, Cr, gf, ph, P, pj, prow, rows, cstart, tp, wv)]
+        for max_elems in ((1, 3 * 8 * M, 10**8) if xp is np else (10**8,)):
+            got = {k: xp.asarray(v.copy()) for k, v in start.items()}
+            pair_sums(*ins, *got.values(), max_elems=max_elems, rows_sorted=promise)
+            for k in start:
+                assert np.allclose(to_np(got[k]), want[k], rtol=1e-12, atol=1e-10), (k, max_elems, promise)
     got = {k: xp.asarray(v.copy()) for k, v in start.items()}
     pair_sums(*ins[:7], *(a[:0] for a in ins[7:10]), ins[10][:1], *ins[11:], *got.values())  # no pairs
     assert all(np.array_equal(to_np(got[k]), start[k]) for k in start)
@@ -699,6 +706,90 @@ def test_projection_in_chunks_of_rotations_is_the_same(xp):
     chunked = to_np(project_gathered(ref, A, n, mask, xp, max_bytes=3 * project_row_bytes(n, xp is not np)))
     assert whole.shape == (10, int(to_np(mask).sum())) and np.array_equal(whole, chunked)
     assert project_gathered(ref, A[:0], n, mask, xp).shape == (0, whole.shape[1])
+
+
+def _child_posterior_case(seed=11):
+    """A group of particles' children for the fine posteriors: 1-40 significant samples each, excluded samples
+    (-inf prior), exact ties, a particle whose weights all underflow and one with every sample excluded."""
+    rng = np.random.default_rng(seed)
+    cnt = rng.integers(1, 41, 60)
+    cnt[5], cnt[6] = 3, 2
+    first = np.cumsum(cnt) - cnt
+    R = int(cnt.sum())
+    jl = np.repeat(np.arange(len(cnt)), cnt)
+    q = np.arange(R) - first[jl]
+    d = rng.normal(0.0, 3.0, (R, 32)) + rng.uniform(0, 20, R)[:, None]
+    d[first[1], 3] = d[first[1], 7] = d[first[1]:first[1] + cnt[1]].min() - 1.0  # the best child, tied
+    lp = rng.normal(0.0, 1.0, R)
+    lp[rng.uniform(size=R) < 0.1] = -np.inf
+    lp[first[5]:first[5] + 3] = -900.0  # every weight of particle 5 underflows: its best child alone
+    lp[first[6]:first[6] + 2] = -np.inf  # particle 6: no sample allowed
+    return d, lp, jl, q, first, cnt
+
+
+def _posteriors_one_by_one(d, lp, first, cnt, frac, maxsig):
+    """RELION's rule particle by particle (float64): weights exp(-(d - dmin) + lp) over the allowed children (0 beyond
+    700), the best child alone when all underflow; sorted in descending order, the threshold is the weight at the
+    first running sum >= frac * total (every positive weight at frac >= 1), at most maxsig of them."""
+    w_all, dmin, sumw, bad, best, pmax = [], [], [], [], [], []
+    for j in range(len(cnt)):
+        rows = slice(first[j], first[j] + cnt[j])
+        l = np.repeat(lp[rows], 32)
+        x = np.where(np.isfinite(l), d[rows].ravel(), np.inf)
+        m = x.min()
+        with np.errstate(invalid="ignore"):  # inf - inf where no child is allowed
+            w = np.where(np.isfinite(l) & (x - m <= 700), np.exp(-(x - m) + np.where(np.isfinite(l), l, 0)), 0.0)
+        s = w.sum()
+        bad.append(not s > 0)
+        if bad[-1]:
+            w, s = (np.arange(w.size) == np.argmin(x)) * 1.0, 1.0
+        srt = np.sort(w)[::-1]
+        k = (np.count_nonzero(w > 0) - 1 if frac >= 1 else
+             min(int(np.argmax(np.cumsum(srt) >= frac * s)), np.count_nonzero(w > 0) - 1))
+        if maxsig > 0:
+            k = min(k, maxsig - 1)
+        w = np.where(w >= srt[k], w, 0.0) / s
+        w_all.append(w.reshape(-1, 32))
+        dmin.append(m), sumw.append(s), best.append(int(np.argmax(w))), pmax.append(w.max())
+    return np.concatenate(w_all), np.array(dmin), np.array(sumw), np.array(bad), np.array(best), np.array(pmax)
+
+
+def test_child_posteriors_follow_relions_rule_particle_by_particle(xp):
+    # oracle: _posteriors_one_by_one, RELION's significance rule written per particle with a full sort -- the fine
+    # pass's posteriors (NumPy and CuPy's padded path: posterior_weights and significance_threshold over the group's
+    # padded layout; CuPy: one kernel with a block per particle, kernels/posteriors.py) must give the same
+    # thresholded weights, minima, sums, underflow flags, best children (first on ties) and Pmax, for adaptive
+    # fractions below and at 1, with and without --maxsig; on CuPy also with the kernel's sort too small (the padded
+    # path on the device)
+    from types import SimpleNamespace
+
+    from gerelion_dask.expectation.fine import _child_posteriors
+
+    d, lp, jl, q, first, cnt = _child_posterior_case()
+    paths = [None]
+    if xp is not np:
+        from gerelion_dask.kernels import posteriors
+
+        assert posteriors.fits(cnt) and not posteriors.fits(np.r_[cnt, posteriors.CHILD_CAP // 32 + 1])
+        paths.append(0)
+    for frac, maxsig in ((0.999, -1), (0.9, -1), (0.999, 5), (1.0, -1), (1.0, 7)):
+        st = SimpleNamespace(do_cc=False, adaptive_fraction=frac, maxsig=maxsig)
+        want = _posteriors_one_by_one(d, lp, first, cnt, frac, maxsig)
+        for cap in paths:
+            if cap is not None:
+                old, posteriors.CHILD_CAP = posteriors.CHILD_CAP, cap
+            try:
+                got = _child_posteriors(xp, xp.asarray(d), lp, jl, q, first, cnt, st)
+            finally:
+                if cap is not None:
+                    posteriors.CHILD_CAP = old
+            for name, g, w in zip(("w", "dmin", "sumw", "bad", "best", "pmax"), got, want, strict=True):
+                g = to_np(g)
+                if name in ("bad", "best"):
+                    assert np.array_equal(g, w), (name, frac, maxsig, cap)
+                else:
+                    assert np.allclose(g, w, rtol=1e-12, atol=1e-300), (name, frac, maxsig, cap)
+        assert int(want[3].sum()) == 2 and int((want[0] > 0).sum()) > 2 * len(cnt)
 
 
 def test_children_diff2_matches_the_definition(xp):

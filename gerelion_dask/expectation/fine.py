@@ -397,11 +397,25 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
     return d
 
 
-def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, b: int, settings):
-    """Normalised posterior weights of a group's children in the padded layout ``(b, L)`` (particle ``jl``'s
-    ``q``-th significant sample fills columns ``32 q .. 32 q + 31``), thresholded at the significance of the fine
-    samples (RELION keeps weights >= the significant weight in its sums); with ``--firstiter_cc`` the best child
-    alone has weight 1.  Returns ``(wp, dmin, sumw, bad)`` (``bad`` on the host)."""
+def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarray, cnt: np.ndarray, settings):
+    """Normalised posterior weights of a group's children ``d (R, 32)`` (row ``r`` the ``q[r]``-th significant
+    sample of the group's particle ``jl[r]``; a particle's rows ``first .. first + cnt - 1``), thresholded at the
+    significance of the fine samples (RELION keeps weights >= the significant weight in its sums); with
+    ``--firstiter_cc`` the best child alone has weight 1.  Returns ``(w (R, 32), dmin, sumw, bad, best, pmax)``:
+    ``best`` the position of each particle's largest weight among its children (``32 q + child``), ``bad`` (rows
+    whose weights all underflowed), ``best`` and ``pmax`` on the host.
+
+    NumPy (and CuPy for CC or particles with over ``kernels.posteriors.CHILD_CAP`` children) lays the children out
+    padded, ``(b, 32 (max q + 1))``, and runs :func:`posterior_weights` and :func:`significance_threshold` on it; the
+    CuPy twin is one kernel with a thread block per particle (:mod:`gerelion_dask.kernels.posteriors`)."""
+    b = len(cnt)
+    if xp is not np and not settings.do_cc:
+        from ..kernels.posteriors import child_posteriors, fits
+
+        if fits(cnt):
+            w, dmin, sumw, bad, best, pmax = child_posteriors(d, lp, first, cnt, settings.adaptive_fraction,
+                                                              settings.maxsig)
+            return w, dmin, sumw, to_host(bad), to_host(best), to_host(pmax)
     L = 32 * (int(q.max()) + 1)
     jq = (xp.asarray(jl), xp.asarray(q))
     D = xp.full((b, L // 32, 32), xp.inf)
@@ -413,12 +427,15 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, b: int, settings
         best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
         w = xp.zeros_like(D)
         w[xp.arange(b), best] = 1.0
-        return w, D[xp.arange(b), best], xp.ones(b), np.zeros(b, bool)
-    w, dmin, sumw, bad = posterior_weights(D, LP)
-    del D, LP
-    thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
-    w = xp.where(w >= thr[:, None], w, 0.0)
-    return w / sumw[:, None], dmin, sumw, to_host(bad)
+        dmin, sumw, bad = D[xp.arange(b), best], xp.ones(b), np.zeros(b, bool)
+    else:
+        w, dmin, sumw, bad = posterior_weights(D, LP)
+        del D, LP
+        thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
+        w = xp.where(w >= thr[:, None], w, 0.0) / sumw[:, None]
+        bad = to_host(bad)
+    best, pmax = to_host(xp.argmax(w, axis=1)), to_host(w.max(axis=1))
+    return w.reshape(b, L // 32, 32)[jq], dmin, sumw, bad, best, pmax
 
 
 def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: ProjectionCache | None = None):
@@ -500,12 +517,10 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
         q = np.arange(len(r)) - first[jl]
         d = _children_diff2(xp, px, fp, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
-        wp, dmin, sumw, bad = _child_posteriors(xp, d, sig.lp[r], jl, q, b, settings)
+        wr, dmin, sumw, bad, ib, out["pmax"][G] = _child_posteriors(xp, d, sig.lp[r], jl, q, first, cnt, settings)
         del d
         n_zero += int(np.sum(bad))
         # each particle's best child -> its pose, class and offset
-        ib = to_host(xp.argmax(wp, axis=1))
-        out["pmax"][G] = to_host(wp.max(axis=1))
         row_b = r[first + ib // 32]
         cf_b, ct_b = np.divmod(ib % 32, 4)
         gid_b = grid.fine_ids(sig.o[row_b], cf_b)
@@ -518,12 +533,12 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         else:
             out["ll"][G] = np.log(to_host(sumw)) - to_host(dmin) - logsig[og[G]]
         # the children that kept weight, as (particle, class, fine orientation) pairs; on the pool's device
-        wp3 = wp.reshape(b, -1, 32)
-        cj, cq, ck = xp.nonzero(wp3 > 0)
-        wv = wp3[cj, cq, ck]
-        del wp, wp3
-        row = xp.asarray(r)[xp.asarray(first)[cj] + cq]
-        del cq
+        rr, ck = xp.nonzero(wr > 0)  # (the group's sample, child), by particle
+        wv = wr[rr, ck]
+        del wr
+        cj = xp.asarray(jl)[rr]
+        row = xp.asarray(r)[rr]
+        del rr
         cc, co = sig_x["c"][row], sig_x["o"][row]
         cg = grid.fine_ids(co, ck // 4)
         tp = xp.searchsorted(ut_pool_x, sig_x["t"][row]) * 4 + ck % 4  # row in the pool's fine translations
@@ -560,7 +575,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             touched[c][rows_c] = True
             pair_sums(XCW, CCW, px.X, px.Cr, goodf[c], ph_pool, fp.data[c], p_j[lo_c:hi_c],
                       fp.projections(c, rows_c), rows_c, cstart[lo_c : hi_c + 1], tp, wv, bp_i[c], bp_w[c], resid,
-                      xa, aa, max_elems)
+                      xa, aa, max_elems, rows_sorted=True)  # pairs are ordered by fine orientation
             lo_c = hi_c
         del wv, tp, p_c, p_g, p_j, cstart
     del XCW, CCW

@@ -153,13 +153,15 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
     else:
         sig = np.asarray(sigma2_noise)[np.asarray(particles.optics_group)]
         seeds = settings.random_seed + np.asarray(particles.index, dtype=np.int64)
-        B = len(seeds)
-        noise = xp.concatenate([
-            coloured_noise(min(_NOISE_BATCH, B - s), N, sig[s : s + _NOISE_BATCH], seeds[s : s + _NOISE_BATCH], xp)
-            for s in range(0, B, _NOISE_BATCH)
-        ]).astype(x.dtype) if B else xp.zeros_like(x)
+        noise = xp.empty_like(x)  # filled a batch at a time (the batches' float64 never all at once)
+        for s in range(0, len(seeds), _NOISE_BATCH):
+            e = min(s + _NOISE_BATCH, len(seeds))
+            noise[s:e] = coloured_noise(e - s, N, sig[s:e], seeds[s:e], xp)
         xm = noise_fill_background(x, noise, radius, settings.width_mask_edge)
+        del noise
+    del x  # the pool's own copies go before its transform: only the caller's images and xm stay
     ffull = centred_rfft2(xm)
+    del xm
     # per-shell power beyond the current size (half plane, k != 0), RELION's highres_Xi2
     sh = xp.asarray(shells_2d(N))
     from ..ops.fourier import likelihood_pixels
@@ -169,7 +171,7 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
     nsh = N // 2 + 1
     p2 = (xp.abs(ffull) ** 2)[:, beyond]
     shell_idx = sh[beyond]
-    power = xp.zeros((x.shape[0], nsh), dtype=np.float64)
+    power = xp.zeros((ffull.shape[0], nsh), dtype=np.float64)
     if int(beyond.sum()) > 0:
         onehot = (shell_idx[:, None] == xp.arange(nsh)[None, :]).astype(np.float64)
         power = p2.astype(np.float64) @ onehot

@@ -117,10 +117,14 @@ def _module():
     return cupy.RawModule(code=_SRC, options=("-std=c++14",))
 
 
-def _runs(key):
-    """A stable order of ``key`` and the starts of its runs of equal values (with the end appended)."""
-    order = cupy.argsort(key)  # CuPy's argsort is stable (radix sort)
-    srt = key[order]
+def _runs(key, ordered: bool = False):
+    """A stable order of ``key`` (``ordered``: it is sorted already) and the starts of its runs of equal values (with
+    the end appended)."""
+    if ordered:
+        order, srt = cupy.arange(key.size, dtype=np.int64), key
+    else:
+        order = cupy.argsort(key)  # CuPy's argsort is stable (radix sort)
+        srt = key[order]
     start = cupy.concatenate([cupy.zeros(1, np.int64), cupy.flatnonzero(srt[1:] != srt[:-1]).astype(np.int64) + 1,
                               cupy.full(1, key.size, np.int64)])
     return order, start, srt[start[:-1]]
@@ -132,7 +136,8 @@ def _target(a, dtype, name):
     return a
 
 
-def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa) -> None:
+def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa,
+              rows_sorted: bool = False) -> None:
     """CuPy twin of :func:`gerelion_dask.ops.likelihood.pair_sums` (same arguments but ``max_elems``: the kernels
     keep no temporaries beyond two sort orders of the pairs)."""
     f64, c128, i64 = np.float64, np.complex128, np.int64
@@ -147,7 +152,7 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
     pj, prow, brow, cstart, tp = (cupy.ascontiguousarray(cupy.asarray(a), dtype=i64)
                                   for a in (pj, prow, brow, cstart, tp))
     mod = _module()
-    order, start, row = _runs(brow)
+    order, start, row = _runs(brow, rows_sorted)
     n_runs = int(row.size)
     mod.get_function("gerelion_pairs_to_rows")(
         (n_runs, (M + _THREADS - 1) // _THREADS), (_THREADS,),

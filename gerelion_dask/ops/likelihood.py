@@ -187,7 +187,7 @@ def add_rows(target, rows, values) -> None:
 
 
 def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa,
-              max_elems: int = 1 << 22) -> None:
+              max_elems: int = 1 << 22, rows_sorted: bool = False) -> None:
     """The fine pass's weighted sums over (particle, fine orientation) pairs (ALGORITHM.md §4.6), added in place.
 
     Pair ``p`` is particle ``pj[p]`` (a row of the per-particle arrays ``(b, M)``) with the projection ``P[prow[p]]``
@@ -201,7 +201,8 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
         resid[j] += wo m - 2 x               (the noise spectrum's model terms)
         xa[j] += sum_k x gf,  aa[j] += wo sum_k m gf    (the scale sums over the pixels ``gf`` marks)
 
-    for ``j = pj[p]``.  NumPy takes at most ``max_elems / (8 M)`` pairs at a time (``Q`` as one product of their
+    for ``j = pj[p]``.  ``rows_sorted``: the caller's promise that ``brow`` is in ascending order (the twin then
+    skips a sort).  NumPy takes at most ``max_elems / (8 M)`` pairs at a time (``Q`` as one product of their
     weights over the translations with ``ph``; rows added by :func:`add_rows`); the CuPy twin
     (:func:`gerelion_dask.kernels.pairs.pair_sums`) makes each pair's ``Q`` in registers, once per orientation row
     and once per particle, and writes no per-pair arrays.
@@ -210,7 +211,7 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
     if xp is not np:
         from ..kernels.pairs import pair_sums as twin
 
-        twin(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa)
+        twin(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa, rows_sorted)
         return
     n_p, M, T = len(pj), X.shape[1], ph.shape[0]
     ph_v = np.ascontiguousarray(ph, dtype=np.complex128).view(np.float64)  # (T, 2 M)

@@ -54,7 +54,9 @@ def soft_mask_outside(x, radius: float | None = None, width: float = 3.0, origin
     h = soft_edge(radius_grid(n, ndim, xp, real, origin), R, width)
     axes = tuple(range(-ndim, 0))
     bg = (x * h).sum(axis=axes, keepdims=True) / h.sum()
-    return x * (1.0 - h) + bg * h
+    out = x * (1.0 - h)  # one image-sized temporary besides the result (a pool of images at a time)
+    out += bg * h
+    return out
 
 
 def noise_fill_background(x, noise, radius: float, width: float, origin: int | None = None):
@@ -62,4 +64,6 @@ def noise_fill_background(x, noise, radius: float, width: float, origin: int | N
     xp = get_xp(x)
     n = x.shape[-1]
     h = soft_edge(radius_grid(n, 2, xp, x.dtype, origin), radius, width)
-    return x * (1.0 - h) + noise * h
+    out = x * (1.0 - h)  # one image-sized temporary besides the result
+    out += noise * h
+    return out
