@@ -25,7 +25,7 @@ from .expectation.preprocess import PoolParticles, PreprocessSettings
 from .io.readahead import ReadAhead
 from .maximization.accuracy import estimate_accuracies
 from .maximization.model import Model
-from .maximization.mstep import MStepSettings, lowpass_map, maximization
+from .maximization.mstep import MStepSettings, ini_high_resolution, lowpass_map, maximization
 from .maximization.schedule import (ScheduleState, coarse_size, hidden_variable_changes, is_converged,
                                     next_current_size, update_counters, update_sampling)
 from .ops.ctf import CtfParams
@@ -180,7 +180,7 @@ def _initial_model(inp: JobInputs, cfg: JobConfig, sigma2, n_dir: int, halves: l
     maps = [np.asarray(lowpass_map(m, cfg.ini_high, a)) if cfg.ini_high > 0 else m for m in inp.reference]
     nsh = N // 2 + 1
     H = len(halves)
-    res = (round(N * a / cfg.ini_high) if cfg.ini_high > 0 else nsh - 1) / (N * a)
+    res = ini_high_resolution(N, a, cfg.ini_high) if cfg.ini_high > 0 else (nsh - 1) / (N * a)
     return Model(N, a, [[m.copy() for m in maps] for _ in range(H)], np.full(K, 1.0 / K), np.full((K, n_dir), 1.0 / (K * n_dir)),
                  sigma2, np.zeros((H, K, nsh)), np.full((H, K, nsh), 999.0), np.zeros((K, nsh)), np.zeros((H, K, nsh)),
                  cfg.offset, 1.0, np.ones(len(inp.group_names)), res, tau2_fudge=cfg.tau2_fudge)
@@ -335,16 +335,19 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         except RunFailedError as e:
             raise RunFailedError(e.problem, _resume_hint(cfg.o, it - 1)) from None
         if seed_classes and it == 1 and cfg.firstiter_cc:
+            # RELION copies class 1's map, direction prior, tau^2 and data_vs_prior (which picks the shells of the
+            # scale correction in the seed iteration) to every class
             m0 = new_model.maps[0][0]
+            first = {k: np.repeat(getattr(new_model, k)[:, :1], cfg.K, axis=1) for k in ("tau2", "data_vs_prior")}
             new_model = replace(new_model, maps=[[m0.copy() for _ in range(cfg.K)]], pdf_class=np.full(cfg.K, 1.0 / cfg.K),
-                                pdf_direction=np.repeat(new_model.pdf_direction[:1], cfg.K, axis=0))
-        model = new_model
+                                pdf_direction=np.repeat(new_model.pdf_direction[:1], cfg.K, axis=0), **first)
+        old_resolution, model = model.current_resolution, new_model
         t3 = time.time()
         st = _update_state(st, res, a)
         new_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2])
         changes = hidden_variable_changes(prev_A, new_A, prev_off, st.offsets_px * a, prev_cls, st.class_index, sym_ops)
         prev_A, prev_off, prev_cls = new_A, st.offsets_px * a, st.class_index.copy()
-        sched = update_counters(sched, model.current_resolution, changes, model.fsc[0] if cfg.auto_refine else None,
+        sched = update_counters(sched, model.current_resolution, old_resolution, changes, model.fsc[0] if cfg.auto_refine else None,
                                 cur)
         rec = IterationRecord(it, model.resolution_angst(), cur, sched.healpix_order, *changes,
                               model.pdf_class.tolist(), model.ave_pmax, model.loglik,

@@ -11,7 +11,7 @@ import pytest
 
 from gerelion_dask.cli import main as cli_main
 from gerelion_dask.io.mrc import read_map, write_map
-from gerelion_dask.io.star import read_particles
+from gerelion_dask.io.star import read_particles, read_star
 from gerelion_dask.ops.fsc import fsc
 from gerelion_dask.ops.masks import soft_sphere
 from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
@@ -74,8 +74,14 @@ def test_classification_two_classes_end_to_end(small_set, tmp_path):
     paths, maps = small_set
     out = tmp_path / "Class3D"
     rc = cli_main(["classify", *_flags(paths, out, ["--K", "2", "--iter", "3", "--tau2_fudge", "4",
-                                                    "--ini_high", "25"])])
+                                                    "--ini_high", "25", "--firstiter_cc"])])
     assert rc == 0
+    # after the cross-correlation iteration (RELION 3.1.3, maximizationOtherParameters / updateCurrentResolution):
+    # class 1's spectra copied to class 2 for the seed iteration, tapered at ini_high, and ini_high's resolution
+    m = read_star(out / "run_it001_model.star")
+    assert float(m["model_general"]["rlnCurrentResolution"].iloc[0]) == pytest.approx(BOX * APIX / 5)  # 4.8 -> 5
+    d1, d2 = (m[f"model_class_{c}"]["rlnSsnrMap"].to_numpy() for c in (1, 2))
+    assert np.array_equal(d1, d2) and d1[1] > 0 and np.all(d1[6:] == 0)
     for name in ("run_it003_class001.mrc", "run_it003_class002.mrc", "run_it003_model.star", "run_it003_data.star"):
         assert (out / name).is_file(), name
     _, parts, _ = read_particles(out / "run_it003_data.star")

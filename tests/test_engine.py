@@ -556,6 +556,31 @@ def test_mstep_gpu_matches_numpy(xp, final, gridding, sym):
     assert ref.current_resolution == got.current_resolution
 
 
+def test_after_a_cross_correlation_iteration_resolution_and_spectra_follow_ini_high(xp):
+    # oracle: RELION 3.1.3 after a --firstiter_cc iteration -- the current resolution is ini_high's shell again
+    # (updateCurrentResolution), not data_vs_prior's, and tau^2 and data_vs_prior are tapered by the squared raised
+    # cosine at ini_high (maximizationOtherParameters); the same sums without the CC flag give the untapered spectra
+    from gerelion_dask.maximization.model import Model
+    from gerelion_dask.maximization.mstep import MStepSettings, ini_high_resolution, ini_high_taper, maximization
+
+    img, parts, A, off, s2, maps = _dataset(24, 0.5, seed=6)
+    model, st = _model_settings(maps, s2, order=1)
+    p0, _ = expectation_pool(xp.asarray(img), parts, model, st)
+    nsh = N // 2 + 1
+    m0 = Model(N, APIX, [[maps[0]]], np.ones(1), np.asarray(model.pdf_direction), np.asarray(s2)[None],
+               np.ones((1, 1, nsh)), np.ones((1, 1, nsh)), np.zeros((1, nsh)), np.ones((1, 1, nsh)), 5.0, 1.0,
+               np.ones(1), 1.0 / 20.0)
+    ini_high = 30.0
+    plain, _ = maximization({0: p0}, m0, MStepSettings(False, ini_high_angst=ini_high, tau2_fudge=4.0))
+    cc, _ = maximization({0: p0}, m0, MStepSettings(False, cc_iteration=True, ini_high_angst=ini_high, tau2_fudge=4.0))
+    assert 1 / plain.current_resolution < 20.0  # the data alone would claim far more than ini_high's 32 Å
+    assert cc.current_resolution == ini_high_resolution(N, APIX, ini_high) == 4 / (N * APIX)
+    taper = ini_high_taper(nsh, N, APIX, ini_high)
+    assert np.allclose(cc.tau2, plain.tau2 * taper, rtol=1e-12, atol=0)
+    assert np.allclose(cc.data_vs_prior, plain.data_vs_prior * taper, rtol=1e-12, atol=0)
+    assert np.all(cc.data_vs_prior[..., 6:] == 0) and np.all(cc.data_vs_prior[..., 1:4] == plain.data_vs_prior[..., 1:4])
+
+
 def test_background_noise_is_per_particle_and_has_the_spectrum(xp):
     # oracles: (1) the definition "one generator per particle" -- a batch of noise images with a spectrum per image
     # equals the images made one at a time, bit for bit (so a particle's noise does not depend on its pool, and the

@@ -24,7 +24,7 @@ from ..ops.symmetry import symmetrise_fourier
 from .model import Model, replace
 
 __all__ = ["MStepSettings", "maximization", "reference_tau2", "symmetrised", "ssnr_spectra", "lowpass_map",
-           "update_resolution"]
+           "update_resolution", "ini_high_resolution", "ini_high_taper"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,25 @@ def update_resolution(dvp_half1: np.ndarray, ori_size: int, pixel_size: float, a
     return nu / (ori_size * pixel_size)
 
 
+def ini_high_resolution(ori_size: int, pixel_size: float, ini_high_angst: float) -> float:
+    """The current resolution (1/Å) that ``--ini_high`` sets: shell ROUND(N a / ini_high) (RELION 3.1
+    ``updateCurrentResolution``: before iteration 1, and again after a ``--firstiter_cc`` iteration, whatever
+    data_vs_prior says then; no ``minres_map`` floor)."""
+    return float(np.floor(ori_size * pixel_size / ini_high_angst + 0.5)) / (ori_size * pixel_size)
+
+
+def ini_high_taper(nsh: int, ori_size: int, pixel_size: float, ini_high_angst: float) -> np.ndarray:
+    """Per shell, the squared raised cosine that RELION 3.1 applies to tau^2 and data_vs_prior after a
+    ``--firstiter_cc`` iteration (``maximizationOtherParameters``): 1 below ``N a / ini_high - 1``, 0 beyond
+    ``N a / ini_high + 1``, ``(0.5 - 0.5 cos(pi (r_p - r) / 2))^2`` between (r_p the outer edge).  The maps were
+    low-passed there, so the spectra follow them; data_vs_prior > 3 picks the scale correction's shells next."""
+    radius = ori_size * pixel_size / ini_high_angst - 1.0  # edge of width 2 shells centred on the ini_high shell
+    outer = radius + 2.0
+    r = np.arange(nsh, dtype=np.float64)
+    edge = (0.5 - 0.5 * np.cos(np.pi * (outer - r) / 2.0)) ** 2
+    return np.where(r < radius, 1.0, np.where(r > outer, 0.0, edge))
+
+
 def reference_tau2(volume, ms: MStepSettings, nsh: int, xp) -> np.ndarray:
     """Classification's tau^2 prior for one class: the power spectrum of the reference transform the E-step used
     (``ReferenceSpec(volume, ms.reference_r_max, ms.padding)``, made here on ``xp``'s device), zero beyond its
@@ -193,6 +212,9 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 xp = get_xp(vol)
                 vol = vol * soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp)
             maps[hi][c] = to_host(vol)
+    if ms.cc_iteration and ms.ini_high_angst > 0:
+        taper = ini_high_taper(nsh, N, a, ms.ini_high_angst)
+        tau2, dvp = tau2 * taper, dvp * taper
     return _other_parameters(partials, model, ms, maps, tau2, dvp, s2r, fsc), unfil
 
 
@@ -237,7 +259,10 @@ def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp
             cnt = tot.group_counts
             mean = (new * cnt).sum() / max(cnt.sum(), 1)
             scales = new / mean if mean > 0 else np.ones_like(new)
-    res = update_resolution(dvp[0], N, model.pixel_size, ms.auto_refine, ms.minres_map)
+    if ms.cc_iteration and ms.ini_high_angst > 0:
+        res = ini_high_resolution(N, model.pixel_size, ms.ini_high_angst)
+    else:
+        res = update_resolution(dvp[0], N, model.pixel_size, ms.auto_refine, ms.minres_map)
     n = max(tot.n_particles, 1)
     return replace(model, maps=maps, pdf_class=pdf_class, pdf_direction=pdf_dir, sigma2_noise=sigma2, tau2=tau2,
                    data_vs_prior=dvp, fsc=fsc, sigma2_recon=s2r, sigma_offset_angst=sigma_off, avg_norm=avg_norm,

@@ -94,10 +94,15 @@ def hidden_variable_changes(old_A, new_A, old_off_angst, new_off_angst, old_cls,
     return float(best.mean()), float(np.sqrt(d2.mean() / 2.0)), float(np.mean(np.asarray(old_cls) != np.asarray(new_cls)))
 
 
-def update_counters(st: ScheduleState, new_resolution: float, changes, fsc=None, current_size: int = 0) -> ScheduleState:
-    """Resolution-gain and large-change counters and the sticky high-FSC flag (§5.6, §5.8)."""
+def update_counters(st: ScheduleState, new_resolution: float, old_resolution: float, changes, fsc=None,
+                    current_size: int = 0) -> ScheduleState:
+    """Resolution-gain and large-change counters and the sticky high-FSC flag (§5.6, §5.8).
+
+    No gain means no gain over the previous iteration's resolution ``old_resolution`` (RELION 3.1
+    ``updateCurrentResolution`` compares with the model's current resolution, not with the best so far: a run whose
+    resolution dipped and recovered counts the recovery as a gain)."""
     orient, offset, cls = changes
-    if new_resolution <= st.best_resolution + 1e-4:
+    if new_resolution <= old_resolution + 1e-4:
         wo_gain = st.n_iter_wo_resol_gain + 1
     else:
         wo_gain = 0
