@@ -565,7 +565,8 @@ def test_after_a_cross_correlation_iteration_resolution_and_spectra_follow_ini_h
 
     img, parts, A, off, s2, maps = _dataset(24, 0.5, seed=6)
     model, st = _model_settings(maps, s2, order=1)
-    p0, _ = expectation_pool(xp.asarray(img), parts, model, st)
+    p0, _ = expectation_pool(img, parts, model, st)
+    p0 = p0.on(xp)  # the M-step on xp's device
     nsh = N // 2 + 1
     m0 = Model(N, APIX, [[maps[0]]], np.ones(1), np.asarray(model.pdf_direction), np.asarray(s2)[None],
                np.ones((1, 1, nsh)), np.ones((1, 1, nsh)), np.zeros((1, nsh)), np.ones((1, 1, nsh)), 5.0, 1.0,
@@ -578,7 +579,7 @@ def test_after_a_cross_correlation_iteration_resolution_and_spectra_follow_ini_h
     taper = ini_high_taper(nsh, N, APIX, ini_high)
     assert np.allclose(cc.tau2, plain.tau2 * taper, rtol=1e-12, atol=0)
     assert np.allclose(cc.data_vs_prior, plain.data_vs_prior * taper, rtol=1e-12, atol=0)
-    assert np.all(cc.data_vs_prior[..., 6:] == 0) and np.all(cc.data_vs_prior[..., 1:4] == plain.data_vs_prior[..., 1:4])
+    assert np.all(cc.data_vs_prior[..., 6:] == 0) and np.all(taper[:4] == 1)  # CuPy's sums differ in the last bits
 
 
 def test_background_noise_is_per_particle_and_has_the_spectrum(xp):
