@@ -565,6 +565,7 @@ def test_after_a_cross_correlation_iteration_resolution_and_spectra_follow_ini_h
 
     img, parts, A, off, s2, maps = _dataset(24, 0.5, seed=6)
     model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, preprocess=replace(st.preprocess, do_norm=True))
     p0, _ = expectation_pool(img, parts, model, st)
     p0 = p0.on(xp)  # the M-step on xp's device
     nsh = N // 2 + 1
@@ -572,8 +573,12 @@ def test_after_a_cross_correlation_iteration_resolution_and_spectra_follow_ini_h
                np.ones((1, 1, nsh)), np.ones((1, 1, nsh)), np.zeros((1, nsh)), np.ones((1, 1, nsh)), 5.0, 1.0,
                np.ones(1), 1.0 / 20.0)
     ini_high = 30.0
-    plain, _ = maximization({0: p0}, m0, MStepSettings(False, ini_high_angst=ini_high, tau2_fudge=4.0))
-    cc, _ = maximization({0: p0}, m0, MStepSettings(False, cc_iteration=True, ini_high_angst=ini_high, tau2_fudge=4.0))
+    plain, _ = maximization({0: p0}, m0, MStepSettings(False, ini_high_angst=ini_high, tau2_fudge=4.0, do_norm=True))
+    cc, _ = maximization({0: p0}, m0, MStepSettings(False, cc_iteration=True, ini_high_angst=ini_high, tau2_fudge=4.0,
+                                                      do_norm=True))
+    # the average norm correction is updated in the CC iteration too; its log-likelihood is the average CC
+    assert cc.avg_norm == plain.avg_norm != m0.avg_norm
+    assert cc.loglik == pytest.approx(plain.loglik / float(to_np(p0.wsum_pdf_class).sum()), rel=1e-12)
     assert 1 / plain.current_resolution < 20.0  # the data alone would claim far more than ini_high's 32 Å
     assert cc.current_resolution == ini_high_resolution(N, APIX, ini_high) == 4 / (N * APIX)
     taper = ini_high_taper(nsh, N, APIX, ini_high)

@@ -237,7 +237,9 @@ def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp
     sigma2 = model.sigma2_noise.copy()
     avg_norm = model.avg_norm
     scales = model.scales.copy()
-    if not ms.cc_iteration:
+    if ms.do_norm:  # in every iteration, the cross-correlation one too (RELION 3.1 maximizationOtherParameters)
+        avg_norm = float(tot.wsum_avg_norm / max(tot.n_particles, 1))
+    if not ms.cc_iteration:  # noise spectra and scales: not from a cross-correlation iteration
         if not ms.fix_sigma_noise:
             npix = npix_per_shell(N).astype(np.float64)
             for g in range(sigma2.shape[0]):
@@ -248,8 +250,6 @@ def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp
                     if new[s] < 1e-14:
                         new[s] = new[s - 1]
                 sigma2[g] = new
-        if ms.do_norm:
-            avg_norm = float(tot.wsum_avg_norm / max(tot.n_particles, 1))
         if ms.do_scale and len(scales) > 1:
             xa = tot.wsum_scale_xa / np.where(scales > 0, scales, 1.0)
             aa = tot.wsum_scale_aa / np.where(scales > 0, scales, 1.0) ** 2
@@ -266,4 +266,5 @@ def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp
     n = max(tot.n_particles, 1)
     return replace(model, maps=maps, pdf_class=pdf_class, pdf_direction=pdf_dir, sigma2_noise=sigma2, tau2=tau2,
                    data_vs_prior=dvp, fsc=fsc, sigma2_recon=s2r, sigma_offset_angst=sigma_off, avg_norm=avg_norm,
-                   scales=scales, current_resolution=res, loglik=float(tot.sum_ll), ave_pmax=float(tot.sum_pmax / n))
+                   scales=scales, current_resolution=res, loglik=float(tot.sum_ll / S if ms.cc_iteration else tot.sum_ll),
+                   ave_pmax=float(tot.sum_pmax / n))
