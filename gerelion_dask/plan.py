@@ -306,14 +306,9 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
             backend, gpu_memory = ("gpu", min(sizes)) if sizes else ("cpu", None)
         except Exception:  # no worker answered: the CPU plan (the larger host terms)
             backend = "cpu"
-    elif device != "cpu":
-        import sys
-
-        if "cupy" in sys.modules:  # never import CuPy just to plan
-            from .backend import gpu_count
-
-            backend = "gpu" if gpu_count() > 0 else "cpu"
-            gpu_memory = worker_gpu_memory(device) if backend == "gpu" else None
+    elif device != "cpu":  # in this process, which imports CuPy for the E-step anyway unless told --device cpu
+        backend = worker_backend(device)
+        gpu_memory = worker_gpu_memory(device) if backend == "gpu" else None
     return plan_memory(inp.box, inp.particles.n, cfg.pool, cfg.K, 2 if cfg.split_random_halves else 1,
                        cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
                        inp.diameter, backend, workers, significant_fraction, gpu_memory_bytes=gpu_memory,
