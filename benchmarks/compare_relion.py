@@ -192,6 +192,8 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("/tmp/compare_relion"))
     ap.add_argument("--relion-dir", type=Path, help="finished RELION run root (e.g. .../Refine3D/run)")
     ap.add_argument("--relion-wall", type=float, default=float("nan"))
+    ap.add_argument("--relion-label", default="RELION 3.1.3 (3 MPI ranks)",
+                    help="column title of a finished RELION run (e.g. one of its CUDA build)")
     ap.add_argument("--ours-dir", type=Path, help="finished run root of ours")
     ap.add_argument("--ours-wall", type=float, default=float("nan"))
     ap.add_argument("--skip-relion", action="store_true")
@@ -201,7 +203,7 @@ def main():
     rows = {}
     if a.relion_dir or not a.skip_relion:
         root, wall = (a.relion_dir, a.relion_wall) if a.relion_dir else run_relion(a.data.resolve(), a.work, a.mode)
-        rows["RELION 3.1.3 (3 MPI ranks)"] = summarise(root, a.data, wall, relion_gold_res(root), a.mode)
+        rows[a.relion_label if a.relion_dir else "RELION 3.1.3 (3 MPI ranks)"] = summarise(root, a.data, wall, relion_gold_res(root), a.mode)
     root, wall = (a.ours_dir, a.ours_wall) if a.ours_dir else run_ours(a.data.resolve(), a.work, a.mode, a.extra)
     rows["gerelion-dask"] = summarise(root, a.data, wall, ours_gold_res(root), a.mode)
     keys = list(next(iter(rows.values())).keys())
