@@ -854,6 +854,49 @@ def test_children_diff2_matches_the_definition(xp):
     assert children_diff2(*args[:5], *(x[:0] for x in args[5:])).shape == (0, 32)
 
 
+def test_children_diff2_of_flat_posteriors_as_dense_products_matches_the_definition():
+    # oracle: the same float64 einsum as above, on particles with hundreds of samples each (the NumPy path's dense
+    # per-particle products, in blocks of orientations when max_elems is small) beside a particle with few samples
+    # and one whose rows are not fixed by their first (both left to the per-sample batches)
+    from gerelion_dask.ops import likelihood as lk
+
+    rng = np.random.default_rng(7)
+    b, F, T, M = 4, 8 * 40, 24, 50
+    Z = rng.normal(size=(b, M)) + 1j * rng.normal(size=(b, M))
+    V = rng.uniform(0.1, 2.0, size=(b, M))
+    a = rng.uniform(50.0, 100.0, size=b)
+    ph = np.exp(2j * np.pi * rng.uniform(size=(T, M)))
+    P = rng.normal(size=(F, M)) + 1j * rng.normal(size=(F, M))
+    js, prs, trs = [], [], []
+    for q, (n_o, n_t) in enumerate(((30, 5), (25, 6), (3, 2))):  # two dense particles, one with 6 samples
+        o = rng.choice(40, n_o, replace=False)
+        t = rng.choice(T // 4, n_t, replace=False)
+        oo, tt = (x.ravel() for x in np.meshgrid(o, t, indexing="ij"))
+        keep = rng.uniform(size=oo.size) < 0.8  # most of the product kept, as in a flat posterior
+        js.append(np.full(int(keep.sum()), q))
+        prs.append(oo[keep, None] * 8 + np.arange(8))
+        trs.append(tt[keep] * 4)
+    js.append(np.full(80, 3))  # many samples, but random rows: not a product of orientations
+    prs.append(rng.integers(0, F, (80, 8)))
+    trs.append(rng.integers(0, T // 4, 80) * 4)
+    j, prow, trow = np.concatenate(js), np.concatenate(prs), np.concatenate(trs)
+    perm = rng.permutation(len(j))
+    j, prow, trow = j[perm], prow[perm], trow[perm]
+    R = len(j)
+    g = np.einsum("rm,rtm,rfm->rft", Z[j], ph[trow[:, None] + np.arange(4)], P[prow].conj()).real
+    p = np.einsum("rm,rfm->rf", V[j], (np.abs(P) ** 2)[prow])
+    want = ((a[j][:, None, None] + p[:, :, None]) - 2.0 * g).reshape(R, 32)
+    want_cc = (-g / (np.sqrt(p)[:, :, None] * a[j][:, None, None])).reshape(R, 32)
+    out = np.zeros((R, 32))
+    left = lk._children_dense(Z, V, a, ph, P, j, prow, trow, False, 10**8, out)
+    assert set(j[left].tolist()) == {2, 3}  # the sparse particle and the one with random rows
+    for max_elems in (24 * M * 7, 10**8):  # blocks of 7 orientations, or all at once
+        got = lk.children_diff2(Z, V, a, ph, P, j, prow, trow, cc=False, max_elems=max_elems)
+        assert np.allclose(got, want, rtol=1e-12, atol=1e-10)
+        got = lk.children_diff2(Z, V, a, ph, P, j, prow, trow, cc=True, max_elems=max_elems)
+        assert np.allclose(got, want_cc, rtol=1e-12, atol=1e-14)
+
+
 def test_overlap_chunks_matches_set_unions():
     # oracle: the same greedy rule written with explicit set unions, item by item
     from gerelion_dask.expectation.fine import overlap_chunks

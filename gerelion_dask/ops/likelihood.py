@@ -155,11 +155,13 @@ def children_diff2(Z, V, a, ph, P, j, prow, trow, cc: bool = False, max_elems: i
         return twin(Z, V, a, ph, P, j, prow, trow, cc)
     R, M = len(j), Z.shape[1]
     out = np.empty((R, 32), np.float64)
+    left = _children_dense(Z, V, a, ph, P, j, prow, trow, cc, max_elems, out)
     step = max(1, int(max_elems // (24 * M)))  # shifted images (4 M complex), projections and powers (8 M each)
     t4 = np.arange(4)
-    for s in range(0, R, step):
-        js, pr = j[s : s + step], prow[s : s + step]
-        Y = np.ascontiguousarray(Z[js][:, None, :] * ph[trow[s : s + step, None] + t4[None, :]])  # (S, 4, M)
+    for s0 in range(0, len(left), step):
+        sel = left[s0 : s0 + step]
+        js, pr = j[sel], prow[sel]
+        Y = np.ascontiguousarray(Z[js][:, None, :] * ph[trow[sel, None] + t4[None, :]])  # (S, 4, M)
         Pg = np.ascontiguousarray(P[pr], dtype=np.complex128)  # (S, 8, M)
         g = np.matmul(Y.view(np.float64), Pg.view(np.float64).transpose(0, 2, 1))  # (S, 4, 8) = Re(Y conj(P))
         p = np.matmul(Pg.real**2 + Pg.imag**2, V[js][:, :, None])[:, :, 0]  # (S, 8)
@@ -168,8 +170,63 @@ def children_diff2(Z, V, a, ph, P, j, prow, trow, cc: bool = False, max_elems: i
             d = -g / (np.sqrt(p)[:, :, None] * a[js][:, None, None] + 1e-300)
         else:
             d = (a[js][:, None, None] + p[:, :, None]) - 2.0 * g
-        out[s : s + len(js)] = d.reshape(-1, 32)
+        out[sel] = d.reshape(-1, 32)
     return out
+
+
+# the NumPy children_diff2 takes a particle's samples as one dense product over its translations x orientations when
+# it has at least DENSE_MIN_SAMPLES of them and the product holds at most DENSE_MAX_WASTE times their children: flat
+# posteriors (early classification: ~20,000 samples a particle, nearly every translation of each orientation) then
+# cost a GEMM instead of gathering 12 rows per sample (3.7x faster on such a pool); peaked ones keep the batches
+DENSE_MIN_SAMPLES = 64
+DENSE_MAX_WASTE = 4.0
+
+
+def _children_dense(Z, V, a, ph, P, j, prow, trow, cc: bool, max_elems: int, out) -> np.ndarray:
+    """:func:`children_diff2` (NumPy) of the particles whose samples suit one dense product each, written into
+    ``out``; returns the samples left for the per-sample batches.  Per particle: ``Y`` its image shifted by each of
+    its distinct fine translations ``(4 n_t, M)``, ``Pg`` the 8 rows of each of its distinct orientations, a block of
+    them at a time within ``max_elems`` values, ``g = Re(Y conj(Pg))`` as one real GEMM ``(4 n_t, 8 n_o)`` and ``p``
+    once per orientation row; each sample then reads its 32 children from ``g``."""
+    R, M = len(j), Z.shape[1]
+    if R < DENSE_MIN_SAMPLES:
+        return np.arange(R)
+    order = np.argsort(j, kind="stable")
+    js = j[order]
+    starts = np.flatnonzero(np.r_[True, js[1:] != js[:-1]])
+    ends = np.r_[starts[1:], R]
+    left, t4 = [], np.arange(4)
+    block = max(1, int(max_elems // (24 * M)))  # orientations per product (8 rows of M complex, their powers)
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        idx = order[s:e]
+        if e - s < DENSE_MIN_SAMPLES:
+            left.append(idx)
+            continue
+        uo, first, io = np.unique(prow[idx, 0], return_index=True, return_inverse=True)
+        rows = prow[idx[first]]  # (n_o, 8): each distinct orientation's rows
+        ut, it = np.unique(trow[idx], return_inverse=True)
+        if len(uo) * len(ut) > DENSE_MAX_WASTE * (e - s) or not np.array_equal(rows[io], prow[idx]):
+            left.append(idx)  # too sparse a product (or rows not fixed by their first: never in the fine pass)
+            continue
+        jj = int(js[s])
+        Yv = (Z[jj] * ph[(ut[:, None] + t4).ravel()]).view(np.float64)  # (4 n_t, 2 M)
+        by_o = np.argsort(io, kind="stable")
+        cut = np.searchsorted(io[by_o], np.arange(0, len(uo) + block, block))
+        for k, o0 in enumerate(range(0, len(uo), block)):
+            o1 = min(o0 + block, len(uo))
+            Pg = np.ascontiguousarray(P[rows[o0:o1].ravel()], dtype=np.complex128)  # (8 n_b, M)
+            G = (Yv @ Pg.view(np.float64).T).reshape(len(ut), 4, o1 - o0, 8)
+            p = ((Pg.real**2 + Pg.imag**2) @ V[jj]).reshape(o1 - o0, 8)
+            del Pg
+            mine = by_o[cut[k] : cut[k + 1]]
+            oo = io[mine] - o0
+            g = G[it[mine], :, oo, :].transpose(0, 2, 1)  # (S, 8, 4): child 4 f + t
+            if cc:
+                d = -g / (np.sqrt(p[oo])[:, :, None] * a[jj] + 1e-300)
+            else:
+                d = (a[jj] + p[oo][:, :, None]) - 2.0 * g
+            out[idx[mine]] = d.reshape(-1, 32)
+    return np.concatenate(left) if left else np.zeros(0, np.int64)
 
 
 def add_rows(target, rows, values) -> None:
