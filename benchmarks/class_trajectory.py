@@ -32,7 +32,8 @@ def iteration_row(data_star: Path, truth) -> dict:
     lab = truth["rlnClassNumber"].to_numpy()
     cls = est["rlnClassNumber"].to_numpy()
     k = max(int(cls.max()), int(lab.max()))
-    acc = max(float(np.mean(np.array(p)[lab - 1] == cls)) for p in itertools.permutations(range(1, k + 1), int(lab.max())))
+    perms = itertools.permutations(range(1, k + 1), int(lab.max()))
+    acc = max(float(np.mean(np.array(p)[lab - 1] == cls)) for p in perms)
     row = {"class_accuracy": acc}
     for tc in range(1, int(lab.max()) + 1):
         mine = cls[lab == tc]
@@ -68,7 +69,8 @@ def main() -> None:
         r = iteration_row(root.parent / f"{root.name}_it{i:03d}_data.star", truth)
         cells = [f"{r[f'true{t}'][0]}{r[f'true{t}'][4]}, {r[f'true{t}'][1]:.2f}, {r[f'true{t}'][2]:.1f} / "
                  f"{r[f'true{t}'][3]:.1f}" for t in range(1, n_true + 1)]
-        print(f"| {i} | {r.get('resolution_A', float('nan')):.2f} | {r['class_accuracy']:.3f} | " + " | ".join(cells) + " |")
+        res = r.get("resolution_A", float("nan"))
+        print(f"| {i} | {res:.2f} | {r['class_accuracy']:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

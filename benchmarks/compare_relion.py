@@ -203,7 +203,8 @@ def main():
     rows = {}
     if a.relion_dir or not a.skip_relion:
         root, wall = (a.relion_dir, a.relion_wall) if a.relion_dir else run_relion(a.data.resolve(), a.work, a.mode)
-        rows[a.relion_label if a.relion_dir else "RELION 3.1.3 (3 MPI ranks)"] = summarise(root, a.data, wall, relion_gold_res(root), a.mode)
+        label = a.relion_label if a.relion_dir else "RELION 3.1.3 (3 MPI ranks)"
+        rows[label] = summarise(root, a.data, wall, relion_gold_res(root), a.mode)
     root, wall = (a.ours_dir, a.ours_wall) if a.ours_dir else run_ours(a.data.resolve(), a.work, a.mode, a.extra)
     rows["gerelion-dask"] = summarise(root, a.data, wall, ours_gold_res(root), a.mode)
     keys = list(next(iter(rows.values())).keys())

@@ -347,8 +347,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         new_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2])
         changes = hidden_variable_changes(prev_A, new_A, prev_off, st.offsets_px * a, prev_cls, st.class_index, sym_ops)
         prev_A, prev_off, prev_cls = new_A, st.offsets_px * a, st.class_index.copy()
-        sched = update_counters(sched, model.current_resolution, old_resolution, changes, model.fsc[0] if cfg.auto_refine else None,
-                                cur)
+        sched = update_counters(sched, model.current_resolution, old_resolution, changes,
+                                model.fsc[0] if cfg.auto_refine else None, cur)
         rec = IterationRecord(it, model.resolution_angst(), cur, sched.healpix_order, *changes,
                               model.pdf_class.tolist(), model.ave_pmax, model.loglik,
                               {"prepare": t1 - t0, "estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},

@@ -266,5 +266,5 @@ def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp
     n = max(tot.n_particles, 1)
     return replace(model, maps=maps, pdf_class=pdf_class, pdf_direction=pdf_dir, sigma2_noise=sigma2, tau2=tau2,
                    data_vs_prior=dvp, fsc=fsc, sigma2_recon=s2r, sigma_offset_angst=sigma_off, avg_norm=avg_norm,
-                   scales=scales, current_resolution=res, loglik=float(tot.sum_ll / S if ms.cc_iteration else tot.sum_ll),
-                   ave_pmax=float(tot.sum_pmax / n))
+                   scales=scales, current_resolution=res, ave_pmax=float(tot.sum_pmax / n),
+                   loglik=float(tot.sum_ll / S if ms.cc_iteration else tot.sum_ll))  # CC: the mean CC
