@@ -645,6 +645,11 @@ def test_add_rows_matches_add_at(dtype):
     assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
     add_rows(got, rows[:0], values[:0])  # nothing to add
     assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+    per = target[:, 0].copy()  # one value per row (the fine pass's per-group and per-optics-group sums)
+    want1 = per.copy()
+    np.add.at(want1, rows, values[:, 0])
+    add_rows(per, rows, values[:, 0])
+    assert np.allclose(per, want1, rtol=1e-12, atol=1e-12)
 
 
 def test_pair_sums_match_a_loop_over_pairs_and_children(xp):

@@ -28,7 +28,7 @@ from ..backend import deep_nbytes, get_xp, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import likelihood_pixels, shells_2d
-from ..ops.likelihood import children_diff2, pair_sums
+from ..ops.likelihood import add_rows, children_diff2, pair_sums
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
@@ -326,18 +326,6 @@ class FineProjections:
         return self.rows[c]
 
 
-def _sum_into(target, idx, values) -> None:
-    """``target[idx[i]] += values[i]`` (host arrays, ``values`` with rows of any shape): one sum per run of equal
-    indices after a stable sort (``np.add.at`` over a pool's (B, shells) rows took ~1 ms)."""
-    idx = np.asarray(idx)
-    if idx.size == 0:
-        return
-    order = np.argsort(idx, kind="stable")
-    srt = idx[order]
-    starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]])
-    target[srt[starts]] += np.add.reduceat(np.asarray(values)[order], starts, axis=0)
-
-
 @dataclass(frozen=True)
 class _PoolPixels:
     """A pool's arrays at the fine pass's likelihood pixels, ``(B, M)`` (``a``: ``(B,)``), on the pool's device."""
@@ -582,12 +570,12 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     resid += X2_all * ws[:, None]
     ws = to_host(ws)
     if settings.do_scale:
-        _sum_into(acc["wsum_scale_xa"], particles.group, to_host(xa))
-        _sum_into(acc["wsum_scale_aa"], particles.group, to_host(aa))
+        add_rows(acc["wsum_scale_xa"], particles.group, to_host(xa))
+        add_rows(acc["wsum_scale_aa"], particles.group, to_host(aa))
     per_shell = to_host(resid @ shell_1hot) + highres  # (B, nsh)
-    _sum_into(acc["wsum_sigma2"], og, per_shell)
-    _sum_into(acc["sumw_optics"], og, ws)
-    _sum_into(acc["group_counts"], particles.group, np.ones(B))
+    add_rows(acc["wsum_sigma2"], og, per_shell)
+    add_rows(acc["sumw_optics"], og, ws)
+    add_rows(acc["group_counts"], particles.group, np.ones(B))
     acc_norm = to_host(resid.sum(axis=1)) + highres.sum(axis=1)
     # the 3D insertion needs only the back-projection sums: the pool's pixels, phases and projections go first
     del resid, px, X_all, C_all, Wd_all, X2_all, ph_pool
