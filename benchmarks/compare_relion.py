@@ -181,8 +181,11 @@ def run_ours(data: Path, work: Path, mode: str, extra: list):
 
 
 def ours_gold_res(root: Path) -> float:
-    lines = Path(f"{root}_progress.jsonl").read_text().splitlines()
-    return float(json.loads(lines[-1])["resolution_angst"])
+    """The last progress line's resolution, or the final model.star's where the progress file was not kept."""
+    prog = Path(f"{root}_progress.jsonl")
+    if not prog.exists():
+        return relion_gold_res(root)
+    return float(json.loads(prog.read_text().splitlines()[-1])["resolution_angst"])
 
 
 def main():

@@ -210,7 +210,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # the fine pass's peak is one of its phases, which do not coexist: the group's diff2 (beside its weighted images;
     # NumPy's batch temporaries), the group's posterior weights, a chunk of pairs of the
     # weighted sums (~100 bytes a pixel of E / 8 pair pixels, beside the children's index arrays: ~40 bytes a child
-    # on a GPU, ~120 on a CPU's host), or a chunk of the 3D insertion
+    # on a GPU, ~120 on a CPU's host), or a chunk of the 3D insertion.  The GPU's pair kernels keep only the
+    # segments' noise rows (kernels.pairs: at most 8 B M + min(P M / 4, 256 MiB)), within that pairs term
     pairs = 100 * min(E // 8, P * M) + (40 if backend == "gpu" else 120) * e_g
     diff2 = 24 * B * M + (16 if K > 1 else 8) * e_g + (11 * E if backend == "cpu" else 0)
     partials = 24 * K * L

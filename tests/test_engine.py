@@ -652,20 +652,22 @@ def test_add_rows_matches_add_at(dtype):
     assert np.allclose(per, want1, rtol=1e-12, atol=1e-12)
 
 
-def test_pair_sums_match_a_loop_over_pairs_and_children(xp):
+def test_pair_sums_match_a_loop_over_pairs_and_children(xp, monkeypatch):
     # oracle: the definition of ops.likelihood.pair_sums written as a float64 loop over pairs and their children --
     # Q = sum_i w_i ph[tp_i], wo = sum_i w_i; bp_i[brow] += XCW[j] Q, bp_w[brow] += wo CCW[j],
     # x = Cr Re(X conj(P) Q), m = Cr^2 |P|^2, resid[j] += wo m - 2 x, xa[j] += x.gf, aa[j] += wo m.gf.  Pairs come
-    # unsorted, with repeated rows and particles, a pair with no children, onto nonzero targets; NumPy in chunks of
-    # 1, 3 and all pairs, the CuPy kernels in one call; rows unsorted and sorted (with rows_sorted)
+    # unsorted, with repeated rows and particles (one particle with 70 pairs), a pair with no children, onto nonzero
+    # targets; NumPy in chunks of 1, 3 and all pairs, the CuPy kernels in one call with a particle's pairs in
+    # segments of 32 (the default), 3 and 1 pairs; rows unsorted and sorted (with rows_sorted)
     from gerelion_dask.ops.likelihood import pair_sums
 
     rng = np.random.default_rng(8)
-    b, F, T, M, R, n_p = 6, 11, 16, 300, 9, 40  # M > the kernels' 128 threads
+    b, F, T, M, R, n_p = 6, 11, 16, 300, 9, 110  # M > the kernels' 128 threads
     cplx = lambda *s: rng.normal(size=s) + 1j * rng.normal(size=s)  # noqa: E731
     XCW, X, ph, P = cplx(b, M), cplx(b, M), np.exp(2j * np.pi * rng.uniform(size=(T, M))), cplx(F, M)
     CCW, Cr, gf = rng.uniform(0.1, 2, (b, M)), rng.uniform(-1, 1, (b, M)), (rng.uniform(size=M) > 0.3) * 1.0
     pj, prow, brow = rng.integers(0, b, n_p), rng.integers(0, F, n_p), rng.integers(0, R, n_p)
+    pj[rng.permutation(n_p)[:70]] = 4  # a flat particle: more pairs than a segment holds
     nch = rng.integers(1, 5, n_p)
     nch[7] = 0
     cstart = np.r_[0, np.cumsum(nch)]
@@ -693,11 +695,16 @@ def test_pair_sums_match_a_loop_over_pairs_and_children(xp):
     for rows, promise in ((brow, False), (np.sort(brow), True)):
         want = oracle(rows)
         ins = [xp.asarray(a) for a in (XCW, CCW, X, Cr, gf, ph, P, pj, prow, rows, cstart, tp, wv)]
-        for max_elems in ((1, 3 * 8 * M, 10**8) if xp is np else (10**8,)):
+        for max_elems, seg in (((1, 0), (3 * 8 * M, 0), (10**8, 0)) if xp is np else ((10**8, 32), (10**8, 3),
+                                                                                     (10**8, 1))):
+            if seg:
+                from gerelion_dask.kernels import pairs
+
+                monkeypatch.setattr(pairs, "SEGMENT_PAIRS", seg)
             got = {k: xp.asarray(v.copy()) for k, v in start.items()}
             pair_sums(*ins, *got.values(), max_elems=max_elems, rows_sorted=promise)
             for k in start:
-                assert np.allclose(to_np(got[k]), want[k], rtol=1e-12, atol=1e-10), (k, max_elems, promise)
+                assert np.allclose(to_np(got[k]), want[k], rtol=1e-12, atol=1e-10), (k, max_elems, seg, promise)
     got = {k: xp.asarray(v.copy()) for k, v in start.items()}
     pair_sums(*ins[:7], *(a[:0] for a in ins[7:10]), ins[10][:1], *ins[11:], *got.values())  # no pairs
     assert all(np.array_equal(to_np(got[k]), start[k]) for k in start)

@@ -6,9 +6,11 @@ fine pass's weighted sums cost more than its diff2 before this, ``benchmarks/RES
 - to the orientations: the pairs are sorted (stably) by their back-projection row, and one thread per (run of equal
   rows, pixel) makes each pair's ``Q = sum_i w_i ph_i`` at its pixel, adds ``XCW Q`` and ``wo CCW`` over the run in
   order, and adds the two sums to the row once;
-- to the particles: the pairs sorted (stably) by particle, one thread block per particle; its threads stride over
-  the pixels, make ``Q`` again, add the noise terms of every pair of the particle to its ``resid`` row, and sum the
-  scale terms, which the block reduces in a fixed order (warp shuffles, then the warps in turn).
+- to the particles: the pairs sorted (stably) by particle and each particle's pairs cut into segments of at most
+  ``segment_pairs`` pairs; one thread block per segment strides over the pixels, makes ``Q`` again and writes the
+  segment's noise terms as one row and its scale terms (reduced in a fixed order: warp shuffles, then the warps in
+  turn); a second kernel adds each particle's segment rows to its ``resid`` row in order.  One block per particle
+  left a flat pool's group (a few particles with ~10,000 pairs each, early classification) with a few busy SMs.
 
 Every target element is written by one thread of one launch, so the sums do not depend on timing (no atomics).
 """
@@ -63,18 +65,18 @@ gerelion_pairs_to_rows(const double* XCW, const double* CCW, const double* ph, c
 }
 
 extern "C" __global__ void __launch_bounds__(NT)
-gerelion_pairs_to_particles(const double* X, const double* Cr, const double* gf, const double* ph, const double* P,
-                            const long long* pj, const long long* prow, const long long* cstart, const long long* tp,
-                            const double* wv, const long long* order, const long long* jstart, long long n_runs,
-                            long long M, double* resid, double* xa, double* aa) {
-    const long long run = blockIdx.x;
-    if (run >= n_runs) return;
-    const long long j = pj[order[jstart[run]]];
+gerelion_pairs_to_segments(const double* X, const double* Cr, const double* gf, const double* ph, const double* P,
+                           const long long* pj, const long long* prow, const long long* cstart, const long long* tp,
+                           const double* wv, const long long* order, const long long* sstart, const long long* send,
+                           long long n_seg, long long M, double* part, double* pxa, double* paa) {
+    const long long s = blockIdx.x;
+    if (s >= n_seg) return;
+    const long long j = pj[order[sstart[s]]];
     double sx = 0.0, sa = 0.0;
     for (long long m = threadIdx.x; m < M; m += NT) {
         const double xr = X[2 * (j * M + m)], xi = X[2 * (j * M + m) + 1], cr = Cr[j * M + m], g = gf[m];
         double rs = 0.0;
-        for (long long k = jstart[run]; k < jstart[run + 1]; ++k) {
+        for (long long k = sstart[s]; k < send[s]; ++k) {
             const long long p = order[k];
             double qr, qi, wo;
             pair_q(ph, cstart, tp, wv, p, M, m, qr, qi, wo);
@@ -86,24 +88,49 @@ gerelion_pairs_to_particles(const double* X, const double* Cr, const double* gf,
             sx += x * g;
             sa += wo * mo * g;
         }
-        resid[j * M + m] += rs;
+        part[s * M + m] = rs;
     }
-    __shared__ double part[NT / 32][2];
+    __shared__ double red[NT / 32][2];
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     for (int o = 16; o > 0; o >>= 1) {
         sx += __shfl_down_sync(0xffffffffu, sx, o);
         sa += __shfl_down_sync(0xffffffffu, sa, o);
     }
     if (lane == 0) {
-        part[wid][0] = sx;
-        part[wid][1] = sa;
+        red[wid][0] = sx;
+        red[wid][1] = sa;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         double tx = 0.0, ta = 0.0;
         for (int w = 0; w < NT / 32; ++w) {
-            tx += part[w][0];
-            ta += part[w][1];
+            tx += red[w][0];
+            ta += red[w][1];
+        }
+        pxa[s] = tx;
+        paa[s] = ta;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+gerelion_segments_to_particles(const double* part, const double* pxa, const double* paa, const long long* pj,
+                               const long long* order, const long long* sstart, const long long* sfirst,
+                               long long n_runs, long long M, double* resid, double* xa, double* aa) {
+    const long long run = blockIdx.x;
+    const long long m = (long long)blockIdx.y * NT + threadIdx.x;
+    if (run >= n_runs) return;
+    const long long s0 = sfirst[run], s1 = sfirst[run + 1];
+    const long long j = pj[order[sstart[s0]]];
+    if (m < M) {
+        double rs = 0.0;
+        for (long long s = s0; s < s1; ++s) rs += part[s * M + m];
+        resid[j * M + m] += rs;
+    }
+    if (blockIdx.y == 0 && threadIdx.x == 0) {
+        double tx = 0.0, ta = 0.0;
+        for (long long s = s0; s < s1; ++s) {
+            tx += pxa[s];
+            ta += paa[s];
         }
         xa[j] += tx;
         aa[j] += ta;
@@ -128,6 +155,34 @@ def _runs(key, ordered: bool = False):
     start = cupy.concatenate([cupy.zeros(1, np.int64), cupy.flatnonzero(srt[1:] != srt[:-1]).astype(np.int64) + 1,
                               cupy.full(1, key.size, np.int64)])
     return order, start, srt[start[:-1]]
+
+
+# a particle's pairs go to thread blocks in segments of SEGMENT_PAIRS pairs, more where the segments' noise rows
+# would pass SEGMENT_BYTES (the rows are summed per particle in a second kernel)
+SEGMENT_PAIRS = 32
+SEGMENT_BYTES = 256 << 20
+
+
+def segment_pairs(n_pairs: int, n_particles: int, M: int) -> int:
+    """Pairs per segment: ``SEGMENT_PAIRS``, or more so that the segments' ``(n_seg, M)`` float64 rows (at most
+    ``n_particles + n_pairs / length``) stay within ``SEGMENT_BYTES`` beyond the particles' own rows."""
+    room = max(1, SEGMENT_BYTES // (8 * max(M, 1)))
+    return max(SEGMENT_PAIRS, -(-n_pairs // room))
+
+
+def _segments(start, length: int):
+    """Cut runs of pairs (``start``: the runs' starts with the end appended, on the device) into segments of at most
+    ``length`` pairs; returns each segment's start and end and each run's first segment (with the total
+    appended)."""
+    n = cupy.diff(start)
+    count = (n + length - 1) // length
+    sfirst = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(count)])
+    total = int(sfirst[-1])
+    k = cupy.arange(total, dtype=np.int64)
+    run = cupy.searchsorted(sfirst, k, side="right") - 1
+    sstart = start[run] + (k - sfirst[run]) * length
+    send = cupy.minimum(sstart + length, start[run + 1])
+    return sstart, send, sfirst
 
 
 def _target(a, dtype, name):
@@ -158,7 +213,14 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
         (n_runs, (M + _THREADS - 1) // _THREADS), (_THREADS,),
         (XCW, CCW, ph, pj, cstart, tp, wv, order, start, row, np.int64(n_runs), np.int64(M), bp_i, bp_w))
     order, start, _ = _runs(pj)
-    n_runs = int(start.size) - 1
-    mod.get_function("gerelion_pairs_to_particles")(
-        (n_runs,), (_THREADS,),
-        (X, Cr, gf, ph, P, pj, prow, cstart, tp, wv, order, start, np.int64(n_runs), np.int64(M), resid, xa, aa))
+    sstart, send, sfirst = _segments(start, segment_pairs(n_p, int(start.size) - 1, M))
+    n_seg, n_runs = int(sstart.size), int(start.size) - 1
+    part = cupy.empty((n_seg, M), f64)
+    pxa, paa = cupy.empty(n_seg, f64), cupy.empty(n_seg, f64)
+    mod.get_function("gerelion_pairs_to_segments")(
+        (n_seg,), (_THREADS,),
+        (X, Cr, gf, ph, P, pj, prow, cstart, tp, wv, order, sstart, send, np.int64(n_seg), np.int64(M), part, pxa,
+         paa))
+    mod.get_function("gerelion_segments_to_particles")(
+        (n_runs, (M + _THREADS - 1) // _THREADS), (_THREADS,),
+        (part, pxa, paa, pj, order, sstart, sfirst, np.int64(n_runs), np.int64(M), resid, xa, aa))
