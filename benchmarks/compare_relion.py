@@ -130,6 +130,8 @@ def summarise(run_root: Path, data: Path, wall: float, gold_res: float, mode: st
             gp90.append(round(float(np.percentile(gerr, 90)), 2))
         row["fsc_truth_0.5_A"] = res
         row["fsc_truth_0.5_A_gauge_aligned"] = ares
+        row["_est"], row["_truth"] = est, truth  # for common_errors (not printed)
+        row["_correct"] = np.array(best_perm)[tlabels - 1] == est["rlnClassNumber"].to_numpy()
         row["ang_err_gauge_median_deg"] = gmed
         row["ang_err_gauge_p90_deg"] = gp90
         err = angular_errors(est, truth)
@@ -139,6 +141,27 @@ def summarise(run_root: Path, data: Path, wall: float, gold_res: float, mode: st
                  est["rlnOriginYAngst"].to_numpy() - truth["rlnOriginYAngst"].to_numpy())
     row["shift_err_median_A"] = float(np.median(d))
     return row
+
+
+def common_errors(rows: dict) -> None:
+    """Per true class, each run's residual angular error (median / p90, own gauge) on the particles that every run
+    assigns to that class's matched class.  The per-class rows above use each run's own correctly classified
+    particles, so a run that classifies more of them (harder ones included) is measured on a different set."""
+    runs = [r for r in rows.values() if "_correct" in r]
+    if len(runs) < 2:
+        return
+    tl = runs[0]["_truth"]["rlnClassNumber"].to_numpy()
+    both = np.logical_and.reduce([r["_correct"] for r in runs])
+    for r in runs:
+        med, p90 = [], []
+        for tc in (1, 2):
+            sel = both & (tl == tc)
+            _, _, g = gauge(r["_est"][sel], r["_truth"][sel])
+            med.append(round(float(np.median(g)), 2))
+            p90.append(round(float(np.percentile(g, 90)), 2))
+        r["common_particles"] = [int(np.sum(both & (tl == tc))) for tc in (1, 2)]
+        r["ang_err_gauge_common_median_deg"] = med
+        r["ang_err_gauge_common_p90_deg"] = p90
 
 
 def run_relion(data: Path, work: Path, mode: str):
@@ -210,7 +233,8 @@ def main():
         rows[label] = summarise(root, a.data, wall, relion_gold_res(root), a.mode)
     root, wall = (a.ours_dir, a.ours_wall) if a.ours_dir else run_ours(a.data.resolve(), a.work, a.mode, a.extra)
     rows["gerelion-dask"] = summarise(root, a.data, wall, ours_gold_res(root), a.mode)
-    keys = list(next(iter(rows.values())).keys())
+    common_errors(rows)
+    keys = [k for k in next(iter(rows.values())) if not k.startswith("_")]
     print("| metric | " + " | ".join(rows) + " |")
     print("|---|" + "---|" * len(rows))
     for k in keys:
