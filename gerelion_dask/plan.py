@@ -67,8 +67,8 @@ of pools straddles the half sets (one worker, or an odd number of workers), else
 
 Task peak = max(preprocessing, held + max(coarse, fine)), the fine pass's insertion phase holding the partials. On
 a GPU worker the task lives on the GPU (with the references ``16 H K L``, made there from the maps the iteration
-ships); the worker's host holds the raw images and the partials copied back. Every process that runs tasks also holds the raw images of up to
-``READ_AHEAD_DEPTH`` (2) pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
+ships); the worker's host holds the raw images and the partials copied back. Every process that runs tasks also
+holds the raw images of up to ``READ_AHEAD_DEPTH`` (2) pools read ahead, ``4 B N^2`` each (``io/readahead.py``).
 
 The driver holds the maps ``3 x 8 H K N^3`` (model, new model, low-passed/unfiltered copies), the reference of the
 accuracy estimate ``16 L`` (it makes no other: the E-step's are made where the tasks run, in process by the driver),
