@@ -652,6 +652,18 @@ def test_add_rows_matches_add_at(dtype):
     assert np.allclose(per, want1, rtol=1e-12, atol=1e-12)
 
 
+def test_distinct_matches_numpy_unique():
+    # oracle: np.unique -- the fine pass's counting version of it over non-negative integers (classes, orientations,
+    # translations of the significant samples): repeated values, gaps, one value, a 2-D array and none at all
+    from gerelion_dask.expectation.fine import distinct
+
+    rng = np.random.default_rng(5)
+    for x in (rng.integers(0, 4608, 100_000), rng.integers(0, 2, 50), np.array([7, 7, 7]),
+              rng.choice([3, 90, 4000], (30, 4)), np.zeros(0, np.int64)):
+        got = distinct(x)
+        assert np.array_equal(got, np.unique(x)) and got.dtype.kind == "i"
+
+
 def test_pair_sums_match_a_loop_over_pairs_and_children(xp, monkeypatch):
     # oracle: the definition of ops.likelihood.pair_sums written as a float64 loop over pairs and their children --
     # Q = sum_i w_i ph[tp_i], wo = sum_i w_i; bp_i[brow] += XCW[j] Q, bp_w[brow] += wo CCW[j],

@@ -34,8 +34,8 @@ from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "fine_limits",
-           "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
+__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "distinct",
+           "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
 
 # Work budgets per chunk of particles (values; the coarse pass's chunks and the fine pass's groups) and the coarse
 # pass's dense-over-union waste allowed, per backend: on a GPU large chunks amortise kernel launches (waste 512 against
@@ -196,6 +196,16 @@ def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: 
     return chunks
 
 
+def distinct(x) -> np.ndarray:
+    """The sorted distinct values of an array of non-negative integers (``np.unique``'s result) by counting: the
+    significant samples' classes, orientations and translations are small integers, and a flat pool has millions of
+    them (np.unique's sort or hash took 15 of the 110 s of dev_class's 25 GPU iterations; this is ~20x faster)."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.bincount(x.ravel()))
+
+
 def _compact(sets) -> tuple[list[np.ndarray], int]:
     """The sets' values renumbered 0..n-1 (n distinct values in all): per set an index array, and n."""
     sizes = [len(x) for x in sets]
@@ -299,8 +309,8 @@ class FineProjections:
                 return project_gathered(model.refs[c], grid.fine_matrices_from_ids(gid), n, mask, xp)
             return make
 
-        for c in np.unique(sig.c):
-            o = np.unique(sig.o[sig.c == c])
+        for c in distinct(sig.c):
+            o = distinct(sig.o[sig.c == c])
             gid = np.sort(grid.fine_ids(o).reshape(-1))
             if cache is not None:
                 self.data[c], where = cache.rows(int(c), gid, compute(c))
@@ -374,7 +384,7 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
     trow = xp.asarray(np.searchsorted(ut_pool, sig.t[r]) * 4)  # each sample's first fine translation's phase row
     cr, orr, jx = sig.c[r], xp.asarray(sig.o[r]), xp.asarray(jl)
     d = xp.empty((len(r), 32), np.float64)
-    for c in np.unique(cr):
+    for c in distinct(cr):
         sel = np.nonzero(cr == c)[0]
         sx = xp.asarray(sel)
         prow = fp.projections(c, fp.positions(c, grid.fine_ids(orr[sx])))  # (S, 8) the children's projections
@@ -485,7 +495,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
     # the phases of every fine translation of the pool, made once (chunks take their rows)
-    ut_pool = np.unique(sig.t)
+    ut_pool = distinct(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
     ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
