@@ -23,7 +23,7 @@ from .expectation.grid import OrientationGrid
 from .expectation.partials import PoolResult
 from .expectation.preprocess import PoolParticles, PreprocessSettings
 from .io.readahead import ReadAhead
-from .maximization.accuracy import estimate_accuracies
+from .maximization.accuracy import EMPTY_CLASS, MIN_CLASS_FRACTION, estimate_accuracies
 from .maximization.model import Model
 from .maximization.mstep import MStepSettings, ini_high_resolution, lowpass_map, maximization
 from .maximization.schedule import (ScheduleState, coarse_size, hidden_variable_changes, is_converged,
@@ -272,13 +272,18 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         def ref_of(hi, c, maps=model.maps, cur=cur):
             return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
 
-        # accuracies and auto-sampling (not in CC iterations)
+        # accuracies per class (not in CC iterations nor the final one), then auto-sampling from the best class's
+        if not cc_iter and not final:
+            on = st.half == halves[0]
+            acc = [estimate_accuracies(ref_of(0, c).build(), st.angles[on], None if inp.ctf is None else
+                                       inp.ctf.take(on), model.sigma2_noise[0], cur, N, a,
+                                       np.random.default_rng([seed, it, c]))
+                   if model.maps[0][c] is not None and model.pdf_class[c] >= MIN_CLASS_FRACTION
+                   else (EMPTY_CLASS, EMPTY_CLASS) for c in range(cfg.K)]
+            model = replace(model, acc_rot=np.array([r for r, _ in acc]),
+                            acc_trans_angst=np.array([t for _, t in acc]))
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
-            ref0 = ref_of(0, 0).build()
-            acc_r, acc_t = estimate_accuracies(ref0, st.angles[st.half == halves[0]],
-                                               None if inp.ctf is None else inp.ctf.take(st.half == halves[0]), model.sigma2_noise[0], cur,
-                                               N, a, np.random.default_rng(seed + it))
-            model = replace(model, acc_rot=np.array([acc_r]), acc_trans_angst=np.array([acc_t]))
+            acc_r, acc_t = float(model.acc_rot.min()), float(model.acc_trans_angst.min())
             old_order = sched.healpix_order
             sched = update_sampling(sched, acc_r, acc_t, a, cfg.auto_local_healpix_order)
             if sched.healpix_order != old_order:

@@ -101,7 +101,7 @@ def make_writer(root: str, plots: bool = True):
                              (rec.iteration if rec else 0), output_root=root, model_star=names["model"][0],
                              model_star2=names["model"][1] if len(names["model"]) > 1 else None,
                              data_star=names["data"], sampling_star=names["sampling"],
-                             acc_rot=float(model.acc_rot[0]), acc_trans_angst=float(model.acc_trans_angst[0]),
+                             acc_rot=float(np.min(model.acc_rot)), acc_trans_angst=float(np.min(model.acc_trans_angst)),
                              has_converged=bool(final), particle_diameter=inp.diameter, extra=extra)
         files = {"data": names["data"], "model": names["model"], "maps": names["classes"]}
         if it is None and unfil is not None:

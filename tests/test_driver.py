@@ -92,6 +92,15 @@ def test_classification_two_classes_end_to_end(small_set, tmp_path):
     assert acc > 0.5  # both classes populated and better than chance against the true labels
     m1 = read_map(out / "run_it003_class001.mrc")[0].astype(np.float64)
     assert np.isfinite(m1).all() and fsc(m1, m1)[1] == pytest.approx(1.0)
+    # RELION's accuracies: per class in every non-CC iteration (999 for a class below 1 %), overall = the minimum
+    m3 = read_star(out / "run_it003_model.star")["model_classes"]
+    dist, acc_r = m3["rlnClassDistribution"].to_numpy(), m3["rlnAccuracyRotations"].to_numpy()
+    acc_t = m3["rlnAccuracyTranslationsAngst"].to_numpy()
+    assert np.all((acc_r > 0) & (acc_r < 31) | (dist < 0.01) & (acc_r == 999))
+    assert np.all((acc_t > 0) & (acc_t < 10.2 * APIX) | (dist < 0.01) & (acc_t == 999))
+    opt = read_star(out / "run_it003_optimiser.star")["optimiser_general"]
+    assert float(opt["rlnOverallAccuracyRotations"].iloc[0]) == pytest.approx(acc_r.min())
+    assert float(opt["rlnOverallAccuracyTranslationsAngst"].iloc[0]) == pytest.approx(acc_t.min())
 
 
 def test_bad_inputs_exit_2(small_set, tmp_path, capsys):
