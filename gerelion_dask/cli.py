@@ -73,6 +73,9 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--pad", type=float, default=2.0)
     a("--adaptive_fraction", type=float, default=0.999)
     a("--maxsig", type=int, default=-1)
+    a("--coarse_precision", choices=["auto", "float32", "float64"], default="auto",
+      help="the coarse pass's products, which only pick the significant samples (auto: float32 on a GPU, float64 "
+           "on a CPU; float64 on a GPU follows the CPU run, float32 on a CPU the GPU run)")
     a("--offset", type=float, default=10.0, help="sigma of the offset prior (Å)")
     a("--perturb", type=float, default=0.5)
     a("--incr_size", type=int, default=10)

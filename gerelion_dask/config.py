@@ -47,6 +47,7 @@ class JobConfig:
     pad: float = 2.0
     adaptive_fraction: float = 0.999
     maxsig: int = -1
+    coarse_precision: str = "auto"  # the coarse pass's GEMMs: auto (float32 on GPUs), float32 or float64
     offset: float = 10.0  # sigma of the offset prior, Å
     perturb: float = 0.5
     incr_size: int = 10
@@ -76,6 +77,9 @@ class JobConfig:
                              "must be >= 0 and the step > 0 (pixels)", "e.g. --offset_range 5 --offset_step 1")
         if self.tau2_fudge <= 0:
             raise InputError(None, f"--tau2_fudge {self.tau2_fudge} must be positive")
+        if self.coarse_precision not in ("auto", "float32", "float64"):
+            raise InputError(None, f"--coarse_precision {self.coarse_precision} is not one of auto, float32, "
+                             "float64")
         if not 0 < self.adaptive_fraction <= 1:
             raise InputError(None, f"--adaptive_fraction {self.adaptive_fraction} must be in (0, 1]")
         if self.iter < 1 and not self.auto_refine:

@@ -146,11 +146,13 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
                 sym: str = "C1", offset_range: float = 6.0, offset_step: float = 2.0, pad: float = 2.0,
                 pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
                 significant_fraction: float = 1.0, current_size: int | None = None,
-                gpu_memory_bytes: float | None = None, maxsig: int = -1) -> MemoryPlan:
+                gpu_memory_bytes: float | None = None, maxsig: int = -1,
+                coarse_precision: str = "auto") -> MemoryPlan:
     """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process.
     ``gpu_memory_bytes``: the GPU's total memory, whose budgets the E-step takes (``fine.gpu_limits``; default: those
     of an 80 GB H100).  ``maxsig`` (``--maxsig``, > 0): at most that many significant samples per particle, which
-    bounds the fine pass's per-group weights."""
+    bounds the fine pass's per-group weights.  ``coarse_precision`` float64 on a GPU doubles the coarse pass's
+    cross terms and shifted images (8 bytes a value instead of 4)."""
     from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
@@ -192,7 +194,9 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
         # beside the selection's candidates in per-particle segments and flat rows redone densely (two phases)
         cap = candidate_segment(O * T * K)
         redo = 48 * min(e_c, REDO_SAMPLES)  # flat particles' dense rows, a bounded batch at a time
-        chunk_c = 4 * e_c + max(16 * min(b_c, B) * T * Mc, redo + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O)
+        g = 8 if coarse_precision == "float64" else 4  # bytes of a cross term (--coarse_precision)
+        chunk_c = g * e_c + max(4 * g * min(b_c, B) * T * Mc,
+                                redo + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O)
     else:  # float64 cross terms, diff2, weights and the significance sort of the whole block; the shifted images
         chunk_c = 7 * 8 * e_c + 32 * min(b_c, B) * T * Mc
     coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c
@@ -313,7 +317,8 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
     return plan_memory(inp.box, inp.particles.n, cfg.pool, cfg.K, 2 if cfg.split_random_halves else 1,
                        cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
                        inp.diameter, backend, workers, significant_fraction, gpu_memory_bytes=gpu_memory,
-                       maxsig=getattr(cfg, "maxsig", -1))
+                       maxsig=getattr(cfg, "maxsig", -1),
+                       coarse_precision=getattr(cfg, "coarse_precision", "auto"))
 
 
 def plan_main(argv) -> int:
@@ -340,6 +345,8 @@ def plan_main(argv) -> int:
     p.add_argument("--gpu_memory", type=float, default=0.0,
                    help="GPU memory in GiB (with --device gpu; 0: an 80 GB H100's budgets, which larger GPUs use too)")
     p.add_argument("--maxsig", type=int, default=-1, help="most significant samples per particle (-1: no limit)")
+    p.add_argument("--coarse_precision", choices=["auto", "float32", "float64"], default="auto",
+                   help="the coarse pass's products (auto: float32 on a GPU, float64 on a CPU)")
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")
     ns = p.parse_args(argv)
@@ -362,6 +369,6 @@ def plan_main(argv) -> int:
     plan = plan_memory(box, n, ns.pool, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
                        ns.offset_step, ns.pad, apix, ns.particle_diameter, "gpu" if ns.device == "gpu" else "cpu",
                        ns.workers, ns.significant, gpu_memory_bytes=ns.gpu_memory * 2**30 if ns.gpu_memory else None,
-                       maxsig=ns.maxsig)
+                       maxsig=ns.maxsig, coarse_precision=ns.coarse_precision)
     print(plan.table())
     return 0

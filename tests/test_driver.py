@@ -103,6 +103,43 @@ def test_classification_two_classes_end_to_end(small_set, tmp_path):
     assert float(opt["rlnOverallAccuracyTranslationsAngst"].iloc[0]) == pytest.approx(acc_t.min())
 
 
+def test_coarse_precision_flag_sets_the_coarse_products(small_set, tmp_path, monkeypatch):
+    # oracle: the backend defaults it overrides -- the E-step's coarse pass receives the flag's precision; on a CPU,
+    # --coarse_precision float64 is the default (auto) run to the bit, and float32 is the run whose CPU default
+    # were float32 (the GPU's)
+    from gerelion_dask.config import JobConfig
+    from gerelion_dask.errors import InputError
+    from gerelion_dask.expectation import estep, fine
+
+    paths, _ = small_set
+    seen = []
+    original = estep.coarse_pass
+
+    def spy(xp, pre, particles, model, settings, *a, **k):
+        seen.append(settings.coarse_dtype)
+        return original(xp, pre, particles, model, settings, *a, **k)
+
+    monkeypatch.setattr(estep, "coarse_pass", spy)
+
+    def run(name, extra):
+        seen.clear()
+        out = tmp_path / name
+        assert cli_main(["classify", *_flags(paths, out, ["--iter", "1", "--ini_high", "25", "--in-process",
+                                                          *extra])]) == 0
+        _, parts, _ = read_particles(out / "run_it001_data.star")
+        return set(seen), parts[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                                 "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples"]].to_numpy()
+
+    (s_auto, auto), (s64, f64) = run("a", []), run("b", ["--coarse_precision", "float64"])
+    s32, f32 = run("c", ["--coarse_precision", "float32"])
+    assert (s_auto, s64, s32) == ({"auto"}, {"float64"}, {"float32"})
+    assert np.array_equal(auto, f64)
+    monkeypatch.setitem(fine.FINE_LIMITS["cpu"], "coarse_dtype", "float32")
+    assert np.array_equal(run("d", [])[1], f32)
+    with pytest.raises(InputError, match="coarse_precision"):
+        JobConfig(i="p.star", o="out/run", ref="ref.mrc", coarse_precision="float16").validate()
+
+
 def test_bad_inputs_exit_2(small_set, tmp_path, capsys):
     # oracle: the rule -- one clear line naming the file or flag, exit code 2, no traceback
     paths, _ = small_set

@@ -155,3 +155,18 @@ def test_plan_with_maxsig_bounds_the_fine_pass_by_the_samples_kept():
     small = plan_memory(256, 3000, 100, maxsig=2, **kw)  # 8 x 100 x 2 fine orientations at most
     assert small.sizes["fine_orientations"] == 1600
     assert plan_memory(256, 3000, 1000, maxsig=-1, **kw).gpu_bytes == free.gpu_bytes
+
+
+def test_plan_of_a_float64_coarse_pass_on_a_gpu_counts_double_cross_terms():
+    # oracle: the coarse chunk's own arrays -- with --coarse_precision float64 a GPU's cross terms and shifted images
+    # take 8 bytes a value instead of 4, so the coarse pass's term doubles in its float32 parts; a CPU computes in
+    # float64 anyway (auto), and auto on a GPU is float32
+    kw = dict(healpix_order=2, offset_range=3.0, offset_step=1.0, pixel_size=2.0, backend="gpu", current_size=64)
+    f32 = plan_memory(128, 4000, 1000, **kw)
+    f64 = plan_memory(128, 4000, 1000, coarse_precision="float64", **kw)
+    assert plan_memory(128, 4000, 1000, coarse_precision="float32", **kw).gpu_bytes == f32.gpu_bytes
+    c32, c64 = f32.parts["coarse pass (per task)"], f64.parts["coarse pass (per task)"]
+    assert c32 < c64 < 2 * c32
+    kw["backend"] = "cpu"
+    assert plan_memory(128, 4000, 1000, coarse_precision="float64", **kw).driver_bytes == \
+        plan_memory(128, 4000, 1000, **kw).driver_bytes
