@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import COARSE_PRECISIONS
 from .errors import InputError, RunFailedError
 
 __all__ = ["main", "refine_parser", "add_dask_flags", "run_with_dask_flags"]
@@ -73,7 +74,7 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--pad", type=float, default=2.0)
     a("--adaptive_fraction", type=float, default=0.999)
     a("--maxsig", type=int, default=-1)
-    a("--coarse_precision", choices=["auto", "float32", "float64"], default="auto",
+    a("--coarse_precision", choices=COARSE_PRECISIONS, default="auto",
       help="the coarse pass's products, which only pick the significant samples (auto: float32 on a GPU, float64 "
            "on a CPU; float64 on a GPU follows the CPU run, float32 on a CPU the GPU run)")
     a("--offset", type=float, default=10.0, help="sigma of the offset prior (Å)")

@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import InputError
 
-__all__ = ["JobConfig"]
+__all__ = ["COARSE_PRECISIONS", "JobConfig"]
+
+# --coarse_precision: the coarse pass's products (auto: float32 on a GPU, float64 on a CPU)
+COARSE_PRECISIONS = ("auto", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class JobConfig:
     pad: float = 2.0
     adaptive_fraction: float = 0.999
     maxsig: int = -1
-    coarse_precision: str = "auto"  # the coarse pass's GEMMs: auto (float32 on GPUs), float32 or float64
+    coarse_precision: str = "auto"  # the coarse pass's GEMMs: one of COARSE_PRECISIONS (auto: float32 on GPUs)
     offset: float = 10.0  # sigma of the offset prior, Å
     perturb: float = 0.5
     incr_size: int = 10
@@ -77,9 +80,9 @@ class JobConfig:
                              "must be >= 0 and the step > 0 (pixels)", "e.g. --offset_range 5 --offset_step 1")
         if self.tau2_fudge <= 0:
             raise InputError(None, f"--tau2_fudge {self.tau2_fudge} must be positive")
-        if self.coarse_precision not in ("auto", "float32", "float64"):
-            raise InputError(None, f"--coarse_precision {self.coarse_precision} is not one of auto, float32, "
-                             "float64")
+        if self.coarse_precision not in COARSE_PRECISIONS:
+            raise InputError(None, f"--coarse_precision {self.coarse_precision} is not one of "
+                             f"{', '.join(COARSE_PRECISIONS)}")
         if not 0 < self.adaptive_fraction <= 1:
             raise InputError(None, f"--adaptive_fraction {self.adaptive_fraction} must be in (0, 1]")
         if self.iter < 1 and not self.auto_refine:

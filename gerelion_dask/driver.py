@@ -315,7 +315,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                         local_sigma_rot=sched.local_sigma_rot, local_sigma_psi=sched.local_sigma_psi,
                                         symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
                                         n_groups=len(inp.group_names),
-                                        coarse_dtype=getattr(cfg, "coarse_precision", "auto"))
+                                        coarse_dtype=cfg.coarse_precision)
         tasks = _make_tasks(inp, st, cfg.pool)
         if seeds is not None:
             tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]

@@ -89,6 +89,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .config import COARSE_PRECISIONS
+
 __all__ = ["MemoryPlan", "plan_memory", "plan_for_inputs", "plan_main"]
 
 _GIB = 1024.0**3
@@ -345,7 +347,7 @@ def plan_main(argv) -> int:
     p.add_argument("--gpu_memory", type=float, default=0.0,
                    help="GPU memory in GiB (with --device gpu; 0: an 80 GB H100's budgets, which larger GPUs use too)")
     p.add_argument("--maxsig", type=int, default=-1, help="most significant samples per particle (-1: no limit)")
-    p.add_argument("--coarse_precision", choices=["auto", "float32", "float64"], default="auto",
+    p.add_argument("--coarse_precision", choices=COARSE_PRECISIONS, default="auto",
                    help="the coarse pass's products (auto: float32 on a GPU, float64 on a CPU)")
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")

@@ -163,9 +163,9 @@ SEGMENT_PAIRS = 32
 SEGMENT_BYTES = 256 << 20
 
 
-def segment_pairs(n_pairs: int, n_particles: int, M: int) -> int:
-    """Pairs per segment: ``SEGMENT_PAIRS``, or more so that the segments' ``(n_seg, M)`` float64 rows (at most
-    ``n_particles + n_pairs / length``) stay within ``SEGMENT_BYTES`` beyond the particles' own rows."""
+def segment_pairs(n_pairs: int, M: int) -> int:
+    """Pairs per segment: ``SEGMENT_PAIRS``, or more so that the segments' ``(n_seg, M)`` float64 rows (at most one
+    per particle plus ``n_pairs / length``) stay within ``SEGMENT_BYTES`` beyond the particles' own rows."""
     room = max(1, SEGMENT_BYTES // (8 * max(M, 1)))
     return max(SEGMENT_PAIRS, -(-n_pairs // room))
 
@@ -213,7 +213,7 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
         (n_runs, (M + _THREADS - 1) // _THREADS), (_THREADS,),
         (XCW, CCW, ph, pj, cstart, tp, wv, order, start, row, np.int64(n_runs), np.int64(M), bp_i, bp_w))
     order, start, _ = _runs(pj)
-    sstart, send, sfirst = _segments(start, segment_pairs(n_p, int(start.size) - 1, M))
+    sstart, send, sfirst = _segments(start, segment_pairs(n_p, M))
     n_seg, n_runs = int(sstart.size), int(start.size) - 1
     part = cupy.empty((n_seg, M), f64)
     pxa, paa = cupy.empty(n_seg, f64), cupy.empty(n_seg, f64)
