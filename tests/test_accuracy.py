@@ -10,6 +10,7 @@ from gerelion_dask.maximization.accuracy import error_steps, estimate_accuracies
 from gerelion_dask.ops.ctf import CtfParams, ctf_rfft
 from gerelion_dask.ops.fourier import shells_2d
 from gerelion_dask.ops.projector import make_reference, project
+from gerelion_dask.simulate import phantom_map
 
 
 def test_error_steps_follow_relions_schedule():
@@ -26,15 +27,6 @@ def test_error_steps_follow_relions_schedule():
     assert np.allclose(error_steps("angle")[:6], [0.05, 0.1, 0.15, 0.2, 0.3, 0.4])
 
 
-def _blob_map(N, rng):
-    x = np.indices((N, N, N)).astype(np.float64) - N // 2
-    vol = np.zeros((N, N, N))
-    for _ in range(6):
-        c = rng.uniform(-N / 5, N / 5, 3)
-        vol += np.exp(-((x - c[:, None, None, None]) ** 2).sum(axis=0) / (2 * 2.0**2))
-    return vol
-
-
 def test_accuracies_match_the_definition_particle_by_particle():
     # oracle: the definition as a float64 loop per particle -- from its pose, add RELION's errors in turn to the
     # one angle (rot, tilt or psi; then a shift along x or y) that one uniform draw picks, until
@@ -42,7 +34,7 @@ def test_accuracies_match_the_definition_particle_by_particle():
     # written out as |P|^2 (2 - 2 cos(2 pi k.s / N)); average the first errors over the particles (shift in A)
     rng = np.random.default_rng(4)
     N, n, apix = 32, 24, 2.0
-    ref = make_reference(_blob_map(N, rng), r_max=n // 2)
+    ref = make_reference(phantom_map(N, apix), r_max=n // 2)
     angles = np.column_stack([rng.uniform(-180, 180, 5), rng.uniform(0, 180, 5), rng.uniform(-180, 180, 5)])
     ctf = CtfParams(rng.uniform(8000, 20000, 5), rng.uniform(8000, 20000, 5), rng.uniform(0, 180, 5))
     sigma2 = np.linspace(2.0, 0.2, N // 2 + 1) * 1e-3 * np.abs(project(ref, euler_to_matrix(0, 0, 0)[None], n)).max()
