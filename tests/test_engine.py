@@ -319,6 +319,58 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, xp):
     assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), want_o, atol=1e-9)
 
 
+def _relion_cc(F, C, P, phase, n):
+    """RELION's cross-correlation written literally on whole ``[n][n/2+1]`` windows (``getAllSquaredDifferences``,
+    ``--firstiter_cc``): ``-Re sum (X s_t) conj(C P)`` over every stored entry with ``kx^2 + ky^2 <= (n/2)^2`` (DC and
+    the ``kx = 0, ky < 0`` twins included), divided by the root of ``sum |C P|^2`` there and by the root of the image
+    power over every stored entry.  ``F (n, n/2+1)`` one image, ``C`` its CTF, ``P (O, n, n/2+1)``, ``phase (T, ...)``
+    -> ``(O, T)``."""
+    ky, kx = cv.freq_indices_2d(n)
+    circle = (kx * kx + ky * ky) <= (n // 2) ** 2
+    R = C[None] * P * circle
+    cross = np.einsum("oyx,tyx->ot", np.conj(R), F[None] * phase).real
+    return -cross / (np.sqrt((np.abs(R) ** 2).sum(axis=(1, 2)))[:, None] * np.sqrt((np.abs(F) ** 2).sum()))
+
+
+def test_cross_correlation_iteration_follows_relions_sums(xp):
+    # oracle: _relion_cc, RELION's CC sums written out on the whole half-complex windows (float64 NumPy): each
+    # particle's best coarse sample at the coarse size, then the best of its 32 children at the current size, and
+    # that child's CC as the particle's log-likelihood contribution
+    from gerelion_dask.expectation.estep import coarse_pass, orientation_priors
+    from gerelion_dask.expectation.fine import fine_pass, project_gathered
+    from gerelion_dask.expectation.preprocess import PreprocessedPool, preprocess_pool
+
+    img, parts, A, off, s2, maps = _dataset(5, 3.0, seed=21)
+    model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, do_cc=True, grid=replace(st.grid, perturb=0.3))
+    mx = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
+    pre = preprocess_pool(xp.asarray(img), parts, st.preprocess, model.sigma2_noise)
+    sig = coarse_pass(xp, pre, parts, mx, st, orientation_priors(parts, model, st))
+    _, res = fine_pass(xp, pre, parts, mx, st, sig)
+    pre = PreprocessedPool(*(to_np(getattr(pre, f.name)) for f in fields(pre)))
+    grid, nc, n = st.grid, st.coarse_size, st.preprocess.current_size
+    full_c, full_n = np.ones((nc, nc // 2 + 1), bool), np.ones((n, n // 2 + 1), bool)
+    Pc = project_gathered(model.refs[0], grid.coarse_matrices(), nc, full_c, np).reshape(-1, nc, nc // 2 + 1)
+    phase_c = cv.shift_phase_2d(nc, N, grid.translations)
+    assert list(sig.n_sig) == [1] * len(parts.index)
+    for j in range(len(parts.index)):
+        C = pre.ctf[j] * model.scales[parts.group[j]]
+        cc = _relion_cc(cv.window_rfft2(pre.fimg[j], nc), cv.window_rfft2(C, nc), Pc, phase_c, nc)
+        o, t = np.unravel_index(np.argmin(cc), cc.shape)
+        assert (sig.o[j], sig.t[j]) == (o, t), j
+        gids = grid.fine_ids(np.array([o]))[0]
+        Pf = project_gathered(model.refs[0], grid.fine_matrices_from_ids(gids), n, full_n, np).reshape(8, n, -1)
+        tf = grid.fine_translations(np.array([t]))[0]
+        ccf = _relion_cc(cv.window_rfft2(pre.fimg[j], n), cv.window_rfft2(C, n), Pf, cv.shift_phase_2d(n, N, tf), n)
+        f, u = np.unravel_index(np.argmin(ccf), ccf.shape)
+        assert np.isclose(res.loglik[j], -ccf[f, u], rtol=1e-10)
+        want = cv.matrix_to_euler(grid.fine_matrices_from_ids(gids[f:f + 1]))
+        got = cv.matrix_to_euler(cv.euler_to_matrix(res.rot[j:j + 1], res.tilt[j:j + 1], res.psi[j:j + 1]))
+        assert np.allclose(np.ravel(got), np.ravel(want), atol=1e-9)
+        o_want = (pre.int_offset_px[j] + tf[u]) * st.preprocess.pixel_size
+        assert np.allclose([res.origin_x_angst[j], res.origin_y_angst[j]], o_want, atol=1e-9)
+
+
 _OOM_CHILD = r"""
 import logging, resource, sys, pickle
 import numpy as np

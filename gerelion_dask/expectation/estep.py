@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
-from ..ops.fourier import likelihood_pixels, shells_2d
+from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
 from ..ops.likelihood import coarse_select, orientation_log_prior
 from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
@@ -186,17 +186,17 @@ def _power_term(xp, W, Cr, proj: CoarseProjections):
     return ((W * Cr * Cr).astype(proj.power.dtype) @ proj.power.T).astype(np.float64, copy=False)
 
 
-def _cc_block(xp, X, C, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, off, out=None):
-    """Cross-correlation "diff2" ``(B, T, O)`` = ``-Re sum (c X s_t) conj(P_o) / (|c P_o| |X|)`` (float64, ``+inf``
-    where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles ``X (B, M)`` against one class's projections
-    (``--firstiter_cc``): the cross term is the likelihood path's GEMM (:func:`_cross_term`), in the precision of
-    ``proj``.  ``out``: a float64 array of the result's shape to write into."""
+def _cc_block(xp, X, C, w, normx, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, off, out=None):
+    """Cross-correlation "diff2" ``(B, T, O)`` = ``-Re sum w (c X s_t) conj(P_o) / (sqrt(sum w |c P_o|^2) |X|)``
+    (float64, ``+inf`` where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles ``X (B, M)`` against one class's
+    projections (``--firstiter_cc``), with the pixels' weights ``w (1, M)`` and the images' norms ``normx (B,)`` of
+    :func:`~gerelion_dask.ops.fourier.cc_pixel_weights` / ``cc_image_norm``: the cross term is the likelihood path's
+    GEMM (:func:`_cross_term`), in the precision of ``proj``.  ``out``: a float64 array of the result's shape."""
     f64 = np.float64
     Cr = C if ctf_on_ref else xp.ones_like(C)
-    g = _cross_term(xp, Cr * X, phase, proj)
-    normp = xp.sqrt((Cr * Cr).astype(proj.power.dtype) @ proj.power.T).astype(f64, copy=False)  # (B, O)
-    normx = xp.sqrt((xp.abs(X) ** 2).sum(axis=1))  # (B,)
-    den = normp[:, None, :] * normx[:, None, None]
+    g = _cross_term(xp, w * Cr * X, phase, proj)
+    normp = xp.sqrt(_power_term(xp, w, Cr, proj))  # (B, O)
+    den = normp[:, None, :] * xp.asarray(normx, dtype=f64)[:, None, None]
     allowed = xp.isfinite(lpo)[:, None, :] & xp.isfinite(off)[:, :, None]
     d = xp.where(allowed, -g.astype(f64) / xp.where(den > 0, den, 1.0), xp.inf)
     if out is None:
@@ -299,18 +299,22 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     dtype = np.dtype(settings.coarse_dtype if settings.coarse_dtype != "auto" else limits["coarse_dtype"])
     scale = np.asarray(model.scales)[particles.group]
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
-    def pixels():  # the coarse window's likelihood pixels, their shells and the translations' phases (T, Mc)
-        m = likelihood_pixels(nc)
+    def pixels():  # the coarse window's likelihood pixels (with the DC term for CC), their shells and the
+        # translations' phases (T, Mc)
+        m = likelihood_pixels(nc, include_dc=settings.do_cc)
         mx = xp.asarray(m)
         return mx, xp.asarray(shells_2d(nc)[m]), gather(shift_phase_2d(nc, N, xp.asarray(grid.translations)), mx)
 
-    key = ("coarse-pixels", nc, N, grid.translations.tobytes())
+    key = ("coarse-pixels", nc, N, settings.do_cc, grid.translations.tobytes())
     mc, shc, phase_c = cache.whole(key, pixels) if cache is not None else pixels()
     Xc = gather(window_rfft2(pre.fimg, nc), mc)
     Cc = gather(window_rfft2(pre.ctf, nc), mc) * xp.asarray(scale)[:, None]
     Wc = 1.0 / (2.0 * xp.asarray(sig2)[xp.asarray(particles.optics_group)][:, shc])  # on the device
     T = len(grid.translations)
     hr = to_host(pre.highres_xi2) / 2.0 if not settings.do_cc else np.zeros(B)
+    if settings.do_cc:  # RELION's CC sums: the projector's circle with the kx = 0 twins, the whole window's power
+        Wcc = gather(cc_pixel_weights(nc, xp), mc)[None, :]
+        Xnorm = cc_image_norm(pre.fimg, nc)
     fin_d = np.isfinite(pri.dir_lp)  # (B, K, n_dir)
     fin_p = np.isfinite(pri.psi_lp)
     classes = [c for c in range(K) if model.refs[c] is not None and fin_d[:, c].any()]
@@ -332,7 +336,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         full = {}
         for c in classes:
             make = (lambda c=c: projections(c, grid.coarse_matrices()))
-            full[c] = cache.whole(("coarse", c, nc, dtype.str), make) if cache is not None else make()
+            full[c] = cache.whole(("coarse", c, nc, dtype.str, settings.do_cc), make) if cache is not None else make()
     rows_b, rows_c, rows_o, rows_t, rows_lp = [], [], [], [], []
     n_sig = np.zeros(B, np.int64)
     best = np.zeros(B, np.int64)
@@ -361,8 +365,8 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             D = xp.empty((b, Kc, T, nU), np.float64)
             for k, c in enumerate(cls_of):
                 proj = full[c] if full is not None else projections(c, A)
-                _cc_block(xp, X_, C_, phase_c, proj, settings.ctf_on_reference, LPOx[:, k], xp.asarray(off),
-                          out=D[:, k])
+                _cc_block(xp, X_, C_, Wcc, Xnorm[Jx], phase_c, proj, settings.ctf_on_reference, LPOx[:, k],
+                          xp.asarray(off), out=D[:, k])
             ib = xp.argmin(D.reshape(b, -1), axis=1)
             jj, ll = np.arange(b), to_host(ib)
             del D

@@ -27,7 +27,7 @@ import numpy as np
 from ..backend import deep_nbytes, get_xp, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
-from ..ops.fourier import likelihood_pixels, shells_2d
+from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
 from ..ops.likelihood import add_rows, children_diff2, pair_sums
 from ..ops.projector import project
 from .grid import OrientationGrid
@@ -348,6 +348,8 @@ class _PoolPixels:
     Wbp: object  # 1 / sigma^2
     X2: object  # |X|^2
     a: object  # sum Wd |X|^2 + the high-resolution part: the image term of diff2
+    wcc: object = None  # --firstiter_cc: the pixels' weights in RELION's CC sums, (1, M)
+    xnorm: object = None  # --firstiter_cc: the images' norms over the whole window, (B,)
 
 
 def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> list[np.ndarray]:
@@ -376,8 +378,8 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
     translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per class)."""
     Gx = xp.asarray(G)
     X, Cr = px.X[Gx], px.Cr[Gx]
-    if do_cc:
-        Z, V, a = Cr * X * lik, Cr * Cr * lik, xp.sqrt((px.X2[Gx] * lik).sum(axis=1))
+    if do_cc:  # RELION's CC sums (cc_pixel_weights) and the whole window's image power (cc_image_norm)
+        Z, V, a = Cr * X * px.wcc, Cr * Cr * px.wcc, px.xnorm[Gx]
     else:
         Wd = px.Wd[Gx]
         Z, V, a = Wd * Cr * X, Wd * Cr * Cr, px.a[Gx]
@@ -472,7 +474,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     hr_xi2 = to_host(pre.highres_xi2)
     px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
                      xp.ones_like(C_all), Wd_all, 1.0 / s2_all, X2_all,
-                     (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0)
+                     (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0,
+                     gather(cc_pixel_weights(n, xp), mb_x)[None, :] if settings.do_cc else None,
+                     cc_image_norm(pre.fimg, n) if settings.do_cc else None)
     del s2_all
     highres = to_host(pre.power_highres)
     shell_1hot = (xp.asarray(shb)[:, None] == xp.arange(nsh)[None, :]).astype(np.float64)  # (M, nsh)

@@ -112,6 +112,33 @@ def likelihood_pixels(n: int, xp=np, include_dc: bool = False):
     return (sh >= lo) & (sh <= n // 2) & ~((kx == 0) & (ky < 0))
 
 
+def cc_pixel_weights(n: int, xp=np):
+    """Weight of every pixel of the ``[n][n/2+1]`` window in the cross-correlation sums of ``--firstiter_cc``.
+
+    RELION (``getAllSquaredDifferences``, ALGORITHM.md §4.7) sums the cross term and the reference's power over every
+    stored entry of the half-complex window that its projector fills, ``kx^2 + ky^2 <= (n/2)^2``, the DC term
+    included, and the ``kx = 0`` column with both signs of ``ky``.  On the non-redundant pixels of
+    :func:`likelihood_pixels` (``include_dc=True``) that is weight 2 for ``kx = 0, 0 < ky < n/2`` (the stored
+    ``-ky`` twin adds the same), 1 for the other pixels of that circle and 0 outside it.
+    """
+    from ..conventions import freq_indices_2d
+
+    ky, kx = freq_indices_2d(n, xp)
+    inside = (kx * kx + ky * ky) <= (n // 2) ** 2
+    twin = (kx == 0) & (ky > 0) & (ky < n // 2)
+    return xp.where(inside & ~((kx == 0) & (ky < 0)), xp.where(twin, 2.0, 1.0), 0.0)
+
+
+def cc_image_norm(F, n: int):
+    """``sqrt`` of the image power over every stored entry of its ``[n][n/2+1]`` window (RELION's ``sqrtXi2`` of
+    ``--firstiter_cc``: the whole half-complex array, corners, DC and the ``kx = 0, ky < 0`` twins included) for
+    images ``F (..., N, N/2+1)``; ``(...,)`` float64."""
+    from ..conventions import window_rfft2
+
+    W = window_rfft2(F, n)
+    return ((W.real.astype(np.float64) ** 2 + W.imag.astype(np.float64) ** 2).sum(axis=(-2, -1))) ** 0.5
+
+
 def npix_per_shell(n: int) -> np.ndarray:
     """Number of non-redundant half-plane pixels of an ``n x n`` transform per shell 0..n/2 (RELION ``Npix``)."""
     sh = shells_2d(n)
