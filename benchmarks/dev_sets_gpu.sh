@@ -6,8 +6,9 @@
 #   device call, carry [".whl", ".devdata_sets"]:
 #     <wheel prefix of ../shared/device/README.md> bash benchmarks/dev_sets_gpu.sh [refine|class|both] [extra flags]
 #
-# Each run's log, STAR files and final maps come back in $OUT/<set>.tgz; extra flags (e.g. --coarse_precision
-# float64) go to both runs. The flags are compare_relion.py's REFINE_FLAGS / CLASS_FLAGS (the seed paper's).
+# Each run's log, STAR files and final maps come back in $OUT/<set>$RUN_TAG.tgz; extra flags (e.g. --coarse_precision
+# float64, --random_seed 2) go to both runs. RUN_TAG=_s2 names a second run of a set (several may run at once on one
+# GPU: the sets are small); SKIP_TESTS=1 leaves out the GPU tests. The flags are compare_relion.py's REFINE_FLAGS / CLASS_FLAGS (the seed paper's).
 # Times (H100, a795b80's tree): dev_refine 139 s, dev_class 25 iterations 143 s; the GPU tests ~40 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,11 +29,11 @@ flags() { python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import compa
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 git log --oneline -1 2>/dev/null || true
 run() {  # run <set> <command> <FLAGS name>
-    local s=$1 cmd=$2 fl; fl=$(flags "$3")
+    local set=$1 cmd=$2 fl s; fl=$(flags "$3"); s=$1${RUN_TAG:-}
     mkdir -p "$W/$s"
     local t0=$SECONDS
     # shellcheck disable=SC2086
-    python3 -m gerelion_dask.cli "$cmd" --i "$D/$s/particles.star" --o "$W/$s/run" --ref "$D/$s/ini_lp60.mrc" \
+    python3 -m gerelion_dask.cli "$cmd" --i "$D/$set/particles.star" --o "$W/$s/run" --ref "$D/$set/ini_lp60.mrc" \
         $fl --device gpu --in-process --pool 250 --overwrite "${@:4}" > "$W/$s/log" 2>&1 || echo "$s: rc=$?"
     echo "$s: $((SECONDS - t0)) s" | tee -a "$W/$s/log"
     grep -E "iteration|done" "$W/$s/log" | tail -3
@@ -41,7 +42,8 @@ run() {  # run <set> <command> <FLAGS name>
         tar czf "$OUT/$s.tgz" log run_*.star run_progress.jsonl ${last%_class001.mrc}_class*.mrc \
             $(ls run_class*.mrc run_half*_unfil.mrc 2>/dev/null) || echo "$s: nothing to pack")
 }
-python3 -m pytest -q -m gpu tests/test_engine.py tests/test_ops.py tests/test_plan.py -p no:cacheprovider 2>&1 | tail -1
+[ -n "${SKIP_TESTS:-}" ] ||
+    python3 -m pytest -q -m gpu tests/test_engine.py tests/test_ops.py tests/test_plan.py -p no:cacheprovider 2>&1 | tail -1
 if [ "$what" = refine ] || [ "$what" = both ]; then run dev_refine refine REFINE_FLAGS "$@"; fi
 if [ "$what" = class ] || [ "$what" = both ]; then run dev_class classify CLASS_FLAGS "$@"; fi
 ls -la "$OUT"

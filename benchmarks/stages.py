@@ -86,6 +86,8 @@ def main():
     ap.add_argument("--noise", type=float, default=3.0)
     ap.add_argument("--slices", type=int, default=20000)
     ap.add_argument("--cpu", action="store_true", help="NumPy even when a GPU is present")
+    ap.add_argument("--coarse_precision", choices=("auto", "float32", "float64"), default="auto",
+                    help="the coarse GEMMs' precision (auto: the backend's default, fine.fine_limits)")
     a = ap.parse_args()
     xp = np
     if gpu_count() and not a.cpu:
@@ -95,7 +97,8 @@ def main():
     cur = a.current or a.box
     images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, cur)
     ref, grid = model.refs[0], st.grid
-    dtype = np.dtype(fine_limits(xp)["coarse_dtype"])
+    dtype = np.dtype(fine_limits(xp)["coarse_dtype"] if a.coarse_precision == "auto" else a.coarse_precision)
+    st = replace(st, coarse_dtype=dtype.name)
     rows = []
     pre, t = timed(xp, preprocess_pool, images, parts, st.preprocess, model.sigma2_noise)
     rows.append(("preprocess", t, a.n / t, "particles/s", float("nan")))
@@ -133,7 +136,7 @@ def main():
     _, t = timed(xp, expectation_pool, images, parts, model, st, cache)
     rows.append(("whole E-step of the pool, projections cached", t, a.n / t, "particles/s", float("nan")))
     dev = "numpy (CPU)" if xp is np else f"cupy ({xp.cuda.runtime.getDeviceProperties(0)['name'].decode()})"
-    print(f"{dev}; box {a.box}, {a.n} particles, HEALPix order {a.order}, noise {a.noise}; "
+    print(f"{dev}; box {a.box}, {a.n} particles, HEALPix order {a.order}, noise {a.noise}, coarse {dtype.name}; "
           f"device pool {peak_bytes(xp) / 2**30:.2f} GiB")
     print("| stage | seconds | rate | unit | useful TFLOP/s |")
     print("|---|---|---|---|---|")

@@ -75,8 +75,8 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--adaptive_fraction", type=float, default=0.999)
     a("--maxsig", type=int, default=-1)
     a("--coarse_precision", choices=COARSE_PRECISIONS, default="auto",
-      help="the coarse pass's products, which only pick the significant samples (auto: float32 on a GPU, float64 "
-           "on a CPU; float64 on a GPU follows the CPU run, float32 on a CPU the GPU run)")
+      help="the coarse pass's products, which pick the significant samples (auto: float64 on a CPU and on GPUs "
+           "with fast double precision such as the H100 or A100, float32 on other GPUs; float64 follows the CPU run)")
     a("--offset", type=float, default=10.0, help="sigma of the offset prior (Å)")
     a("--perturb", type=float, default=0.5)
     a("--incr_size", type=int, default=10)

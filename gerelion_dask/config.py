@@ -13,7 +13,7 @@ from .errors import InputError
 
 __all__ = ["COARSE_PRECISIONS", "JobConfig"]
 
-# --coarse_precision: the coarse pass's products (auto: float32 on a GPU, float64 on a CPU)
+# --coarse_precision: the coarse pass's products (auto: float64 on a CPU and on GPUs with fast double precision)
 COARSE_PRECISIONS = ("auto", "float32", "float64")
 
 
@@ -50,7 +50,7 @@ class JobConfig:
     pad: float = 2.0
     adaptive_fraction: float = 0.999
     maxsig: int = -1
-    coarse_precision: str = "auto"  # the coarse pass's GEMMs: one of COARSE_PRECISIONS (auto: float32 on GPUs)
+    coarse_precision: str = "auto"  # the coarse pass's GEMMs: one of COARSE_PRECISIONS (auto: fine.fine_limits)
     offset: float = 10.0  # sigma of the offset prior, Å
     perturb: float = 0.5
     incr_size: int = 10

@@ -56,7 +56,7 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
 iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
-(float32 on a GPU; ``24 K O Mc`` in float64 on a CPU) and every fine orientation projected so far, ``16 M`` each:
+(in float32; ``24 K O Mc`` in float64, a CPU's and a fast-FP64 GPU's) and every fine orientation projected so far, ``16 M`` each:
 the union over the ``P`` pools of that half set on the process, ``U``, modelled as ``R P^(1/4)`` (an empirical fit: the
 pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
 session, and 1.76 R over 10 at 128 px, fourth session), at most ``8 K O`` in a global search; each cache is capped at
@@ -154,7 +154,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     ``gpu_memory_bytes``: the GPU's total memory, whose budgets the E-step takes (``fine.gpu_limits``; default: those
     of an 80 GB H100).  ``maxsig`` (``--maxsig``, > 0): at most that many significant samples per particle, which
     bounds the fine pass's per-group weights.  ``coarse_precision`` float64 on a GPU doubles the coarse pass's
-    cross terms and shifted images (8 bytes a value instead of 4)."""
+    cross terms and shifted images (8 bytes a value instead of 4); ``auto`` is counted as float64 there (what GPUs
+    with fast double precision choose, ``fine.fine_limits``; an upper bound for the others)."""
     from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
@@ -192,11 +193,11 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     E_c = limits["coarse_factor"] * E  # a global coarse search's chunk budget
     b_c = max(1, E_c // max(1, O * T * K))
     e_c = min(E_c, max(B * O * T * K, O * T * K))
-    if backend == "gpu":  # float32 cross terms beside the GEMM's shifted images (complex64 and interleaved), then
+    if backend == "gpu":  # cross terms beside the GEMM's shifted images (complex and interleaved), then
         # beside the selection's candidates in per-particle segments and flat rows redone densely (two phases)
         cap = candidate_segment(O * T * K)
         redo = 48 * min(e_c, REDO_SAMPLES)  # flat particles' dense rows, a bounded batch at a time
-        g = 8 if coarse_precision == "float64" else 4  # bytes of a cross term (--coarse_precision)
+        g = 4 if coarse_precision == "float32" else 8  # bytes of a cross term (--coarse_precision)
         chunk_c = g * e_c + max(4 * g * min(b_c, B) * T * Mc,
                                 redo + 17 * cap * min(b_c, B) + 8 * K * min(b_c, B) * O)
     else:  # float64 cross terms, diff2, weights and the significance sort of the whole block; the shifted images
@@ -225,7 +226,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # pools of one half set on one process: all of them in process or on one worker, else their share
     per_process = max(math.ceil(c / pool) for c in counts) * (1 if workers <= halves else halves / workers)
     union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
-    cache_want = (12 if backend == "gpu" else 24) * K * O * Mc + 16 * M * union
+    cache_want = (12 if backend == "gpu" and coarse_precision == "float32" else 24) * K * O * Mc + 16 * M * union
     cache_one = min(limits["cache_bytes"], cache_want)
     # growing the cache's array by a pool's missing rows holds a second copy of it for a moment; a pool reads that
     # array (its projections are the cache's) unless the cache is full, when it keeps its own rows beside it
@@ -348,7 +349,8 @@ def plan_main(argv) -> int:
                    help="GPU memory in GiB (with --device gpu; 0: an 80 GB H100's budgets, which larger GPUs use too)")
     p.add_argument("--maxsig", type=int, default=-1, help="most significant samples per particle (-1: no limit)")
     p.add_argument("--coarse_precision", choices=COARSE_PRECISIONS, default="auto",
-                   help="the coarse pass's products (auto: float32 on a GPU, float64 on a CPU)")
+                   help="the coarse pass's products (auto: float64 on a CPU and on GPUs with fast double "
+                        "precision, counted as float64 here)")
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")
     ns = p.parse_args(argv)

@@ -106,7 +106,7 @@ def test_classification_two_classes_end_to_end(small_set, tmp_path):
 def test_coarse_precision_flag_sets_the_coarse_products(small_set, tmp_path, monkeypatch):
     # oracle: the backend defaults it overrides -- the E-step's coarse pass receives the flag's precision; on a CPU,
     # --coarse_precision float64 is the default (auto) run to the bit, and float32 is the run whose CPU default
-    # were float32 (the GPU's)
+    # were float32 (that of GPUs with slow double precision)
     from gerelion_dask.config import JobConfig
     from gerelion_dask.errors import InputError
     from gerelion_dask.expectation import estep, fine

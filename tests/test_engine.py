@@ -777,21 +777,28 @@ def test_pair_sums_match_a_loop_over_pairs_and_children(xp, monkeypatch):
 def test_fine_limits_follow_the_devices_memory(xp):
     # oracle: the device's own total memory (CUDA's memGetInfo), CuPy's pool limit and gpu_limits -- NumPy uses the
     # CPU budgets; a GPU uses FINE_LIMITS["gpu"] itself from ~78 GiB up (an H100 or H200), else the budgets scaled
-    # to the memory it offers this process
+    # to the memory it offers this process; its coarse products are float64 where the device property
+    # singleToDoublePrecisionPerfRatio is at most 2 (H100: 2), else float32
     from gerelion_dask.expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, fine_limits, gpu_limits
 
     if xp is np:
         assert fine_limits(np) is FINE_LIMITS["cpu"]
         return
+
+    def budgets(d):
+        return {k: v for k, v in d.items() if k != "coarse_dtype"}
+
     total = xp.cuda.runtime.memGetInfo()[1]
     got = fine_limits(xp)
-    assert got == gpu_limits(FINE_LIMITS["gpu"], total)
-    assert (got is FINE_LIMITS["gpu"]) == (total >= GPU_SIZED_FOR)
+    ratio = xp.cuda.runtime.getDeviceProperties(xp.cuda.runtime.getDevice())["singleToDoublePrecisionPerfRatio"]
+    assert got["coarse_dtype"] == ("float64" if ratio <= 2 else "float32")
+    assert budgets(got) == budgets(gpu_limits(FINE_LIMITS["gpu"], total))
+    assert (budgets(got) == budgets(FINE_LIMITS["gpu"])) == (total >= GPU_SIZED_FOR)
     pool = xp.get_default_memory_pool()
     before = pool.get_limit()
     try:  # a process limited to 24 GiB (CUPY_GPU_MEMORY_LIMIT on a shared GPU) takes a 24 GiB card's budgets
         pool.set_limit(size=24 * 2**30)
-        assert fine_limits(xp) == gpu_limits(FINE_LIMITS["gpu"], min(total, 24 * 2**30))
+        assert budgets(fine_limits(xp)) == budgets(gpu_limits(FINE_LIMITS["gpu"], min(total, 24 * 2**30)))
         assert fine_limits(xp)["max_elems"] == 1 << 24
     finally:
         pool.set_limit(size=before)

@@ -19,6 +19,7 @@ sums of all particles of the pool are merged per fine orientation before one 3D 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,9 +43,11 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128, H100, benchmarks/RESULTS.md; 2^26 values against
 # 2^25: 4,690 against 4,060 at ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless
 # the members overlap.
-# The coarse pass runs its GEMMs in float32 on GPUs (tensor-core rates; it only selects significant samples) and
-# in float64 on CPUs (the reference path).
-# ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (float32 on a GPU:
+# The coarse pass runs its GEMMs in float64 on CPUs (the reference path) and on GPUs whose double precision runs at
+# half their single-precision rate or better (H100: 5.67e9 against 5.31e9 coarse evaluations/s at 64 px, dev_refine
+# 55 against 59 s, and the CPU run's poses exactly; RESULTS.md, fourteenth session), in float32 on other GPUs
+# (workstation cards: 1/32 to 1/64), where its selection of significant samples drifts from the CPU run's.
+# ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (on a GPU:
 # one chunk for a pool of 1,000 at HEALPix order 2, where two chunks paid the selection's fixed steps twice).
 # ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``slice_bytes``: the working
 # memory of one chunk of full 2D slices, in the projection of fine orientations (``project_row_bytes`` per slice) and
@@ -84,12 +87,27 @@ def device_memory_bytes(xp) -> int:
     return min(total, limit) if limit > 0 else total
 
 
+# a GPU whose float64 rate is at least this fraction of its float32 rate runs the coarse GEMMs in float64
+FAST_FP64_RATIO = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _fp64_ratio(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes.get("SingleToDoublePrecisionPerfRatio", 64))
+
+
 def fine_limits(xp) -> dict:
     """The ``FINE_LIMITS`` entry of the backend ``xp`` computes on: ``"cpu"`` for NumPy, else ``"gpu"`` for the
-    current device's memory (:func:`gpu_limits` of :func:`device_memory_bytes`)."""
+    current device's memory (:func:`gpu_limits` of :func:`device_memory_bytes`), with ``coarse_dtype`` float64 where
+    the device's double precision is fast (``FAST_FP64_RATIO``)."""
     if xp is np:
         return FINE_LIMITS["cpu"]
-    return gpu_limits(FINE_LIMITS["gpu"], device_memory_bytes(xp))
+    limits = gpu_limits(FINE_LIMITS["gpu"], device_memory_bytes(xp))
+    if _fp64_ratio(int(xp.cuda.runtime.getDevice())) <= FAST_FP64_RATIO:
+        limits = dict(limits, coarse_dtype="float64")
+    return limits
 
 
 def project_row_bytes(n: int, gpu: bool = False) -> int:
