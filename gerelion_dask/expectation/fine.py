@@ -364,7 +364,6 @@ class _PoolPixels:
     Cr: object  # CTF on the reference (ones without --ctf on the likelihood side)
     Wd: object  # 1 / (2 sigma^2) at the likelihood shells, else 0
     Wbp: object  # 1 / sigma^2
-    X2: object  # |X|^2
     a: object  # sum Wd |X|^2 + the high-resolution part: the image term of diff2
     wcc: object = None  # --firstiter_cc: the pixels' weights in RELION's CC sums, (1, M)
     xnorm: object = None  # --firstiter_cc: the images' norms over the whole window, (B,)
@@ -390,7 +389,7 @@ def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> li
 
 
 def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, G: np.ndarray, r: np.ndarray,
-                    jl: np.ndarray, grid, ut_pool, ph_pool, do_cc: bool, lik, max_elems: int):
+                    jl: np.ndarray, grid, ut_pool, ph_pool, do_cc: bool, max_elems: int):
     """diff2 (or -CC) of the 32 children of the significant samples ``r`` of the group of particles ``G`` (``jl``:
     each sample's particle within ``G``): ``(len(r), 32)``, child ``4 f + t`` for fine orientation ``f`` and fine
     translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per class)."""
@@ -491,7 +490,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     X2_all = xp.abs(X_all) ** 2
     hr_xi2 = to_host(pre.highres_xi2)
     px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
-                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all, X2_all,
+                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all,
                      (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0,
                      gather(cc_pixel_weights(n, xp), mb_x)[None, :] if settings.do_cc else None,
                      cc_image_norm(pre.fimg, n) if settings.do_cc else None)
@@ -536,7 +535,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         cnt = np.bincount(jl, minlength=b)
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
         q = np.arange(len(r)) - first[jl]
-        d = _children_diff2(xp, px, fp, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, lik, max_elems)
+        d = _children_diff2(xp, px, fp, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, max_elems)
         wr, dmin, sumw, bad, ib, out["pmax"][G] = _child_posteriors(xp, d, sig.lp[r], jl, q, first, cnt, settings)
         del d
         n_zero += int(np.sum(bad))
