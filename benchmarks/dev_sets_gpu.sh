@@ -27,6 +27,8 @@ OUT=${OUT:-/tmp/dev_sets_out}
 W=/tmp/dev_sets; mkdir -p "$W" "$OUT"
 flags() { python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import compare_relion as c; print(c.$1)"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# a fresh machine's first matplotlib import scans its fonts (~30 s, once per machine): not part of a run's time
+python3 -c "import matplotlib.font_manager" 2>/dev/null || true
 git log --oneline -1 2>/dev/null || true
 run() {  # run <set> <command> <FLAGS name>
     local set=$1 cmd=$2 fl s; fl=$(flags "$3"); s=$1${RUN_TAG:-}

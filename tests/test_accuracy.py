@@ -67,9 +67,31 @@ def test_accuracies_match_the_definition_particle_by_particle():
     assert got_r == pytest.approx(np.mean(want_r), rel=1e-12)
     assert got_t == pytest.approx(np.mean(want_t), rel=1e-12)
     assert 0.05 <= got_r < 30 and 0.1 * apix <= got_t < 10 * apix  # the test set reaches the threshold
+    # one particle per chunk of projections: the same numbers
+    assert estimate_accuracies(ref, angles, ctf, sigma2, n, N, apix, np.random.default_rng(9), chunk_bytes=1) == \
+        (got_r, got_t)
 
     # more noise, worse accuracy (never better), up to the limits
     r4, t4 = estimate_accuracies(ref, angles, ctf, 16 * sigma2, n, N, apix, np.random.default_rng(9))
     assert r4 > got_r and t4 > got_t
     r_inf, t_inf = estimate_accuracies(ref, angles, ctf, 1e12 * sigma2, n, N, apix, np.random.default_rng(9))
     assert r_inf == pytest.approx(error_steps("angle")[-1]) and t_inf == pytest.approx(error_steps("shift")[-1] * apix)
+
+
+def test_accuracies_from_a_reference_on_the_device_match_numpy(xp):
+    # oracle: the NumPy path -- a reference on CuPy gives the same estimates (same particles and draws; the sums are
+    # compared with ln 100 only, so equal numbers unless a sum sits on the threshold)
+    from gerelion_dask.maximization.accuracy import class_accuracies
+    from gerelion_dask.ops.projector import ReferenceSpec
+
+    rng = np.random.default_rng(2)
+    N, n, apix = 32, 24, 2.0
+    vol = phantom_map(N, apix)
+    angles = np.column_stack([rng.uniform(-180, 180, 150), rng.uniform(0, 180, 150), rng.uniform(-180, 180, 150)])
+    ctf = CtfParams(rng.uniform(8000, 20000, 150), rng.uniform(8000, 20000, 150), rng.uniform(0, 180, 150))
+    sigma2 = np.linspace(2.0, 0.2, N // 2 + 1) * 1e-4
+    specs = [ReferenceSpec(vol, r_max=n // 2), None]
+    want = class_accuracies(specs, angles, ctf, sigma2, n, N, apix, [[1, 2, 0], [1, 2, 1]], np)
+    got = class_accuracies(specs, angles, ctf, sigma2, n, N, apix, [[1, 2, 0], [1, 2, 1]], xp)
+    assert got == want and want[1] == (999.0, 999.0)
+    assert 0.05 < want[0][0] < 30

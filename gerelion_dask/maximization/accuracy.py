@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import get_xp, to_host
 from ..conventions import euler_to_matrix, shift_phase_2d
+from ..expectation.fine import project_row_bytes
 from ..ops.ctf import CtfParams, ctf_rfft
 from ..ops.fourier import shells_2d
 from ..ops.projector import FourierReference, project
 
-__all__ = ["EMPTY_CLASS", "MIN_CLASS_FRACTION", "error_steps", "estimate_accuracies"]
+__all__ = ["EMPTY_CLASS", "MIN_CLASS_FRACTION", "class_accuracies", "error_steps", "estimate_accuracies"]
 
 EMPTY_CLASS = 999.0  # RELION's accuracy of a class with pdf_class < 0.01 (not estimated)
 MIN_CLASS_FRACTION = 0.01
@@ -45,34 +47,62 @@ _SHIFTS = error_steps("shift")
 
 
 def estimate_accuracies(ref: FourierReference, angles, ctf: CtfParams | None, sigma2, current_size: int,
-                        ori_size: int, pixel_size: float, rng: np.random.Generator, n_max: int = 100):
-    """Mean angular (deg) and translational (Å) accuracy over up to ``n_max`` particles."""
+                        ori_size: int, pixel_size: float, rng: np.random.Generator, n_max: int = 100,
+                        chunk_bytes: int = 256 << 20):
+    """Mean angular (deg) and translational (Å) accuracy over up to ``n_max`` particles.
+
+    Computed on the reference's backend (NumPy or CuPy).  The particles' projections (their pose and each angular
+    error) are made in chunks of particles whose slices hold at most ``chunk_bytes`` of the projector's working
+    memory (at least one particle a chunk); chunks change nothing but the number of projection calls."""
+    xp = get_xp(ref.data)
     n = current_size
     shells = shells_2d(n)
     m = (shells >= 1) & (shells <= n // 2)  # RELION sums every window pixel but the DC (kx = 0 twins included)
-    sh = shells[m]
-    w = 1.0 / (2.0 * np.asarray(sigma2)[sh])
+    mx = xp.asarray(m)
+    w = xp.asarray(1.0 / (2.0 * np.asarray(sigma2, dtype=np.float64)[shells[m]]))
     k = min(n_max, len(angles))
     pick = rng.choice(len(angles), size=k, replace=False) if len(angles) > k else np.arange(k)
-    acc_r, acc_t = [], []
-    for i in pick:
-        rot, tilt, psi = angles[i]
-        if ctf is not None:
-            c = ctf_rfft(ctf.take([i]), n, pixel_size, ori_size)[0][m]
-        else:
-            c = np.ones(m.sum())
-        ran = rng.uniform()  # one draw per particle picks the angle (rot, tilt, psi) and the shift axis (x, y)
-        axis = min(int(ran * 3), 2)
-        e = np.zeros((len(_ANGLES), 3))
-        e[:, axis] = _ANGLES
-        A = euler_to_matrix(np.r_[rot, rot + e[:, 0]], np.r_[tilt, tilt + e[:, 1]], np.r_[psi, psi + e[:, 2]])
-        P = project(ref, A, n)[:, m]
-        d = (w * c * c * np.abs(P[1:] - P[0]) ** 2).sum(axis=1)
-        hit = np.nonzero(d > np.log(100.0))[0]
-        acc_r.append(_ANGLES[hit[0]] if hit.size else _ANGLES[-1])
-        direction = np.array([1.0, 0.0]) if ran < 0.5 else np.array([0.0, 1.0])
-        ph = shift_phase_2d(n, ori_size, _SHIFTS[:, None] * direction[None])[:, m]
-        d = (w * c * c * np.abs(P[0]) ** 2 * np.abs(1 - ph) ** 2).sum(axis=1)
-        hit = np.nonzero(d > np.log(100.0))[0]
-        acc_t.append((_SHIFTS[hit[0]] if hit.size else _SHIFTS[-1]) * pixel_size)
+    ran = rng.uniform(size=k)  # one draw per particle picks the angle (rot, tilt, psi) and the shift axis (x, y)
+    axis = np.minimum((ran * 3).astype(np.int64), 2)
+    ang = np.asarray(angles, dtype=np.float64)[pick]  # (k, 3)
+    wc = w[None, :] * (ctf_rfft(ctf.take(pick), n, pixel_size, ori_size, xp=xp)[:, mx] ** 2 if ctf is not None
+                       else xp.ones((k, int(m.sum()))))  # (k, M)
+    # |1 - phase|^2 of the shift errors along x and along y, (2, S, M)
+    shifted = xp.stack([xp.abs(1.0 - shift_phase_2d(n, ori_size, xp.asarray(_SHIFTS[:, None] * d[None]))[:, mx]) ** 2
+                        for d in (np.array([1.0, 0.0]), np.array([0.0, 1.0]))])
+    along_y = xp.asarray((ran >= 0.5).astype(np.int64))
+    E = len(_ANGLES) + 1  # each particle's pose, then its pose with every angular error
+    per = max(1, int(chunk_bytes // (E * project_row_bytes(n, xp is not np))))
+    d_rot, d_shift = [], []
+    for lo in range(0, k, per):
+        J = np.arange(lo, min(k, lo + per))
+        e = np.zeros((len(J), E, 3))
+        e[np.arange(len(J))[:, None], np.arange(1, E)[None, :], axis[J][:, None]] = _ANGLES[None, :]
+        a = ang[J][:, None, :] + e  # (b, E, 3)
+        A = euler_to_matrix(a[..., 0].ravel(), a[..., 1].ravel(), a[..., 2].ravel())
+        P = project(ref, A, n)[:, mx].reshape(len(J), E, -1)
+        Jx = xp.asarray(J)
+        d_rot.append(to_host((wc[Jx][:, None, :] * xp.abs(P[:, 1:] - P[:, :1]) ** 2).sum(axis=2)))
+        d_shift.append(to_host((wc[Jx][:, None, :] * xp.abs(P[:, 0])[:, None, :] ** 2 * shifted[along_y[Jx]])
+                               .sum(axis=2)))
+        del P
+    acc_r = _first_past(np.concatenate(d_rot), _ANGLES)
+    acc_t = _first_past(np.concatenate(d_shift), _SHIFTS) * pixel_size
     return float(np.mean(acc_r)), float(np.mean(acc_t))
+
+
+def _first_past(d: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Per row of ``d (b, S)``: the first of ``steps`` whose value exceeds ln(100), else the last step."""
+    hit = d > np.log(100.0)
+    return np.where(hit.any(axis=1), steps[np.argmax(hit, axis=1)], steps[-1])
+
+
+def class_accuracies(specs, angles, ctf: CtfParams | None, sigma2, current_size: int, ori_size: int,
+                     pixel_size: float, seeds, xp=np) -> list[tuple[float, float]]:
+    """:func:`estimate_accuracies` of every class, ``(rotation deg, translation Å)`` each, on ``xp``: ``specs`` are
+    the classes' :class:`~gerelion_dask.ops.projector.ReferenceSpec` (built on ``xp`` here; ``None``: a class that
+    is not estimated, :data:`EMPTY_CLASS`), ``seeds`` their random generators' seeds."""
+    return [(EMPTY_CLASS, EMPTY_CLASS) if spec is None else
+            estimate_accuracies(spec.build(xp), angles, ctf, sigma2, current_size, ori_size, pixel_size,
+                                np.random.default_rng(seed))
+            for spec, seed in zip(specs, seeds, strict=True)]
