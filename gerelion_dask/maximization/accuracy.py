@@ -48,12 +48,13 @@ _SHIFTS = error_steps("shift")
 
 def estimate_accuracies(ref: FourierReference, angles, ctf: CtfParams | None, sigma2, current_size: int,
                         ori_size: int, pixel_size: float, rng: np.random.Generator, n_max: int = 100,
-                        chunk_bytes: int = 256 << 20):
+                        chunk_bytes: int = 8 << 20):
     """Mean angular (deg) and translational (Å) accuracy over up to ``n_max`` particles.
 
     Computed on the reference's backend (NumPy or CuPy).  The particles' projections (their pose and each angular
     error) are made in chunks of particles whose slices hold at most ``chunk_bytes`` of the projector's working
-    memory (at least one particle a chunk); chunks change nothing but the number of projection calls."""
+    memory (at least one particle a chunk); chunks change nothing but the speed (NumPy, 100 particles at 42 px:
+    0.49 s in chunks of 8 MiB or less, 0.65 s in one chunk or a loop over particles)."""
     xp = get_xp(ref.data)
     n = current_size
     shells = shells_2d(n)
