@@ -39,8 +39,13 @@ def perturbation_instance(sampling_star: Path) -> float:
     raise SystemExit(f"{sampling_star}: no rlnSamplingPerturbInstance")
 
 
-def zero_directions(model_star: Path) -> int:
-    """Directions whose prior is exactly zero in the first class's ``data_model_pdf_orient_class_1`` block."""
+def zero_directions(root: str) -> int:
+    """Directions whose prior is exactly zero in the first class's ``data_model_pdf_orient_class_1`` block of
+    iteration 1's model (half set 1's for an auto-refine)."""
+    model_star = next((p for p in (Path(f"{root}_it001_model.star"), Path(f"{root}_it001_half1_model.star"))
+                       if p.exists()), None)
+    if model_star is None:
+        return -1
     block = read_star(model_star).get("model_pdf_orient_class_1")
     if block is None:
         return -1
@@ -80,10 +85,11 @@ def main(argv=None) -> int:
 
     driver.next_perturbation = lambda r, factor, rng: r_inst  # RELION's grid in place of our random instance
     flags = (compare_relion.CLASS_FLAGS if a.mode == "classify" else compare_relion.REFINE_FLAGS).split()
-    if "--iter" in flags:
-        flags[flags.index("--iter") + 1] = "1"
-    else:
-        flags += ["--iter", "1"]
+    for flag in ("--iter", "--auto_iter_max"):  # one iteration (auto-refine counts --auto_iter_max)
+        if flag in flags:
+            flags[flags.index(flag) + 1] = "1"
+        else:
+            flags += [flag, "1"]
     data = Path(a.data)
     out = Path(a.work) / "run"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +98,8 @@ def main(argv=None) -> int:
     if rc:
         return rc
     row = compare(Path(f"{root}_it001_data.star"), Path(f"{out}_it001_data.star"))
-    row["zero_directions_relion"] = zero_directions(Path(f"{root}_it001_model.star"))
-    row["zero_directions_ours"] = zero_directions(Path(f"{out}_it001_model.star"))
+    row["zero_directions_relion"] = zero_directions(root)
+    row["zero_directions_ours"] = zero_directions(str(out))
     print(f"RELION's perturbation instance {r_inst}")
     print("| metric | value |\n|---|---|")
     for k, v in row.items():
