@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
+from gerelion_dask.config import COARSE_PRECISIONS  # noqa: E402
 from gerelion_dask.expectation.estep import (EStepModel, EStepSettings, coarse_pass,  # noqa: E402
                                              coarse_projections, expectation_pool, orientation_priors)
 from gerelion_dask.expectation.fine import ProjectionCache, fine_limits, fine_pass  # noqa: E402
@@ -86,7 +87,7 @@ def main():
     ap.add_argument("--noise", type=float, default=3.0)
     ap.add_argument("--slices", type=int, default=20000)
     ap.add_argument("--cpu", action="store_true", help="NumPy even when a GPU is present")
-    ap.add_argument("--coarse_precision", choices=("auto", "float32", "float64"), default="auto",
+    ap.add_argument("--coarse_precision", choices=COARSE_PRECISIONS, default="auto",
                     help="the coarse GEMMs' precision (auto: the backend's default, fine.fine_limits)")
     a = ap.parse_args()
     xp = np

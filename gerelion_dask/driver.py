@@ -284,7 +284,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             model = replace(model, acc_rot=np.array([r for r, _ in acc]),
                             acc_trans_angst=np.array([t for _, t in acc]))
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
-            acc_r, acc_t = float(model.acc_rot.min()), float(model.acc_trans_angst.min())
+            acc_r, acc_t = model.overall_accuracy()
             old_order = sched.healpix_order
             sched = update_sampling(sched, acc_r, acc_t, a, cfg.auto_local_healpix_order)
             if sched.healpix_order != old_order:

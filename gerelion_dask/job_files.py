@@ -97,11 +97,12 @@ def make_writer(root: str, plots: bool = True):
         if checkpoint is not None:  # before the optimiser STAR that names it: that file marks a complete iteration
             ck = save_checkpoint(checkpoint_path(root, it), checkpoint)
             extra = {CHECKPOINT_LABEL: ck.name}
+        acc_r, acc_t = model.overall_accuracy()
         write_optimiser_star(names["optimiser"], config=cfg, schedule=sched, iteration=it if it is not None else
                              (rec.iteration if rec else 0), output_root=root, model_star=names["model"][0],
                              model_star2=names["model"][1] if len(names["model"]) > 1 else None,
                              data_star=names["data"], sampling_star=names["sampling"],
-                             acc_rot=float(np.min(model.acc_rot)), acc_trans_angst=float(np.min(model.acc_trans_angst)),
+                             acc_rot=acc_r, acc_trans_angst=acc_t,
                              has_converged=bool(final), particle_diameter=inp.diameter, extra=extra)
         files = {"data": names["data"], "model": names["model"], "maps": names["classes"]}
         if it is None and unfil is not None:

@@ -54,16 +54,16 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   interpolation arrays; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
-Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole
-iteration (``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc``
-(in float32; ``24 K O Mc`` in float64, a CPU's and a fast-FP64 GPU's) and every fine orientation projected so far, ``16 M`` each:
-the union over the ``P`` pools of that half set on the process, ``U``, modelled as ``R P^(1/4)`` (an empirical fit: the
+Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole iteration
+(``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc`` (in float32;
+``24 K O Mc`` in float64, a CPU's and a fast-FP64 GPU's) and every fine orientation projected so far, ``16 M`` each: the
+union over the ``P`` pools of that half set on the process, ``U``, modelled as ``R P^(1/4)`` (an empirical fit: the
 pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
 session, and 1.76 R over 10 at 128 px, fourth session), at most ``8 K O`` in a global search; each cache is capped at
-``FINE_LIMITS[backend]["cache_bytes"]``.  In
-process the driver runs one half set's pools after the other and frees a half set's cache and references with its
-last pool (``driver.InProcessRunner``), so one of each lives at a time; a Dask worker holds two caches when its block
-of pools straddles the half sets (one worker, or an odd number of workers), else one.
+``FINE_LIMITS[backend]["cache_bytes"]``.  In process the driver runs one half set's pools after the other and frees a
+half set's cache and references with its last pool (``driver.InProcessRunner``), so one of each lives at a time; a Dask
+worker holds two caches when its block of pools straddles the half sets (one worker, or an odd number of workers), else
+one.
 
 Task peak = max(preprocessing, held + max(coarse, fine)), the fine pass's insertion phase holding the partials. On
 a GPU worker the task lives on the GPU (with the references ``16 H K L``, made there from the maps the iteration

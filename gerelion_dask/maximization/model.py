@@ -47,5 +47,10 @@ class Model(SizedByArrays):
     def n_halves(self) -> int:
         return len(self.maps)
 
+    def overall_accuracy(self) -> tuple[float, float]:
+        """The run's accuracy (RELION's overall one: the best class's), ``(rotations deg, translations Å)``: what
+        auto-sampling uses and optimiser.star reports."""
+        return float(np.min(self.acc_rot)), float(np.min(self.acc_trans_angst))
+
     def resolution_angst(self) -> float:
         return 1.0 / self.current_resolution if self.current_resolution > 0 else float("inf")
