@@ -32,7 +32,8 @@ __all__ = ["Checkpoint", "checkpoint_path", "save_checkpoint", "load_checkpoint"
            "CHECKPOINT_LABEL"]
 
 FORMAT = "gerelion_dask checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the model's other parameters per half set; version 1 (one shared copy) is read as both halves'
+_PER_HALF_V2 = ("pdf_class", "pdf_direction", "sigma2_noise", "sigma_offset_angst", "avg_norm", "scales", "loglik")
 CHECKPOINT_LABEL = "rlnGerelionCheckpoint"
 _RETRY = "continue from an earlier iteration's _optimiser.star, or start again"
 
@@ -131,10 +132,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             meta = json.loads(str(z["__meta__"][()]))
             if meta.get("format") != FORMAT:
                 raise ValueError("not a gerelion_dask checkpoint")
-            if meta.get("version") != VERSION:
-                raise ValueError(f"checkpoint format version {meta.get('version')}, this gerelion reads {VERSION}")
+            version = meta.get("version")
+            if version not in (1, VERSION):
+                raise ValueError(f"checkpoint format version {version}, this gerelion reads 1 and {VERSION}")
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        ck = _unpack(meta["checkpoint"], arrays, _types())
+        packed = meta["checkpoint"]
+        if version == 1:
+            packed = _model_per_half(packed, arrays)
+        ck = _unpack(packed, arrays, _types())
         if not isinstance(ck, Checkpoint):
             raise ValueError("no checkpoint record inside")
     except InputError:
@@ -143,6 +148,22 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         msg = " ".join(str(err).split()) or type(err).__name__
         raise InputError(path, f"checkpoint is unreadable ({msg})", _RETRY) from None
     return ck
+
+
+def _model_per_half(packed: dict, arrays: dict) -> dict:
+    """A version-1 checkpoint's model (one copy of the other parameters for both halves, as gerelion wrote them
+    then) in version 2's layout: each of those fields repeated for every half set."""
+    fields_ = packed["fields"]["model"]["fields"]
+    n_halves = len(fields_["maps"]["list"])
+    for name in _PER_HALF_V2:
+        v = fields_.get(name)
+        if v is None:
+            continue
+        key = f"v1_{name}"
+        value = v if not isinstance(v, dict) else arrays[v["array"] if "array" in v else v["scalar"]]
+        arrays[key] = np.repeat(np.asarray(value, dtype=np.float64)[None], n_halves, axis=0)
+        fields_[name] = {"array": key}
+    return packed
 
 
 def checkpoint_for_optimiser(optimiser_star: str | os.PathLike) -> tuple[Path, Checkpoint]:

@@ -181,9 +181,10 @@ def _initial_model(inp: JobInputs, cfg: JobConfig, sigma2, n_dir: int, halves: l
     nsh = N // 2 + 1
     H = len(halves)
     res = ini_high_resolution(N, a, cfg.ini_high) if cfg.ini_high > 0 else (nsh - 1) / (N * a)
-    return Model(N, a, [[m.copy() for m in maps] for _ in range(H)], np.full(K, 1.0 / K), np.full((K, n_dir), 1.0 / (K * n_dir)),
-                 sigma2, np.zeros((H, K, nsh)), np.full((H, K, nsh), 999.0), np.zeros((K, nsh)), np.zeros((H, K, nsh)),
-                 cfg.offset, 1.0, np.ones(len(inp.group_names)), res, tau2_fudge=cfg.tau2_fudge)
+    return Model(N, a, [[m.copy() for m in maps] for _ in range(H)], np.full((H, K), 1.0 / K),
+                 np.full((H, K, n_dir), 1.0 / (K * n_dir)), sigma2, np.zeros((H, K, nsh)), np.full((H, K, nsh), 999.0),
+                 np.zeros((K, nsh)), np.zeros((H, K, nsh)), np.full(H, float(cfg.offset)), np.ones(H),
+                 np.ones((H, len(inp.group_names))), res, loglik=np.zeros(H), tau2_fudge=cfg.tau2_fudge)
 
 
 def _hook(progress, name: str, *args) -> None:
@@ -244,7 +245,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     if hasattr(runner, "prepare"):
         runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
     if model is None:  # the initial noise spectra, pool by pool (a Dask runner sums each pool on a worker)
-        sigma2 = initial_sigma2(inp, cfg, [rows for _, rows in _pool_rows(st, cfg.pool)], runner)
+        sigma2 = initial_sigma2(inp, cfg, _pool_rows(st, cfg.pool), runner)  # (H, optics, shells)
         model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
     if writer and resume is None:
         writer(0, cfg, inp, model, st, sched, None, final=False, original=original)
@@ -277,10 +278,10 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             on = st.half == halves[0]
             # on the driver's NumPy: the padded transforms of the references and ~2,600 projections a class (20 of
             # dev_class's 113 s on the H100; class_accuracies takes CuPy too, see docs/NOTES.md)
-            specs = [ref_of(0, c) if model.maps[0][c] is not None and model.pdf_class[c] >= MIN_CLASS_FRACTION
+            specs = [ref_of(0, c) if model.maps[0][c] is not None and model.pdf_class[0][c] >= MIN_CLASS_FRACTION
                      else None for c in range(cfg.K)]
             acc = class_accuracies(specs, st.angles[on], None if inp.ctf is None else inp.ctf.take(on),
-                                   model.sigma2_noise[0], cur, N, a, [[seed, it, c] for c in range(cfg.K)])
+                                   model.sigma2_noise[0][0], cur, N, a, [[seed, it, c] for c in range(cfg.K)])
             model = replace(model, acc_rot=np.array([r for r, _ in acc]),
                             acc_trans_angst=np.array([t for _, t in acc]))
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
@@ -290,24 +291,28 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             if sched.healpix_order != old_order:
                 dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
                 K = cfg.K
-                model = replace(model, pdf_direction=np.full((K, len(dirs.pix)), 1.0 / (K * len(dirs.pix))))
+                model = replace(model, pdf_direction=np.full((len(halves), K, len(dirs.pix)),
+                                                             1.0 / (K * len(dirs.pix))))
         grid = OrientationGrid(sched.healpix_order, dirs.pix, angular_step(sched.healpix_order),
                                sched.offset_range_px, sched.offset_step_px, sched.perturb)
         cs = coarse_size(N, a, sched.healpix_order, inp.diameter, cur)
         # classification seeding: random class per particle in the first non-CC iteration
         seed_iter = seed_classes and ((it == 1 and not cfg.firstiter_cc) or (it == 2 and cfg.firstiter_cc))
         if seed_classes and it == 1 and cfg.firstiter_cc:
-            models_pdf = np.zeros(cfg.K)
-            models_pdf[0] = 1.0
+            models_pdf = np.zeros((len(halves), cfg.K))
+            models_pdf[:, 0] = 1.0
             model = replace(model, pdf_class=models_pdf)
         seeds = np.random.default_rng(seed + 7).integers(0, cfg.K, inp.particles.n) if seed_iter else None
         models, settings = {}, {}
         for hi, h in enumerate(halves):
-            refs = [None if m is None or model.pdf_class[c] <= 0 else ref_of(hi, c)
+            # each half set with its own parameters (gold standard, as RELION 3.1: maximization/model.py)
+            refs = [None if m is None or model.pdf_class[hi][c] <= 0 else ref_of(hi, c)
                     for c, m in enumerate(model.maps[hi])]
-            models[h] = EStepModel(refs, model.pdf_class, model.pdf_direction, model.sigma2_noise,
-                                   model.data_vs_prior[hi], model.sigma_offset_angst, model.scales, model.avg_norm)
-            pp = PreprocessSettings(N, a, cur, inp.diameter, cfg.maskedge, cfg.zero_mask, cfg.norm, model.avg_norm,
+            models[h] = EStepModel(refs, model.pdf_class[hi], model.pdf_direction[hi], model.sigma2_noise[hi],
+                                   model.data_vs_prior[hi], float(model.sigma_offset_angst[hi]), model.scales[hi],
+                                   float(model.avg_norm[hi]))
+            pp = PreprocessSettings(N, a, cur, inp.diameter, cfg.maskedge, cfg.zero_mask, cfg.norm,
+                                    float(model.avg_norm[hi]),
                                     cfg.ctf, cfg.ctf_intact_first_peak, cfg.ctf_phase_flipped, cfg.only_flip_phases,
                                     seed)
             settings[h] = EStepSettings(pp, grid, cs, cfg.adaptive_fraction, cfg.maxsig,
@@ -346,8 +351,9 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             # scale correction in the seed iteration) to every class
             m0 = new_model.maps[0][0]
             first = {k: np.repeat(getattr(new_model, k)[:, :1], cfg.K, axis=1) for k in ("tau2", "data_vs_prior")}
-            new_model = replace(new_model, maps=[[m0.copy() for _ in range(cfg.K)]], pdf_class=np.full(cfg.K, 1.0 / cfg.K),
-                                pdf_direction=np.repeat(new_model.pdf_direction[:1], cfg.K, axis=0), **first)
+            new_model = replace(new_model, maps=[[m0.copy() for _ in range(cfg.K)]],
+                                pdf_class=np.full((len(halves), cfg.K), 1.0 / cfg.K),
+                                pdf_direction=np.repeat(new_model.pdf_direction[:, :1], cfg.K, axis=1), **first)
         old_resolution, model = model.current_resolution, new_model
         t3 = time.time()
         st = _update_state(st, res, a)
@@ -357,7 +363,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         sched = update_counters(sched, model.current_resolution, old_resolution, changes,
                                 model.fsc[0] if cfg.auto_refine else None, cur)
         rec = IterationRecord(it, model.resolution_angst(), cur, sched.healpix_order, *changes,
-                              model.pdf_class.tolist(), model.ave_pmax, model.loglik,
+                              model.class_fractions().tolist(), model.ave_pmax, float(model.loglik[0]),
                               {"prepare": t1 - t0, "estep": t2 - t1, "mstep": t3 - t2, "total": time.time() - t0},
                               model.fsc[0].tolist(), memory_usage(getattr(runner, "client", None)), n_zero)
         records.append(rec)

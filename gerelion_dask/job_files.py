@@ -83,10 +83,12 @@ def make_writer(root: str, plots: bool = True):
             for c, path in enumerate(mnames):
                 vol = model.maps[min(hi, model.n_halves - 1)][c]
                 write_map(path, np.zeros((model.ori_size,) * 3, np.float32) if vol is None else vol, model.pixel_size)
-        counts = np.bincount(inp.group_index, minlength=len(inp.group_names))
         prior_mode = 1 if sched.local_sigma_rot > 0 else 0
         for hi, mpath in enumerate(names["model"]):
             ref_names = names["classes"][min(hi, len(names["classes"]) - 1)]
+            # a half's model.star counts its own particles (RELION's nr_particles_per_group), the joined one all
+            own = st.half == hi + 1 if len(names["model"]) == 2 else np.ones(len(st.half), bool)
+            counts = np.bincount(inp.group_index[own], minlength=len(inp.group_names))
             write_model_star(mpath, model, min(hi, model.n_halves - 1), cfg, n_groups_names=inp.group_names,
                              group_counts=counts, ref_image_names=ref_names, iteration=it or 0,
                              orientational_prior_mode=prior_mode, sigma_prior_rot=sched.local_sigma_rot,

@@ -192,11 +192,9 @@ def model_star_blocks(
     Parameters
     ----------
     model : Model
-        Per-half arrays are indexed ``[half][class]``; shared arrays (noise, pdf_class, pdf_direction, scales) are
-        written as they are.
+        Every array is per half (``[half]...``, see :mod:`gerelion_dask.maximization.model`); ``half`` picks which.
     half : int
-        0 or 1: which half's maps/tau2/SSNR/sigma2 to report (0 for classification and for the joined final
-        ``run_model.star``).
+        0 or 1: which half's model to report (0 for classification and for the joined final ``run_model.star``).
     config : JobConfig
         Supplies the padding factor (``--pad``) and ``--tau2_fudge`` (the model's own value wins if set).
     n_groups_names : list of str
@@ -242,7 +240,7 @@ def model_star_blocks(
     if len(ref_image_names) != K:
         raise ValueError(f"{len(ref_image_names)} reference names for {K} classes")
     counts = np.asarray(group_counts, dtype=np.int64).reshape(-1)
-    scales = np.asarray(model.scales, dtype=np.float64).reshape(-1)
+    scales = np.asarray(model.scales, dtype=np.float64)[half].reshape(-1)
     if not len(n_groups_names) == counts.size == scales.size:
         raise ValueError(f"{len(n_groups_names)} group names, {counts.size} counts and {scales.size} scales")
 
@@ -275,21 +273,21 @@ def model_star_blocks(
         "rlnNrClasses": K,
         "rlnNrBodies": 1,
         "rlnNrGroups": len(n_groups_names),
-        "rlnNrOpticsGroups": int(np.asarray(model.sigma2_noise).shape[0]),
+        "rlnNrOpticsGroups": int(np.asarray(model.sigma2_noise).shape[1]),
         "rlnTau2FudgeFactor": tau2_fudge,
-        "rlnNormCorrectionAverage": float(model.avg_norm),
-        "rlnSigmaOffsetsAngst": float(model.sigma_offset_angst),
+        "rlnNormCorrectionAverage": float(model.avg_norm[half]),
+        "rlnSigmaOffsetsAngst": float(model.sigma_offset_angst[half]),
         "rlnOrientationalPriorMode": int(orientational_prior_mode),
         "rlnSigmaPriorRotAngle": float(sigma_prior_rot),
         "rlnSigmaPriorTiltAngle": float(sigma_tilt),
         "rlnSigmaPriorPsiAngle": float(sigma_prior_psi),
-        "rlnLogLikelihood": float(model.loglik),
+        "rlnLogLikelihood": float(model.loglik[half]),
         "rlnAveragePmax": float(model.ave_pmax),
     })
 
     classes = {
         "rlnReferenceImage": [str(n) for n in ref_image_names],
-        "rlnClassDistribution": _per_class(model.pdf_class, K, "pdf_class"),
+        "rlnClassDistribution": _per_class(model.pdf_class[half], K, "pdf_class"),
         "rlnAccuracyRotations": _per_class(model.acc_rot, K, "acc_rot"),
         "rlnAccuracyTranslationsAngst": _per_class(model.acc_trans_angst, K, "acc_trans_angst"),
         "rlnEstimatedResolution": np.array([estimated_resolution(dvp[c], N, apix) for c in range(K)]),
@@ -322,7 +320,7 @@ def model_star_blocks(
         "rlnGroupScaleCorrection": scales,
     })
 
-    noise = np.asarray(model.sigma2_noise, dtype=np.float64)
+    noise = np.asarray(model.sigma2_noise, dtype=np.float64)[half]
     for g in range(noise.shape[0]):
         spec = noise[g]
         keep = np.flatnonzero(spec > 0)  # RELION 4.0 skips shells never used (sigma2 <= 0)
@@ -333,7 +331,7 @@ def model_star_blocks(
             "rlnSigma2Noise": spec[keep],
         })
 
-    pdf_dir = np.asarray(model.pdf_direction, dtype=np.float64).reshape(K, -1)
+    pdf_dir = np.asarray(model.pdf_direction, dtype=np.float64)[half].reshape(K, -1)
     for c in range(K):
         blocks[f"model_pdf_orient_class_{c + 1}"] = pd.DataFrame({"rlnOrientationDistribution": pdf_dir[c]})
     return blocks

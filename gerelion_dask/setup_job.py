@@ -246,9 +246,11 @@ def pool_power_sums(read_images, pool_rows, optics_index, ps: PowerSettings, xp=
     return [power_sums(xp.asarray(read_images(rows)), optics_index[rows], ps) for rows in pool_rows]
 
 
-def sigma2_from_power_sums(total: PowerSums, ps: PowerSettings) -> np.ndarray:
+def sigma2_from_power_sums(total: PowerSums, ps: PowerSettings, images: PowerSums | None = None) -> np.ndarray:
     """Noise spectra before iteration 1 (§5.4), per optics group ``(G, N/2+1)``: half the mean power of the images
-    minus half the power of their mean image; shells without a positive value take the previous shell's."""
+    of ``total`` minus half the power of the mean image of ``images`` (default ``total``; RELION 3.1 takes each half
+    set's power and the mean image of all particles); shells without a positive value take the previous shell's."""
+    images = total if images is None else images
     N = ps.box
     nsh = N // 2 + 1
     sh = shells_2d(N)
@@ -258,7 +260,7 @@ def sigma2_from_power_sums(total: PowerSums, ps: PowerSettings) -> np.ndarray:
     for g in range(ps.n_optics):
         if total.count[g] == 0:
             continue
-        Fa = np.abs(centred_rfft2(total.image_sum[g] / total.count[g])[m]) ** 2
+        Fa = np.abs(centred_rfft2(images.image_sum[g] / images.count[g])[m]) ** 2
         psa = np.bincount(sh[m], weights=Fa, minlength=nsh)[:nsh] / np.maximum(cnt, 1)
         s = total.power[g] / total.count[g] / 2.0 - psa / 2.0
         for k in range(nsh):
@@ -274,16 +276,22 @@ def power_settings(inp: JobInputs, cfg: JobConfig) -> PowerSettings:
                          cfg.maskedge)
 
 
-def initial_sigma2(inp: JobInputs, cfg: JobConfig, pool_rows: list, runner=None) -> np.ndarray:
-    """Noise spectra before iteration 1 from the image power spectra (§5.4), per optics group: the
-    :class:`PowerSums` of each pool of ``pool_rows`` (by ``runner.power_sums`` where the runner has it: on its
-    workers' devices; else here, on NumPy), added in pool order."""
+def initial_sigma2(inp: JobInputs, cfg: JobConfig, pools: list, runner=None) -> np.ndarray:
+    """Noise spectra before iteration 1 from the image power spectra (§5.4), per half set and optics group
+    ``(H, G, N/2+1)`` (halves in the order of their labels in ``pools``): the :class:`PowerSums` of each pool of
+    ``pools`` (``[(half, rows), ...]``; by ``runner.power_sums`` where the runner has it: on its workers' devices;
+    else here, on NumPy), added in pool order per half set; the mean image is every particle's (RELION 3.1 adds the
+    power spectra within each half set and the images over all)."""
     ps = power_settings(inp, cfg)
+    pool_rows = [rows for _, rows in pools]
     if runner is not None and hasattr(runner, "power_sums"):
         sums = runner.power_sums(pool_rows, inp.optics_index, ps, inp.particles.read_images)
     else:
         sums = pool_power_sums(inp.particles.read_images, pool_rows, inp.optics_index, ps)
-    total = sums[0]
+    per_half: dict = {}
+    for (h, _), one in zip(pools, sums, strict=True):
+        per_half[h] = one if h not in per_half else per_half[h] + one
+    everything = sums[0]
     for one in sums[1:]:
-        total = total + one
-    return sigma2_from_power_sums(total, ps)
+        everything = everything + one
+    return np.stack([sigma2_from_power_sums(per_half[h], ps, everything) for h in sorted(per_half)])

@@ -149,6 +149,35 @@ def test_checkpoint_round_trip_keeps_values_and_types(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_a_version_1_checkpoint_continues_with_its_parameters_in_both_halves(tmp_path, monkeypatch):
+    # oracle: the version-1 layout (gerelion before the per-half models kept one copy of the other parameters for
+    # both halves) -- loaded now, each of those values is repeated for every half set, everything else as saved
+    from gerelion_dask import checkpoint as ckmod
+    from gerelion_dask.maximization.model import Model
+
+    rng = np.random.default_rng(1)
+    nsh = 5
+    v1 = Model(8, 2.0, [[rng.normal(size=(8, 8, 8))], [rng.normal(size=(8, 8, 8))]], np.array([1.0]),
+               rng.uniform(size=(1, 12)), rng.uniform(size=(2, nsh)), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)),
+               np.zeros((1, nsh)), np.ones((2, 1, nsh)), 4.5, 0.93, np.array([1.0, 0.98]), 0.05, loglik=-12.5,
+               ave_pmax=0.3)
+    monkeypatch.setattr(ckmod, "VERSION", 1)
+    save_checkpoint(tmp_path / "v1.npz", Checkpoint(3, None, v1, None, None, None, [], False))
+    monkeypatch.undo()
+    m = load_checkpoint(tmp_path / "v1.npz").model
+    assert m.pdf_class.shape == (2, 1) and np.all(m.pdf_class == 1.0)
+    assert np.array_equal(m.pdf_direction, np.stack([v1.pdf_direction] * 2))
+    assert np.array_equal(m.sigma2_noise, np.stack([v1.sigma2_noise] * 2))
+    assert m.sigma_offset_angst.tolist() == [4.5, 4.5] and m.avg_norm.tolist() == [0.93, 0.93]
+    assert np.array_equal(m.scales, [[1.0, 0.98]] * 2) and m.loglik.tolist() == [-12.5, -12.5]
+    assert m.ave_pmax == 0.3 and np.array_equal(m.maps[1][0], v1.maps[1][0]) and m.n_halves == 2
+    with pytest.raises(InputError, match="format version 7"):
+        monkeypatch.setattr(ckmod, "VERSION", 7)
+        save_checkpoint(tmp_path / "v7.npz", Checkpoint(3, None, v1, None, None, None, [], False))
+        monkeypatch.undo()
+        load_checkpoint(tmp_path / "v7.npz")
+
+
 def test_continue_errors_name_the_file(tmp_path):
     # oracle: the rule -- a missing or garbled optimiser/checkpoint is one InputError naming the file
     with pytest.raises(InputError, match="missing_it002_optimiser.star: file not found"):

@@ -568,6 +568,64 @@ def test_projection_cache_gives_bit_identical_results():
         assert np.array_equal(getattr(rp, f.name), getattr(rc, f.name)), f.name
 
 
+def _two_half_pools(n, noise, seed, do_norm=False):
+    """E-step sums of the first and second halves of a synthetic set (half sets 1 and 2) and their model."""
+    img, parts, A, off, s2, maps = _dataset(n, noise, seed=seed)
+    model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, preprocess=replace(st.preprocess, do_norm=do_norm))
+    m = n // 2
+
+    def part(sl, half):
+        return replace(parts, **{f.name: getattr(parts, f.name)[sl] for f in fields(parts)
+                                 if isinstance(getattr(parts, f.name), np.ndarray)}, ctf=parts.ctf.take(sl), half=half)
+
+    p1, _ = expectation_pool(img[:m], part(slice(0, m), 1), model, st)
+    p2, _ = expectation_pool(img[m:], part(slice(m, n), 2), model, st)
+    return p1, p2, model, s2, maps
+
+
+def test_each_half_set_keeps_its_own_other_parameters():
+    # oracle: RELION 3.1's gold-standard auto-refine (ALGORITHM.md §6.2 step 10; its MPI followers add the weighted
+    # sums of their own half set only, and its run_it001_half1/half2_model.star differ in norm average, sigma offset,
+    # direction priors, noise and log-likelihood) -- each half's other parameters are the §5.4 formulas written out on
+    # that half's sums alone; data_vs_prior and the average Pmax are half 1's in both (RELION broadcasts them); the
+    # final iteration joins the sums, so both halves then hold the joined values
+    from gerelion_dask.maximization.model import Model
+    from gerelion_dask.maximization.mstep import MStepSettings, maximization
+    from gerelion_dask.ops.fourier import npix_per_shell
+
+    p1, p2, model, s2, maps = _two_half_pools(40, 1.0, seed=11, do_norm=True)
+    nsh = N // 2 + 1
+    n_dir = np.asarray(model.pdf_direction).shape[-1]
+    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.full((2, 1, n_dir), 1.0 / n_dir),
+               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
+               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    ms = MStepSettings(True, do_norm=True)
+    got, _ = maximization({1: p1, 2: p2}, m0, ms)
+    npix = np.maximum(npix_per_shell(N), 1)
+
+    def want(p):
+        S = float(p.wsum_pdf_class.sum())
+        noise = p.wsum_sigma2[0] / (2.0 * p.sumw_optics[0] * npix)
+        for k in range(1, nsh):
+            noise[k] = noise[k] if noise[k] >= 1e-14 else noise[k - 1]
+        return {"avg_norm": p.wsum_avg_norm / p.n_particles, "sigma_offset_angst": np.sqrt(p.wsum_sigma2_offset / (2 * S)),
+                "pdf_direction": p.wsum_pdf_direction / S, "loglik": p.sum_ll, "sigma2_noise": noise[None]}
+
+    for hi, p in enumerate((p1, p2)):
+        for name, value in want(p).items():
+            assert np.allclose(np.asarray(getattr(got, name))[hi], value, rtol=1e-12, atol=0), (hi, name)
+    assert abs(got.avg_norm[0] - got.avg_norm[1]) > 1e-6 and abs(got.sigma_offset_angst[0] - got.sigma_offset_angst[1]) > 1e-6
+    assert not np.allclose(got.pdf_direction[0], got.pdf_direction[1])
+    assert np.array_equal(got.data_vs_prior[1], got.data_vs_prior[0]) and got.tau2[0, 0, 1] != got.tau2[1, 0, 1]
+    assert got.ave_pmax == p1.sum_pmax / p1.n_particles
+    fin, _ = maximization({1: p1, 2: p2}, m0, replace(ms, final=True))
+    joined = p1 + replace(p2, half=1)
+    for name, value in want(joined).items():
+        for hi in range(2):
+            assert np.allclose(np.asarray(getattr(fin, name))[hi], value, rtol=1e-12, atol=0), (hi, name)
+
+
 @pytest.mark.parametrize("final, gridding, sym", [(False, 0, "C1"), (False, 10, "C2"), (True, 0, "C1")])
 def test_mstep_gpu_matches_numpy(xp, final, gridding, sym):
     # oracle: the float64 NumPy M-step -- the same summed partials reconstructed on CuPy give the same maps, FSC,
@@ -588,9 +646,9 @@ def test_mstep_gpu_matches_numpy(xp, final, gridding, sym):
                                                          if isinstance(getattr(parts, f.name), np.ndarray)},
                                                ctf=parts.ctf.take(slice(12, 24)), half=2), model, st)
     nsh = N // 2 + 1
-    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones(1), np.asarray(model.pdf_direction), np.asarray(s2)[None],
-               np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)), np.ones((2, 1, nsh)), 5.0, 1.0,
-               np.ones(1), 1.0 / 20.0)
+    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
+               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
+               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
     ms = MStepSettings(True, final=final, low_resol_join_halves=40.0, flatten_solvent=True,
                        particle_diameter_angst=0.9 * N * APIX, symmetry_operators=symmetry_operators(sym),
                        gridding_iterations=gridding)
@@ -621,9 +679,9 @@ def test_after_a_cross_correlation_iteration_resolution_and_spectra_follow_ini_h
     p0, _ = expectation_pool(img, parts, model, st)
     p0 = p0.on(xp)  # the M-step on xp's device
     nsh = N // 2 + 1
-    m0 = Model(N, APIX, [[maps[0]]], np.ones(1), np.asarray(model.pdf_direction), np.asarray(s2)[None],
-               np.ones((1, 1, nsh)), np.ones((1, 1, nsh)), np.zeros((1, nsh)), np.ones((1, 1, nsh)), 5.0, 1.0,
-               np.ones(1), 1.0 / 20.0)
+    m0 = Model(N, APIX, [[maps[0]]], np.ones((1, 1)), np.asarray(model.pdf_direction)[None], np.asarray(s2)[None, None],
+               np.ones((1, 1, nsh)), np.ones((1, 1, nsh)), np.zeros((1, nsh)), np.ones((1, 1, nsh)), np.full(1, 5.0),
+               np.ones(1), np.ones((1, 1)), 1.0 / 20.0)
     ini_high = 30.0
     plain, _ = maximization({0: p0}, m0, MStepSettings(False, ini_high_angst=ini_high, tau2_fudge=4.0, do_norm=True))
     cc, _ = maximization({0: p0}, m0, MStepSettings(False, cc_iteration=True, ini_high_angst=ini_high, tau2_fudge=4.0,

@@ -68,18 +68,18 @@ def model():
         ori_size=N,
         pixel_size=APIX,
         maps=[[rng.normal(size=(N, N, N))], [rng.normal(size=(N, N, N))]],
-        pdf_class=np.array([1.0]),
-        pdf_direction=np.full((1, 192), 1.0 / 192),
-        sigma2_noise=np.concatenate([rng.uniform(0.5, 1.0, (2, NSH - 1)), np.zeros((2, 1))], axis=1),
+        pdf_class=np.array([[1.0], [1.0]]),
+        pdf_direction=np.stack([np.full((1, 192), 1.0 / 192), rng.dirichlet(np.ones(192))[None]]),
+        sigma2_noise=np.concatenate([rng.uniform(0.5, 1.0, (2, 2, NSH - 1)), np.zeros((2, 2, 1))], axis=2),
         tau2=rng.uniform(0.1, 1.0, (2, 1, NSH)),
         data_vs_prior=dvp,
         fsc=np.clip(1.2 - shells / 10.0, 0, 1)[None, :],
         sigma2_recon=rng.uniform(0.1, 1.0, (2, 1, NSH)),
-        sigma_offset_angst=4.5,
-        avg_norm=0.93,
-        scales=np.array([1.0, 0.97, 1.02]),
+        sigma_offset_angst=np.array([4.25, 4.5]),
+        avg_norm=np.array([0.91, 0.93]),
+        scales=np.array([[1.01, 0.98, 1.0], [1.0, 0.97, 1.02]]),
         current_resolution=1.0 / 12.0,
-        loglik=-1.5e6,
+        loglik=np.array([-1.4e6, -1.5e6]),
         ave_pmax=0.42,
         acc_rot=np.array([2.5]),
         acc_trans_angst=np.array([1.25]),
@@ -184,19 +184,27 @@ def test_model_star_roundtrip(tmp_path, model, config):
     assert groups["rlnGroupNumber"].tolist() == [1, 2, 3]
     assert groups["rlnGroupName"].tolist() == ["mic_a", "mic b", "0003"]  # quoted name with a space; "0003" string
     assert groups["rlnGroupNrParticles"].tolist() == [10, 12, 9]
-    np.testing.assert_array_equal(groups["rlnGroupScaleCorrection"], model.scales)
+    np.testing.assert_array_equal(groups["rlnGroupScaleCorrection"], model.scales[1])
 
     noise = blocks["model_optics_group_2"]
     assert len(noise) == NSH - 1  # the zero shell (never used) is left out, as RELION 4.0
-    np.testing.assert_array_equal(noise["rlnSigma2Noise"], model.sigma2_noise[1, :-1])
+    np.testing.assert_array_equal(noise["rlnSigma2Noise"], model.sigma2_noise[1, 1, :-1])
     np.testing.assert_array_equal(blocks["model_pdf_orient_class_1"]["rlnOrientationDistribution"],
-                                  model.pdf_direction[0])
+                                  model.pdf_direction[1, 0])
 
 
 def test_model_star_halves_differ_and_options(model, config):
     b0 = out.model_star_blocks(model, 0, config, **_model_kwargs())
     b1 = out.model_star_blocks(model, 1, config, **_model_kwargs())
     assert not np.array_equal(b0["model_class_1"]["rlnSsnrMap"], b1["model_class_1"]["rlnSsnrMap"])
+    # each half's other parameters (RELION 3.1 writes two models with their own values)
+    g0, g1 = b0["model_general"].iloc[0], b1["model_general"].iloc[0]
+    assert (g0["rlnNormCorrectionAverage"], g0["rlnSigmaOffsetsAngst"], g0["rlnLogLikelihood"]) == (0.91, 4.25, -1.4e6)
+    assert (g1["rlnNormCorrectionAverage"], g1["rlnSigmaOffsetsAngst"], g1["rlnLogLikelihood"]) == (0.93, 4.5, -1.5e6)
+    np.testing.assert_array_equal(b0["model_groups"]["rlnGroupScaleCorrection"], model.scales[0])
+    np.testing.assert_array_equal(b0["model_optics_group_1"]["rlnSigma2Noise"], model.sigma2_noise[0, 0, :-1])
+    np.testing.assert_array_equal(b0["model_pdf_orient_class_1"]["rlnOrientationDistribution"],
+                                  model.pdf_direction[0, 0])
     comp = np.linspace(1.0, 0.0, NSH)[None]
     b = out.model_star_blocks(model, 0, config, **_model_kwargs(fourier_completeness=comp, class_prior_offsets=True,
                                                                  sigma_prior_tilt=1.0))

@@ -189,10 +189,9 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
     tau2 = np.zeros((H, K, nsh))
     dvp = np.zeros((H, K, nsh))
     s2r = np.zeros((H, K, nsh))
-    pdf_class = sum(partials[h].wsum_pdf_class for h in halves)
     for hi, h in enumerate(halves):
         for c in range(K):
-            if pdf_class[c] <= 0 and K > 1:
+            if partials[h].wsum_pdf_class[c] <= 0 and K > 1:
                 continue  # empty class: no map, skipped in later E-steps
             bp = bps[h][c]
             if ms.auto_refine:
@@ -201,7 +200,7 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                     f = np.sqrt(2 * np.clip(f, 0, None) / (1 + np.clip(f, 0, None)))
                 s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, fsc=f)
             else:
-                prior = np.zeros(nsh) if model.maps[hi][c] is None or model.pdf_class[c] <= 0 else \
+                prior = np.zeros(nsh) if model.maps[hi][c] is None or model.pdf_class[hi][c] <= 0 else \
                     reference_tau2(model.maps[hi][c], ms, nsh, get_xp(bp.data))
                 s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, tau2=prior)
             vol = reconstruct(bp, tau2=tau2[hi, c], tau2_fudge=ms.tau2_fudge, minres_map=ms.minres_map,
@@ -215,28 +214,58 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
     if ms.cc_iteration and ms.ini_high_angst > 0:
         taper = ini_high_taper(nsh, N, a, ms.ini_high_angst)
         tau2, dvp = tau2 * taper, dvp * taper
+    if ms.auto_refine and H == 2:
+        dvp[1] = dvp[0]  # RELION broadcasts half 1's data_vs_prior to half 2: one resolution and image size for both
     return _other_parameters(partials, model, ms, maps, tau2, dvp, s2r, fsc), unfil
 
 
-def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp, s2r, fsc):
+_SUMMED = ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_sigma2_offset", "wsum_avg_norm",
+           "wsum_scale_xa", "wsum_scale_aa", "group_counts", "sum_ll", "sum_pmax", "n_particles")
+
+
+def half_sums(partials: dict, final: bool) -> list:
+    """The sums each half set's other parameters come from, in half order: its own (gold standard: RELION 3.1's MPI
+    followers add the weighted sums of their own half set only), or every half's together in the final iteration
+    (RELION joins the two halves' weighted sums on convergence)."""
     halves = sorted(partials)
-    tot = partials[halves[0]]
-    for h in halves[1:]:
-        tot = replace(tot, **{k: getattr(tot, k) + getattr(partials[h], k) for k in (
-            "wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_sigma2_offset",
-            "wsum_avg_norm", "wsum_scale_xa", "wsum_scale_aa", "group_counts", "sum_ll", "sum_pmax", "n_particles")})
+    own = [partials[h] for h in halves]
+    if not final or len(own) == 1:
+        return own
+    tot = own[0]
+    for p in own[1:]:
+        tot = replace(tot, **{k: getattr(tot, k) + getattr(p, k) for k in _SUMMED})
+    return [tot] * len(own)
+
+
+def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp, s2r, fsc):
+    sums = half_sums(partials, ms.final)
+    N = model.ori_size
+    new = [_half_other_parameters(tot, hi, model, ms) for hi, tot in enumerate(sums)]
+    stacked = {k: np.stack([np.asarray(n[k], dtype=np.float64) for n in new]) for k in new[0]}
+    if ms.cc_iteration and ms.ini_high_angst > 0:
+        res = ini_high_resolution(N, model.pixel_size, ms.ini_high_angst)
+    else:
+        res = update_resolution(dvp[0], N, model.pixel_size, ms.auto_refine, ms.minres_map)
+    ave_pmax = float(sums[0].sum_pmax / max(sums[0].n_particles, 1))  # half 1's (RELION broadcasts it)
+    return replace(model, maps=maps, tau2=tau2, data_vs_prior=dvp, fsc=fsc, sigma2_recon=s2r, current_resolution=res,
+                   ave_pmax=ave_pmax, **stacked)
+
+
+def _half_other_parameters(tot, hi: int, model: Model, ms: MStepSettings) -> dict:
+    """Class fractions, direction priors, offset prior, average norm, noise spectra, scales and log-likelihood of
+    half set ``hi`` from the sums ``tot`` (§5.4, §6.2 step 10); what ``ms`` fixes keeps ``model``'s value."""
     N = model.ori_size
     S = float(tot.wsum_pdf_class.sum()) or 1.0
     pdf_class = tot.wsum_pdf_class / S
     pdf_class = pdf_class / pdf_class.sum() if pdf_class.sum() > 0 else pdf_class
     pdf_dir = tot.wsum_pdf_direction / S
-    sigma_off = model.sigma_offset_angst
+    sigma_off = float(model.sigma_offset_angst[hi])
     if not ms.fix_sigma_offset:
         s2 = tot.wsum_sigma2_offset / (2.0 * S)
         sigma_off = float(np.sqrt(max(s2, ms.min_sigma2_offset, 1e-6)))
-    sigma2 = model.sigma2_noise.copy()
-    avg_norm = model.avg_norm
-    scales = model.scales.copy()
+    sigma2 = np.array(model.sigma2_noise[hi], dtype=np.float64)
+    avg_norm = float(model.avg_norm[hi])
+    scales = np.array(model.scales[hi], dtype=np.float64)
     if ms.do_norm:  # in every iteration, the cross-correlation one too (RELION 3.1 maximizationOtherParameters)
         avg_norm = float(tot.wsum_avg_norm / max(tot.n_particles, 1))
     if not ms.cc_iteration:  # noise spectra and scales: not from a cross-correlation iteration
@@ -259,12 +288,6 @@ def _other_parameters(partials, model: Model, ms: MStepSettings, maps, tau2, dvp
             cnt = tot.group_counts
             mean = (new * cnt).sum() / max(cnt.sum(), 1)
             scales = new / mean if mean > 0 else np.ones_like(new)
-    if ms.cc_iteration and ms.ini_high_angst > 0:
-        res = ini_high_resolution(N, model.pixel_size, ms.ini_high_angst)
-    else:
-        res = update_resolution(dvp[0], N, model.pixel_size, ms.auto_refine, ms.minres_map)
-    n = max(tot.n_particles, 1)
-    return replace(model, maps=maps, pdf_class=pdf_class, pdf_direction=pdf_dir, sigma2_noise=sigma2, tau2=tau2,
-                   data_vs_prior=dvp, fsc=fsc, sigma2_recon=s2r, sigma_offset_angst=sigma_off, avg_norm=avg_norm,
-                   scales=scales, current_resolution=res, ave_pmax=float(tot.sum_pmax / n),
-                   loglik=float(tot.sum_ll / S if ms.cc_iteration else tot.sum_ll))  # CC: the mean CC
+    loglik = float(tot.sum_ll / S if ms.cc_iteration else tot.sum_ll)  # CC iteration: the mean CC
+    return {"pdf_class": pdf_class, "pdf_direction": pdf_dir, "sigma2_noise": sigma2, "sigma_offset_angst": sigma_off,
+            "avg_norm": avg_norm, "scales": scales, "loglik": loglik}
