@@ -146,6 +146,15 @@ def _array_module(device: str):
     return np
 
 
+GPU_MIN_POOL = 128  # particles: below this a GPU task's fixed costs (projections, kernel launches) dominate
+
+
+def task_pool_size(pool: int, backend: str) -> int:
+    """Particles per E-step task: ``--pool``, but at least :data:`GPU_MIN_POOL` when the tasks run on GPUs (a RELION
+    command line's ``--pool 3`` means particles per CPU thread there)."""
+    return max(int(pool), GPU_MIN_POOL) if backend == "gpu" else int(pool)
+
+
 def _pool_particles(inp: JobInputs, st: ParticleState, rows, half: int) -> PoolParticles:
     c = inp.ctf
     if c is None:
@@ -218,7 +227,15 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     runner = runner or InProcessRunner()
     from .plan import plan_for_inputs
 
-    log.info("%s", plan_for_inputs(cfg, inp, runner).summary())
+    plan = plan_for_inputs(cfg, inp, runner)
+    pool = task_pool_size(cfg.pool, plan.backend)
+    if pool != cfg.pool:
+        log.warning("--pool %d: here --pool counts the particles of one E-step task (RELION's --pool batches "
+                    "particles per CPU thread; its GUI passes 3), and GPU tasks of so few particles spend their time "
+                    "in fixed costs: this run uses --pool %d", cfg.pool, pool)
+        cfg = replace(cfg, pool=pool)
+        plan = plan_for_inputs(cfg, inp, runner)
+    log.info("%s", plan.summary())
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]
     sym_ops = symmetry_operators(cfg.sym)

@@ -140,6 +140,41 @@ def test_coarse_precision_flag_sets_the_coarse_products(small_set, tmp_path, mon
         JobConfig(i="p.star", o="out/run", ref="ref.mrc", coarse_precision="float16").validate()
 
 
+def test_gpu_tasks_hold_at_least_gpu_min_pool_particles(small_set, tmp_path, monkeypatch, caplog):
+    # oracle: the rule written out -- when the plan says the tasks run on GPUs, a RELION-style --pool (particles per
+    # CPU thread: its GUI passes 3) below GPU_MIN_POOL is raised to it with one warning; on a CPU --pool is kept
+    import logging
+
+    from gerelion_dask import driver, plan
+
+    paths, _ = small_set
+    sizes = []
+    original = driver.expectation_pool
+
+    def spy(images, pp, *a, **k):
+        sizes.append(len(pp.index))
+        return original(images, pp, *a, **k)
+
+    monkeypatch.setattr(driver, "expectation_pool", spy)
+
+    def run(name, pool, device):
+        sizes.clear()
+        flags = _flags(paths, tmp_path / name, ["--iter", "1", "--ini_high", "25", "--in-process"])
+        flags[flags.index("--pool") + 1] = str(pool)
+        flags[flags.index("--device") + 1] = device
+        assert cli_main(["classify", *flags]) == 0
+        return list(sizes)
+
+    assert run("cpu", 40, "cpu") == [40] * 3
+    monkeypatch.setattr(plan, "worker_backend", lambda device: "gpu")  # the plan of a GPU run (the E-step stays on
+    monkeypatch.setattr(plan, "worker_gpu_memory", lambda device: 80 << 30)  # this machine's NumPy)
+    with caplog.at_level(logging.WARNING, logger="gerelion_dask.driver"):
+        assert run("gpu", 3, "auto") == [120]  # GPU_MIN_POOL (128) > the 120 particles: one task
+    assert sum("--pool 3: here --pool counts the particles of one E-step task" in r.getMessage()
+               for r in caplog.records) >= 1
+    assert driver.task_pool_size(500, "gpu") == 500 and driver.task_pool_size(3, "cpu") == 3
+
+
 def test_bad_inputs_exit_2(small_set, tmp_path, capsys):
     # oracle: the rule -- one clear line naming the file or flag, exit code 2, no traceback
     paths, _ = small_set
