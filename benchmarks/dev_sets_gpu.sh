@@ -45,7 +45,7 @@ run() {  # run <set> <command> <FLAGS name>
             $(ls run_class*.mrc run_half*_unfil.mrc 2>/dev/null) || echo "$s: nothing to pack")
 }
 [ -n "${SKIP_TESTS:-}" ] ||
-    python3 -m pytest -q -m gpu tests/test_engine.py tests/test_ops.py tests/test_plan.py -p no:cacheprovider 2>&1 | tail -1
+    python3 -m pytest -q -m gpu tests/test_engine.py tests/test_ops.py tests/test_plan.py tests/test_accuracy.py -p no:cacheprovider 2>&1 | tail -1
 if [ "$what" = refine ] || [ "$what" = both ]; then run dev_refine refine REFINE_FLAGS "$@"; fi
 if [ "$what" = class ] || [ "$what" = both ]; then run dev_class classify CLASS_FLAGS "$@"; fi
 ls -la "$OUT"

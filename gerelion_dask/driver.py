@@ -133,6 +133,12 @@ class InProcessRunner:
         xp = _array_module(self.device)
         return maximization({h: p.on(xp) for h, p in parts.items()}, model, ms)
 
+    def accuracies(self, specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds) -> list:
+        """Each class's estimated accuracies (:func:`~gerelion_dask.maximization.accuracy.class_accuracies`) on this
+        runner's device."""
+        return class_accuracies(specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds,
+                                _array_module(self.device))
+
 
 def _array_module(device: str):
     if device == "cpu":
@@ -293,12 +299,13 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         # accuracies per class (not in CC iterations nor the final one), then auto-sampling from the best class's
         if not cc_iter and not final:
             on = st.half == halves[0]
-            # on the driver's NumPy: the padded transforms of the references and ~2,600 projections a class (20 of
-            # dev_class's 113 s on the H100; class_accuracies takes CuPy too, see docs/NOTES.md)
+            # on the runner's device (a task on a worker for Dask runners): the padded transforms of the references
+            # and ~2,600 projections a class (20 of dev_class's 113 s on the H100 on the driver's NumPy)
             specs = [ref_of(0, c) if model.maps[0][c] is not None and model.pdf_class[0][c] >= MIN_CLASS_FRACTION
                      else None for c in range(cfg.K)]
-            acc = class_accuracies(specs, st.angles[on], None if inp.ctf is None else inp.ctf.take(on),
-                                   model.sigma2_noise[0][0], cur, N, a, [[seed, it, c] for c in range(cfg.K)])
+            args = (specs, st.angles[on], None if inp.ctf is None else inp.ctf.take(on), model.sigma2_noise[0][0],
+                    cur, N, a, [[seed, it, c] for c in range(cfg.K)])
+            acc = runner.accuracies(*args) if hasattr(runner, "accuracies") else class_accuracies(*args)
             model = replace(model, acc_rot=np.array([r for r, _ in acc]),
                             acc_trans_angst=np.array([t for _, t in acc]))
         if it > 1 and not cc_iter and cfg.auto_refine and not final:

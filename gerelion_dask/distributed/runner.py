@@ -306,6 +306,26 @@ class DaskRunner:
             handle["roots"] = None
             del fut
 
+    def accuracies(self, specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds) -> list:
+        """Each class's estimated accuracies as one ``accuracy-`` task on a worker (its device builds the padded
+        references and projects them)."""
+        from .tasks import accuracy_task
+
+        self._wait_for_a_worker("accuracy estimates")
+        self._calls += 1
+        fut = self.client.submit(accuracy_task, specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds,
+                                 self.device, key=f"accuracy-{self.iteration}-{self._token}{self._calls:x}",
+                                 resources={"GPU": 1}, pure=False, retries=self.retries)
+        try:
+            return fut.result()
+        except Exception as err:
+            failed = _task_failure(err, "the accuracy estimates")
+            if failed is None:
+                raise
+            raise failed from None
+        finally:
+            del fut
+
     def _wait_for_a_worker(self, what: str) -> None:
         """Block until the cluster has a worker (e.g. SLURM worker jobs still queued: ``scatter`` would give up
         after its timeout, and adaptive scaling reacts only to tasks)."""

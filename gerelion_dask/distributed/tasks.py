@@ -300,6 +300,15 @@ def mstep_task(outputs, halves, model, ms, device: str = "auto"):
     return maximization({h: o.partials.on(xp) for h, o in zip(halves, outputs, strict=True)}, model, ms)
 
 
+def accuracy_task(specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds, device: str = "auto"):
+    """Each class's estimated accuracies on a worker's device
+    (:func:`~gerelion_dask.maximization.accuracy.class_accuracies`)."""
+    from ..maximization.accuracy import class_accuracies
+
+    return class_accuracies(specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds,
+                            worker_array_module(device))
+
+
 def concat_results(result_lists) -> PoolResult:
     """Per-particle results of all halves (lists of ``(pool index, PoolResult)``) in pool-index order (the order the
     in-process runner returns)."""
