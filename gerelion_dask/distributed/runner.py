@@ -50,6 +50,20 @@ __all__ = ["DaskRunner"]
 log = logging.getLogger(__name__)
 
 
+def _outcome(wait, what: str):
+    """``wait()`` (a future's ``result`` or the client's ``gather`` of futures), with a task lost with every worker
+    that held it raised as one :class:`~gerelion_dask.errors.RunFailedError` naming ``what`` (:func:`_task_failure`)."""
+    try:
+        return wait()
+    except Exception as err:
+        failed = _task_failure(err, what)
+        if failed is None:
+            raise
+        raise failed from None
+    finally:
+        del wait  # a traceback kept by the caller must not keep the futures
+
+
 def _task_failure(err: BaseException, what: str):
     """A :class:`~gerelion_dask.errors.RunFailedError` naming ``what`` for a task lost with every worker that held it
     (distributed's ``KilledWorker``, after ``distributed.scheduler.allowed-failures`` + 1 worker deaths); None for
@@ -157,12 +171,7 @@ class DaskRunner:
                                  resources={"GPU": 1}, retries=self.retries, pure=False, priority=-k)
                    for k, rows in enumerate(pool_rows)]
         try:
-            return client.gather(futures)
-        except Exception as err:
-            failed = _task_failure(err, "the initial noise spectra")
-            if failed is None:
-                raise
-            raise failed from None
+            return _outcome(lambda: client.gather(futures), "the initial noise spectra")
         finally:
             del futures
 
@@ -269,13 +278,7 @@ class DaskRunner:
                for h in halves]
         zero = [client.submit(zero_weights_of, roots[h], key=f"zero-weights-{it}-{h}-{tag}", pure=False,
                               retries=self.retries) for h in halves]
-        try:
-            got = client.gather(res + zero)
-        except Exception as err:
-            failed = _task_failure(err, f"iteration {it}: the sums of the E-step")
-            if failed is None:
-                raise
-            raise failed from None
+        got = _outcome(lambda: client.gather(res + zero), f"iteration {it}: the sums of the E-step")
         results = concat_results(got[:len(halves)])
         # the reduced sums stay on the workers: the M-step task reads them there (maximize)
         return {"halves": halves, "roots": [roots[h] for h in halves], "iteration": it, "tag": tag,
@@ -296,12 +299,7 @@ class DaskRunner:
         fut = self.client.submit(mstep_task, handle["roots"], handle["halves"], model, ms, self.device,
                                  key=f"mstep-{it}-{tag}", resources={"GPU": 1}, pure=False, retries=self.retries)
         try:
-            return fut.result()
-        except Exception as err:
-            failed = _task_failure(err, f"iteration {it}: the M-step")
-            if failed is None:
-                raise
-            raise failed from None
+            return _outcome(fut.result, f"iteration {it}: the M-step")
         finally:
             handle["roots"] = None
             del fut
@@ -317,12 +315,7 @@ class DaskRunner:
                                  self.device, key=f"accuracy-{self.iteration}-{self._token}{self._calls:x}",
                                  resources={"GPU": 1}, pure=False, retries=self.retries)
         try:
-            return fut.result()
-        except Exception as err:
-            failed = _task_failure(err, "the accuracy estimates")
-            if failed is None:
-                raise
-            raise failed from None
+            return _outcome(fut.result, "the accuracy estimates")
         finally:
             del fut
 
