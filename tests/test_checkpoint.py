@@ -171,10 +171,10 @@ def test_a_version_1_checkpoint_continues_with_its_parameters_in_both_halves(tmp
     assert m.sigma_offset_angst.tolist() == [4.5, 4.5] and m.avg_norm.tolist() == [0.93, 0.93]
     assert np.array_equal(m.scales, [[1.0, 0.98]] * 2) and m.loglik.tolist() == [-12.5, -12.5]
     assert m.ave_pmax == 0.3 and np.array_equal(m.maps[1][0], v1.maps[1][0]) and m.n_halves == 2
+    monkeypatch.setattr(ckmod, "VERSION", 7)
+    save_checkpoint(tmp_path / "v7.npz", Checkpoint(3, None, v1, None, None, None, [], False))
+    monkeypatch.undo()
     with pytest.raises(InputError, match="format version 7"):
-        monkeypatch.setattr(ckmod, "VERSION", 7)
-        save_checkpoint(tmp_path / "v7.npz", Checkpoint(3, None, v1, None, None, None, [], False))
-        monkeypatch.undo()
         load_checkpoint(tmp_path / "v7.npz")
 
 
