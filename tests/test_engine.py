@@ -209,6 +209,20 @@ def test_chunking_of_particles_does_not_change_results(cc, local):
         assert np.allclose(getattr(r1, f), getattr(rd, f), rtol=1e-9, atol=1e-9), f
 
 
+def test_particle_blocks_are_put_in_particle_order():
+    # oracle: NumPy's stable sort by particle -- the coarse pass's chunks (local searches take particles in the order
+    # of their best orientation) leave each particle's rows contiguous and sorted; the permutation that puts those
+    # blocks in particle order, keeping each block's order, is argsort(b, kind="stable")
+    from gerelion_dask.expectation.estep import _particle_blocks_in_order
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n_sig = rng.integers(0, 5, 12)
+        perm = rng.permutation(12)
+        b = np.repeat(perm, n_sig[perm])
+        assert np.array_equal(_particle_blocks_in_order(b, n_sig), np.argsort(b, kind="stable"))
+
+
 def _direct_fine_pass(pre, parts, model, st, sig):
     """The fine pass evaluated child by child in float64 NumPy (ALGORITHM.md §4.3-4.6): every child's projection
     and shifted image made on its own, diff2 = sum_k |X s_t - Cr P_f|^2 / (2 sigma^2) + the high-resolution term,

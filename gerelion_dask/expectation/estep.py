@@ -358,6 +358,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         dl = pri.dir_lp[J][:, cls_of][:, :, ud]
         pl = pri.psi_lp[J][:, up]
         off = pri.off_lp[J]
+        dlx, plx, offx = xp.asarray(dl), xp.asarray(pl), xp.asarray(off)
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
         Kc, nU = len(cls_of), len(U)
         if settings.do_cc:
@@ -366,9 +367,9 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             for k, c in enumerate(cls_of):
                 proj = full[c] if full is not None else projections(c, A)
                 _cc_block(xp, X_, C_, Wcc, Xnorm[Jx], phase_c, proj, settings.ctf_on_reference, LPOx[:, k],
-                          xp.asarray(off), out=D[:, k])
+                          offx, out=D[:, k])
             ib = xp.argmin(D.reshape(b, -1), axis=1)
-            jj, ll = np.arange(b), to_host(ib)
+            jj, ll = xp.arange(b), ib
             del D
         else:
             # the cross terms of every class (K', b, T, |U|) in the GEMMs' precision; coarse_select finds each
@@ -381,22 +382,36 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
                 _cross_term(xp, W_ * Cr_ * X_, phase_c, proj, out=G[k])
                 Pp[k] = _power_term(xp, W_, Cr_, proj)
             a = (W_ * xp.abs(X_) ** 2).sum(axis=1)
-            jj, ll, ib = coarse_select(G, a, xp.asarray(hr[J], dtype=np.float64), Pp, xp.asarray(dl), xp.asarray(pl),
-                                       xp.asarray(off), settings.adaptive_fraction, settings.maxsig)
+            jj, ll, ib = coarse_select(G, a, xp.asarray(hr[J], dtype=np.float64), Pp, dlx, plx, offx,
+                                       settings.adaptive_fraction, settings.maxsig)
             del G, Pp
-            jj, ll = to_host(jj), to_host(ll)
+        # the chunk's significant samples as (b, c, o, t) rows with their log priors, sorted by that key on the
+        # chunk's device (then copied to the host once): a flat pool has millions of them
         per_cls = nU * T
-        blk, rest = np.divmod(ll, per_cls)
-        t, u = np.divmod(rest, nU)
-        rows_b.append(J[jj])
-        rows_c.append(np.asarray(cls_of, np.int64)[blk])
-        rows_o.append(U[u])
-        rows_t.append(t)
-        rows_lp.append((dl[jj, blk, u // len(up)] + pl[jj, u % len(up)]) + off[jj, t])
-        n_sig[J] = np.bincount(jj, minlength=b)
+        blk, rest = xp.divmod(ll, per_cls)
+        t, u = xp.divmod(rest, nU)
+        rb, rc, ro = xp.asarray(J)[jj], xp.asarray(np.asarray(cls_of, np.int64))[blk], xp.asarray(U)[u]
+        rlp = (dlx[jj, blk, u // len(up)] + plx[jj, u % len(up)]) + offx[jj, t]
+        order = xp.argsort(((rb * K + rc) * O + ro) * T + t)
+        for rows, v in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), (rb, rc, ro, t, rlp), strict=True):
+            rows.append(to_host(v[order]))
+        n_sig[J] = to_host(xp.bincount(jj, minlength=b))
         ibh = to_host(ib)
         best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[ibh % nU]
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0),)
     cat = [np.concatenate(r) if r else e for r, e in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), empty, strict=True)]
-    order = np.argsort(((cat[0] * K + cat[1]) * O + cat[2]) * T + cat[3], kind="stable")  # by (b, c, o, t)
-    return Significant(*(a[order] for a in cat), n_sig=n_sig, best=best, n_orient=O)
+    if cat[0].size and not np.all(cat[0][1:] >= cat[0][:-1]):  # chunks of unordered particles (local searches): each
+        order = _particle_blocks_in_order(cat[0], n_sig)  # particle's block, already sorted, to its place
+        cat = [x[order] for x in cat]
+    return Significant(*cat, n_sig=n_sig, best=best, n_orient=O)
+
+
+def _particle_blocks_in_order(b: np.ndarray, n_sig: np.ndarray) -> np.ndarray:
+    """The permutation that puts the contiguous blocks of rows of each particle (``b``: each particle's rows
+    contiguous, ``n_sig[p]`` of them) in ascending particle order, keeping the order inside each block."""
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    where = np.zeros(len(n_sig), np.int64)
+    where[b[starts]] = starts  # each particle's first row in the concatenation
+    n = n_sig
+    first = np.cumsum(n) - n  # its first row in the result
+    return np.arange(int(n.sum()), dtype=np.int64) + np.repeat(where - first, n)
