@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["get_xp", "is_cupy", "to_host", "to_device_like", "gpu_count", "deep_nbytes", "SizedByArrays"]
+__all__ = ["get_xp", "is_cupy", "to_host", "to_device_like", "scatter_add", "gpu_count", "deep_nbytes",
+           "SizedByArrays"]
 
 
 def is_cupy(a: Any) -> bool:
@@ -39,6 +40,36 @@ def to_device_like(a: Any, like: Any):
     """Put ``a`` on the same backend as ``like``."""
     xp = get_xp(like)
     return xp.asarray(a)
+
+
+def scatter_add(target, idx, values) -> None:
+    """``target.flat[idx] += values`` in place, repeated indices summed (``target`` contiguous, real or complex).
+
+    NumPy: ``bincount`` (a fixed order: deterministic). CuPy: ``cupyx.scatter_add`` (atomic adds, so the last bits
+    depend on the order threads run in) and no host synchronisation: CuPy's own ``bincount`` checks its indices and
+    their maximum on the host, two waits for the device per call.
+    """
+    if is_cupy(target):
+        import cupyx
+
+        if not target.flags.c_contiguous:
+            raise ValueError("scatter_add needs a C-contiguous target (a flat view of it is updated in place)")
+        flat = target.reshape(-1)
+        if flat.dtype.kind == "c":  # atomics on the real and imaginary parts
+            view = flat.view(flat.real.dtype).reshape(-1, 2)
+            cupyx.scatter_add(view[:, 0], idx, values.real)
+            cupyx.scatter_add(view[:, 1], idx, values.imag)
+        else:
+            cupyx.scatter_add(flat, idx, values)
+        return
+    if not target.flags.c_contiguous:
+        raise ValueError("scatter_add needs a C-contiguous target (a flat view of it is updated in place)")
+    flat = target.reshape(-1)
+    if np.iscomplexobj(target):
+        flat.real[:] += np.bincount(idx, weights=np.real(values), minlength=flat.size)
+        flat.imag[:] += np.bincount(idx, weights=np.imag(values), minlength=flat.size)
+    else:
+        flat += np.bincount(idx, weights=values, minlength=flat.size)
 
 
 def gpu_count() -> int:

@@ -37,6 +37,25 @@ def _uniform_rotations(k, seed=0):
     return cv.euler_to_matrix(rot, tilt, psi)
 
 
+def test_scatter_add_sums_repeated_indices(xp):
+    # oracle: np.add.at (unbuffered, float64) on the host; real and complex targets of two dimensions, indices
+    # repeated and out of order, added onto non-zero contents; a non-contiguous target is refused
+    from gerelion_dask.backend import scatter_add
+
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 12, 200)
+    for vals in (rng.normal(size=200), rng.normal(size=200) + 1j * rng.normal(size=200)):
+        start = (rng.normal(size=(3, 4)) + (1j * rng.normal(size=(3, 4)) if np.iscomplexobj(vals) else 0)).astype(
+            vals.dtype)
+        want = start.copy()
+        np.add.at(want.reshape(-1), idx, vals)
+        got = xp.asarray(start)
+        scatter_add(got, xp.asarray(idx), xp.asarray(vals))
+        assert np.allclose(to_np(got), want, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        scatter_add(xp.zeros((4, 3)).T, xp.asarray(idx[:5] % 12), xp.ones(5))
+
+
 def test_wavelength_300kv():
     # oracle: literature value, lambda(300 kV) = 0.019687 Å (relativistic; golden/README.md)
     assert abs(electron_wavelength(300.0) - 0.019687) < 1e-6

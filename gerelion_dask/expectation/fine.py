@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import deep_nbytes, get_xp, to_host
+from ..backend import deep_nbytes, get_xp, scatter_add, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
@@ -418,9 +418,9 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
     """Normalised posterior weights of a group's children ``d (R, 32)`` (row ``r`` the ``q[r]``-th significant
     sample of the group's particle ``jl[r]``; a particle's rows ``first .. first + cnt - 1``), thresholded at the
     significance of the fine samples (RELION keeps weights >= the significant weight in its sums); with
-    ``--firstiter_cc`` the best child alone has weight 1.  Returns ``(w (R, 32), dmin, sumw, bad, best, pmax)``:
-    ``best`` the position of each particle's largest weight among its children (``32 q + child``), ``bad`` (rows
-    whose weights all underflowed), ``best`` and ``pmax`` on the host.
+    ``--firstiter_cc`` the best child alone has weight 1.  Returns ``(w (R, 32), dmin, sumw, bad, best, pmax)``,
+    all on the device of ``d``: ``best`` the position of each particle's largest weight among its children
+    (``32 q + child``), ``bad`` (particles whose weights all underflowed).
 
     NumPy (and CuPy for CC or particles with over ``kernels.posteriors.CHILD_CAP`` children) lays the children out
     padded, ``(b, 32 (max q + 1))``, and runs :func:`posterior_weights` and :func:`significance_threshold` on it; the
@@ -432,7 +432,7 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
         if fits(cnt):
             w, dmin, sumw, bad, best, pmax = child_posteriors(d, lp, first, cnt, settings.adaptive_fraction,
                                                               settings.maxsig)
-            return w, dmin, sumw, to_host(bad), to_host(best), to_host(pmax)
+            return w, dmin, sumw, bad, best, pmax
     L = 32 * (int(q.max()) + 1)
     jq = (xp.asarray(jl), xp.asarray(q))
     D = xp.full((b, L // 32, 32), xp.inf)
@@ -444,15 +444,23 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
         best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
         w = xp.zeros_like(D)
         w[xp.arange(b), best] = 1.0
-        dmin, sumw, bad = D[xp.arange(b), best], xp.ones(b), np.zeros(b, bool)
+        dmin, sumw, bad = D[xp.arange(b), best], xp.ones(b), xp.zeros(b, bool)
     else:
         w, dmin, sumw, bad = posterior_weights(D, LP)
         del D, LP
         thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
         w = xp.where(w >= thr[:, None], w, 0.0) / sumw[:, None]
-        bad = to_host(bad)
-    best, pmax = to_host(xp.argmax(w, axis=1)), to_host(w.max(axis=1))
+    best, pmax = xp.argmax(w, axis=1), w.max(axis=1)
     return w.reshape(b, L // 32, 32)[jq], dmin, sumw, bad, best, pmax
+
+
+def _to_host_together(xp, arrays) -> list[np.ndarray]:
+    """Host copies of 1-D device arrays of one length (float, int or bool) in one transfer: stacked as float64
+    (exact for these values: integers below 2^53), split and cast back."""
+    if xp is np:
+        return [np.asarray(a) for a in arrays]
+    host = to_host(xp.stack([a.astype(np.float64, copy=False) for a in arrays]))
+    return [h.astype(a.dtype, copy=False) for h, a in zip(host, arrays, strict=True)]
 
 
 def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: ProjectionCache | None = None):
@@ -506,7 +514,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
            ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
             "group_counts")}
-    off_sum, n_zero = 0.0, 0  # the offset prior's weighted sum; particles whose weights all underflowed
+    n_zero = 0  # particles whose weights all underflowed
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
     fp = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
@@ -525,6 +533,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     xa = xp.zeros(B, np.float64)  # the scale sums' model/data and model/model terms per particle
     aa = xp.zeros(B, np.float64)
     ws = xp.zeros(B, np.float64)  # each particle's kept weight (normalised: ~1)
+    # class, direction and offset-prior sums stay on the pool's device until the groups are done
+    pdf_class_x, pdf_dir_x, off_x = xp.zeros(K), xp.zeros((K, grid.n_dir)), xp.zeros(1)
     sig_x = {k: xp.asarray(getattr(sig, k)) for k in ("c", "o", "t")}
     ut_pool_x = xp.asarray(ut_pool)
     t_fine_x = xp.asarray(t_fine_pool)
@@ -536,8 +546,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
         q = np.arange(len(r)) - first[jl]
         d = _children_diff2(xp, px, fp, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, max_elems)
-        wr, dmin, sumw, bad, ib, out["pmax"][G] = _child_posteriors(xp, d, sig.lp[r], jl, q, first, cnt, settings)
-        del d
+        wr, *per_particle = _child_posteriors(xp, d, sig.lp[r], jl, q, first, cnt, settings)
+        dmin, sumw, bad, ib, out["pmax"][G] = _to_host_together(xp, per_particle)  # one wait for the device
+        del d, per_particle
         n_zero += int(np.sum(bad))
         # each particle's best child -> its pose, class and offset
         row_b = r[first + ib // 32]
@@ -548,9 +559,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         out["ox"][G], out["oy"][G] = o_b[:, 0], o_b[:, 1]
         out["cls"][G] = sig.c[row_b] + 1
         if settings.do_cc:
-            out["ll"][G] = -to_host(dmin)
+            out["ll"][G] = -dmin
         else:
-            out["ll"][G] = np.log(to_host(sumw)) - to_host(dmin) - logsig[og[G]]
+            out["ll"][G] = np.log(sumw) - dmin - logsig[og[G]]
         # the children that kept weight, as (particle, class, fine orientation) pairs; on the pool's device
         rr, ck = xp.nonzero(wr > 0)  # (the group's sample, child), by particle
         wv = wr[rr, ck]
@@ -563,16 +574,15 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         tp = xp.searchsorted(ut_pool_x, sig_x["t"][row]) * 4 + ck % 4  # row in the pool's fine translations
         del row, ck
         Gx = xp.asarray(G)
-        ws += xp.bincount(Gx[cj], weights=wv, minlength=B)
-        acc["wsum_pdf_class"] += to_host(xp.bincount(cc, weights=wv, minlength=K))
-        acc["wsum_pdf_direction"] += to_host(xp.bincount(cc * grid.n_dir + co // grid.n_psi, weights=wv,
-                                                         minlength=K * grid.n_dir)).reshape(K, grid.n_dir)
+        scatter_add(ws, Gx[cj], wv)  # (no host synchronisation on CuPy, unlike its bincount)
+        scatter_add(pdf_class_x, cc, wv)
+        scatter_add(pdf_dir_x, cc * grid.n_dir + co // grid.n_psi, wv)
         del co
         # each child's squared distance (A^2) from its particle's offset prior
         e_o = (xp.asarray(particles.offset_prior_px[G] - int_off[G])[cj] - t_fine_x[tp]) * ps.pixel_size
-        off_sum += float(to_host((wv * (e_o * e_o).sum(axis=1)).sum()))
+        off_x += (wv * (e_o * e_o).sum(axis=1)).sum()
         del e_o
-        key = (cc * (int(cg.max()) + 1) + cg) * b + cj  # children by class, fine orientation, particle
+        key = (cc.astype(np.int64) * grid.fine_id_bound + cg) * b + cj  # children by class, fine orientation, particle
         order = xp.argsort(key)
         key, cj, cc, cg, tp, wv = key[order], cj[order], cc[order], cg[order], tp[order], wv[order]
         del order
@@ -583,11 +593,10 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         del new
         p_c, p_g, p_j = cc[starts], cg[starts], Gx[cj[starts]]
         cstart = xp.concatenate([starts, xp.full(1, cj.size, starts.dtype)])  # pair i: cstart[i] .. cstart[i + 1]
-        per_class = to_host(xp.bincount(p_c, minlength=K))  # pairs are ordered by class
+        bounds = to_host(xp.searchsorted(p_c, xp.arange(K + 1)))  # pairs are ordered by class
         del cc, cg, cj, starts
-        lo_c = 0
         for c in range(K):
-            hi_c = lo_c + int(per_class[c])
+            lo_c, hi_c = int(bounds[c]), int(bounds[c + 1])
             if hi_c == lo_c:
                 continue
             rows_c = fp.positions(c, p_g[lo_c:hi_c])
@@ -595,9 +604,11 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             pair_sums(XCW, CCW, px.X, px.Cr, goodf[c], ph_pool, fp.data[c], p_j[lo_c:hi_c],
                       fp.projections(c, rows_c), rows_c, cstart[lo_c : hi_c + 1], tp, wv, bp_i[c], bp_w[c], resid,
                       xa, aa, max_elems, rows_sorted=True)  # pairs are ordered by fine orientation
-            lo_c = hi_c
         del wv, tp, p_c, p_g, p_j, cstart
     del XCW, CCW
+    acc["wsum_pdf_class"] += to_host(pdf_class_x)
+    acc["wsum_pdf_direction"] += to_host(pdf_dir_x)
+    off_sum = float(to_host(off_x)[0])
     resid += X2_all * ws[:, None]
     ws = to_host(ws)
     if settings.do_scale:

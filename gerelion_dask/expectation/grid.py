@@ -55,6 +55,11 @@ class OrientationGrid:
     def n_psi(self) -> int:
         return int(np.ceil(360.0 / self.psi_step - 1e-9))
 
+    @property
+    def fine_id_bound(self) -> int:
+        """One more than the largest global fine id :meth:`fine_ids` can return (all directions of the order)."""
+        return 8 * 12 * 4**self.healpix_order * self.n_psi
+
     @cached_property
     def psi(self) -> np.ndarray:
         return np.arange(self.n_psi) * self.psi_step

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_xp
+from ..backend import get_xp, scatter_add
 from .fourier import PaddedGrid, layout_shape
 from .projector import _corner_indices, slice_coordinates
 
@@ -42,15 +42,6 @@ def empty_backprojection(grid: PaddedGrid, xp=np, dtype=np.complex128) -> BackPr
     shape = layout_shape(grid.r_pad)
     real = np.float64 if np.dtype(dtype) == np.complex128 else np.float32
     return BackProjection(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=real), grid)
-
-
-def _scatter_add(target, idx, values):
-    """``target.flat[idx] += values`` with repeated indices summed (NumPy: ``bincount``, deterministic)."""
-    if np.iscomplexobj(target):
-        target.real.flat[:] += np.bincount(idx, weights=values.real, minlength=target.size)
-        target.imag.flat[:] += np.bincount(idx, weights=values.imag, minlength=target.size)
-    else:
-        target.flat[:] += np.bincount(idx, weights=values, minlength=target.size)
 
 
 def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjection:
@@ -80,8 +71,8 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight) -> BackProjectio
             for dx, wx in ((0, 1 - fx), (1, fx)):
                 idx = base + dz * sz + dy * sy + dx * sx
                 tw = wz * wy * wx
-                _scatter_add(bp.data, idx, vals * tw)
-                _scatter_add(bp.weight, idx, wts * tw)
+                scatter_add(bp.data, idx, vals * tw)
+                scatter_add(bp.weight, idx, wts * tw)
     return bp
 
 
