@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -108,6 +109,7 @@ _PIXEL_TO_ANGST_30 = {
     "rlnHelicalTrackLength": "rlnHelicalTrackLengthAngst",
 }
 _KEY_VALUE_ATTR = "star_key_value"
+_WHITESPACE = re.compile(r"\s")  # text with any (str.isspace) whitespace is written in quotes
 
 
 class ParticleTable(NamedTuple):
@@ -280,7 +282,7 @@ def _format_text(value: object) -> str:
     if isinstance(value, float):
         return repr(value)
     text = str(value)
-    if text == "" or any(ch.isspace() for ch in text):
+    if text == "" or _WHITESPACE.search(text):
         return f'"{text}"'
     return text
 
