@@ -355,8 +355,8 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         # and their separable log priors: (b, K', |ud|) per direction, (b, |up|) per psi angle, (b, T) per translation
         has_p = fin_p[J][:, up].any(axis=1)
         cls_of = [c for c in classes if (fin_d[J, c][:, ud].any(axis=1) & has_p).any()]
-        dl = pri.dir_lp[J][:, cls_of][:, :, ud]
-        pl = pri.psi_lp[J][:, up]
+        dl = pri.dir_lp[np.ix_(J, np.asarray(cls_of, np.int64), ud)]  # one gather (chained: three copies)
+        pl = pri.psi_lp[np.ix_(J, up)]
         off = pri.off_lp[J]
         dlx, plx, offx = xp.asarray(dl), xp.asarray(pl), xp.asarray(off)
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
