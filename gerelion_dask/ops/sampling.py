@@ -375,9 +375,12 @@ class LocalSearch(NamedTuple):
 
 
 def _keep_gaussian(dist: np.ndarray, sigma: np.ndarray, cutoff: float) -> np.ndarray:
-    """Rows of normalised Gaussian weights of ``dist`` (P, N) within ``cutoff * sigma``; nearest one if none."""
+    """Rows of normalised Gaussian weights of ``dist`` (P, N) within ``cutoff * sigma``; nearest one if none.
+    The exponential is taken at the kept entries only (a local search keeps a few of thousands)."""
     keep = dist < cutoff * sigma[:, None]
-    w = np.where(keep, np.exp(-0.5 * (dist / sigma[:, None]) ** 2), 0.0)
+    w = np.zeros(dist.shape)
+    rows, cols = np.nonzero(keep)
+    w[rows, cols] = np.exp(-0.5 * (dist[rows, cols] / sigma[rows]) ** 2)
     empty = ~keep.any(axis=1)
     if empty.any():
         w[empty, np.argmin(dist[empty], axis=1)] = 1.0
@@ -438,7 +441,9 @@ def local_search_priors(
     ops = np.eye(3)[None] if dir_operators is None else np.asarray(dir_operators, dtype=np.float64)
     images = np.einsum("gij,nj->gni", ops, dirs)  # (G, N, 3): every symmetry image of every sampled direction
     pdir = direction_vectors(p_rot, p_tilt)  # (P, 3)
-    best = np.einsum("pi,gni->pgn", pdir, images).max(axis=1)
+    best = pdir @ images[0].T  # (P, N): cosine to the closest symmetry image (a matrix product per image: the
+    for img in images[1:]:  # (P, G, N) einsum took 0.7 s at order 5 for 1,000 particles)
+        np.maximum(best, pdir @ img.T, out=best)
     dist = np.rad2deg(np.arccos(np.clip(best, -1.0, 1.0)))
     sig_dir = np.maximum(s_rot, s_tilt)
     dir_prior = np.full(dist.shape, 1.0 / dist.shape[1])
