@@ -223,6 +223,25 @@ def test_local_search_uses_closest_symmetry_mate():
     assert ((a[1] > 0) == (d < 15.0)).all(), "kept = inside 3 sigma of the prior (brute force over the list)"
 
 
+def test_local_search_direction_weights_match_a_particle_by_particle_oracle():
+    # oracle: float64, one particle and one direction at a time: the angle to the closest symmetry image of each
+    # sampled direction (arccos of the dot products of the rotated unit vectors), Gaussian weights inside 3 sigma,
+    # normalised; D3 at order 3 with several particles and widths (one per particle)
+    au = s.asymmetric_unit_directions(3, "D3")
+    ops = direction_operators("D3")
+    rng = np.random.default_rng(5)
+    prot, ptilt = rng.uniform(-180, 180, 6), rng.uniform(0, 180, 6)
+    sig = np.array([2.0, 4.0, 7.5, 10.0, 15.0, 30.0])
+    got = s.local_search_priors(prot, ptilt, np.zeros(6), sig, sig, sig, au.rot, au.tilt, s.psi_angles(3), ops)[0]
+    dirs = s.direction_vectors(au.rot, au.tilt)
+    for p in range(6):
+        u = s.direction_vectors(prot[p], ptilt[p])
+        d = np.array([min(np.degrees(np.arccos(np.clip(float(u @ (g @ v)), -1.0, 1.0))) for g in ops) for v in dirs])
+        w = np.where(d < 3 * sig[p], np.exp(-0.5 * (d / sig[p]) ** 2), 0.0)
+        assert w.sum() > 0
+        np.testing.assert_allclose(got[p], w / w.sum(), rtol=1e-9, atol=1e-12)
+
+
 def test_local_search_falls_back_to_nearest():
     # oracle: RELION: if no direction survives, keep the single nearest one with weight 1
     au = s.asymmetric_unit_directions(2, "C4")
