@@ -49,23 +49,19 @@ def scatter_add(target, idx, values) -> None:
     depend on the order threads run in) and no host synchronisation: CuPy's own ``bincount`` checks its indices and
     their maximum on the host, two waits for the device per call.
     """
+    if not target.flags.c_contiguous:
+        raise ValueError("scatter_add needs a C-contiguous target (a flat view of it is updated in place)")
+    flat = target.reshape(-1)
     if is_cupy(target):
         import cupyx
 
-        if not target.flags.c_contiguous:
-            raise ValueError("scatter_add needs a C-contiguous target (a flat view of it is updated in place)")
-        flat = target.reshape(-1)
         if flat.dtype.kind == "c":  # atomics on the real and imaginary parts
             view = flat.view(flat.real.dtype).reshape(-1, 2)
             cupyx.scatter_add(view[:, 0], idx, values.real)
             cupyx.scatter_add(view[:, 1], idx, values.imag)
         else:
             cupyx.scatter_add(flat, idx, values)
-        return
-    if not target.flags.c_contiguous:
-        raise ValueError("scatter_add needs a C-contiguous target (a flat view of it is updated in place)")
-    flat = target.reshape(-1)
-    if np.iscomplexobj(target):
+    elif flat.dtype.kind == "c":
         flat.real[:] += np.bincount(idx, weights=np.real(values), minlength=flat.size)
         flat.imag[:] += np.bincount(idx, weights=np.imag(values), minlength=flat.size)
     else:
