@@ -187,6 +187,57 @@ def test_local_searches_around_prior_angles():
     assert np.median(err) < 8.0
 
 
+@pytest.mark.parametrize("local,seeded", [(False, False), (True, False), (False, True), (True, True)])
+def test_orientation_priors_equal_the_dense_definition(local, seeded):
+    # oracle: the dense float64 definition over (B, K, n_dir): log direction prior (learned per class, or each
+    # particle's Gaussian local prior from the dense local_search_priors) + log psi prior, -inf for an empty class
+    # (pdf_class 0) and for every class but the seed class, then minus the log of the mean of exp(prior) over the
+    # searched orientations of the particle; the separable / sparse OrientationPriors must give the same blocks
+    from gerelion_dask.expectation.estep import orientation_priors
+    from gerelion_dask.ops.sampling import local_search_priors
+
+    img, parts, A, off, s2, maps = _dataset(12, 1.0, seed=2)
+    model, st = _model_settings(maps + maps[:1] + maps[:1], s2, order=2)
+    K, n_dir = 3, st.grid.n_dir
+    rng = np.random.default_rng(0)
+    pdf_dir = rng.uniform(0.1, 1.0, (K, n_dir))
+    pdf_dir[1, ::3] = 0.0  # directions this class never takes
+    model = replace(model, pdf_class=np.array([0.5, 0.0, 0.5]) if not seeded else np.array([0.4, 0.3, 0.3]),
+                    pdf_direction=pdf_dir / pdf_dir.sum(axis=1, keepdims=True))
+    ang = np.stack(cv.matrix_to_euler(A), 1)
+    parts = replace(parts, angles=ang)
+    if seeded:
+        parts = replace(parts, seed_class=np.arange(12) % K)
+    if local:
+        st = replace(st, local_sigma_rot=6.0, local_sigma_psi=8.0)
+    pri = orientation_priors(parts, model, st)
+    with np.errstate(divide="ignore"):
+        if local:
+            rot, tilt = st.grid.dir_angles
+            dp, pp = local_search_priors(ang[:, 0], ang[:, 1], ang[:, 2], 6.0, 6.0, 8.0, rot, tilt, st.grid.psi)
+            D = np.repeat(np.log(dp)[:, None, :], K, axis=1)
+            psi_lp = np.log(pp)
+        else:
+            D = np.repeat(np.log(model.pdf_direction)[None], 12, axis=0)
+            psi_lp = np.zeros((12, st.grid.n_psi))
+    D[:, model.pdf_class == 0] = -np.inf
+    if seeded:
+        D = np.where((np.arange(K)[None] == parts.seed_class[:, None])[..., None], D, -np.inf)
+    full = D[:, :, :, None] + psi_lp[:, None, None, :]  # (B, K, n_dir, n_psi)
+    fin = np.isfinite(full)
+    log_mean = np.array([np.log(np.mean(np.exp(f[m]))) for f, m in zip(full, fin, strict=True)])
+    want = np.where(np.isfinite(D), D - log_mean[:, None, None], -np.inf)
+    got = pri.block(np.arange(12), list(range(K)), np.arange(n_dir))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(pri.psi_lp, psi_lp)
+    # a block of some particles, classes and directions is the same slice of the whole
+    J, cls, dirs = np.array([7, 2, 9]), [2, 0], np.array([0, 5, 6, 40, n_dir - 1])
+    np.testing.assert_array_equal(pri.block(J, cls, dirs), got[np.ix_(J, cls, dirs)])
+    if local:  # each particle's most likely direction is the one nearest its prior
+        np.testing.assert_array_equal(pri.most_likely_direction(), np.argmax(dp, axis=1))
+
+
 @pytest.mark.parametrize("cc,local", [(False, False), (True, False), (False, True)])
 def test_chunking_of_particles_does_not_change_results(cc, local):
     # oracle: the per-particle E-step (chunks of one particle) -- evaluating chunks of particles densely over the

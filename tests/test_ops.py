@@ -449,3 +449,15 @@ def test_significant_set_matches_full_sort(xp, fraction, maxsig):
         assert thr[i] == srt[k] if srt[k] > 0 else 0 < thr[i] <= row[row > 0].min()
         assert best[i] == np.argmax(row)
     assert np.all(np.diff(r) >= 0)
+
+
+def test_concat_ranges_equals_a_loop_of_aranges():
+    # oracle: np.concatenate of np.arange per run (empty runs, a scalar start, negative starts)
+    from gerelion_dask.ops.indexing import concat_ranges
+
+    rng = np.random.default_rng(2)
+    start, n = rng.integers(-50, 50, 40), rng.integers(0, 6, 40)
+    want = np.concatenate([np.arange(a, a + k) for a, k in zip(start, n, strict=True)])
+    np.testing.assert_array_equal(concat_ranges(start, n), want)
+    np.testing.assert_array_equal(concat_ranges(7, [0, 2, 3]), [7, 8, 7, 8, 9])
+    assert concat_ranges(np.zeros(0, int), np.zeros(0, int)).shape == (0,)

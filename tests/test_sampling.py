@@ -242,6 +242,66 @@ def test_local_search_direction_weights_match_a_particle_by_particle_oracle():
         np.testing.assert_allclose(got[p], w / w.sum(), rtol=1e-9, atol=1e-12)
 
 
+def _dense_local_oracle(prot, ptilt, sig, rot, tilt, ops, cutoff=3.0):
+    """float64 reference over the whole list: angle to the closest symmetry image of every direction, Gaussian
+    weights inside cutoff * sigma, the nearest direction alone when none is in range, uniform when sigma <= 0."""
+    dirs = s.direction_vectors(rot, tilt)
+    u = s.direction_vectors(prot, ptilt)
+    cos = np.max(np.stack([u @ (dirs @ g.T).T for g in ops]), axis=0)  # (P, N)
+    d = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    out = np.zeros(d.shape)
+    for p in range(len(d)):
+        if sig[p] <= 0:
+            out[p] = 1.0 / d.shape[1]
+            continue
+        w = np.where(d[p] < cutoff * sig[p], np.exp(-0.5 * (d[p] / sig[p]) ** 2), 0.0)
+        if not w.any():
+            w[np.argmin(d[p])] = 1.0
+        out[p] = w / w.sum()
+    return out
+
+
+@pytest.mark.parametrize("sym,order", [("C1", 3), ("C4", 3), ("D3", 2), ("O", 3), ("I", 2)])
+def test_sparse_local_search_equals_the_dense_reference(sym, order):
+    # oracle: _dense_local_oracle (every direction of the list tested in float64): the neighbourhood query must find
+    # every direction in range, also at the poles (tilt 0 / 180), at the azimuth seam (rot 0 / 360), with widths
+    # from far below the grid spacing (nearest direction alone) to caps past a hemisphere, and sigma 0 (uniform)
+    au = s.asymmetric_unit_directions(order, sym)
+    ops = direction_operators(sym)
+    rng = np.random.default_rng(11)
+    P = 60
+    prot = np.r_[rng.uniform(-180, 180, P - 8), [0.0, 0.0, 180.0, 359.999, -0.001, 45.0, 90.0, 10.0]]
+    ptilt = np.r_[rng.uniform(0, 180, P - 8), [0.0, 180.0, 1e-7, 90.0, 90.0, 179.9999, 0.05, 90.0]]
+    sig = rng.choice([0.05, 0.5, 2.0, 5.0, 12.0, 33.0, 70.0], P)
+    sig[[5, 17]] = 0.0
+    lp = s.local_search_sparse(prot, ptilt, np.zeros(P), sig, sig, 5.0, au.rot, au.tilt, s.psi_angles(order), ops)
+    want = _dense_local_oracle(prot, ptilt, sig, au.rot, au.tilt, ops)
+    got = lp.dense_directions(len(au.rot))
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    for p in range(P):  # each particle's row is ascending
+        row = lp.dir_index[lp.dir_ptr[p]:lp.dir_ptr[p + 1]]
+        assert np.all(np.diff(row) > 0)
+
+
+def test_local_search_candidates_cover_every_direction_in_range():
+    # oracle: brute force over all directions: the band-and-azimuth query returns a superset of the pairs within
+    # the radius, for caps at the poles, across the azimuth seam and larger than a hemisphere
+    rng = np.random.default_rng(3)
+    rot, tilt = s.healpix_directions(4)
+    dirs = s.direction_vectors(rot, tilt)
+    q = rng.normal(size=(200, 3))
+    q[:4] = [[0, 0, 1], [0, 0, -1], [1, -1e-9, 0], [1e-6, 0, 1]]
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    radius = np.exp(rng.uniform(np.log(1e-3), np.log(2.5), 200))
+    rows, cols = s._candidate_pairs(q, np.arange(200), radius, dirs)
+    got = set(zip(rows.tolist(), cols.tolist(), strict=True))
+    ang = np.arccos(np.clip(q @ dirs.T, -1, 1))
+    want = set(zip(*np.nonzero(ang < radius[:, None])))
+    assert want <= got
+    assert len(got) < 8 * len(want) + 50 * 200  # and not the whole sphere for every cap
+
+
 def test_local_search_falls_back_to_nearest():
     # oracle: RELION: if no direction survives, keep the single nearest one with weight 1
     au = s.asymmetric_unit_directions(2, "C4")

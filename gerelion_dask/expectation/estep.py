@@ -22,6 +22,7 @@ import numpy as np
 from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
+from ..ops.indexing import concat_ranges
 from ..ops.likelihood import coarse_select, orientation_log_prior
 from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
@@ -87,63 +88,137 @@ def _offset_log_prior(u_px, prior_px, pixel_size, sigma_offset_angst, xp=np):
 
 @dataclass(frozen=True)
 class OrientationPriors:
-    """Log priors of the coarse samples of a pool, separable as RELION's (-inf = not searched).
+    """Log priors of the coarse samples of a pool, separable as RELION's (-inf = not searched):
 
-    ``log p(c, dir, psi, t) = dir_lp[b, c, dir] + psi_lp[b, psi] + off_lp[b, t]``; ``dir_lp`` already holds the
-    [3.0+] normalisation by the mean over the sampled orientations (it changes only log-likelihood values).
+    ``log p(c, dir, psi, t) = class_lp[b, c] + D(b, c, dir) + psi_lp[b, psi] + off_lp[b, t]``
+
+    where ``D`` is the learned direction distribution of class ``c``, ``class_dir_lp[c, dir]`` (global searches), or
+    particle ``b``'s Gaussian local-search prior, held for its kept directions only (local searches: compressed rows
+    ``dir_index[dir_ptr[b]:dir_ptr[b + 1]]`` with log priors ``dir_value``; a pool's dense ``(B, K, n_dir)`` array
+    at HEALPix order 5 cost more host time than the pool's GPU passes).  ``class_lp`` holds -inf for classes a
+    particle does not search and otherwise the [3.0+] normalisation by the mean over the sampled orientations (it
+    changes only log-likelihood values).
     """
 
-    dir_lp: np.ndarray  # (B, K, n_dir)
+    class_lp: np.ndarray  # (B, K)
     psi_lp: np.ndarray  # (B, n_psi)
     off_lp: np.ndarray  # (B, T)
+    class_dir_lp: np.ndarray | None = None  # (K, n_dir): global searches
+    dir_ptr: np.ndarray | None = None  # (B + 1,): local searches
+    dir_index: np.ndarray | None = None  # (nnz,) ascending within each particle
+    dir_value: np.ndarray | None = None  # (nnz,) log priors
+
+    @property
+    def local(self) -> bool:
+        return self.dir_ptr is not None
+
+    def searched(self) -> np.ndarray:
+        """``(B, K)``: particle b searches at least one sample of class c."""
+        has_psi = np.isfinite(self.psi_lp).any(axis=1)
+        if self.local:
+            has_dir = np.diff(self.dir_ptr) > 0
+            return np.isfinite(self.class_lp) & (has_dir & has_psi)[:, None]
+        has_dir = np.isfinite(self.class_dir_lp).any(axis=1)
+        return np.isfinite(self.class_lp) & has_dir[None, :] & has_psi[:, None]
+
+    def direction_sets(self) -> list[np.ndarray]:
+        """Local searches: each particle's searched directions (ascending; empty if it searches no class)."""
+        on = np.isfinite(self.class_lp).any(axis=1)
+        parts = np.split(self.dir_index, self.dir_ptr[1:-1])
+        return [d if o else d[:0] for d, o in zip(parts, on, strict=True)]
+
+    def most_likely_direction(self) -> np.ndarray:
+        """Local searches: each particle's direction of highest prior (the lowest index among ties; 0 if none)."""
+        B = len(self.dir_ptr) - 1
+        rows = np.repeat(np.arange(B), np.diff(self.dir_ptr))
+        o = np.lexsort((self.dir_index, -self.dir_value, rows))  # per particle: highest value, then lowest index
+        first = np.zeros(B, np.int64)
+        nz = np.diff(self.dir_ptr) > 0
+        first[nz] = self.dir_index[o[self.dir_ptr[:-1][nz]]]
+        return first
+
+    def block(self, J: np.ndarray, classes, dirs: np.ndarray) -> np.ndarray:
+        """The direction-and-class log priors ``(len(J), len(classes), len(dirs))`` of particles ``J``, classes
+        ``classes`` and directions ``dirs`` (sorted), dense (-inf where not searched)."""
+        cls = np.asarray(classes, np.int64)
+        cl = self.class_lp[np.ix_(J, cls)][:, :, None]
+        if not self.local:
+            return cl + self.class_dir_lp[np.ix_(cls, dirs)][None]
+        lo, hi = self.dir_ptr[J], self.dir_ptr[np.asarray(J) + 1]
+        at = concat_ranges(lo, hi - lo)
+        rows = np.repeat(np.arange(len(J)), hi - lo)
+        col = np.searchsorted(dirs, self.dir_index[at])
+        inside = col < len(dirs)
+        inside[inside] = dirs[col[inside]] == self.dir_index[at[inside]]
+        d = np.full((len(J), len(dirs)), -np.inf)
+        d[rows[inside], col[inside]] = self.dir_value[at[inside]]
+        return cl + d[:, None, :]
 
 
 def orientation_priors(particles: PoolParticles, model: EStepModel, settings: EStepSettings) -> OrientationPriors:
     """Direction, psi and offset log priors of one pool (§3.5, §4.4).
 
     Global searches: the learned direction distribution per class.  Local searches: Gaussian priors around each
-    particle's previous angles (one implementation: :func:`gerelion_dask.ops.sampling.local_search_priors`), without
-    class fractions (RELION, all versions).
+    particle's previous angles (one implementation: :func:`gerelion_dask.ops.sampling.local_search_sparse`), without
+    class fractions (RELION, all versions), kept for the directions in range only.
     """
-    from ..ops.sampling import local_search_priors
+    from ..ops.sampling import local_search_sparse
 
     grid = settings.grid
     K = len(model.refs)
     B = len(particles.index)
     active = np.array([r is not None and p > 0 for r, p in zip(model.refs, model.pdf_class, strict=True)])
-    with np.errstate(divide="ignore"):
-        if settings.local_sigma_rot > 0:
-            rot, tilt = grid.dir_angles
-            a = particles.angles
-            s = settings.local_sigma_rot
-            dp, pp = local_search_priors(a[:, 0], a[:, 1], a[:, 2], s, s, settings.local_sigma_psi, rot, tilt,
-                                         grid.psi, settings.symmetry_operators)
-            dir_lp = np.broadcast_to(np.log(dp)[:, None, :], (B, K, grid.n_dir)).copy()
-            psi_lp = np.log(pp)
-        else:
-            pd = np.log(np.asarray(model.pdf_direction, dtype=np.float64))
-            dir_lp = np.broadcast_to(pd[None], (B, K, grid.n_dir)).copy()
-            psi_lp = np.zeros((B, grid.n_psi))
-    dir_lp[:, ~active] = -np.inf
+    search = np.broadcast_to(active, (B, K)).copy()
     if particles.seed_class is not None:
         keep = np.zeros((B, K), bool)
         keep[np.arange(B), particles.seed_class] = True
-        dir_lp[~keep] = -np.inf
-    # divide by the mean over the sampled (finite) orientations, computed separably for all particles at once
-    fd, fp = np.isfinite(dir_lp), np.isfinite(psi_lp)
-    nd, npsi = fd.sum(axis=(1, 2)), fp.sum(axis=1)
-    ok = (nd > 0) & (npsi > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        md = np.where(ok, np.max(np.where(fd, dir_lp, -np.inf), axis=(1, 2)), 0.0)
+        search &= keep
+    k_b = search.sum(axis=1)
+    local = settings.local_sigma_rot > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if local:
+            rot, tilt = grid.dir_angles
+            a = particles.angles
+            s = settings.local_sigma_rot
+            lp = local_search_sparse(a[:, 0], a[:, 1], a[:, 2], s, s, settings.local_sigma_psi, rot, tilt, grid.psi,
+                                     settings.symmetry_operators)
+            dir_value = np.log(lp.dir_prior)
+            psi_lp = np.log(lp.psi_prior)
+            # per particle over its kept directions: the largest log prior, the sum of exp(lp - max), the count;
+            # every searched class repeats them
+            n_b = np.diff(lp.dir_ptr)
+            rows = np.repeat(np.arange(B), n_b)
+            m_b = np.full(B, -np.inf)
+            np.maximum.at(m_b, rows, dir_value)
+            s_b = np.bincount(rows, weights=np.exp(dir_value - m_b[rows]), minlength=B)
+            md, sd, nd = m_b, k_b * s_b, k_b * n_b
+        else:
+            pd = np.log(np.asarray(model.pdf_direction, dtype=np.float64))
+            psi_lp = np.zeros((B, grid.n_psi))
+            fin = np.isfinite(pd)
+            m_c = np.max(np.where(fin, pd, -np.inf), axis=1)
+            s_c = np.where(fin, np.exp(pd - m_c[:, None]), 0.0).sum(axis=1)
+            n_c = fin.sum(axis=1)
+            use = search & (n_c > 0)[None, :]
+            md = np.max(np.where(use, m_c[None, :], -np.inf), axis=1)
+            sd = np.where(use, s_c[None, :] * np.exp(m_c[None, :] - md[:, None]), 0.0).sum(axis=1)
+            nd = np.where(use, n_c[None, :], 0).sum(axis=1)
+        # divide by the mean over the sampled (finite) orientations, separably for all particles at once
+        fp = np.isfinite(psi_lp)
+        npsi = fp.sum(axis=1)
+        ok = (nd > 0) & (npsi > 0)
         mp = np.where(ok, np.max(np.where(fp, psi_lp, -np.inf), axis=1), 0.0)
-        sd = np.where(fd, np.exp(dir_lp - md[:, None, None]), 0.0).sum(axis=(1, 2))
         sp = np.where(fp, np.exp(psi_lp - mp[:, None]), 0.0).sum(axis=1)
-        log_mean = np.where(ok, md + mp + np.log(sd) + np.log(sp) - np.log(nd) - np.log(npsi), 0.0)
-    dir_lp = np.where(fd, dir_lp - log_mean[:, None, None], dir_lp)
+        log_mean = np.where(ok, np.where(ok, md, 0.0) + mp + np.log(sd) + np.log(sp) - np.log(nd) - np.log(npsi),
+                            0.0)
+    class_lp = np.where(search, -log_mean[:, None], -np.inf)
     u = np.rint(particles.offset_px)[:, None, :] + grid.translations[None]
     off_lp = _offset_log_prior(u, particles.offset_prior_px, settings.preprocess.pixel_size,
                                model.sigma_offset_angst)
-    return OrientationPriors(dir_lp, psi_lp, off_lp)
+    if local:
+        return OrientationPriors(class_lp, psi_lp, off_lp, dir_ptr=lp.dir_ptr, dir_index=lp.dir_index,
+                                 dir_value=dir_value)
+    return OrientationPriors(class_lp, psi_lp, off_lp, class_dir_lp=pd)
 
 
 def _interleaved(xp, Z, dtype):
@@ -315,18 +390,18 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     if settings.do_cc:  # RELION's CC sums: the projector's circle with the kx = 0 twins, the whole window's power
         Wcc = gather(cc_pixel_weights(nc, xp), mc)[None, :]
         Xnorm = cc_image_norm(pre.fimg, nc)
-    fin_d = np.isfinite(pri.dir_lp)  # (B, K, n_dir)
+    searched = pri.searched()  # (B, K)
     fin_p = np.isfinite(pri.psi_lp)
-    classes = [c for c in range(K) if model.refs[c] is not None and fin_d[:, c].any()]
-    local = settings.local_sigma_rot > 0
+    classes = [c for c in range(K) if model.refs[c] is not None and searched[:, c].any()]
+    local = pri.local
 
     def projections(c, A):
         return coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
 
     if local:
-        dsets = [np.nonzero(fin_d[b].any(axis=0))[0] for b in range(B)]
+        dsets = pri.direction_sets()
         psets = [np.nonzero(fin_p[b])[0] for b in range(B)]
-        key = np.argmax(np.where(fin_d.any(axis=1), pri.dir_lp.max(axis=1), -np.inf), axis=1)
+        key = pri.most_likely_direction()
         chunks = overlap_chunks(dsets, psets, key, T * max(1, len(classes)), max_elems, waste)
         full = None
     else:
@@ -354,8 +429,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         # the chunk's classes with any searched sample (U holds every pair of its directions ud and psi angles up),
         # and their separable log priors: (b, K', |ud|) per direction, (b, |up|) per psi angle, (b, T) per translation
         has_p = fin_p[J][:, up].any(axis=1)
-        cls_of = [c for c in classes if (fin_d[J, c][:, ud].any(axis=1) & has_p).any()]
-        dl = pri.dir_lp[np.ix_(J, np.asarray(cls_of, np.int64), ud)]  # one gather (chained: three copies)
+        dl_all = pri.block(J, classes, ud)  # (b, K, |ud|)
+        has_c = np.isfinite(dl_all).any(axis=2) & has_p[:, None]
+        cls_of = [c for k, c in enumerate(classes) if has_c[:, k].any()]
+        dl = dl_all[:, [classes.index(c) for c in cls_of]]
         pl = pri.psi_lp[np.ix_(J, up)]
         off = pri.off_lp[J]
         dlx, plx, offx = xp.asarray(dl), xp.asarray(pl), xp.asarray(off)
@@ -412,6 +489,4 @@ def _particle_blocks_in_order(b: np.ndarray, n_sig: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
     where = np.zeros(len(n_sig), np.int64)
     where[b[starts]] = starts  # each particle's first row in the concatenation
-    n = n_sig
-    first = np.cumsum(n) - n  # its first row in the result
-    return np.arange(int(n.sum()), dtype=np.int64) + np.repeat(where - first, n)
+    return concat_ranges(where, n_sig)

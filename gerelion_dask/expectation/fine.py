@@ -29,6 +29,7 @@ from ..backend import deep_nbytes, get_xp, scatter_add, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
+from ..ops.indexing import concat_ranges
 from ..ops.likelihood import add_rows, children_diff2, pair_sums
 from ..ops.projector import project
 from .grid import OrientationGrid
@@ -172,9 +173,7 @@ class Significant:
     def rows_of(self, J) -> np.ndarray:
         """The rows of the particles ``J``, particle by particle in the order of ``J``."""
         lo = np.searchsorted(self.b, J, side="left")
-        n = np.searchsorted(self.b, J, side="right") - lo
-        first = np.cumsum(n) - n  # each particle's first position in the result
-        return np.arange(int(n.sum()), dtype=np.int64) + np.repeat(lo - first, n)
+        return concat_ranges(lo, np.searchsorted(self.b, J, side="right") - lo)
 
 
 def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float) -> list[np.ndarray]:

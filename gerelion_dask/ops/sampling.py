@@ -18,8 +18,8 @@ here                                       RELION (``healpix_sampling.cpp`` unle
 :func:`next_perturbation`,                 ``resetRandomlyPerturbedSampling``, the perturbation parts of
 :func:`perturb_orientations`,              ``getOrientations`` and ``getTranslationsInPixel``
 :func:`perturb_translations`
-:func:`local_search_priors`,               ``selectOrientationsWithNonZeroPriorProbability`` (rot+tilt prior,
-:func:`local_search`                       psi prior; no helical/bimodal/multi-body options)
+:func:`local_search_sparse`                ``selectOrientationsWithNonZeroPriorProbability`` (rot+tilt prior,
+(and its dense / list forms)               psi prior; no helical/bimodal/multi-body options)
 :func:`asymmetric_unit_directions`         ``setOrientations`` -> ``removeSymmetryEquivalentPoints`` (+``Geometric``)
 =========================================  =====================================================================
 
@@ -39,6 +39,7 @@ import numpy as np
 
 from ..conventions import euler_to_matrix
 from ..errors import InputError
+from .indexing import concat_ranges
 from .symmetry import direction_operators, parse_symmetry_name
 
 __all__ = [
@@ -61,6 +62,8 @@ __all__ = [
     "perturb_orientations",
     "perturb_translations",
     "LocalSearch",
+    "LocalPriors",
+    "local_search_sparse",
     "local_search_priors",
     "local_search",
     "Directions",
@@ -387,7 +390,74 @@ def _keep_gaussian(dist: np.ndarray, sigma: np.ndarray, cutoff: float) -> np.nda
     return w / w.sum(axis=1, keepdims=True)
 
 
-def local_search_priors(
+class LocalPriors(NamedTuple):
+    """Local-search priors of ``P`` particles: the kept directions as compressed rows (particle ``p``'s are
+    ``dir_index[dir_ptr[p]:dir_ptr[p + 1]]``, ascending, with normalised weights ``dir_prior`` at the same places)
+    and the psi priors as a dense ``(P, N_psi)`` array (psi lists are short)."""
+
+    dir_ptr: np.ndarray
+    dir_index: np.ndarray
+    dir_prior: np.ndarray
+    psi_prior: np.ndarray
+
+    def dense_directions(self, n_dir: int) -> np.ndarray:
+        """The direction priors as a dense ``(P, n_dir)`` array (0 where not searched)."""
+        P = len(self.dir_ptr) - 1
+        out = np.zeros((P, n_dir))
+        out[np.repeat(np.arange(P), np.diff(self.dir_ptr)), self.dir_index] = self.dir_prior
+        return out
+
+
+_QUERY_MARGIN = 1e-6  # radians added to every cap (arccos near the poles loses ~1e-8 rad): candidates are a superset
+
+
+def _candidate_pairs(q: np.ndarray, qrow: np.ndarray, radius: np.ndarray, dirs: np.ndarray) -> tuple:
+    """Pairs (row, direction) where unit vector ``q[i]`` (of particle ``qrow[i]``) may lie within ``radius[i]``
+    radians of direction ``dirs[j]``: a superset, found without testing every direction.  The directions are
+    binned into polar-angle bands of about one radius and sorted by azimuth inside each band; a cap covers at most
+    a few bands and, in each, one azimuth interval (two where it wraps past 0, the whole band near a pole)."""
+    if not len(q):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    theta_d = np.arccos(np.clip(dirs[:, 2], -1.0, 1.0))
+    phi_d = np.mod(np.arctan2(dirs[:, 1], dirs[:, 0]), 2 * np.pi)
+    h = float(np.clip(np.median(radius), np.pi / 4096, np.pi))
+    nb = int(math.ceil(np.pi / h))
+    band_d = np.minimum((theta_d / h).astype(np.int64), nb - 1)
+    keys = band_d * 8.0 + phi_d  # azimuths are < 2 pi < 8: one sorted key orders bands, then azimuths
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    r = radius + _QUERY_MARGIN
+    theta_q = np.arccos(np.clip(q[:, 2], -1.0, 1.0))
+    phi_q = np.mod(np.arctan2(q[:, 1], q[:, 0]), 2 * np.pi)
+    b_lo = (np.maximum(theta_q - r, 0.0) / h).astype(np.int64)
+    b_hi = np.minimum((np.minimum(theta_q + r, np.pi) / h).astype(np.int64), nb - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.sin(np.minimum(r, np.pi / 2)) / np.sin(theta_q)
+    # a cap over a pole (sin r >= sin theta) or past a hemisphere spans every azimuth; otherwise its azimuth
+    # half-width is asin(sin r / sin theta)
+    full = ~(ratio < 1.0) | (r >= np.pi / 2)
+    half = np.where(full, np.pi, np.arcsin(np.where(full, 0.0, ratio)) + _QUERY_MARGIN)
+    full |= half >= np.pi
+    lo, hi = phi_q - half, phi_q + half
+    # up to two azimuth intervals per (cap, band): the main one and its wrapped part
+    a1 = np.where(full, 0.0, np.maximum(lo, 0.0))
+    e1 = np.where(full, 7.0, np.minimum(hi, 2 * np.pi))
+    a2 = np.where(lo < 0, lo + 2 * np.pi, 0.0)
+    e2 = np.where(lo < 0, 2 * np.pi, np.where(hi > 2 * np.pi, hi - 2 * np.pi, -1.0))
+    e2 = np.where(full, -1.0, e2)
+    n_band = b_hi - b_lo + 1
+    qi = np.repeat(np.arange(len(q)), n_band)
+    band = concat_ranges(b_lo, n_band)
+    qi2 = np.concatenate([qi, qi])
+    base = np.concatenate([band, band]) * 8.0
+    start = np.searchsorted(keys, base + np.concatenate([a1[qi], a2[qi]]), side="left")
+    stop = np.searchsorted(keys, base + np.concatenate([e1[qi], e2[qi]]), side="right")
+    length = np.maximum(stop - start, 0)
+    pos = concat_ranges(start, length)
+    return qrow[np.repeat(qi2, length)], order[pos]
+
+
+def local_search_sparse(
     prior_rot,
     prior_tilt,
     prior_psi,
@@ -399,8 +469,8 @@ def local_search_priors(
     psi,
     dir_operators=None,
     sigma_cutoff: float = 3.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Dense Gaussian local-search priors over the coarse directions and psi angles.
+) -> LocalPriors:
+    """Gaussian local-search priors (RELION ``selectOrientationsWithNonZeroPriorProbability``), kept samples only.
 
     Parameters
     ----------
@@ -420,10 +490,11 @@ def local_search_priors(
 
     Returns
     -------
-    dir_prior : ``(P, N_dir)``, psi_prior : ``(P, N_psi)``
-        Each row sums to 1 and is 0 outside the search range.  Direction distance = angle between the prior direction
-        and the closest symmetry image of the sampled direction; psi distance = ``|psi - prior_psi|`` wrapped to
-        [0, 180].  A row with no sample in range keeps only its nearest sample (weight 1).
+    :class:`LocalPriors`: each particle's weights sum to 1 and are kept only inside the search range.  Direction
+    distance = angle between the prior direction and the closest symmetry image of the sampled direction
+    (``arccos`` of the largest dot product); psi distance = ``|psi - prior_psi|`` wrapped to [0, 180].  A particle
+    with no sample in range keeps only its nearest sample (weight 1).  Only directions near a prior are tested
+    (:func:`_candidate_pairs`), so the cost follows the kept samples, not the sphere.
 
     Raises
     ------
@@ -438,25 +509,73 @@ def local_search_priors(
     if np.any((s_rot > 0) != (s_tilt > 0)):
         raise NotImplementedError("local searches with only one of sigma_rot, sigma_tilt > 0 are not implemented")
     dirs = direction_vectors(rot, tilt)  # (N, 3)
+    N = len(dirs)
     ops = np.eye(3)[None] if dir_operators is None else np.asarray(dir_operators, dtype=np.float64)
-    images = np.einsum("gij,nj->gni", ops, dirs)  # (G, N, 3): every symmetry image of every sampled direction
     pdir = direction_vectors(p_rot, p_tilt)  # (P, 3)
-    best = pdir @ images[0].T  # (P, N): cosine to the closest symmetry image (a matrix product per image: the
-    for img in images[1:]:  # (P, G, N) einsum took 0.7 s at order 5 for 1,000 particles)
-        np.maximum(best, pdir @ img.T, out=best)
-    dist = np.rad2deg(np.arccos(np.clip(best, -1.0, 1.0)))
     sig_dir = np.maximum(s_rot, s_tilt)
-    dir_prior = np.full(dist.shape, 1.0 / dist.shape[1])
-    on = sig_dir > 0
-    if on.any():
-        dir_prior[on] = _keep_gaussian(dist[on], sig_dir[on], sigma_cutoff)
+    on = np.flatnonzero(sig_dir > 0)
+    # angle(p, g d) = angle(g^T p, d): the caps sit around every symmetry image of the prior direction
+    q = np.einsum("gji,pj->gpi", ops, pdir[on]).reshape(-1, 3)
+    qrow = np.tile(on, len(ops))
+    radius = np.deg2rad(sigma_cutoff * sig_dir[qrow])
+    rows, cols = _candidate_pairs(q, qrow, radius, dirs)
+    pair = np.unique(rows * N + cols)  # ascending: by particle, then direction
+    rows, cols = np.divmod(pair, N)
+    images = np.einsum("gij,nj->gni", ops, dirs)  # (G, N, 3)
+    best = np.einsum("ij,ij->i", pdir[rows], images[0][cols])
+    for img in images[1:]:
+        np.maximum(best, np.einsum("ij,ij->i", pdir[rows], img[cols]), out=best)
+    dist = np.rad2deg(np.arccos(np.clip(best, -1.0, 1.0)))
+    keep = dist < sigma_cutoff * sig_dir[rows]
+    rows, cols, dist = rows[keep], cols[keep], dist[keep]
+    w = np.exp(-0.5 * (dist / sig_dir[rows]) ** 2)
+    # particles with no direction in range keep their nearest one (the whole list tested, these rows only);
+    # particles without a direction prior keep every direction with equal weight
+    n_kept = np.bincount(rows, minlength=n_part)
+    lonely = on[n_kept[on] == 0]
+    if lonely.size:
+        cos = np.max(np.einsum("gni,pi->gpn", images, pdir[lonely]), axis=0)
+        rows = np.concatenate([rows, lonely])
+        cols = np.concatenate([cols, np.argmax(cos, axis=1)])
+        w = np.concatenate([w, np.ones(lonely.size)])
+    flat = np.flatnonzero(sig_dir <= 0)
+    if flat.size:
+        rows = np.concatenate([rows, np.repeat(flat, N)])
+        cols = np.concatenate([cols, np.tile(np.arange(N), flat.size)])
+        w = np.concatenate([w, np.ones(flat.size * N)])
+    if lonely.size or flat.size:
+        o = np.lexsort((cols, rows))
+        rows, cols, w = rows[o], cols[o], w[o]
+    count = np.bincount(rows, minlength=n_part)
+    w = w / np.bincount(rows, weights=w, minlength=n_part)[rows]
+    ptr = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
     dpsi = np.abs(np.asarray(psi, dtype=np.float64)[None, :] - p_psi[:, None])
     dpsi = np.where(dpsi > 180.0, np.abs(dpsi - 360.0), dpsi)
     psi_prior = np.full(dpsi.shape, 1.0 / dpsi.shape[1])
-    on = s_psi > 0
-    if on.any():
-        psi_prior[on] = _keep_gaussian(dpsi[on], s_psi[on], sigma_cutoff)
-    return dir_prior, psi_prior
+    on_psi = s_psi > 0
+    if on_psi.any():
+        psi_prior[on_psi] = _keep_gaussian(dpsi[on_psi], s_psi[on_psi], sigma_cutoff)
+    return LocalPriors(ptr, cols.astype(np.int64), w, psi_prior)
+
+
+def local_search_priors(
+    prior_rot,
+    prior_tilt,
+    prior_psi,
+    sigma_rot,
+    sigma_tilt,
+    sigma_psi,
+    rot,
+    tilt,
+    psi,
+    dir_operators=None,
+    sigma_cutoff: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`local_search_sparse` as dense arrays: ``dir_prior (P, N_dir)`` (0 outside the search range) and
+    ``psi_prior (P, N_psi)``.  Arguments as :func:`local_search_sparse`."""
+    lp = local_search_sparse(prior_rot, prior_tilt, prior_psi, sigma_rot, sigma_tilt, sigma_psi, rot, tilt, psi,
+                             dir_operators, sigma_cutoff)
+    return lp.dense_directions(len(np.atleast_1d(rot))), lp.psi_prior
 
 
 def local_search(
@@ -473,14 +592,14 @@ def local_search(
     sigma_cutoff: float = 3.0,
 ) -> list[LocalSearch]:
     """Per-particle lists of kept coarse direction / psi indices with normalised priors (RELION
-    ``selectOrientationsWithNonZeroPriorProbability``).  Arguments as :func:`local_search_priors`."""
-    dir_prior, psi_prior = local_search_priors(
-        prior_rot, prior_tilt, prior_psi, sigma_rot, sigma_tilt, sigma_psi, rot, tilt, psi, dir_operators, sigma_cutoff
-    )
+    ``selectOrientationsWithNonZeroPriorProbability``).  Arguments as :func:`local_search_sparse`."""
+    lp = local_search_sparse(prior_rot, prior_tilt, prior_psi, sigma_rot, sigma_tilt, sigma_psi, rot, tilt, psi,
+                             dir_operators, sigma_cutoff)
     out = []
-    for dp, pp in zip(dir_prior, psi_prior, strict=True):
-        di, pi = np.flatnonzero(dp > 0), np.flatnonzero(pp > 0)
-        out.append(LocalSearch(di, dp[di], pi, pp[pi]))
+    for p, pp in enumerate(lp.psi_prior):
+        sl = slice(lp.dir_ptr[p], lp.dir_ptr[p + 1])
+        pi = np.flatnonzero(pp > 0)
+        out.append(LocalSearch(lp.dir_index[sl], lp.dir_prior[sl], pi, pp[pi]))
     return out
 
 
