@@ -10,6 +10,8 @@ line: compare lines, not totals.  Runs on CuPy when a GPU is present, else NumPy
   python benchmarks/line_profile.py --from-run 4000 --iters 3 --pool 1000 --box 128 --apix 2 --maxsig 40
       (the last pool of a real refinement: dask_scaling.py's simulated data, run in process for --iters
       iterations; its coarse and fine passes are then timed on that pool's own inputs)
+  python benchmarks/line_profile.py --box 128 --apix 2 --n 1000 --order 5 --coarse 64 --current 96 --local-sigma 1.25
+      (a local search at HEALPix order 5 around the true angles; prints the host time of its priors too)
   python benchmarks/line_profile.py --from-run 4000 ... --save pool.pkl, then --load pool.pkl --no-trace
       (A/B: time two trees on one recorded pool, alternating processes; run-to-run drift on the GPU machine is
       ~25 %, larger than many changes)
@@ -127,6 +129,8 @@ def main():
     ap.add_argument("--maxsig", type=int, default=-1)
     ap.add_argument("--offset-range", type=float, default=5.0, help="pixels")
     ap.add_argument("--offset-step", type=float, default=2.0, help="pixels")
+    ap.add_argument("--local-sigma", type=float, default=0.0, metavar="DEG",
+                    help="a local search: Gaussian priors of this width around the true angles (synthetic pools)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--coarse-waste", type=float, default=0.0, help="coarse-pass chunk waste allowed (0: backend's)")
     ap.add_argument("--fine-max-elems", type=int, default=0, help="E-step chunk budget (0: backend's)")
@@ -172,9 +176,14 @@ def main():
         images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
         grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
         st = replace(st, grid=grid, maxsig=a.maxsig, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        if a.local_sigma > 0:
+            st = replace(st, local_sigma_rot=a.local_sigma, local_sigma_psi=a.local_sigma,
+                         symmetry_operators=np.eye(3)[None])
         cache = ProjectionCache(1 << 33)
         pre = preprocess_pool(images, parts, st.preprocess, model.sigma2_noise)
+        t0 = time.perf_counter()
         pri = orientation_priors(parts, model, st)
+        print(f"orientation_priors (host): {1e3 * (time.perf_counter() - t0):.1f} ms")
         sig = coarse_pass(xp, pre, parts, model, st, pri, cache)  # warm-up: compilation, plans, the projection cache
         fine_pass(xp, pre, parts, model, st, sig, cache)
         what = f"box {a.box}, {a.n} particles, noise {a.noise}"

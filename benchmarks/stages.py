@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gerelion_dask.backend import gpu_count  # noqa: E402
 from gerelion_dask.config import COARSE_PRECISIONS  # noqa: E402
+from gerelion_dask.conventions import matrix_to_euler  # noqa: E402
 from gerelion_dask.expectation.estep import (EStepModel, EStepSettings, coarse_pass,  # noqa: E402
                                              coarse_projections, expectation_pool, orientation_priors)
 from gerelion_dask.expectation.fine import ProjectionCache, fine_limits, fine_pass  # noqa: E402
@@ -64,8 +65,10 @@ def peak_bytes(xp):
 
 def synthetic_estep(xp, n: int, box: int, apix: float, noise: float, order: int, coarse: int, current: int):
     """A synthetic pool and the E-step inputs the per-stage benchmarks use: ``(images, particles, model, settings)``
-    with the phantom's reference (on ``xp``'s device), uniform direction priors and a global search at ``order``."""
-    img, parts, _, _, s2, maps = synthetic_pool(n, box, apix, noise, 0)
+    with the phantom's reference (on ``xp``'s device), uniform direction priors and a global search at ``order``
+    (the particles' previous angles are their true ones: a local search's priors centre on them)."""
+    img, parts, A, _, s2, maps = synthetic_pool(n, box, apix, noise, 0)
+    parts = replace(parts, angles=np.stack(matrix_to_euler(A), axis=1))
     dirs = asymmetric_unit_directions(order, "C1")
     grid = OrientationGrid(order, dirs.pix, angular_step(order), 5.0, 2.0, 0.25)
     ref = make_reference(maps[0], r_max=current // 2)
