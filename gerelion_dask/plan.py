@@ -36,7 +36,7 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
-  M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = slice_bytes / s_p``, at most 4,096, ``s_p = 32 h``
+  M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = project_bytes / s_p``, at most 4,096, ``s_p = 32 h``
   on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own array (no
   copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U, cache_bytes)``,
   ``U`` below) unless the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each fine orientation
@@ -213,7 +213,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     slice_bytes = limits["slice_bytes"]
     row_i, row_p = insert_row_bytes(n, M, backend == "gpu"), project_row_bytes(n, backend == "gpu")
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
-    projecting = 16 * R * M + min(R, 4096, max(1, slice_bytes // row_p)) * row_p
+    projecting = 16 * R * M + min(R, 4096, max(1, limits["project_bytes"] // row_p)) * row_p
     # the fine pass's peak is one of its phases, which do not coexist: the group's diff2 (beside its weighted images;
     # NumPy's batch temporaries), the group's posterior weights, a chunk of pairs of the
     # weighted sums (~100 bytes a pixel of E / 8 pair pixels, beside the children's index arrays: ~40 bytes a child

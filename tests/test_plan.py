@@ -124,7 +124,7 @@ def test_gpu_budgets_shrink_with_the_gpu_memory():
     assert (small["waste"], small["coarse_dtype"]) == (g["waste"], g["coarse_dtype"])
     assert gpu_limits(g, 1 << 30)["max_elems"] == 1 << 20 and gpu_limits(g, 1 << 30)["slice_bytes"] == 64 << 20
     sizes = [2**30 * s for s in (1, 4, 8, 12, 16, 24, 32, 40, 48, 64, 77, 78, 80)]
-    for key in ("max_elems", "cache_bytes", "slice_bytes"):
+    for key in ("max_elems", "cache_bytes", "slice_bytes", "project_bytes"):
         vals = [gpu_limits(g, s)[key] for s in sizes]
         assert vals == sorted(vals) and vals[-1] == g[key], key
     assert GPU_SIZED_FOR <= 79 * 2**30  # an 80 GB H100 reports ~79.6 GiB

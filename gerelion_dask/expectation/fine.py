@@ -55,10 +55,13 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # in the 3D insertion at the end of the fine pass (``insert_row_bytes``); all of a pool's slices at once took 9-12 GB
 # per 1,000 slices at 256 px (memory_check --lines).  A NumPy insertion chunk costs a few passes over the whole
 # volume (``bincount``), so the CPU's chunks are larger.
+# ``project_bytes``: the working memory of one chunk of projections (``project_gathered``); NumPy's projector makes
+# ~200 bytes of temporaries per half-plane pixel and runs 2.6-3x faster in chunks of 3-50 MiB than of 0.4-1.6 GiB
+# (cache misses: 8,000 projections at 32 and 64 px on this 2-core VM, RESULTS.md, seventeenth session).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
-                       "slice_bytes": 4 << 30, "coarse_factor": 1},
+                       "slice_bytes": 4 << 30, "project_bytes": 32 << 20, "coarse_factor": 1},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "slice_bytes": 2 << 30, "coarse_factor": 2}}
+                       "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 2}}
 
 
 # FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is
@@ -76,6 +79,7 @@ def gpu_limits(limits: dict, total_bytes: float) -> dict:
     out = dict(limits)
     out["cache_bytes"] = int(limits["cache_bytes"] * f)
     out["slice_bytes"] = max(64 << 20, int(limits["slice_bytes"] * f))
+    out["project_bytes"] = max(64 << 20, int(limits["project_bytes"] * f))
     out["max_elems"] = max(1 << 20, 1 << int(math.log2(max(1.0, limits["max_elems"] * f))))
     return out
 
@@ -136,9 +140,9 @@ def gather(a, mask):
 def project_gathered(ref, A, n: int, mask, xp, max_bytes: int | None = None):
     """Projections of ``ref`` at the rotations ``A (R, 3, 3)``, size ``n``, window pixels ``mask`` -> ``(R, M)``;
     a chunk of rotations at a time whose full slices hold at most ``max_bytes`` (default: the backend's
-    ``FINE_LIMITS[...]["slice_bytes"]``; at most 4,096 rotations), written into one output array."""
+    ``FINE_LIMITS[...]["project_bytes"]``; at most 4,096 rotations), written into one output array."""
     if max_bytes is None:
-        max_bytes = fine_limits(xp)["slice_bytes"]
+        max_bytes = fine_limits(xp)["project_bytes"]
     chunk = min(4096, max(1, int(max_bytes // project_row_bytes(n, xp is not np))))
     out = None
     for s in range(0, len(A), chunk):
