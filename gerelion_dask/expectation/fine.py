@@ -58,7 +58,7 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # ``project_bytes``: the working memory of one chunk of projections (``project_gathered``); NumPy's projector makes
 # ~200 bytes of temporaries per half-plane pixel and runs 3-4x faster in chunks of 8 MiB than of up to 4 GiB (cache
 # misses; 32, 64 and 128 px on the 2-core VM: 12,900 / 2,680 / 711 against 4,370 / 693 / 178 projections/s,
-# RESULTS.md, seventeenth session).
+# RESULTS.md, seventeenth session; benchmarks/projection_chunks.py).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
                        "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1},
                "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
