@@ -190,11 +190,11 @@ def test_local_searches_around_prior_angles():
 @pytest.mark.parametrize("local,seeded", [(False, False), (True, False), (False, True), (True, True)])
 def test_orientation_priors_equal_the_dense_definition(local, seeded):
     # oracle: the dense float64 definition over (B, K, n_dir): log direction prior (learned per class, or each
-    # particle's Gaussian local prior from the dense local_search_priors) + log psi prior, -inf for an empty class
+    # particle's Gaussian local prior, local_search_sparse scattered to all directions) + log psi prior, -inf for an empty class
     # (pdf_class 0) and for every class but the seed class, then minus the log of the mean of exp(prior) over the
     # searched orientations of the particle; the separable / sparse OrientationPriors must give the same blocks
     from gerelion_dask.expectation.estep import orientation_priors
-    from gerelion_dask.ops.sampling import local_search_priors
+    from gerelion_dask.ops.sampling import local_search_sparse
 
     img, parts, A, off, s2, maps = _dataset(12, 1.0, seed=2)
     model, st = _model_settings(maps + maps[:1] + maps[:1], s2, order=2)
@@ -214,7 +214,8 @@ def test_orientation_priors_equal_the_dense_definition(local, seeded):
     with np.errstate(divide="ignore"):
         if local:
             rot, tilt = st.grid.dir_angles
-            dp, pp = local_search_priors(ang[:, 0], ang[:, 1], ang[:, 2], 6.0, 6.0, 8.0, rot, tilt, st.grid.psi)
+            lp = local_search_sparse(ang[:, 0], ang[:, 1], ang[:, 2], 6.0, 6.0, 8.0, rot, tilt, st.grid.psi)
+            dp, pp = lp.dense_directions(n_dir), lp.psi_prior
             D = np.repeat(np.log(dp)[:, None, :], K, axis=1)
             psi_lp = np.log(pp)
         else:

@@ -194,7 +194,7 @@ def test_local_search_pole_neighbours_c1():
     # tilt acos(1 - 4/48) = 23.6 deg; a prior at the pole with 3 sigma = 20 deg keeps exactly the first ring.
     au = s.asymmetric_unit_directions(2, "C1")
     psi = s.psi_angles(2)
-    (ls,) = s.local_search(0.0, 0.0, 37.0, 20 / 3, 20 / 3, 5.0, au.rot, au.tilt, psi)
+    ls = s.local_search_sparse(0.0, 0.0, 37.0, 20 / 3, 20 / 3, 5.0, au.rot, au.tilt, psi).row(0)
     assert len(ls.dir_indices) == 4
     np.testing.assert_allclose(au.tilt[ls.dir_indices], np.degrees(np.arccos(1 - 1 / 48)))
     np.testing.assert_allclose(ls.dir_prior, 0.25)
@@ -207,7 +207,7 @@ def test_local_search_pole_neighbours_c1():
 def test_local_search_psi_wraps_around_180():
     # oracle: RELION: |dpsi| > 180 -> |dpsi - 360|; prior -170 with 3 sigma = 15: psi 180 (10 deg), 195 (5 deg)
     au = s.asymmetric_unit_directions(1, "C1")
-    (ls,) = s.local_search(0.0, 90.0, -170.0, 10.0, 10.0, 5.0, au.rot, au.tilt, s.psi_angles(2))
+    ls = s.local_search_sparse(0.0, 90.0, -170.0, 10.0, 10.0, 5.0, au.rot, au.tilt, s.psi_angles(2)).row(0)
     assert s.psi_angles(2)[ls.psi_indices].tolist() == [180.0, 195.0]
 
 
@@ -216,7 +216,8 @@ def test_local_search_uses_closest_symmetry_mate():
     au = s.asymmetric_unit_directions(2, "C4")
     psi = s.psi_angles(2)
     ops = direction_operators("C4")
-    a = s.local_search_priors([100.0, 10.0], [60.0, 60.0], [0.0, 0.0], 5.0, 5.0, 5.0, au.rot, au.tilt, psi, ops)[0]
+    a = s.local_search_sparse([100.0, 10.0], [60.0, 60.0], [0.0, 0.0], 5.0, 5.0, 5.0, au.rot, au.tilt, psi,
+                              ops).dense_directions(len(au.rot))
     np.testing.assert_allclose(a[0], a[1], atol=1e-12)
     assert (a[0] > 0).sum() >= 1
     d = np.degrees(np.arccos(np.clip(s.direction_vectors(au.rot, au.tilt) @ s.direction_vectors(10.0, 60.0), -1, 1)))
@@ -232,7 +233,8 @@ def test_local_search_direction_weights_match_a_particle_by_particle_oracle():
     rng = np.random.default_rng(5)
     prot, ptilt = rng.uniform(-180, 180, 6), rng.uniform(0, 180, 6)
     sig = np.array([2.0, 4.0, 7.5, 10.0, 15.0, 30.0])
-    got = s.local_search_priors(prot, ptilt, np.zeros(6), sig, sig, sig, au.rot, au.tilt, s.psi_angles(3), ops)[0]
+    got = s.local_search_sparse(prot, ptilt, np.zeros(6), sig, sig, sig, au.rot, au.tilt, s.psi_angles(3),
+                                ops).dense_directions(len(au.rot))
     dirs = s.direction_vectors(au.rot, au.tilt)
     for p in range(6):
         u = s.direction_vectors(prot[p], ptilt[p])
@@ -305,7 +307,7 @@ def test_local_search_candidates_cover_every_direction_in_range():
 def test_local_search_falls_back_to_nearest():
     # oracle: RELION: if no direction survives, keep the single nearest one with weight 1
     au = s.asymmetric_unit_directions(2, "C4")
-    (ls,) = s.local_search(100.0, 60.0, 3.0, 1.0, 1.0, 0.1, au.rot, au.tilt, s.psi_angles(2))  # C1 operators only
+    ls = s.local_search_sparse(100.0, 60.0, 3.0, 1.0, 1.0, 0.1, au.rot, au.tilt, s.psi_angles(2)).row(0)  # C1 ops
     d = s.direction_vectors(au.rot, au.tilt) @ s.direction_vectors(100.0, 60.0)
     assert ls.dir_indices.tolist() == [int(np.argmax(d))] and ls.dir_prior.tolist() == [1.0]
     assert ls.psi_indices.tolist() == [0] and ls.psi_prior.tolist() == [1.0]
@@ -314,11 +316,12 @@ def test_local_search_falls_back_to_nearest():
 def test_local_search_without_sigma_is_uniform():
     # oracle: RELION: no prior (sigma 0) -> every sample, equal weight
     au = s.asymmetric_unit_directions(1, "C1")
-    dp, pp = s.local_search_priors([0.0, 5.0], [0.0, 5.0], [0.0, 5.0], 0.0, 0.0, 0.0, au.rot, au.tilt, s.psi_angles(1))
+    lp = s.local_search_sparse([0.0, 5.0], [0.0, 5.0], [0.0, 5.0], 0.0, 0.0, 0.0, au.rot, au.tilt, s.psi_angles(1))
+    dp, pp = lp.dense_directions(len(au.rot)), lp.psi_prior
     np.testing.assert_allclose(dp, 1 / 48)
     np.testing.assert_allclose(pp, 1 / 12)
     with pytest.raises(NotImplementedError):
-        s.local_search_priors(0.0, 0.0, 0.0, 1.0, 0.0, 1.0, au.rot, au.tilt, s.psi_angles(1))
+        s.local_search_sparse(0.0, 0.0, 0.0, 1.0, 0.0, 1.0, au.rot, au.tilt, s.psi_angles(1))
 
 
 # ---------------------------------------------------------------------------------------------------- asymmetric unit

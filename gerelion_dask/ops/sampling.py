@@ -19,7 +19,7 @@ here                                       RELION (``healpix_sampling.cpp`` unle
 :func:`perturb_orientations`,              ``getOrientations`` and ``getTranslationsInPixel``
 :func:`perturb_translations`
 :func:`local_search_sparse`                ``selectOrientationsWithNonZeroPriorProbability`` (rot+tilt prior,
-(and its dense / list forms)               psi prior; no helical/bimodal/multi-body options)
+                                           psi prior; no helical/bimodal/multi-body options)
 :func:`asymmetric_unit_directions`         ``setOrientations`` -> ``removeSymmetryEquivalentPoints`` (+``Geometric``)
 =========================================  =====================================================================
 
@@ -64,8 +64,6 @@ __all__ = [
     "LocalSearch",
     "LocalPriors",
     "local_search_sparse",
-    "local_search_priors",
-    "local_search",
     "Directions",
     "asymmetric_unit_directions",
 ]
@@ -400,6 +398,12 @@ class LocalPriors(NamedTuple):
     dir_prior: np.ndarray
     psi_prior: np.ndarray
 
+    def row(self, p: int) -> LocalSearch:
+        """Particle ``p``'s kept direction and psi indices with their weights."""
+        sl = slice(int(self.dir_ptr[p]), int(self.dir_ptr[p + 1]))
+        pi = np.flatnonzero(self.psi_prior[p] > 0)
+        return LocalSearch(self.dir_index[sl], self.dir_prior[sl], pi, self.psi_prior[p, pi])
+
     def dense_directions(self, n_dir: int) -> np.ndarray:
         """The direction priors as a dense ``(P, n_dir)`` array (0 where not searched)."""
         P = len(self.dir_ptr) - 1
@@ -556,51 +560,6 @@ def local_search_sparse(
     if on_psi.any():
         psi_prior[on_psi] = _keep_gaussian(dpsi[on_psi], s_psi[on_psi], sigma_cutoff)
     return LocalPriors(ptr, cols.astype(np.int64), w, psi_prior)
-
-
-def local_search_priors(
-    prior_rot,
-    prior_tilt,
-    prior_psi,
-    sigma_rot,
-    sigma_tilt,
-    sigma_psi,
-    rot,
-    tilt,
-    psi,
-    dir_operators=None,
-    sigma_cutoff: float = 3.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`local_search_sparse` as dense arrays: ``dir_prior (P, N_dir)`` (0 outside the search range) and
-    ``psi_prior (P, N_psi)``.  Arguments as :func:`local_search_sparse`."""
-    lp = local_search_sparse(prior_rot, prior_tilt, prior_psi, sigma_rot, sigma_tilt, sigma_psi, rot, tilt, psi,
-                             dir_operators, sigma_cutoff)
-    return lp.dense_directions(len(np.atleast_1d(rot))), lp.psi_prior
-
-
-def local_search(
-    prior_rot,
-    prior_tilt,
-    prior_psi,
-    sigma_rot,
-    sigma_tilt,
-    sigma_psi,
-    rot,
-    tilt,
-    psi,
-    dir_operators=None,
-    sigma_cutoff: float = 3.0,
-) -> list[LocalSearch]:
-    """Per-particle lists of kept coarse direction / psi indices with normalised priors (RELION
-    ``selectOrientationsWithNonZeroPriorProbability``).  Arguments as :func:`local_search_sparse`."""
-    lp = local_search_sparse(prior_rot, prior_tilt, prior_psi, sigma_rot, sigma_tilt, sigma_psi, rot, tilt, psi,
-                             dir_operators, sigma_cutoff)
-    out = []
-    for p, pp in enumerate(lp.psi_prior):
-        sl = slice(lp.dir_ptr[p], lp.dir_ptr[p + 1])
-        pi = np.flatnonzero(pp > 0)
-        out.append(LocalSearch(lp.dir_index[sl], lp.dir_prior[sl], pi, pp[pi]))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
