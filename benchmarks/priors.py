@@ -34,7 +34,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     B = a.n
     ang = np.c_[rng.uniform(-180, 180, B), rng.uniform(0, 180, B), rng.uniform(-180, 180, B)]
-    print("| order | directions | psi | local_search_sparse (s) | orientation_priors (s) | directions kept / particle |")
+    print("| order | directions | psi | local_search_sparse (s) | orientation_priors (s) | directions kept/particle |")
     print("|---|---|---|---|---|---|")
     for order in a.orders:
         rot, tilt = healpix_directions(order)
