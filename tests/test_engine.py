@@ -191,8 +191,9 @@ def test_local_searches_around_prior_angles():
 def test_orientation_priors_equal_the_dense_definition(local, seeded):
     # oracle: the dense float64 definition over (B, K, n_dir): log direction prior (learned per class, or each
     # particle's Gaussian local prior, local_search_sparse scattered to all directions) + log psi prior, -inf for an
-    # empty class (pdf_class 0) and for every class but the seed class, then minus the log of the mean of exp(prior) over the
-    # searched orientations of the particle; the separable / sparse OrientationPriors must give the same blocks
+    # empty class (pdf_class 0) and for every class but the seed class, then minus the log of the mean of exp(prior)
+    # over the searched orientations of the particle; the separable / sparse OrientationPriors must give the same
+    # blocks
     from gerelion_dask.expectation.estep import orientation_priors
     from gerelion_dask.ops.sampling import local_search_sparse
 
