@@ -470,9 +470,13 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         rb, rc, ro = xp.asarray(J)[jj], xp.asarray(np.asarray(cls_of, np.int64))[blk], xp.asarray(U)[u]
         rlp = (dlx[jj, blk, u // len(up)] + plx[jj, u % len(up)]) + offx[jj, t]
         order = xp.argsort(((rb * K + rc) * O + ro) * T + t)
-        for rows, v in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), (rb, rc, ro, t, rlp), strict=True):
-            rows.append(to_host(v[order]))
-        n_sig[J] = to_host(xp.bincount(jj, minlength=b))
+        # one gather and one copy to the host: the four index columns and the log priors' bits, stacked
+        cols = [v.astype(np.int64, copy=False) for v in (rb, rc, ro, t)]
+        packed = to_host(xp.stack(cols + [rlp.astype(np.float64, copy=False).view(np.int64)])[:, order])
+        for rows, v in zip((rows_b, rows_c, rows_o, rows_t), packed[:4], strict=True):
+            rows.append(v)
+        rows_lp.append(packed[4].view(np.float64))
+        n_sig[J] = np.bincount(packed[0], minlength=B)[J]
         ibh = to_host(ib)
         best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[ibh % nU]
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0),)
