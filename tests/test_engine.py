@@ -103,12 +103,18 @@ def test_absorb_adds_in_place_exactly_like_plus(xp):
         assert np.array_equal(to_np(y), x) if f.name != "grid" else x == y, f.name
 
 
-def test_estep_gpu_matches_numpy(xp):
-    # oracle: the float64 NumPy path -- the same pool on CuPy gives the same poses and partial sums
+@pytest.mark.parametrize("local", [False, True])
+def test_estep_gpu_matches_numpy(xp, local):
+    # oracle: the float64 NumPy path -- the same pool on CuPy gives the same poses and partial sums (global
+    # searches, and local searches: each particle's own orientations as one batched GEMM per chunk)
     if xp is np:
         pytest.skip("compares CuPy with NumPy")
     img, parts, A, off, s2, maps = _dataset(20, 1.0, seed=3)
-    model, st = _model_settings(maps, s2, order=1)
+    model, st = _model_settings(maps, s2, order=1 if not local else 2)
+    if local:
+        ang = np.stack(cv.matrix_to_euler(A), 1) + np.random.default_rng(1).normal(0, 4, (len(A), 3))
+        parts = replace(parts, angles=ang)
+        st = replace(st, local_sigma_rot=8.0, local_sigma_psi=8.0, symmetry_operators=np.eye(3)[None])
     p_np, r_np = expectation_pool(img, parts, model, st)
     mg = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
     p_gpu, r_gpu = expectation_pool(xp.asarray(img), parts, mg, st)

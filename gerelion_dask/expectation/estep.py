@@ -27,7 +27,7 @@ from ..ops.likelihood import coarse_select, orientation_log_prior
 from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
 from .partials import PoolResult
-from .fine import Significant, fine_limits, fine_pass, gather, overlap_chunks, project_gathered
+from .fine import Significant, fine_limits, fine_pass, gather, project_gathered
 from .preprocess import PoolParticles, PreprocessSettings, preprocess_pool
 
 __all__ = ["EStepModel", "EStepSettings", "expectation_pool"]
@@ -137,6 +137,21 @@ class OrientationPriors:
         first[nz] = self.dir_index[o[self.dir_ptr[:-1][nz]]]
         return first
 
+    def own_directions(self, J: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local searches: the directions of particles ``J`` and their log priors as ``(len(J), width)`` arrays,
+        each row padded with its first direction (direction 0 for an empty row) at prior -inf (``width`` at
+        least the longest row)."""
+        J = np.asarray(J)
+        lo, n = self.dir_ptr[J], np.minimum(np.diff(self.dir_ptr)[J], width)
+        rows, pos = np.repeat(np.arange(len(J)), n), concat_ranges(0, n)
+        at = concat_ranges(lo, n)
+        first = np.where(n > 0, self.dir_index[np.minimum(lo, max(len(self.dir_index) - 1, 0))], 0)
+        dirs = np.repeat(first[:, None], width, axis=1)
+        value = np.full((len(J), width), -np.inf)
+        dirs[rows, pos] = self.dir_index[at]
+        value[rows, pos] = self.dir_value[at]
+        return dirs, value
+
     def block(self, J: np.ndarray, classes, dirs: np.ndarray) -> np.ndarray:
         """The direction-and-class log priors ``(len(J), len(classes), len(dirs))`` of particles ``J``, classes
         ``classes`` and directions ``dirs`` (sorted), dense (-inf where not searched)."""
@@ -245,11 +260,16 @@ def coarse_projections(xp, P, dtype) -> CoarseProjections:
 def _cross_term(xp, Z, phase, proj: CoarseProjections, out=None):
     """``g (B, T, O) = Re sum_k (Z s_t)(k) conj(P_o(k))`` for particle-side ``Z (B, M)`` and phases ``s (T, M)``: one
     real GEMM over interleaved real and imaginary parts, in the precision of ``proj`` (``out``: a contiguous array of
-    that shape and dtype to write into)."""
+    that shape and dtype to write into).  Projections ``(O, 2M)`` are shared by the particles; ``(B, O, 2M)`` are
+    each particle's own (local searches: one batched GEMM)."""
     dtype = proj.interleaved.dtype
     ct = np.complex64 if dtype == np.float32 else np.complex128
     Bn, T = Z.shape[0], phase.shape[0]
-    Y = _interleaved(xp, Z.astype(ct)[:, None, :] * phase.astype(ct)[None], dtype).reshape(Bn * T, -1)  # (B T, 2M)
+    Y = _interleaved(xp, Z.astype(ct)[:, None, :] * phase.astype(ct)[None], dtype)  # (B, T, 2M)
+    if proj.interleaved.ndim == 3:
+        Pt = proj.interleaved.transpose(0, 2, 1)
+        return xp.matmul(Y, Pt) if out is None else xp.matmul(Y, Pt, out=out)
+    Y = Y.reshape(Bn * T, -1)
     if out is None:
         return (Y @ proj.interleaved.T).reshape(Bn, T, -1)
     xp.matmul(Y, proj.interleaved.T, out=out.reshape(Bn * T, -1))
@@ -257,8 +277,12 @@ def _cross_term(xp, Z, phase, proj: CoarseProjections, out=None):
 
 
 def _power_term(xp, W, Cr, proj: CoarseProjections):
-    """``p (B, O) = sum_k w c^2 |P_o|^2`` (in the precision of ``proj``, returned as float64)."""
-    return ((W * Cr * Cr).astype(proj.power.dtype) @ proj.power.T).astype(np.float64, copy=False)
+    """``p (B, O) = sum_k w c^2 |P_o|^2`` (in the precision of ``proj``, returned as float64; projections shared
+    ``(O, M)`` or each particle's own ``(B, O, M)``)."""
+    v = (W * Cr * Cr).astype(proj.power.dtype)
+    if proj.power.ndim == 3:
+        return xp.matmul(v[:, None, :], proj.power.transpose(0, 2, 1))[:, 0].astype(np.float64, copy=False)
+    return (v @ proj.power.T).astype(np.float64, copy=False)
 
 
 def _cc_block(xp, X, C, w, normx, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, off, out=None):
@@ -370,7 +394,6 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     O = grid.n_dir * n_psi
     limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
-    waste = settings.coarse_waste or limits["waste"]
     dtype = np.dtype(settings.coarse_dtype if settings.coarse_dtype != "auto" else limits["coarse_dtype"])
     scale = np.asarray(model.scales)[particles.group]
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
@@ -382,6 +405,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
 
     key = ("coarse-pixels", nc, N, settings.do_cc, grid.translations.tobytes())
     mc, shc, phase_c = cache.whole(key, pixels) if cache is not None else pixels()
+    mc_host = np.flatnonzero(likelihood_pixels(nc, include_dc=settings.do_cc))
     Xc = gather(window_rfft2(pre.fimg, nc), mc)
     Cc = gather(window_rfft2(pre.ctf, nc), mc) * xp.asarray(scale)[:, None]
     Wc = 1.0 / (2.0 * xp.asarray(sig2)[xp.asarray(particles.optics_group)][:, shc])  # on the device
@@ -399,10 +423,13 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         return coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
 
     if local:
-        dsets = pri.direction_sets()
-        psets = [np.nonzero(fin_p[b])[0] for b in range(B)]
-        key = pri.most_likely_direction()
-        chunks = overlap_chunks(dsets, psets, key, T * max(1, len(classes)), max_elems, waste)
+        # each particle's own directions (compressed rows) and psi angles, evaluated as one batched GEMM per chunk;
+        # particles in the order of their most likely direction, so that neighbours share projections
+        n_d = np.where(np.isfinite(pri.class_lp).any(axis=1), np.diff(pri.dir_ptr), 0)
+        n_p = fin_p.sum(axis=1)
+        rows_budget = limits["coarse_factor"] * max_elems * 8 // (40 * len(mc_host))  # projection rows per chunk
+        chunks = _local_chunks(np.argsort(pri.most_likely_direction(), kind="stable"), np.maximum(n_d, 1),
+                               np.maximum(n_p, 1), T * max(1, len(classes)), max_elems, rows_budget)
         full = None
     else:
         # global searches: the chunk's float32 cross terms are the whole block, so the GPU takes twice the budget
@@ -419,25 +446,37 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         b = len(J)
         Jx = xp.asarray(J)
         if local:
-            ud = np.unique(np.concatenate([dsets[j] for j in J]))
-            up = np.unique(np.concatenate([psets[j] for j in J]))
-            U = (ud[:, None] * n_psi + up[None, :]).ravel()
-            A = grid.coarse_matrices(U // n_psi, U % n_psi)
+            # particle j searches its directions ud[j] x psi angles up[j] (padded with its first ones at -inf
+            # prior): U[j] = its (|ud|, |up|) orientations flattened; the chunk's distinct ones are projected once
+            ud, dl_own = pri.own_directions(J, int(n_d[J].max(initial=1)))
+            up = np.argsort(~fin_p[J], axis=1, kind="stable")[:, : int(n_p[J].max(initial=1))]
+            U = (ud[:, :, None] * n_psi + up[:, None, :]).reshape(b, -1)
+            Uq, inv = np.unique(U, return_inverse=True)
+            A = grid.coarse_matrices(Uq // n_psi, Uq % n_psi)
+            has_p = n_p[J] > 0
+            dl_all = pri.class_lp[J][:, classes][:, :, None] + dl_own[:, None, :]  # (b, K, |ud|)
+            pl = np.take_along_axis(pri.psi_lp[J], up, axis=1)
         else:
             ud, up = np.arange(grid.n_dir), np.arange(n_psi)
             U = np.arange(O)
-        # the chunk's classes with any searched sample (U holds every pair of its directions ud and psi angles up),
-        # and their separable log priors: (b, K', |ud|) per direction, (b, |up|) per psi angle, (b, T) per translation
-        has_p = fin_p[J][:, up].any(axis=1)
-        dl_all = pri.block(J, classes, ud)  # (b, K, |ud|)
+            has_p = fin_p[J].any(axis=1)
+            dl_all = pri.block(J, classes, ud)  # (b, K, n_dir)
+            pl = pri.psi_lp[J]
+        # the chunk's classes with any searched sample, and their separable log priors: (b, K', n_d) per direction,
+        # (b, n_p) per psi angle, (b, T) per translation
         has_c = np.isfinite(dl_all).any(axis=2) & has_p[:, None]
         cls_of = [c for k, c in enumerate(classes) if has_c[:, k].any()]
         dl = dl_all[:, [classes.index(c) for c in cls_of]]
-        pl = pri.psi_lp[np.ix_(J, up)]
         off = pri.off_lp[J]
         dlx, plx, offx = xp.asarray(dl), xp.asarray(pl), xp.asarray(off)
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
-        Kc, nU = len(cls_of), len(U)
+        Kc, nU = len(cls_of), U.shape[-1]
+        if local:
+            invx = xp.asarray(inv.reshape(b, nU))
+
+            def projections(c, A):  # noqa: F811  (each particle's own rows of the chunk's distinct projections)
+                pq = coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
+                return CoarseProjections(pq.interleaved[invx], pq.power[invx])
         if settings.do_cc:
             LPOx = xp.asarray(orientation_log_prior(dl, pl))
             D = xp.empty((b, Kc, T, nU), np.float64)
@@ -467,8 +506,9 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         per_cls = nU * T
         blk, rest = xp.divmod(ll, per_cls)
         t, u = xp.divmod(rest, nU)
-        rb, rc, ro = xp.asarray(J)[jj], xp.asarray(np.asarray(cls_of, np.int64))[blk], xp.asarray(U)[u]
-        rlp = (dlx[jj, blk, u // len(up)] + plx[jj, u % len(up)]) + offx[jj, t]
+        ro = xp.asarray(U)[jj, u] if local else xp.asarray(U)[u]
+        rb, rc = xp.asarray(J)[jj], xp.asarray(np.asarray(cls_of, np.int64))[blk]
+        rlp = (dlx[jj, blk, u // pl.shape[1]] + plx[jj, u % pl.shape[1]]) + offx[jj, t]
         order = xp.argsort(((rb * K + rc) * O + ro) * T + t)
         # one gather and one copy to the host: the four index columns and the log priors' bits, stacked
         cols = [v.astype(np.int64, copy=False) for v in (rb, rc, ro, t)]
@@ -478,13 +518,32 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         rows_lp.append(packed[4].view(np.float64))
         n_sig[J] = np.bincount(packed[0], minlength=B)[J]
         ibh = to_host(ib)
-        best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + U[ibh % nU]
+        best[J] = np.asarray(cls_of, np.int64)[ibh // per_cls] * O + (U[np.arange(b), ibh % nU] if local else
+                                                                       U[ibh % nU])
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0),)
     cat = [np.concatenate(r) if r else e for r, e in zip((rows_b, rows_c, rows_o, rows_t, rows_lp), empty, strict=True)]
     if cat[0].size and not np.all(cat[0][1:] >= cat[0][:-1]):  # chunks of unordered particles (local searches): each
         order = _particle_blocks_in_order(cat[0], n_sig)  # particle's block, already sorted, to its place
         cat = [x[order] for x in cat]
     return Significant(*cat, n_sig=n_sig, best=best, n_orient=O)
+
+
+def _local_chunks(order: np.ndarray, n_d: np.ndarray, n_p: np.ndarray, per_sample: int, max_elems: int,
+                  max_rows: int) -> list[np.ndarray]:
+    """Consecutive runs of the particles ``order`` for the local-search coarse pass: a run of ``b`` particles is
+    padded to its largest direction and psi counts, and holds at most ``max_elems`` cross terms (``b x n_d x n_p x
+    per_sample``) and ``max_rows`` projection rows (``b x n_d x n_p``); at least one particle each."""
+    chunks, start, wd, wp = [], 0, 0, 0
+    for i, j in enumerate(order):
+        d, p = max(wd, int(n_d[j])), max(wp, int(n_p[j]))
+        rows = (i - start + 1) * d * p
+        if i > start and (rows > max_rows or rows * per_sample > max_elems):
+            chunks.append(order[start:i])
+            start, d, p = i, int(n_d[j]), int(n_p[j])
+        wd, wp = d, p
+    if len(order):
+        chunks.append(order[start:])
+    return chunks
 
 
 def _particle_blocks_in_order(b: np.ndarray, n_sig: np.ndarray) -> np.ndarray:
