@@ -449,13 +449,16 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             # particle j searches its directions ud[j] x psi angles up[j] (padded with its first ones at -inf
             # prior): U[j] = its (|ud|, |up|) orientations flattened; the chunk's distinct ones are projected once
             ud, dl_own = pri.own_directions(J, int(n_d[J].max(initial=1)))
-            up = np.argsort(~fin_p[J], axis=1, kind="stable")[:, : int(n_p[J].max(initial=1))]
+            w_p = int(n_p[J].max(initial=1))
+            up = np.argsort(~fin_p[J], axis=1, kind="stable")[:, :w_p]  # kept psi angles first, ascending
+            up = np.where(np.arange(w_p)[None, :] < n_p[J][:, None], up, up[:, :1])  # pads: the first kept one
             U = (ud[:, :, None] * n_psi + up[:, None, :]).reshape(b, -1)
             Uq, inv = np.unique(U, return_inverse=True)
             A = grid.coarse_matrices(Uq // n_psi, Uq % n_psi)
             has_p = n_p[J] > 0
             dl_all = pri.class_lp[J][:, classes][:, :, None] + dl_own[:, None, :]  # (b, K, |ud|)
-            pl = np.take_along_axis(pri.psi_lp[J], up, axis=1)
+            pl = np.where(np.arange(w_p)[None, :] < n_p[J][:, None], np.take_along_axis(pri.psi_lp[J], up, axis=1),
+                          -np.inf)
         else:
             ud, up = np.arange(grid.n_dir), np.arange(n_psi)
             U = np.arange(O)
