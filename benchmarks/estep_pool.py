@@ -45,7 +45,6 @@ def main():
     ap.add_argument("--maxsig", type=int, default=-1)
     ap.add_argument("--offset-range", type=float, default=5.0)
     ap.add_argument("--offset-step", type=float, default=2.0)
-    ap.add_argument("--coarse-waste", type=float, default=0.0, help="coarse-pass chunk waste allowed (0: backend's)")
     ap.add_argument("--fine-max-elems", type=int, default=0, help="E-step chunk budget (0: backend's)")
     ap.add_argument("--no-float64", action="store_true", help="skip the float64 coarse-pass comparison")
     ap.add_argument("--local", type=float, default=0.0, metavar="DEG",
@@ -65,7 +64,7 @@ def main():
                        np.full((1, a.box // 2 + 1), 10.0), 5.0, np.ones(1))
     cs = coarse_size(a.box, a.apix, a.order, 0.9 * a.box * a.apix, cur)
     st = EStepSettings(PreprocessSettings(a.box, a.apix, cur, 0.9 * a.box * a.apix, do_norm=False), grid, cs,
-                       maxsig=a.maxsig, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems,
+                       maxsig=a.maxsig, fine_max_elems=a.fine_max_elems,
                        local_sigma_rot=a.local, local_sigma_psi=a.local)
     rows = []
     k = min(a.cpu_n, a.n)

@@ -132,7 +132,6 @@ def main():
     ap.add_argument("--local-sigma", type=float, default=0.0, metavar="DEG",
                     help="a local search: Gaussian priors of this width around the true angles (synthetic pools)")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--coarse-waste", type=float, default=0.0, help="coarse-pass chunk waste allowed (0: backend's)")
     ap.add_argument("--fine-max-elems", type=int, default=0, help="E-step chunk budget (0: backend's)")
     ap.add_argument("--repeat", type=int, default=2, help="untraced runs of each pass (best time printed)")
     ap.add_argument("--sweep", nargs="*", default=[], metavar="MAX_ELEMS",
@@ -157,7 +156,7 @@ def main():
 
         with open(a.load, "rb") as fh:
             pre, parts, model, st, pri, sig = pickle.load(fh)
-        st = replace(st, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        st = replace(st, fine_max_elems=a.fine_max_elems)
         cache = ProjectionCache(fine_limits(xp)["cache_bytes"])
         coarse_pass(xp, pre, parts, model, st, pri, cache)  # warm-up: compilation, plans, the projection cache
         fine_pass(xp, pre, parts, model, st, sig, cache)
@@ -169,13 +168,13 @@ def main():
 
             with open(a.save, "wb") as fh:
                 pickle.dump((pre, parts, model, st, pri, sig), fh)
-        st = replace(st, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        st = replace(st, fine_max_elems=a.fine_max_elems)
         fine_pass(xp, pre, parts, model, st, sig, cache)  # warm-up: the projection cache (the run freed it)
         what = f"the last pool of a refinement ({len(parts.index)} particles, size {st.preprocess.current_size})"
     else:
         images, parts, model, st = synthetic_estep(xp, a.n, a.box, a.apix, a.noise, a.order, a.coarse, a.current)
         grid = replace(st.grid, offset_range_px=a.offset_range, offset_step_px=a.offset_step)
-        st = replace(st, grid=grid, maxsig=a.maxsig, coarse_waste=a.coarse_waste, fine_max_elems=a.fine_max_elems)
+        st = replace(st, grid=grid, maxsig=a.maxsig, fine_max_elems=a.fine_max_elems)
         if a.local_sigma > 0:
             st = replace(st, local_sigma_rot=a.local_sigma, local_sigma_psi=a.local_sigma,
                          symmetry_operators=np.eye(3)[None])

@@ -260,7 +260,7 @@ def test_chunking_of_particles_does_not_change_results(cc, local):
         parts = replace(parts, angles=ang)
         st = replace(st, local_sigma_rot=15.0, local_sigma_psi=15.0)
     one, r1 = expectation_pool(img, parts, model, replace(st, fine_max_elems=1))
-    dense, rd = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 30, coarse_waste=1e9))
+    dense, rd = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 30))
     assert int(np.max(r1.n_significant)) > 1 or cc
     _assert_partials_close(one, dense, rtol=1e-9)
     for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "class_number", "pmax", "loglik", "norm",
@@ -464,7 +464,7 @@ need = vm("VmPeak") - vm0  # address space the small-chunk run needed (VmPeak: h
 # room for that plus 64 MiB; one dense chunk of all particles needs far more.  (The child runs with a low glibc
 # mmap threshold, so freed arrays leave the address space at once and the limit measures what is live.)
 resource.setrlimit(resource.RLIMIT_AS, (vm("VmSize") + need + (64 << 20), resource.RLIM_INFINITY))
-big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 26, coarse_waste=1e9))
+big = expectation_pool(img, parts, model, replace(st, fine_max_elems=1 << 26))
 pickle.dump((ref, big), open({out!r}, "wb"))
 """
 
@@ -1104,35 +1104,6 @@ def test_children_diff2_of_flat_posteriors_as_dense_products_matches_the_definit
         assert np.allclose(got, want, rtol=1e-12, atol=1e-10)
         got = lk.children_diff2(Z, V, a, ph, P, j, prow, trow, cc=True, max_elems=max_elems)
         assert np.allclose(got, want_cc, rtol=1e-12, atol=1e-14)
-
-
-def test_overlap_chunks_matches_set_unions():
-    # oracle: the same greedy rule written with explicit set unions, item by item
-    from gerelion_dask.expectation.fine import overlap_chunks
-
-    rng = np.random.default_rng(2)
-    for trial in range(30):
-        n = int(rng.integers(1, 40))
-        sa = [np.unique(rng.integers(0, 50, rng.integers(1, 8))) for _ in range(n)]
-        sb = [np.unique(rng.integers(0, 9, rng.integers(1, 4))) for _ in range(n)]
-        key = rng.integers(0, 10, n)
-        max_elems, waste = float(rng.integers(50, 5000)), float(rng.choice([1.5, 4.0, 512.0]))
-        want, cur, ua, ub, own_sum = [], [], set(), set(), 0.0
-        for j in np.argsort(key, kind="stable"):
-            own = len(sa[j]) * len(sb[j]) * 32.0
-            if cur:
-                na, nb = ua | set(sa[j]), ub | set(sb[j])
-                dense = (len(cur) + 1) * len(na) * len(nb) * 32.0
-                if dense > max_elems or dense > waste * (own_sum + own):
-                    want.append(cur)
-                    cur, ua, ub, own_sum = [], set(), set(), 0.0
-            cur.append(j)
-            ua |= set(sa[j])
-            ub |= set(sb[j])
-            own_sum += own
-        want.append(cur)
-        got = overlap_chunks(sa, sb, key, 32.0, max_elems, waste)
-        assert [list(c) for c in got] == [list(c) for c in want]
 
 
 def test_initial_noise_spectrum_of_white_noise(xp):

@@ -71,7 +71,6 @@ class EStepSettings:
     n_optics: int = 1
     n_groups: int = 1
     fine_max_elems: int = 0  # E-step: most values per chunk or group of particles (0: by backend, see fine.py)
-    coarse_waste: float = 0.0  # coarse pass: dense chunk work / members' own work allowed (0: by backend)
     coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)
 
 
@@ -378,10 +377,11 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     """Pass 1 at the coarse image size -> the significant samples of every particle (:class:`Significant`).
 
     Particles are taken in chunks (global searches: all orientations, projected once per class for the pool, or
-    once per iteration with a :class:`~gerelion_dask.expectation.fine.ProjectionCache`; local searches: chunks of
-    particles with overlapping search ranges, their union projected per chunk), so memory stays bounded by
+    once per iteration with a :class:`~gerelion_dask.expectation.fine.ProjectionCache`; local searches: each
+    particle's own directions x psi angles, padded to the chunk's longest lists, the chunk's distinct orientations
+    projected once and each particle's rows gathered, :func:`_local_chunks`), so memory stays bounded by
     ``fine_max_elems`` whatever the sampling order.  A chunk's samples form one ``(K, b, T, O)`` block of cross
-    terms (one GEMM per class); :func:`~gerelion_dask.ops.likelihood.coarse_select` turns it into each particle's
+    terms (one GEMM per class, batched over the particles in local searches); :func:`~gerelion_dask.ops.likelihood.coarse_select` turns it into each particle's
     significant samples (on a GPU without writing the float64 diff2 or weights).  Cross-correlation (iteration 1)
     keeps the best sample of the block of :func:`_cc_block`.
     """
@@ -419,8 +419,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     classes = [c for c in range(K) if model.refs[c] is not None and searched[:, c].any()]
     local = pri.local
 
-    def projections(c, A):
-        return coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
+    def projections(c, A, rows=None):
+        """Class c's coarse projections at rotations A; with ``rows (b, nU)`` each particle's own rows of them."""
+        pq = coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
+        return pq if rows is None else CoarseProjections(pq.interleaved[rows], pq.power[rows])
 
     if local:
         # each particle's own directions (compressed rows) and psi angles, evaluated as one batched GEMM per chunk;
@@ -474,17 +476,12 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         dlx, plx, offx = xp.asarray(dl), xp.asarray(pl), xp.asarray(off)
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
         Kc, nU = len(cls_of), U.shape[-1]
-        if local:
-            invx = xp.asarray(inv.reshape(b, nU))
-
-            def projections(c, A):  # noqa: F811  (each particle's own rows of the chunk's distinct projections)
-                pq = coarse_projections(xp, project_gathered(model.refs[c], A, nc, mc, xp), dtype)
-                return CoarseProjections(pq.interleaved[invx], pq.power[invx])
+        invx = xp.asarray(inv.reshape(b, nU)) if local else None
         if settings.do_cc:
             LPOx = xp.asarray(orientation_log_prior(dl, pl))
             D = xp.empty((b, Kc, T, nU), np.float64)
             for k, c in enumerate(cls_of):
-                proj = full[c] if full is not None else projections(c, A)
+                proj = full[c] if full is not None else projections(c, A, invx)
                 _cc_block(xp, X_, C_, Wcc, Xnorm[Jx], phase_c, proj, settings.ctf_on_reference, LPOx[:, k],
                           offx, out=D[:, k])
             ib = xp.argmin(D.reshape(b, -1), axis=1)
@@ -497,7 +494,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             G = xp.empty((Kc, b, T, nU), dtype)
             Pp = xp.empty((Kc, b, nU), np.float64)
             for k, c in enumerate(cls_of):
-                proj = full[c] if full is not None else projections(c, A)
+                proj = full[c] if full is not None else projections(c, A, invx)
                 _cross_term(xp, W_ * Cr_ * X_, phase_c, proj, out=G[k])
                 Pp[k] = _power_term(xp, W_, Cr_, proj)
             a = (W_ * xp.abs(X_) ** 2).sum(axis=1)

@@ -37,13 +37,11 @@ from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
 __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "distinct",
-           "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "overlap_chunks", "project_row_bytes"]
+           "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "project_row_bytes"]
 
-# Work budgets per chunk of particles (values; the coarse pass's chunks and the fine pass's groups) and the coarse
-# pass's dense-over-union waste allowed, per backend: on a GPU large chunks amortise kernel launches (waste 512 against
-# 64: 1,950 against 930 particles/s for a pool of 1,000 at box 128, H100, benchmarks/RESULTS.md; 2^26 values against
-# 2^25: 4,690 against 4,060 at ~40 significant samples, the same at ~7); on a CPU chunks stay near one particle unless
-# the members overlap.
+# Work budgets per chunk of particles (values; the coarse pass's chunks and the fine pass's groups), per backend: on a
+# GPU large chunks amortise kernel launches (2^26 values against 2^25: 4,690 against 4,060 particles/s at ~40
+# significant samples, the same at ~7; benchmarks/RESULTS.md).
 # The coarse pass runs its GEMMs in float64 on CPUs (the reference path) and on GPUs whose double precision runs at
 # half their single-precision rate or better (H100: 5.67e9 against 5.31e9 coarse evaluations/s at 64 px, dev_refine
 # 55 against 59 s, and the CPU run's poses exactly; RESULTS.md, fourteenth session), in float32 on other GPUs
@@ -59,9 +57,9 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # ~200 bytes of temporaries per half-plane pixel and runs 3-4x faster in chunks of 8 MiB than of up to 4 GiB (cache
 # misses; 32, 64 and 128 px on the 2-core VM: 12,900 / 2,680 / 711 against 4,370 / 693 / 178 projections/s,
 # RESULTS.md, seventeenth session; benchmarks/projection_chunks.py).
-FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "waste": 1.5, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
+FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
                        "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1},
-               "gpu": {"max_elems": 1 << 26, "waste": 512.0, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
+               "gpu": {"max_elems": 1 << 26, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
                        "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 2}}
 
 
@@ -181,43 +179,6 @@ class Significant:
         return concat_ranges(lo, np.searchsorted(self.b, J, side="right") - lo)
 
 
-def overlap_chunks(sets_a, sets_b, key, per_pair: float, max_elems: int, waste: float) -> list[np.ndarray]:
-    """Group items whose index sets overlap: item j searches ``sets_a[j] x sets_b[j]`` (sorted unique arrays).
-
-    Items are taken in ``key`` order; an item joins the current chunk while the chunk's dense work (members x
-    union_a x union_b x ``per_pair``) stays within ``max_elems`` and within ``waste`` times the members' own work.
-    The unions are kept as marks over the values that occur, so an item costs the size of its own sets.
-    """
-    ids_a, n_a = _compact(sets_a)
-    ids_b, n_b = _compact(sets_b)
-    mark_a, mark_b = np.zeros(n_a, bool), np.zeros(n_b, bool)
-    chunks, cur = [], []
-    la = lb = 0
-    own_sum = 0.0
-    for j in np.argsort(key, kind="stable"):
-        own = float(len(ids_a[j])) * len(ids_b[j]) * per_pair
-        if cur:
-            na = la + int(np.count_nonzero(~mark_a[ids_a[j]]))
-            nb = lb + int(np.count_nonzero(~mark_b[ids_b[j]]))
-            dense = (len(cur) + 1) * float(na) * nb * per_pair
-            if dense > max_elems or dense > waste * (own_sum + own):
-                chunks.append(np.array(cur))
-                for i in cur:
-                    mark_a[ids_a[i]] = False
-                    mark_b[ids_b[i]] = False
-                cur, own_sum = [], 0.0
-        if not cur:
-            na, nb = len(ids_a[j]), len(ids_b[j])
-        mark_a[ids_a[j]] = True
-        mark_b[ids_b[j]] = True
-        cur.append(j)
-        la, lb = na, nb
-        own_sum += own
-    if cur:
-        chunks.append(np.array(cur))
-    return chunks
-
-
 def distinct(x) -> np.ndarray:
     """The sorted distinct values of an array of non-negative integers (``np.unique``'s result) by counting: the
     significant samples' classes, orientations and translations are small integers, and a flat pool has millions of
@@ -226,15 +187,6 @@ def distinct(x) -> np.ndarray:
     if x.size == 0:
         return np.zeros(0, np.int64)
     return np.flatnonzero(np.bincount(x.ravel()))
-
-
-def _compact(sets) -> tuple[list[np.ndarray], int]:
-    """The sets' values renumbered 0..n-1 (n distinct values in all): per set an index array, and n."""
-    sizes = [len(x) for x in sets]
-    if not sum(sizes):
-        return [np.zeros(0, np.int64) for _ in sets], 0
-    u, inv = np.unique(np.concatenate([np.asarray(x) for x in sets]), return_inverse=True)
-    return np.split(inv, np.cumsum(sizes)[:-1]), len(u)
 
 
 def _local_index(J, b):
