@@ -286,6 +286,26 @@ def test_sparse_local_search_equals_the_dense_reference(sym, order):
         assert np.all(np.diff(row) > 0)
 
 
+def test_sparse_local_search_in_blocks_of_particles_gives_the_same_priors(monkeypatch):
+    # oracle: the one-block result -- particles taken a few at a time (the candidate budget bounds memory for wide
+    # searches) give the same rows, weights and psi priors; an empty pool gives empty rows
+    au = s.asymmetric_unit_directions(3, "D2")
+    ops = direction_operators("D2")
+    rng = np.random.default_rng(4)
+    P = 23
+    sig = rng.choice([0.0, 0.1, 3.0, 40.0], P)  # none, below the grid spacing, local, past a hemisphere (3 sigma)
+    args = (rng.uniform(-180, 180, P), rng.uniform(0, 180, P), rng.uniform(-180, 180, P), sig, sig, 4.0, au.rot,
+            au.tilt, s.psi_angles(3), ops)
+    whole = s.local_search_sparse(*args)
+    monkeypatch.setattr(s, "_CANDIDATE_PAIRS", 3 * len(ops) * len(au.rot))  # blocks of 3 particles
+    blocks = s.local_search_sparse(*args)
+    for a, b in zip(whole, blocks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    empty = s.local_search_sparse([], [], [], 2.0, 2.0, 2.0, au.rot, au.tilt, s.psi_angles(3), ops)
+    assert empty.dir_ptr.tolist() == [0] and empty.dir_index.size == 0
+    assert empty.psi_prior.shape == (0, len(s.psi_angles(3)))
+
+
 def test_local_search_candidates_cover_every_direction_in_range():
     # oracle: brute force over all directions: the band-and-azimuth query returns a superset of the pairs within
     # the radius, for caps at the poles, across the azimuth seam and larger than a hemisphere
@@ -296,7 +316,7 @@ def test_local_search_candidates_cover_every_direction_in_range():
     q[:4] = [[0, 0, 1], [0, 0, -1], [1, -1e-9, 0], [1e-6, 0, 1]]
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     radius = np.exp(rng.uniform(np.log(1e-3), np.log(2.5), 200))
-    rows, cols = s._candidate_pairs(q, np.arange(200), radius, dirs)
+    rows, cols = s._candidate_pairs(q, np.arange(200), radius, s._direction_bands(dirs, float(np.median(radius))))
     got = set(zip(rows.tolist(), cols.tolist(), strict=True))
     ang = np.arccos(np.clip(q @ dirs.T, -1, 1))
     want = set(zip(*np.nonzero(ang < radius[:, None])))
