@@ -5,7 +5,7 @@ a local search keeps ~30 directions a particle, and since the seventeenth sessio
 (before, dense ``(B, K, n_dir)`` arrays: 0.8 s a pool at order 5). This prints, per order, the seconds for one pool
 and the directions kept.
 
-  python benchmarks/priors.py [--n 1000] [--orders 3 4 5 6] [--repeat 3]
+  python benchmarks/priors.py [--n 1000] [--orders 3 4 5 6] [--repeat 3] [--sigmas 5 10 20 40]
 """
 
 from __future__ import annotations
@@ -30,17 +30,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="particles in the pool")
     ap.add_argument("--orders", type=int, nargs="+", default=[3, 4, 5, 6])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sigmas", type=float, nargs="*", default=[], metavar="DEG",
+                    help="fixed prior widths (one row each per order; default: auto-refine's width at the order)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     B = a.n
     ang = np.c_[rng.uniform(-180, 180, B), rng.uniform(0, 180, B), rng.uniform(-180, 180, B)]
-    print("| order | directions | psi | local_search_sparse (s) | orientation_priors (s) | directions kept/particle |")
-    print("|---|---|---|---|---|---|")
-    for order in a.orders:
+    print("| order | directions | psi | sigma (°) | local_search_sparse (s) | orientation_priors (s) | "
+          "directions kept/particle |")
+    print("|---|---|---|---|---|---|---|")
+    for order, sigma in [(o, s) for o in a.orders for s in (a.sigmas or [2.0 * angular_step(o + 1)])]:
+        # (default: auto-refine's local sigma at this order)
         rot, tilt = healpix_directions(order)
         step = angular_step(order)
         psi = np.arange(int(round(360.0 / step))) * step
-        sigma = 2.0 * angular_step(order + 1)  # auto-refine's local sigma at this order
         t_ls = min(_timed(lambda: local_search_sparse(ang[:, 0], ang[:, 1], ang[:, 2], sigma, sigma, sigma, rot, tilt,
                                                       psi)) for _ in range(a.repeat))
         lp = local_search_sparse(ang[:, 0], ang[:, 1], ang[:, 2], sigma, sigma, sigma, rot, tilt, psi)
@@ -52,7 +55,8 @@ def main() -> None:
         st = NS(grid=grid, local_sigma_rot=sigma, local_sigma_psi=sigma, symmetry_operators=None,
                 preprocess=NS(pixel_size=1.5))
         t_op = min(_timed(lambda: orientation_priors(parts, model, st)) for _ in range(a.repeat))
-        print(f"| {order} | {len(rot)} | {len(psi)} | {t_ls:.3f} | {t_op:.3f} | {np.diff(lp.dir_ptr).mean():.1f} |")
+        print(f"| {order} | {len(rot)} | {len(psi)} | {sigma:g} | {t_ls:.3f} | {t_op:.3f} | "
+              f"{np.diff(lp.dir_ptr).mean():.1f} |")
 
 
 def _timed(fn) -> float:
