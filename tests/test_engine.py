@@ -235,13 +235,25 @@ def test_orientation_priors_equal_the_dense_definition(local, seeded):
     fin = np.isfinite(full)
     log_mean = np.array([np.log(np.mean(np.exp(f[m]))) for f, m in zip(full, fin, strict=True)])
     want = np.where(np.isfinite(D), D - log_mean[:, None, None], -np.inf)
-    got = pri.block(np.arange(12), list(range(K)), np.arange(n_dir))
+    dirs, lp_all = pri.directions(np.arange(12), list(range(K)))
+    if local:  # each particle's own directions (padded at -inf) scattered over all of them
+        got = np.full((12, K, n_dir), -np.inf)
+        for j in range(12):
+            fin_j = np.isfinite(lp_all[j]).any(axis=0)  # (not the pads)
+            got[j][:, dirs[j][fin_j]] = lp_all[j][:, fin_j]
+    else:
+        np.testing.assert_array_equal(dirs, np.arange(n_dir))
+        got = lp_all
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
     np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=0, atol=1e-12)
     np.testing.assert_array_equal(pri.psi_lp, psi_lp)
-    # a block of some particles, classes and directions is the same slice of the whole
-    J, cls, dirs = np.array([7, 2, 9]), [2, 0], np.array([0, 5, 6, 40, n_dir - 1])
-    np.testing.assert_array_equal(pri.block(J, cls, dirs), got[np.ix_(J, cls, dirs)])
+    # the directions of some particles and classes are the same slice of the whole (local: the same rows, padded to
+    # these particles' longest)
+    J, cls = np.array([7, 2, 9]), [2, 0]
+    d_J, lp_J = pri.directions(J, cls)
+    width = d_J.shape[-1]
+    np.testing.assert_array_equal(d_J, dirs[J][:, :width] if local else dirs)
+    np.testing.assert_array_equal(lp_J, lp_all[np.ix_(J, cls)][..., :width])
     if local:  # each particle's most likely direction is the one nearest its prior
         np.testing.assert_array_equal(pri.most_likely_direction(), np.argmax(dp, axis=1))
 

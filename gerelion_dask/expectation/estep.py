@@ -120,53 +120,29 @@ class OrientationPriors:
         has_dir = np.isfinite(self.class_dir_lp).any(axis=1)
         return np.isfinite(self.class_lp) & has_dir[None, :] & has_psi[:, None]
 
-    def direction_sets(self) -> list[np.ndarray]:
-        """Local searches: each particle's searched directions (ascending; empty if it searches no class)."""
-        on = np.isfinite(self.class_lp).any(axis=1)
-        parts = np.split(self.dir_index, self.dir_ptr[1:-1])
-        return [d if o else d[:0] for d, o in zip(parts, on, strict=True)]
-
     def most_likely_direction(self) -> np.ndarray:
-        """Local searches: each particle's direction of highest prior (the lowest index among ties; 0 if none)."""
-        B = len(self.dir_ptr) - 1
-        rows = np.repeat(np.arange(B), np.diff(self.dir_ptr))
+        """Local searches: each particle's direction of highest prior (the lowest index among ties)."""
+        rows = np.repeat(np.arange(len(self.dir_ptr) - 1), np.diff(self.dir_ptr))
         o = np.lexsort((self.dir_index, -self.dir_value, rows))  # per particle: highest value, then lowest index
-        first = np.zeros(B, np.int64)
-        nz = np.diff(self.dir_ptr) > 0
-        first[nz] = self.dir_index[o[self.dir_ptr[:-1][nz]]]
-        return first
+        return self.dir_index[o[self.dir_ptr[:-1]]]
 
-    def own_directions(self, J: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Local searches: the directions of particles ``J`` and their log priors as ``(len(J), width)`` arrays,
-        each row padded with its first direction (direction 0 for an empty row) at prior -inf (``width`` at
-        least the longest row)."""
+    def directions(self, J: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
+        """The searched directions of particles ``J`` and their direction-and-class log priors
+        ``(len(J), len(classes), D)`` (-inf where not searched).  Global searches: every direction, ``(n_dir,)``,
+        shared.  Local searches: each particle's own, ``(len(J), D)``, padded to the longest row with the row's first
+        direction at prior -inf (every local-search particle keeps at least one direction)."""
         J = np.asarray(J)
-        lo, n = self.dir_ptr[J], np.minimum(np.diff(self.dir_ptr)[J], width)
-        rows, pos = np.repeat(np.arange(len(J)), n), concat_ranges(0, n)
-        at = concat_ranges(lo, n)
-        first = np.where(n > 0, self.dir_index[np.minimum(lo, max(len(self.dir_index) - 1, 0))], 0)
-        dirs = np.repeat(first[:, None], width, axis=1)
-        value = np.full((len(J), width), -np.inf)
-        dirs[rows, pos] = self.dir_index[at]
-        value[rows, pos] = self.dir_value[at]
-        return dirs, value
-
-    def block(self, J: np.ndarray, classes, dirs: np.ndarray) -> np.ndarray:
-        """The direction-and-class log priors ``(len(J), len(classes), len(dirs))`` of particles ``J``, classes
-        ``classes`` and directions ``dirs`` (sorted), dense (-inf where not searched)."""
         cls = np.asarray(classes, np.int64)
         cl = self.class_lp[np.ix_(J, cls)][:, :, None]
         if not self.local:
-            return cl + self.class_dir_lp[np.ix_(cls, dirs)][None]
-        lo, hi = self.dir_ptr[J], self.dir_ptr[np.asarray(J) + 1]
-        at = concat_ranges(lo, hi - lo)
-        rows = np.repeat(np.arange(len(J)), hi - lo)
-        col = np.searchsorted(dirs, self.dir_index[at])
-        inside = col < len(dirs)
-        inside[inside] = dirs[col[inside]] == self.dir_index[at[inside]]
-        d = np.full((len(J), len(dirs)), -np.inf)
-        d[rows[inside], col[inside]] = self.dir_value[at[inside]]
-        return cl + d[:, None, :]
+            return np.arange(self.class_dir_lp.shape[1]), cl + self.class_dir_lp[cls][None]
+        lo, n = self.dir_ptr[J], np.diff(self.dir_ptr)[J]
+        rows, pos, at = np.repeat(np.arange(len(J)), n), concat_ranges(0, n), concat_ranges(lo, n)
+        dirs = np.repeat(self.dir_index[lo][:, None], int(n.max(initial=0)), axis=1)
+        value = np.full(dirs.shape, -np.inf)
+        dirs[rows, pos] = self.dir_index[at]
+        value[rows, pos] = self.dir_value[at]
+        return dirs, cl + value[:, None, :]
 
 
 def orientation_priors(particles: PoolParticles, model: EStepModel, settings: EStepSettings) -> OrientationPriors:
@@ -223,8 +199,7 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
         ok = (nd > 0) & (npsi > 0)
         mp = np.where(ok, np.max(np.where(fp, psi_lp, -np.inf), axis=1), 0.0)
         sp = np.where(fp, np.exp(psi_lp - mp[:, None]), 0.0).sum(axis=1)
-        log_mean = np.where(ok, np.where(ok, md, 0.0) + mp + np.log(sd) + np.log(sp) - np.log(nd) - np.log(npsi),
-                            0.0)
+        log_mean = np.where(ok, md + mp + np.log(sd) + np.log(sp) - np.log(nd) - np.log(npsi), 0.0)
     class_lp = np.where(search, -log_mean[:, None], -np.inf)
     u = np.rint(particles.offset_px)[:, None, :] + grid.translations[None]
     off_lp = _offset_log_prior(u, particles.offset_prior_px, settings.preprocess.pixel_size,
@@ -381,9 +356,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     particle's own directions x psi angles, padded to the chunk's longest lists, the chunk's distinct orientations
     projected once and each particle's rows gathered, :func:`_local_chunks`), so memory stays bounded by
     ``fine_max_elems`` whatever the sampling order.  A chunk's samples form one ``(K, b, T, O)`` block of cross
-    terms (one GEMM per class, batched over the particles in local searches); :func:`~gerelion_dask.ops.likelihood.coarse_select` turns it into each particle's
-    significant samples (on a GPU without writing the float64 diff2 or weights).  Cross-correlation (iteration 1)
-    keeps the best sample of the block of :func:`_cc_block`.
+    terms (one GEMM per class, batched over the particles in local searches);
+    :func:`~gerelion_dask.ops.likelihood.coarse_select` turns it into each particle's significant samples (on a GPU
+    without writing the float64 diff2 or weights).  Cross-correlation (iteration 1) keeps the best sample of the
+    block of :func:`_cc_block`.
     """
     ps = settings.preprocess
     N, nc = ps.ori_size, settings.coarse_size
@@ -405,7 +381,6 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
 
     key = ("coarse-pixels", nc, N, settings.do_cc, grid.translations.tobytes())
     mc, shc, phase_c = cache.whole(key, pixels) if cache is not None else pixels()
-    mc_host = np.flatnonzero(likelihood_pixels(nc, include_dc=settings.do_cc))
     Xc = gather(window_rfft2(pre.fimg, nc), mc)
     Cc = gather(window_rfft2(pre.ctf, nc), mc) * xp.asarray(scale)[:, None]
     Wc = 1.0 / (2.0 * xp.asarray(sig2)[xp.asarray(particles.optics_group)][:, shc])  # on the device
@@ -427,11 +402,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     if local:
         # each particle's own directions (compressed rows) and psi angles, evaluated as one batched GEMM per chunk;
         # particles in the order of their most likely direction, so that neighbours share projections
-        n_d = np.where(np.isfinite(pri.class_lp).any(axis=1), np.diff(pri.dir_ptr), 0)
         n_p = fin_p.sum(axis=1)
-        rows_budget = limits["coarse_factor"] * max_elems * 8 // (40 * len(mc_host))  # projection rows per chunk
-        chunks = _local_chunks(np.argsort(pri.most_likely_direction(), kind="stable"), np.maximum(n_d, 1),
-                               np.maximum(n_p, 1), T * max(1, len(classes)), max_elems, rows_budget)
+        rows_budget = limits["coarse_factor"] * max_elems * 8 // (40 * phase_c.shape[1])  # projection rows per chunk
+        chunks = _local_chunks(np.argsort(pri.most_likely_direction(), kind="stable"), np.diff(pri.dir_ptr), n_p,
+                               T * max(1, len(classes)), max_elems, rows_budget)
         full = None
     else:
         # global searches: the chunk's float32 cross terms are the whole block, so the GPU takes twice the budget
@@ -447,25 +421,22 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
     for J in chunks:
         b = len(J)
         Jx = xp.asarray(J)
+        # the chunk's directions and their log priors with the classes' (b, K, n_d): global searches every direction
+        # and psi angle; local searches each particle's own directions ud[j] x psi angles up[j] (padded with its
+        # first ones at prior -inf), U[j] its orientations flattened, the chunk's distinct ones projected once
+        ud, dl_all = pri.directions(J, classes)
+        has_p = fin_p[J].any(axis=1)
         if local:
-            # particle j searches its directions ud[j] x psi angles up[j] (padded with its first ones at -inf
-            # prior): U[j] = its (|ud|, |up|) orientations flattened; the chunk's distinct ones are projected once
-            ud, dl_own = pri.own_directions(J, int(n_d[J].max(initial=1)))
-            w_p = int(n_p[J].max(initial=1))
+            w_p = int(n_p[J].max())
+            kept_p = np.arange(w_p)[None, :] < n_p[J][:, None]
             up = np.argsort(~fin_p[J], axis=1, kind="stable")[:, :w_p]  # kept psi angles first, ascending
-            up = np.where(np.arange(w_p)[None, :] < n_p[J][:, None], up, up[:, :1])  # pads: the first kept one
+            up = np.where(kept_p, up, up[:, :1])  # pads: the first kept one
             U = (ud[:, :, None] * n_psi + up[:, None, :]).reshape(b, -1)
             Uq, inv = np.unique(U, return_inverse=True)
             A = grid.coarse_matrices(Uq // n_psi, Uq % n_psi)
-            has_p = n_p[J] > 0
-            dl_all = pri.class_lp[J][:, classes][:, :, None] + dl_own[:, None, :]  # (b, K, |ud|)
-            pl = np.where(np.arange(w_p)[None, :] < n_p[J][:, None], np.take_along_axis(pri.psi_lp[J], up, axis=1),
-                          -np.inf)
+            pl = np.where(kept_p, np.take_along_axis(pri.psi_lp[J], up, axis=1), -np.inf)
         else:
-            ud, up = np.arange(grid.n_dir), np.arange(n_psi)
             U = np.arange(O)
-            has_p = fin_p[J].any(axis=1)
-            dl_all = pri.block(J, classes, ud)  # (b, K, n_dir)
             pl = pri.psi_lp[J]
         # the chunk's classes with any searched sample, and their separable log priors: (b, K', n_d) per direction,
         # (b, n_p) per psi angle, (b, T) per translation

@@ -490,10 +490,10 @@ def _kept_directions(pdir, sig_dir, bands, images, ops, cutoff: float) -> tuple:
     # wide caps (their images cover over _WIDE_CAPS of the sphere): every direction tested, per symmetry image;
     # narrow ones: the candidates of the neighbourhood query only
     wide = (sig_dir > 0) & (len(ops) * 0.5 * (1.0 - np.cos(np.minimum(r, np.pi))) > _WIDE_CAPS)
-    on = np.flatnonzero((sig_dir > 0) & ~wide)
+    narrow = np.flatnonzero((sig_dir > 0) & ~wide)
     # angle(p, g d) = angle(g^T p, d): the caps sit around every symmetry image of the prior direction
-    q = np.einsum("gji,pj->gpi", ops, pdir[on]).reshape(-1, 3)
-    qrow = np.tile(on, len(ops))
+    q = np.einsum("gji,pj->gpi", ops, pdir[narrow]).reshape(-1, 3)
+    qrow = np.tile(narrow, len(ops))
     rows, cols = _candidate_pairs(q, qrow, r[qrow], bands)
     rows, cols = np.divmod(np.unique(rows * N + cols), N)  # ascending: by particle, then direction
     best = np.einsum("ij,ij->i", pdir[rows], images[0][cols])
