@@ -44,14 +44,15 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   children's diff2, ``8 g`` (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``,
   gathered per class) beside the group's weighted images ``24 B M``, and on a CPU the batch of
   ``ops.likelihood.children_diff2`` (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps
-  none); the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (``w = min(e, 32 B maxsig)`` with
-  ``--maxsig``, else ``e``; NumPy's temporaries; checked by ``tests/test_plan.py``); or a chunk of the weighted sums'
-  pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most ``8 B maxsig``)
-  beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the
+  none); the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (NumPy's temporaries; checked
+  by ``tests/test_plan.py``), ``w = min(e', max(E / 16, 32 s))`` padded children of a group of particles with
+  ``s`` significant samples each (``s = f O T K``, at most ``maxsig``; ``e' = min(e, 32 B maxsig)``); or a chunk of
+  the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most
+  ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the
   back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
-  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h + 16 M`` (slices, weights
-  and the gathered sums; one kernel), on a CPU ``s = 49 h + 150 M`` (with the 3D coordinates and the per-pixel
-  interpolation arrays; ``fine.insert_row_bytes``);
+  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h + 24 M`` (the gathered
+  sums, and the whole slices and weights the kernel reads), on a CPU ``s = 24 M`` (NumPy inserts the gathered rows a
+  few MiB of pixels at a time; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole iteration
@@ -209,7 +210,10 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     if maxsig and maxsig > 0:  # at most maxsig significant samples a particle, 32 children (8 orientations) each
         R, e_w, P = min(R, 8 * B * maxsig), min(e_f, 32 * B * maxsig), min(B * R, 8 * B * maxsig)
     e_g = min(E // 16, e_w)  # children of one group of particles (fine._group_particles)
-    dense_w = (6 if backend == "gpu" else 10) * 8 * e_w  # the group's posterior weights; NumPy's temporaries
+    per_particle = 32 * f * O * T * K if not (maxsig and maxsig > 0) else min(32 * f * O * T * K, 32 * maxsig)
+    # a group's padded weights: its children (the particles' equal counts pad nothing), or one particle's own
+    w_g = min(e_w, max(E // 16, per_particle))
+    dense_w = (6 if backend == "gpu" else 10) * 8 * w_g  # the group's posterior weights; NumPy's temporaries
     slice_bytes = limits["slice_bytes"]
     row_i, row_p = insert_row_bytes(n, M, backend == "gpu"), project_row_bytes(n, backend == "gpu")
     insert = min(R, max(1, slice_bytes // row_i)) * row_i

@@ -558,7 +558,8 @@ def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
     row = fine.insert_row_bytes(n, int(likelihood_pixels(n, include_dc=True).sum()), xp is not np)
     calls = []
     real_insert = fine.insert_slices
-    monkeypatch.setattr(fine, "insert_slices", lambda bp, A_, *a: calls.append(len(A_)) or real_insert(bp, A_, *a))
+    monkeypatch.setattr(fine, "insert_slices",
+                        lambda bp, A_, *a, **k: calls.append(len(A_)) or real_insert(bp, A_, *a, **k))
     monkeypatch.setitem(fine.FINE_LIMITS[backend], "slice_bytes", 2 * row)
     chunked, rc = expectation_pool(img, parts, model, st)
     assert max(calls) == 2 and len(calls) > 10  # the insertion ran in chunks of (at most) 2 slices

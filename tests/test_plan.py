@@ -151,7 +151,9 @@ def test_plan_with_maxsig_bounds_the_fine_pass_by_the_samples_kept():
     free = plan_memory(256, 3000, 1000, **kw)
     capped = plan_memory(256, 3000, 1000, maxsig=40, **kw)
     assert capped.sizes["fine_orientations"] == free.sizes["fine_orientations"] == int(8 * 0.1773 * 4608)
-    assert capped.parts["fine pass (per task)"] < 0.6 * free.parts["fine pass (per task)"]
+    # (eighteenth session: a group's weights are counted at its own size, E / 16 children, not E: maxsig's share of
+    # the fine pass fell from < 0.6 to 0.90 here)
+    assert capped.parts["fine pass (per task)"] < 0.95 * free.parts["fine pass (per task)"]
     assert 0.85 * 1.37 * 2**30 < capped.gpu_bytes < 1.15 * 1.37 * 2**30
     small = plan_memory(256, 3000, 100, maxsig=2, **kw)  # 8 x 100 x 2 fine orientations at most
     assert small.sizes["fine_orientations"] == 1600

@@ -123,12 +123,11 @@ def project_row_bytes(n: int, gpu: bool = False) -> int:
 
 
 def insert_row_bytes(n: int, M: int, gpu: bool = False) -> int:
-    """Bytes the 3D insertion of one ``n``-px slice with ``M`` likelihood pixels holds at most: the slice and its
-    weights in the half-plane layout (``24 h``, ``h = n (n/2+1)``) and the row of sums gathered into it (``16 M``),
-    which is all on a GPU (one kernel, ``kernels/backproject.py``); NumPy adds their 3D coordinates (``25 h``) and
-    the per-pixel corner indices, fractions and weighted values of ``insert_slices`` (``150 M``; ~2x the live peak
-    measured at 128 px).  ``gerelion plan`` uses the same number."""
-    return 24 * n * (n // 2 + 1) + 16 * M if gpu else 49 * n * (n // 2 + 1) + 150 * M
+    """Bytes the 3D insertion of one ``n``-px slice with ``M`` likelihood pixels holds at most: the row of sums
+    gathered for it (``24 M``) and on a GPU the whole slice and weights the kernel reads (``24 h``, ``h = n (n/2+1)``;
+    one kernel, ``kernels/backproject.py``); NumPy inserts the rows in chunks of a few MiB
+    (``ops.backprojector.NUMPY_CHUNK_BYTES``, not counted per row).  ``gerelion plan`` uses the same number."""
+    return 24 * n * (n // 2 + 1) + 24 * M if gpu else 24 * M
 
 
 def gather(a, mask):
@@ -589,13 +588,9 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         for s in range(0, touched_rows.size, step):
             rows = touched_rows[s : s + step]
             rx = xp.asarray(rows)
-            slices = xp.zeros((rows.size, n, n // 2 + 1), np.complex128)
-            weights = xp.zeros((rows.size, n, n // 2 + 1), np.float64)
-            slices[:, mb_x] = bp_i[c][rx]
-            weights[:, mb_x] = bp_w[c][rx]
             A = grid.fine_matrices_from_ids(fp.gids(c)[rows])
-            insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, slices, weights)
-            slices = weights = None
+            insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, bp_i[c][rx], bp_w[c][rx],
+                          pixels=mb_x)
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
                     acc["wsum_pdf_class"], acc["wsum_pdf_direction"], off_sum, float(out["norm"].sum()),
                     acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], float(out["ll"].sum()),
