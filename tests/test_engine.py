@@ -841,6 +841,14 @@ def test_add_rows_matches_add_at(dtype):
     np.add.at(want1, rows, values[:, 0])
     add_rows(per, rows, values[:, 0])
     assert np.allclose(per, want1, rtol=1e-12, atol=1e-12)
+    # rows mostly once each (a local search's pairs), some repeated, unsorted: singles go in one indexed step
+    rows = rng.permutation(np.r_[np.arange(0, 5000, 2), [3, 3, 3, 9, 9, 4998]])
+    values = values[: rows.size]
+    big = rng.normal(size=(5000, 300)).astype(dtype)
+    want = big.copy()
+    np.add.at(want, rows, values)
+    add_rows(big, rows, values)
+    assert np.allclose(big, want, rtol=1e-12, atol=1e-12)
 
 
 def test_distinct_matches_numpy_unique():

@@ -233,7 +233,7 @@ def add_rows(target, rows, values) -> None:
     """``target[rows[i]] += values[i]`` for every ``i`` (NumPy host arrays; repeated rows add up; ``values`` with rows
     of any shape), in a fixed order: each run of equal rows (after a stable sort by row) is summed and added once
     (7x faster than a row at a time; ``np.add.at`` is slower still, and ``np.add.reduceat`` 1.2-6x slower than this
-    loop on a pool's (pairs, M) rows, complex ones most)."""
+    loop on a pool's (pairs, M) rows, complex ones most); the rows that occur once are added in one indexed step."""
     rows = np.asarray(rows)
     if rows.size == 0:
         return
@@ -241,9 +241,13 @@ def add_rows(target, rows, values) -> None:
     if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
         order = np.argsort(rows, kind="stable")
         rows, values = rows[order], values[order]
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]).tolist()
-    for lo, hi in zip(starts, starts[1:] + [len(rows)], strict=True):
-        target[rows[lo]] += values[lo] if hi == lo + 1 else values[lo:hi].sum(axis=0)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    ends = np.r_[starts[1:], len(rows)]
+    single = ends - starts == 1  # rows that occur once are added in one indexed step (a local search's pairs)
+    if single.any():
+        target[rows[starts[single]]] += values[starts[single]]
+    for lo, hi in zip(starts[~single].tolist(), ends[~single].tolist(), strict=True):
+        target[rows[lo]] += values[lo:hi].sum(axis=0)
 
 
 def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, bp_w, resid, xa, aa,
