@@ -15,6 +15,10 @@ line: compare lines, not totals.  Runs on CuPy when a GPU is present, else NumPy
   python benchmarks/line_profile.py --from-run 4000 ... --save pool.pkl, then --load pool.pkl --no-trace
       (A/B: time two trees on one recorded pool, alternating processes; run-to-run drift on the GPU machine is
       ~25 %, larger than many changes)
+  ... --host-time: the untraced runs also print the host's share (issue 5: "no stage spends more time in Python
+      than on the GPU"): with CUDA's blocking synchronisation (a waiting thread sleeps instead of spinning), the
+      thread's CPU time during a pass is its host time H (Python, launches, host arrays); the GPU was busy at least
+      for the rest of the wall time W - H, since the thread only ever waits for the GPU. H <= W - H meets the target.
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ def main():
     ap.add_argument("--sweep", nargs="*", default=[], metavar="MAX_ELEMS",
                     help="also time the fine pass untraced with these group budgets, e.g. 1e6 1e7")
     ap.add_argument("--no-trace", action="store_true", help="untraced times only")
+    ap.add_argument("--host-time", action="store_true",
+                    help="CUDA's blocking synchronisation; print each untraced pass's thread CPU time (see above)")
     ap.add_argument("--from-run", type=int, default=0, metavar="N",
                     help="profile the last pool of a synthetic refinement of N particles instead (see above)")
     ap.add_argument("--iters", type=int, default=3, help="with --from-run: iterations of the refinement")
@@ -150,6 +156,8 @@ def main():
         import cupy
 
         xp = cupy
+        if a.host_time:  # before the first CUDA call of the process creates its context
+            cupy.cuda.runtime.setDeviceFlags(cupy.cuda.runtime.deviceScheduleBlockingSync)
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
     if a.load:
         import pickle
@@ -191,14 +199,20 @@ def main():
     group_stats(sig, st, xp)
     for name, fn, args in (("coarse_pass", coarse_pass, (xp, pre, parts, model, st, pri, cache)),
                            ("fine_pass", fine_pass, (xp, pre, parts, model, st, sig, cache))):
-        times = []
+        times, host = [], []
         for _ in range(a.repeat):
             sync()
-            t0 = time.perf_counter()
+            t0, h0 = time.perf_counter(), time.thread_time()
             fn(*args)
             sync()
             times.append(time.perf_counter() - t0)
+            host.append(time.thread_time() - h0)
         print(f"{name}: {1e3 * min(times):.1f} ms untraced (best of {a.repeat}; median {1e3 * np.median(times):.1f})")
+        if a.host_time:
+            i = int(np.argmin(times))
+            w, h = times[i], host[i]
+            print(f"  {name} host time (thread CPU) {1e3 * h:.1f} ms of {1e3 * w:.1f} ms wall ({100 * h / w:.0f} %); "
+                  f"GPU busy >= {1e3 * max(0.0, w - h):.1f} ms: {'host <= GPU' if h <= w - h else 'HOST-BOUND'}")
     for item in a.sweep:
         e = float(item)
         st_s = replace(st, fine_max_elems=int(e))
