@@ -410,12 +410,14 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
 
 
 def _to_host_together(xp, arrays) -> list[np.ndarray]:
-    """Host copies of 1-D device arrays of one length (float, int or bool) in one transfer: stacked as float64
-    (exact for these values: integers below 2^53), split and cast back."""
+    """Host copies of device arrays of any shapes (float, int or bool) in one transfer: flattened as float64 (exact
+    for these values: integers below 2^53), concatenated, split and cast back."""
     if xp is np:
         return [np.asarray(a) for a in arrays]
-    host = to_host(xp.stack([a.astype(np.float64, copy=False) for a in arrays]))
-    return [h.astype(a.dtype, copy=False) for h, a in zip(host, arrays, strict=True)]
+    host = to_host(xp.concatenate([a.astype(np.float64, copy=False).reshape(-1) for a in arrays]))
+    ends = np.cumsum([a.size for a in arrays])
+    return [h.reshape(a.shape).astype(a.dtype, copy=False)
+            for h, a in zip(np.split(host, ends[:-1]), arrays, strict=True)]
 
 
 def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: ProjectionCache | None = None):
@@ -561,19 +563,23 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                       xa, aa, max_elems, rows_sorted=True)  # pairs are ordered by fine orientation
         del wv, tp, p_c, p_g, p_j, cstart
     del XCW, CCW
-    acc["wsum_pdf_class"] += to_host(pdf_class_x)
-    acc["wsum_pdf_direction"] += to_host(pdf_dir_x)
-    off_sum = float(to_host(off_x)[0])
     resid += X2_all * ws[:, None]
-    ws = to_host(ws)
+    classes = sorted(bp_i)
+    # the pool's sums and each class's touched rows come back in one transfer (each copy waits for the device)
+    pdf_class, pdf_dir, off, ws, xa, aa, per_shell, resid_sum, *touched_h = _to_host_together(
+        xp, [pdf_class_x, pdf_dir_x, off_x, ws, xa, aa, resid @ shell_1hot, resid.sum(axis=1)]
+        + [touched[c] for c in classes])
+    acc["wsum_pdf_class"] += pdf_class
+    acc["wsum_pdf_direction"] += pdf_dir
+    off_sum = float(off[0])
     if settings.do_scale:
-        add_rows(acc["wsum_scale_xa"], particles.group, to_host(xa))
-        add_rows(acc["wsum_scale_aa"], particles.group, to_host(aa))
-    per_shell = to_host(resid @ shell_1hot) + highres  # (B, nsh)
+        add_rows(acc["wsum_scale_xa"], particles.group, xa)
+        add_rows(acc["wsum_scale_aa"], particles.group, aa)
+    per_shell = per_shell + highres  # (B, nsh)
     add_rows(acc["wsum_sigma2"], og, per_shell)
     add_rows(acc["sumw_optics"], og, ws)
     add_rows(acc["group_counts"], particles.group, np.ones(B))
-    acc_norm = to_host(resid.sum(axis=1)) + highres.sum(axis=1)
+    acc_norm = resid_sum + highres.sum(axis=1)
     # the 3D insertion needs only the back-projection sums: the pool's pixels, phases and projections go first
     del resid, px, X_all, C_all, Wd_all, X2_all, ph_pool
     fp.data = {}
@@ -583,8 +589,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
     step = max(1, int(limits["slice_bytes"] // insert_row_bytes(n, M, xp is not np)))  # slices per insertion chunk
-    for c in bp_i:
-        touched_rows = np.nonzero(to_host(touched[c]))[0]
+    for c, touched_c in zip(classes, touched_h, strict=True):
+        touched_rows = np.nonzero(touched_c)[0]
         for s in range(0, touched_rows.size, step):
             rows = touched_rows[s : s + step]
             rx = xp.asarray(rows)
