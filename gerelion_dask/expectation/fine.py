@@ -550,7 +550,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         del new
         p_c, p_g, p_j = cc[starts], cg[starts], Gx[cj[starts]]
         cstart = xp.concatenate([starts, xp.full(1, cj.size, starts.dtype)])  # pair i: cstart[i] .. cstart[i + 1]
-        bounds = to_host(xp.searchsorted(p_c, xp.arange(K + 1)))  # pairs are ordered by class
+        # pairs are ordered by class (one class: all of them, no wait for the device)
+        bounds = np.array([0, starts.size]) if K == 1 else to_host(xp.searchsorted(p_c, xp.arange(K + 1)))
         del cc, cg, cj, starts
         for c in range(K):
             lo_c, hi_c = int(bounds[c]), int(bounds[c + 1])
