@@ -45,9 +45,10 @@ def empty_backprojection(grid: PaddedGrid, xp=np, dtype=np.complex128) -> BackPr
 
 
 # NumPy inserts a chunk of pixels at a time whose temporaries (coordinates, corners, weighted values: ~150 bytes a
-# pixel) stay in the CPU's caches: 4.2 -> ~0.8 s for 1,000 96-px slices into a 128-px grid on the 2-core VM at
-# 2-4 MiB, ~1.1 s at 1 and 16-32 MiB (benchmarks/insertion.py).
-NUMPY_CHUNK_BYTES = 4 << 20
+# pixel) stay in the CPU's caches: 1,000 slices into a 128-px grid on the 2-core VM, 48 / 96 / 128 px: ~5,300-5,900 /
+# 1,130 / 680 slices/s at 1-2 MiB against 3,000 / 660 / 300 for whole slices at once (benchmarks/insertion.py;
+# RESULTS.md, eighteenth session).
+NUMPY_CHUNK_BYTES = 2 << 20
 
 
 def insert_slices(bp: BackProjection, rotations, fimg, fweight, pixels=None) -> BackProjection:
