@@ -65,6 +65,10 @@ def test_projection_matches_relion_project(xp, n):
     A = cv.euler_to_matrix(xp.asarray(p.rlnAngleRot.to_numpy()), xp.asarray(p.rlnAngleTilt.to_numpy()),
                            xp.asarray(p.rlnAnglePsi.to_numpy()))
     F = project(ref, A, n)
+    # the pixels= form (the E-step's likelihood pixels) gives the same values at the mask's pixels
+    mask = np.zeros(F.shape[1:], bool)
+    mask[::3, 1::2] = True
+    assert np.array_equal(to_np(project(ref, A, n, pixels=xp.asarray(mask))), to_np(F)[:, mask])
     shifts = np.stack([p.rlnOriginXAngst.to_numpy(), p.rlnOriginYAngst.to_numpy()], -1) / 3.0
     F = F * cv.shift_phase_2d(n, n, xp.asarray(-shifts))
     b = p["rlnCtfBfactor"].to_numpy() if "rlnCtfBfactor" in p else np.zeros(len(p))

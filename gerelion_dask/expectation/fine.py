@@ -144,12 +144,12 @@ def project_gathered(ref, A, n: int, mask, xp, max_bytes: int | None = None):
     chunk = min(4096, max(1, int(max_bytes // project_row_bytes(n, xp is not np))))
     out = None
     for s in range(0, len(A), chunk):
-        part = gather(project(ref, xp.asarray(A[s : s + chunk]), n), mask)
+        part = project(ref, xp.asarray(A[s : s + chunk]), n, pixels=mask)
         if out is None:
             out = xp.empty((len(A),) + part.shape[1:], part.dtype)
         out[s : s + len(part)] = part
         part = None
-    return out if out is not None else gather(project(ref, xp.asarray(A[:0]), n), mask)
+    return out if out is not None else project(ref, xp.asarray(A[:0]), n, pixels=mask)
 
 
 def grid_of(model):

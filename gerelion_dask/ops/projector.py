@@ -180,8 +180,9 @@ def trilinear_gather(data, q, valid):
     return xp.where(valid, out, 0)
 
 
-def project(ref: FourierReference, rotations, n: int | None = None):
-    """Central slices ``(B, n, n//2+1)`` of ``ref`` for rotation matrices ``(B, 3, 3)`` (RELION ``get2DFourierTransform``).
+def project(ref: FourierReference, rotations, n: int | None = None, pixels=None):
+    """Central slices ``(B, n, n//2+1)`` of ``ref`` for rotation matrices ``(B, 3, 3)`` (RELION
+    ``get2DFourierTransform``); with ``pixels``, a boolean ``(n, n//2+1)`` mask, only those pixels: ``(B, M)``.
 
     ``n`` defaults to ``2 * r_max``.  The result is in the windowed half-complex layout of
     :func:`gerelion_dask.conventions.window_rfft2`; frequencies are in units of the original box.  On CuPy one
@@ -192,12 +193,25 @@ def project(ref: FourierReference, rotations, n: int | None = None):
     if xp is not np:
         from ..kernels.projector import project as twin
 
-        return twin(ref, rotations, n)
+        out = twin(ref, rotations, n)
+        return out if pixels is None else out[:, xp.asarray(pixels)]
     A = xp.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the reference's precision
     if A.ndim == 2:
         A = A[None]
-    q, valid = slice_coordinates(A, n, ref.grid, xp=xp)
-    return trilinear_gather(ref.data, q, valid)
+    if pixels is None:
+        q, valid = slice_coordinates(A, n, ref.grid, xp=xp)
+        return trilinear_gather(ref.data, q, valid)
+    # the mask's pixels only: their coordinates, the projector's circle and |q| <= r_pad as slice_coordinates
+    ky, kx = freq_indices_2d(n, np)
+    flat = np.asarray(pixels).reshape(-1)
+    ky, kx = ky.reshape(-1)[flat].astype(np.float64), kx.reshape(-1)[flat].astype(np.float64)
+    r = min(n // 2, ref.grid.r_max)
+    p = ref.grid.padding
+    qx = p * (A[:, 0, 0, None] * kx + A[:, 1, 0, None] * ky)
+    qy = p * (A[:, 0, 1, None] * kx + A[:, 1, 1, None] * ky)
+    qz = p * (A[:, 0, 2, None] * kx + A[:, 1, 2, None] * ky)
+    valid = (kx * kx + ky * ky <= r * r) & ((qx * qx + qy * qy + qz * qz) <= ref.grid.r_pad**2 + 1e-6)
+    return trilinear_gather(ref.data, np.stack([qx, qy, qz], axis=-1), valid)
 
 
 def reference_power_spectrum(ref: FourierReference):
