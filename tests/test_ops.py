@@ -164,7 +164,7 @@ def test_project_backproject_cycle(xp, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.complex128, np.complex64])
 def test_project_kernel_matches_numpy(dtype):
-    # oracle: the NumPy projection (trilinear_gather at slice_coordinates): the CuPy kernel gives the same slices to
+    # oracle: the NumPy projection (trilinear_gather at slice_points): the CuPy kernel gives the same slices to
     # float rounding; a window smaller and one larger than the reference's r_max, repeated and identity rotations
     cupy = pytest.importorskip("cupy")
     v = _phantom(24, 4)

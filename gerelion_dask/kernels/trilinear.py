@@ -1,8 +1,8 @@
 """The central-slice geometry shared by the projection and insertion kernels (CUDA source and launch arguments).
 
-The CUDA twin of ``ops.projector.slice_coordinates`` and ``_corner_indices``: a thread's pixel of a stack of slices,
-its 3D coordinate in the padded grid (float64 whatever the volume's precision), the Friedel fold and the 8 trilinear
-corners with their weights, in NumPy's order (``dz``, ``dy``, ``dx``; weight ``wz * wy * wx``).
+The CUDA twin of ``ops.projector.slice_pixels``, ``slice_points`` and ``_corner_indices``: a thread's pixel of a
+stack of slices, its 3D coordinate in the padded grid (float64 whatever the volume's precision), the Friedel fold and
+the 8 trilinear corners with their weights, in NumPy's order (``dz``, ``dy``, ``dx``; weight ``wz * wy * wx``).
 :mod:`gerelion_dask.kernels.projector` gathers from the corners, :mod:`gerelion_dask.kernels.backproject` adds to them.
 """
 
@@ -60,7 +60,7 @@ __device__ __forceinline__ long long trilinear_corner(int k, long long base, int
 
 def grid_args(grid, n: int) -> tuple:
     """The kernels' geometry arguments for ``n``-px slices on the padded grid ``grid``: ``(r, pad, lim2, r_pad, P,
-    px)`` (``r = min(n/2, r_max)``, as ``ops.projector.slice_coordinates``)."""
+    px)`` (``r = min(n/2, r_max)``, as ``ops.projector.slice_pixels``)."""
     from ..ops.fourier import layout_shape
 
     P, _, px = layout_shape(grid.r_pad)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import get_xp
-from ..conventions import freq_indices_2d
 from .fourier import PaddedGrid, layout_shape
+from .projector import _corner_indices, slice_pixels, slice_points
 
 __all__ = ["BackProjection", "empty_backprojection", "insert_slices", "enforce_hermitian"]
 
@@ -74,42 +74,27 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight, pixels=None) -> 
     if A.ndim == 2:
         A = A[None]
     n = int(fimg.shape[-2]) if pixels is None else int(np.shape(pixels)[0])
-    ky, kx = freq_indices_2d(n, np)
-    flat = np.ones(ky.size, bool) if pixels is None else np.asarray(pixels).reshape(-1)
-    ky, kx = ky.reshape(-1)[flat], kx.reshape(-1)[flat]
     vals = np.asarray(fimg).reshape(len(A), -1)
     wts = np.asarray(fweight).reshape(len(A), -1)
     # the pixels a projection fills, less the redundant half line kx = 0, ky < 0 (ALGORITHM.md §4.6.1)
-    r = min(n // 2, bp.grid.r_max)
-    cols = np.flatnonzero((kx * kx + ky * ky <= r * r) & ~((kx == 0) & (ky < 0)))
-    kxf, kyf = kx[cols].astype(np.float64), ky[cols].astype(np.float64)
-    p, lim2 = bp.grid.padding, bp.grid.r_pad**2 + 1e-6
-    P, _, px = layout_shape(bp.grid.r_pad)
-    c0 = bp.grid.r_pad + 1
+    cols, ky, kx = slice_pixels(n, bp.grid.r_max, pixels, half_plane=True)
     if not (bp.data.flags.c_contiguous and bp.weight.flags.c_contiguous):
         raise ValueError("insert_slices needs C-contiguous data and weight arrays (they are updated in place)")
     data, weight = bp.data.reshape(-1), bp.weight.reshape(-1)
     step = max(1, NUMPY_CHUNK_BYTES // (150 * max(1, cols.size)))
     for s in range(0, len(A), step):
-        a = A[s : s + step]
-        qx = p * (a[:, 0, 0, None] * kxf + a[:, 1, 0, None] * kyf)
-        qy = p * (a[:, 0, 1, None] * kxf + a[:, 1, 1, None] * kyf)
-        qz = p * (a[:, 0, 2, None] * kxf + a[:, 1, 2, None] * kyf)
+        qx, qy, qz, ok = slice_points(A[s : s + step], ky, kx, bp.grid)
         w = wts[s : s + step, cols]
-        ok = (qx * qx + qy * qy + qz * qz <= lim2) & (w > 0)  # NaN weights are skipped too
+        ok &= w > 0  # NaN weights are skipped too
         w, v = w[ok].astype(bp.weight.dtype), vals[s : s + step, cols][ok].astype(bp.data.dtype)
-        sign = np.where(qx[ok] < 0, -1.0, 1.0)  # Friedel fold: -q and the conjugate value
-        x, y, z = qx[ok] * sign, qy[ok] * sign + c0, qz[ok] * sign + c0
-        v = np.where(sign < 0, np.conj(v), v)
-        x0, y0, z0 = np.floor(x), np.floor(y), np.floor(z)
-        fx, fy, fz = x - x0, y - y0, z - z0
-        base = ((np.clip(z0.astype(np.int64), 0, P - 2) * P + np.clip(y0.astype(np.int64), 0, P - 2)) * px
-                + np.clip(x0.astype(np.int64), 0, px - 2))
+        base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(np.stack([qx[ok], qy[ok], qz[ok]], axis=-1),
+                                                                 bp.grid.r_pad, np)
+        v = np.where(conj, np.conj(v), v)  # Friedel fold: -q and the conjugate value
         for dz, wz in ((0, 1 - fz), (1, fz)):
             for dy, wy in ((0, 1 - fy), (1, fy)):
                 wzy = wz * wy
                 for dx, wx in ((0, 1 - fx), (1, fx)):
-                    idx = base + (dz * P * px + dy * px + dx)
+                    idx = base + (dz * sz + dy * sy + dx * sx)
                     tw = wzy * wx
                     np.add.at(data, idx, v * tw)  # in the order of the pixels: deterministic
                     np.add.at(weight, idx, w * tw)

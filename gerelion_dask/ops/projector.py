@@ -19,7 +19,7 @@ from ..backend import get_xp
 from ..conventions import freq_indices_2d
 from .fourier import PaddedGrid, layout_shape, sinc2_correction
 
-__all__ = ["FourierReference", "ReferenceSpec", "make_reference", "project", "slice_coordinates",
+__all__ = ["FourierReference", "ReferenceSpec", "make_reference", "project", "slice_pixels", "slice_points",
            "trilinear_gather", "reference_power_spectrum"]
 
 
@@ -123,29 +123,32 @@ def _to_layout(F, r_pad: int):
     return out
 
 
-def slice_coordinates(rotations, n: int, grid: PaddedGrid, *, xp=None, half_plane: bool = False):
-    """3D padded-grid coordinates of the central slices of a window of size ``n``.
-
-    Returns ``(q, valid)``: ``q`` of shape ``(B, n, n//2+1, 3)`` (x, y, z) and a boolean mask of the pixels a
-    projection fills (``kx^2 + ky^2 <= min(n/2, r_max)^2`` and ``|q| <= r_pad``).  With ``half_plane`` the
-    redundant pixels ``kx = 0, ky < 0`` are also masked out (back-projection and likelihood sums).
-    """
-    xp = xp or get_xp(rotations)
-    A = xp.asarray(rotations)
-    ky, kx = freq_indices_2d(n, xp)
-    r = min(n // 2, grid.r_max)
-    inside = kx * kx + ky * ky <= r * r
+def slice_pixels(n: int, r_max: int, pixels=None, half_plane: bool = False):
+    """The pixels of an ``n``-px half-complex slice that a projection fills: ``(cols, ky, kx)``, ``cols`` their
+    positions among the pixels of the mask ``pixels`` (default: the whole ``(n, n//2+1)`` slice) in C order and
+    ``ky``, ``kx`` their frequencies (float64), those with ``kx^2 + ky^2 <= min(n/2, r_max)^2``; with
+    ``half_plane`` also without the redundant pixels ``kx = 0, ky < 0`` (back-projection and likelihood sums)."""
+    ky, kx = freq_indices_2d(n, np)
+    ky, kx = ky.reshape(-1), kx.reshape(-1)
+    if pixels is not None:
+        flat = np.asarray(pixels).reshape(-1)
+        ky, kx = ky[flat], kx[flat]
+    r = min(n // 2, r_max)
+    keep = kx * kx + ky * ky <= r * r
     if half_plane:
-        inside = inside & ~((kx == 0) & (ky < 0))
+        keep &= ~((kx == 0) & (ky < 0))
+    cols = np.flatnonzero(keep)
+    return cols, ky[cols].astype(np.float64), kx[cols].astype(np.float64)
+
+
+def slice_points(A, ky, kx, grid: PaddedGrid):
+    """3D padded-grid coordinates ``q = p A^T (kx, ky, 0)`` of the pixels ``(ky, kx)`` of :func:`slice_pixels` for
+    rotations ``A (B, 3, 3)``: ``(qx, qy, qz, valid)``, each ``(B, len(kx))``, ``valid`` where ``|q| <= r_pad``."""
     p = grid.padding
-    kxf = kx.astype(A.dtype)[None]
-    kyf = ky.astype(A.dtype)[None]
-    qx = p * (A[:, 0, 0, None, None] * kxf + A[:, 1, 0, None, None] * kyf)
-    qy = p * (A[:, 0, 1, None, None] * kxf + A[:, 1, 1, None, None] * kyf)
-    qz = p * (A[:, 0, 2, None, None] * kxf + A[:, 1, 2, None, None] * kyf)
-    q = xp.stack([qx, qy, qz], axis=-1)
-    valid = inside[None] & ((qx * qx + qy * qy + qz * qz) <= grid.r_pad**2 + 1e-6)
-    return q, valid
+    qx = p * (A[:, 0, 0, None] * kx + A[:, 1, 0, None] * ky)
+    qy = p * (A[:, 0, 1, None] * kx + A[:, 1, 1, None] * ky)
+    qz = p * (A[:, 0, 2, None] * kx + A[:, 1, 2, None] * ky)
+    return qx, qy, qz, (qx * qx + qy * qy + qz * qz) <= grid.r_pad**2 + 1e-6
 
 
 def _corner_indices(q, r_pad: int, xp):
@@ -195,23 +198,19 @@ def project(ref: FourierReference, rotations, n: int | None = None, pixels=None)
 
         out = twin(ref, rotations, n)
         return out if pixels is None else out[:, xp.asarray(pixels)]
-    A = xp.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the reference's precision
+    A = np.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the reference's precision
     if A.ndim == 2:
         A = A[None]
-    if pixels is None:
-        q, valid = slice_coordinates(A, n, ref.grid, xp=xp)
-        return trilinear_gather(ref.data, q, valid)
-    # the mask's pixels only: their coordinates, the projector's circle and |q| <= r_pad as slice_coordinates
-    ky, kx = freq_indices_2d(n, np)
-    flat = np.asarray(pixels).reshape(-1)
-    ky, kx = ky.reshape(-1)[flat].astype(np.float64), kx.reshape(-1)[flat].astype(np.float64)
-    r = min(n // 2, ref.grid.r_max)
-    p = ref.grid.padding
-    qx = p * (A[:, 0, 0, None] * kx + A[:, 1, 0, None] * ky)
-    qy = p * (A[:, 0, 1, None] * kx + A[:, 1, 1, None] * ky)
-    qz = p * (A[:, 0, 2, None] * kx + A[:, 1, 2, None] * ky)
-    valid = (kx * kx + ky * ky <= r * r) & ((qx * qx + qy * qy + qz * qz) <= ref.grid.r_pad**2 + 1e-6)
-    return trilinear_gather(ref.data, np.stack([qx, qy, qz], axis=-1), valid)
+    cols, ky, kx = slice_pixels(n, ref.grid.r_max, pixels)
+    qx, qy, qz, valid = slice_points(A, ky, kx, ref.grid)
+    values = trilinear_gather(ref.data, np.stack([qx, qy, qz], axis=-1), valid)
+    size = n * (n // 2 + 1) if pixels is None else int(np.count_nonzero(pixels))
+    if cols.size == size:
+        out = values
+    else:  # pixels beyond the projector's circle are 0
+        out = np.zeros((len(A), size), values.dtype)
+        out[:, cols] = values
+    return out.reshape(len(A), n, n // 2 + 1) if pixels is None else out
 
 
 def reference_power_spectrum(ref: FourierReference):
