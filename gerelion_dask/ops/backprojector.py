@@ -87,8 +87,7 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight, pixels=None) -> 
         w = wts[s : s + step, cols]
         ok &= w > 0  # NaN weights are skipped too
         w, v = w[ok].astype(bp.weight.dtype), vals[s : s + step, cols][ok].astype(bp.data.dtype)
-        base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(np.stack([qx[ok], qy[ok], qz[ok]], axis=-1),
-                                                                 bp.grid.r_pad, np)
+        base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(qx[ok], qy[ok], qz[ok], bp.grid.r_pad, np)
         v = np.where(conj, np.conj(v), v)  # Friedel fold: -q and the conjugate value
         for dz, wz in ((0, 1 - fz), (1, fz)):
             for dy, wy in ((0, 1 - fy), (1, fy)):

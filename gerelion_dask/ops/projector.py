@@ -151,14 +151,14 @@ def slice_points(A, ky, kx, grid: PaddedGrid):
     return qx, qy, qz, (qx * qx + qy * qy + qz * qz) <= grid.r_pad**2 + 1e-6
 
 
-def _corner_indices(q, r_pad: int, xp):
-    """Friedel-folded trilinear corners: (flat base index, fractions fx fy fz, conj flag, strides)."""
+def _corner_indices(qx, qy, qz, r_pad: int, xp):
+    """Friedel-folded trilinear corners of the points ``(qx, qy, qz)``: (flat base index, fractions fx fy fz, conj
+    flag, strides)."""
     P, _, px = layout_shape(r_pad)
-    conj = q[..., 0] < 0
-    s = xp.where(conj, -1.0, 1.0).astype(q.dtype)[..., None]
-    qq = q * s
+    conj = qx < 0
+    s = xp.where(conj, -1.0, 1.0).astype(qx.dtype)
     c = r_pad + 1
-    x, y, z = qq[..., 0], qq[..., 1] + c, qq[..., 2] + c
+    x, y, z = qx * s, qy * s + c, qz * s + c
     x0, y0, z0 = xp.floor(x), xp.floor(y), xp.floor(z)
     fx, fy, fz = x - x0, y - y0, z - z0
     x0 = xp.clip(x0.astype(xp.int64), 0, px - 2)
@@ -168,13 +168,14 @@ def _corner_indices(q, r_pad: int, xp):
     return base, (fx, fy, fz), conj, (P * px, px, 1)
 
 
-def trilinear_gather(data, q, valid):
-    """Trilinear interpolation of a layout array at coordinates ``q (..., 3)``; 0 where not ``valid``."""
-    xp = get_xp(data, q)
+def trilinear_gather(data, qx, qy, qz, valid):
+    """Trilinear interpolation of a layout array at the points ``(qx, qy, qz)`` (arrays of one shape); 0 where not
+    ``valid``."""
+    xp = get_xp(data, qx)
     r_pad = data.shape[-1] - 2
-    base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(q, r_pad, xp)
+    base, (fx, fy, fz), conj, (sz, sy, sx) = _corner_indices(qx, qy, qz, r_pad, xp)
     flat = data.reshape(-1)
-    out = xp.zeros(q.shape[:-1], dtype=data.dtype)
+    out = xp.zeros(qx.shape, dtype=data.dtype)
     for dz, wz in ((0, 1 - fz), (1, fz)):
         for dy, wy in ((0, 1 - fy), (1, fy)):
             for dx, wx in ((0, 1 - fx), (1, fx)):
@@ -203,7 +204,7 @@ def project(ref: FourierReference, rotations, n: int | None = None, pixels=None)
         A = A[None]
     cols, ky, kx = slice_pixels(n, ref.grid.r_max, pixels)
     qx, qy, qz, valid = slice_points(A, ky, kx, ref.grid)
-    values = trilinear_gather(ref.data, np.stack([qx, qy, qz], axis=-1), valid)
+    values = trilinear_gather(ref.data, qx, qy, qz, valid)
     size = n * (n // 2 + 1) if pixels is None else int(np.count_nonzero(pixels))
     if cols.size == size:
         out = values
