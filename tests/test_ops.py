@@ -243,6 +243,10 @@ def test_insert_slices_equals_a_pixel_by_pixel_insertion():
                 assert np.abs(got.weight - want_w).max() <= 1e-13 * np.abs(want_w).max()
         finally:
             backprojector.NUMPY_CHUNK_BYTES = old
+    with pytest.raises(ValueError, match="pixels a slice expected"):  # rows that do not match the mask
+        insert_slices(empty_backprojection(g), A, F[:, mask][:, 1:], W[:, mask][:, 1:], pixels=mask)
+    with pytest.raises(ValueError, match="rotations for slices"):
+        insert_slices(empty_backprojection(g), A[:3], F, W)
 
 
 @pytest.mark.gpu
