@@ -75,11 +75,11 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight, pixels=None) -> 
         A = A[None]
     n = int(fimg.shape[-2]) if pixels is None else int(np.shape(pixels)[0])
     size = n * (n // 2 + 1) if pixels is None else int(np.count_nonzero(pixels))
-    vals = np.asarray(fimg).reshape(len(A), -1)
-    wts = np.asarray(fweight).reshape(len(A), -1)
-    if vals.shape[1] != size or wts.shape != vals.shape:
+    if np.shape(fimg)[:1] != (len(A),) or np.size(fimg) != len(A) * size or np.shape(fweight) != np.shape(fimg):
         raise ValueError(f"insert_slices: {len(A)} rotations for slices of shape {np.shape(fimg)} and weights of "
                          f"shape {np.shape(fweight)} ({size} pixels a slice expected)")
+    vals = np.asarray(fimg).reshape(len(A), size)
+    wts = np.asarray(fweight).reshape(len(A), size)
     # the pixels a projection fills, less the redundant half line kx = 0, ky < 0 (ALGORITHM.md §4.6.1)
     cols, ky, kx = slice_pixels(n, bp.grid.r_max, pixels, half_plane=True)
     if not (bp.data.flags.c_contiguous and bp.weight.flags.c_contiguous):
