@@ -116,9 +116,9 @@ def fine_limits(xp) -> dict:
 
 def project_row_bytes(n: int, gpu: bool = False) -> int:
     """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``): on a GPU the slice and
-    its gathered pixels (``32 h``, ``h = n (n/2+1)``; one kernel, ``kernels/projector.py``), with NumPy also the
-    slice's 3D coordinates, Friedel-folded corners, fractions and indices (~200 bytes a half-plane pixel);
-    ``gerelion plan`` uses the same number."""
+    its gathered pixels (``32 h``, ``h = n (n/2+1)``; one kernel, ``kernels/projector.py``); NumPy computes the
+    likelihood pixels only, with their 3D coordinates, Friedel-folded corners, fractions and indices (~200 bytes a
+    pixel, counted here for the whole half plane: an upper bound); ``gerelion plan`` uses the same number."""
     return (32 if gpu else 200) * n * (n // 2 + 1)
 
 
