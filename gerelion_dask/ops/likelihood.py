@@ -244,6 +244,9 @@ def add_rows(target, rows, values) -> None:
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     ends = np.r_[starts[1:], len(rows)]
     single = ends - starts == 1  # rows that occur once are added in one indexed step (a local search's pairs)
+    if single.all():  # (no copy of the values)
+        target[rows] += values
+        return
     if single.any():
         target[rows[starts[single]]] += values[starts[single]]
     for lo, hi in zip(starts[~single].tolist(), ends[~single].tolist(), strict=True):
