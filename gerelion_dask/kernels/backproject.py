@@ -4,8 +4,8 @@ One thread per slice pixel: it forms the pixel's 3D coordinate from the slice's 
 whatever the volumes' precision; the geometry is :mod:`gerelion_dask.kernels.trilinear`'s), applies the same tests
 (inside ``min(n/2, r_max)``, half plane, ``|q| <= r_pad``, weight > 0), Friedel-folds it, and adds its value and
 weight to the 8 trilinear neighbours with atomic adds.  The NumPy formula materialises the coordinates, corners,
-fractions and 16 scattered value arrays of every pixel (~150 bytes a pixel, the fine pass's largest working set at
-256 px) and CuPy's ``add.at`` ran 16 scatters over them; here nothing but the volumes is written.  Sums are equal up
+fractions and scattered values of its pixels (~150 bytes a pixel; NumPy now takes a few MiB of pixels at a time)
+and CuPy's ``add.at`` ran 16 scatters over all of them; here nothing but the volumes is written.  Sums are equal up
 to float rounding and the order the atomics land in (as the ``add.at`` path's were).
 """
 
@@ -56,8 +56,8 @@ def _module():
 
 
 def insert_slices(bp, rotations, fimg, fweight):
-    """CuPy twin of :func:`gerelion_dask.ops.backprojector.insert_slices` (same arguments and result; the arrays of
-    ``bp`` are updated in place)."""
+    """CuPy twin of :func:`gerelion_dask.ops.backprojector.insert_slices` for whole slices (the dispatcher fills rows
+    of a ``pixels`` mask into whole slices first); the same result, the arrays of ``bp`` updated in place."""
     real = np.float64 if bp.data.dtype == np.complex128 else np.float32
     cplx = np.complex128 if real == np.float64 else np.complex64
     A = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=np.float64))

@@ -74,14 +74,13 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight, pixels=None) -> 
     if A.ndim == 2:
         A = A[None]
     n = int(fimg.shape[-2]) if pixels is None else int(np.shape(pixels)[0])
-    size = n * (n // 2 + 1) if pixels is None else int(np.count_nonzero(pixels))
+    # the pixels a projection fills, less the redundant half line kx = 0, ky < 0 (ALGORITHM.md §4.6.1)
+    cols, ky, kx, size = slice_pixels(n, bp.grid.r_max, pixels, half_plane=True)
     if np.shape(fimg)[:1] != (len(A),) or np.size(fimg) != len(A) * size or np.shape(fweight) != np.shape(fimg):
         raise ValueError(f"insert_slices: {len(A)} rotations for slices of shape {np.shape(fimg)} and weights of "
                          f"shape {np.shape(fweight)} ({size} pixels a slice expected)")
     vals = np.asarray(fimg).reshape(len(A), size)
     wts = np.asarray(fweight).reshape(len(A), size)
-    # the pixels a projection fills, less the redundant half line kx = 0, ky < 0 (ALGORITHM.md §4.6.1)
-    cols, ky, kx = slice_pixels(n, bp.grid.r_max, pixels, half_plane=True)
     if not (bp.data.flags.c_contiguous and bp.weight.flags.c_contiguous):
         raise ValueError("insert_slices needs C-contiguous data and weight arrays (they are updated in place)")
     data, weight = bp.data.reshape(-1), bp.weight.reshape(-1)

@@ -124,9 +124,9 @@ def _to_layout(F, r_pad: int):
 
 
 def slice_pixels(n: int, r_max: int, pixels=None, half_plane: bool = False):
-    """The pixels of an ``n``-px half-complex slice that a projection fills: ``(cols, ky, kx)``, ``cols`` their
-    positions among the pixels of the mask ``pixels`` (default: the whole ``(n, n//2+1)`` slice) in C order and
-    ``ky``, ``kx`` their frequencies (float64), those with ``kx^2 + ky^2 <= min(n/2, r_max)^2``; with
+    """The pixels of an ``n``-px half-complex slice that a projection fills: ``(cols, ky, kx, size)``, ``cols``
+    their positions among the ``size`` pixels of the mask ``pixels`` (default: the whole ``(n, n//2+1)`` slice) in C
+    order and ``ky``, ``kx`` their frequencies (float64), those with ``kx^2 + ky^2 <= min(n/2, r_max)^2``; with
     ``half_plane`` also without the redundant pixels ``kx = 0, ky < 0`` (back-projection and likelihood sums)."""
     ky, kx = freq_indices_2d(n, np)
     ky, kx = ky.reshape(-1), kx.reshape(-1)
@@ -138,7 +138,7 @@ def slice_pixels(n: int, r_max: int, pixels=None, half_plane: bool = False):
     if half_plane:
         keep &= ~((kx == 0) & (ky < 0))
     cols = np.flatnonzero(keep)
-    return cols, ky[cols].astype(np.float64), kx[cols].astype(np.float64)
+    return cols, ky[cols].astype(np.float64), kx[cols].astype(np.float64), ky.size
 
 
 def slice_points(A, ky, kx, grid: PaddedGrid):
@@ -202,10 +202,9 @@ def project(ref: FourierReference, rotations, n: int | None = None, pixels=None)
     A = np.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the reference's precision
     if A.ndim == 2:
         A = A[None]
-    cols, ky, kx = slice_pixels(n, ref.grid.r_max, pixels)
+    cols, ky, kx, size = slice_pixels(n, ref.grid.r_max, pixels)
     qx, qy, qz, valid = slice_points(A, ky, kx, ref.grid)
     values = trilinear_gather(ref.data, qx, qy, qz, valid)
-    size = n * (n // 2 + 1) if pixels is None else int(np.count_nonzero(pixels))
     if cols.size == size:
         out = values
     else:  # pixels beyond the projector's circle are 0
