@@ -215,9 +215,9 @@ def model_star_blocks(
     current_size : int, optional
         ``rlnCurrentImageSize`` (the E-step window); default the original box.
     fourier_completeness : array (K, N/2+1), optional
-        Fraction of voxels per shell with voxel SSNR >= 1 (RELION's ``fourier_coverage_class``).  The Model holds no
-        such array; by default the per-shell indicator ``rlnSsnrMap >= 1`` is written instead (0 or 1 per shell), so
-        ``rlnOverallFourierCompleteness`` is then 1 whenever the estimated resolution is finite.
+        Fraction of voxels per shell with voxel SSNR >= 1 (RELION's ``fourier_coverage_class``).  Default: the
+        model's ``fourier_coverage`` (made by each M-step, ``maximization.mstep.ssnr_spectra``); a model from
+        before any M-step has none, and RELION's initial model.star then holds zeros: so do we.
     orientability : array (K, N/2+1), optional
         ``rlnSpectralOrientabilityContribution``; RELION writes it (for information only) once accuracies are
         estimated.  Default zeros.
@@ -250,7 +250,8 @@ def model_star_blocks(
     fsc = np.asarray(model.fsc, dtype=np.float64)
     n_sh = tau2.shape[-1]
     if fourier_completeness is None:
-        completeness = (dvp >= 1.0).astype(np.float64)
+        cov = model.fourier_coverage
+        completeness = np.zeros((K, n_sh)) if cov is None else np.asarray(cov, dtype=np.float64)[half].reshape(K, n_sh)
     else:
         completeness = np.asarray(fourier_completeness, dtype=np.float64).reshape(K, n_sh)
     orient = np.zeros((K, n_sh)) if orientability is None else np.asarray(orientability, np.float64).reshape(K, n_sh)

@@ -1225,3 +1225,65 @@ def test_first_out_of_memory_frees_what_other_pools_hold_before_shrinking(freed,
     out = tasks.estep_task(src, np.arange(8), parts, model, st, 0, "cpu")
     assert ("model-cpu", -1) not in tasks._PREPARED and len(tasks._PREPARED) == 3 and limits[0] == limits[1]
     assert np.allclose(out.partials.bp_data, want.bp_data, rtol=1e-9, atol=1e-12 * np.abs(want.bp_data).max())
+
+
+def _ssnr_voxel_by_voxel(grid, W, nsh, T, tau2=None, fsc=None):
+    """RELION's BackProjector::updateSSNRarrays written out voxel by voxel in float64 (the oracle of ssnr_spectra)."""
+    p, rp = grid.padding, grid.r_pad
+    max_r2 = round(grid.r_max * p) ** 2
+    P, _, px = W.shape
+    s2, cnt = np.zeros(nsh), np.zeros(nsh)
+    voxels = []
+    for iz in range(P):
+        for iy in range(P):
+            for ix in range(px):
+                r2 = (iz - rp - 1) ** 2 + (iy - rp - 1) ** 2 + ix**2
+                if r2 < max_r2:
+                    ires = int(np.floor(np.sqrt(r2) / p + 0.5))
+                    s2[ires] += p**3 * W[iz, iy, ix]
+                    cnt[ires] += 1
+                    voxels.append((ires, W[iz, iy, ix]))
+    s2 = np.where(s2 > 1e-10, cnt / np.where(s2 > 0, s2, 1), 0.0)
+    if fsc is not None:
+        f = np.minimum(np.maximum(fsc, 0.001), 0.999)
+        tau2, dvp = T * f / (1 - f) * s2, T * f / (1 - f)
+    else:
+        dvp = np.zeros(nsh)
+    cov, cnt = np.zeros(nsh), np.zeros(nsh)
+    for ires, w in voxels:
+        invtau2 = 1 / (p**3 * T * tau2[ires]) if tau2[ires] > 0 else 1 / (0.001 * w)
+        if fsc is None:
+            dvp[ires] += w / invtau2
+        cov[ires] += w / invtau2 >= 1
+        cnt[ires] += 1
+    if fsc is None:
+        dvp = np.where(cnt > 0.001, dvp / np.maximum(cnt, 1), 999.0)
+        dvp[np.arange(nsh) > grid.r_max] = 0
+    return s2, tau2, dvp, np.where(cnt > 0, cov / np.maximum(cnt, 1), 0.0)
+
+
+def test_ssnr_spectra_and_coverage_follow_relion():
+    # oracle: _ssnr_voxel_by_voxel (RELION 3.1.3's updateSSNRarrays in float64): sigma2_recon, tau2, data_vs_prior
+    # and the Fourier coverage (model.star's rlnFourierCompleteness) per shell, with a reference tau2 prior
+    # (classification; one shell's prior exactly 0 takes RELION's 1/(0.001 W)) and with a gold-standard FSC
+    from gerelion_dask.maximization.mstep import ssnr_spectra
+    from gerelion_dask.ops.backprojector import BackProjection
+    from gerelion_dask.ops.fourier import PaddedGrid
+
+    rng = np.random.default_rng(3)
+    grid = PaddedGrid.create(16, r_max=6)
+    nsh = 9
+    W = rng.uniform(0, 2, grid.shape) * np.exp(-np.arange(grid.shape[2]) / 4.0)  # coverage falls with kx
+    bp = BackProjection(np.zeros(grid.shape, complex), W, grid)
+    tau2 = np.exp(-np.arange(nsh) / 2.0)
+    tau2[3] = 0.0
+    for kw in ({"tau2": tau2}, {"fsc": np.linspace(1.0, -0.1, nsh)}):
+        got = ssnr_spectra(bp, nsh, 4.0, **kw)
+        want = _ssnr_voxel_by_voxel(grid, W, nsh, 4.0, **kw)
+        for g, w, name in zip(got, want, ("sigma2_recon", "tau2", "data_vs_prior", "coverage"), strict=True):
+            w = w.copy()
+            if name in ("tau2", "data_vs_prior"):  # beyond r_max (no voxels) ours writes 0, RELION's FSC branch
+                w[np.arange(nsh) > grid.r_max] = 0  # T 0.001/0.999 from the clamped FSC: nothing reads them
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=0, err_msg=name)
+        cov = got[3]
+        assert 0 < cov[grid.r_max] < cov[1] <= 1 and np.all(cov[grid.r_max + 1:] == 0)

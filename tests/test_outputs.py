@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -83,6 +84,7 @@ def model():
         ave_pmax=0.42,
         acc_rot=np.array([2.5]),
         acc_trans_angst=np.array([1.25]),
+        fourier_coverage=np.stack([np.clip(1.5 - shells / 6.0, 0, 1), np.clip(1.2 - shells / 8.0, 0, 1)])[:, None, :],
     )
 
 
@@ -166,7 +168,9 @@ def test_model_star_roundtrip(tmp_path, model, config):
     dvp = model.data_vs_prior[1, 0]  # half index 1 = half 2
     maxres = int(np.flatnonzero(dvp < 1)[0]) - 1
     assert c["rlnEstimatedResolution"].tolist() == [pytest.approx(N * APIX / maxres)]
-    assert c["rlnOverallFourierCompleteness"].tolist() == [1.0]  # indicator fallback
+    cov = model.fourier_coverage[1, 0]
+    assert c["rlnOverallFourierCompleteness"].tolist() == [out.overall_fourier_completeness(cov, dvp)]
+    assert 0 < c["rlnOverallFourierCompleteness"].iloc[0] < 1
     assert "rlnClassPriorOffsetX" not in c  # 3D references: RELION writes no class prior offsets
 
     s = blocks["model_class_1"]
@@ -177,7 +181,7 @@ def test_model_star_roundtrip(tmp_path, model, config):
     np.testing.assert_array_equal(s["rlnReferenceTau2"], model.tau2[1, 0])
     np.testing.assert_array_equal(s["rlnReferenceSigma2"], model.sigma2_recon[1, 0])
     np.testing.assert_array_equal(s["rlnGoldStandardFsc"], model.fsc[0])
-    np.testing.assert_array_equal(s["rlnFourierCompleteness"], (dvp >= 1).astype(float))
+    np.testing.assert_array_equal(s["rlnFourierCompleteness"], cov)  # the model's, half 2's
     np.testing.assert_array_equal(s["rlnSpectralOrientabilityContribution"], np.zeros(NSH))
 
     groups = blocks["model_groups"]
@@ -212,6 +216,10 @@ def test_model_star_halves_differ_and_options(model, config):
     assert 0 < b["model_classes"]["rlnOverallFourierCompleteness"].iloc[0] < 1
     assert b["model_classes"]["rlnClassPriorOffsetX"].tolist() == [0.0]
     assert b["model_general"]["rlnSigmaPriorTiltAngle"].iloc[0] == 1.0
+    # a model before any M-step has no coverage: zeros, as RELION's initial model.star
+    b = out.model_star_blocks(replace(model, fourier_coverage=None), 0, config, **_model_kwargs())
+    assert not b["model_class_1"]["rlnFourierCompleteness"].any()
+    assert b["model_classes"]["rlnOverallFourierCompleteness"].tolist() == [0.0]
     with pytest.raises(ValueError, match="half"):
         out.model_star_blocks(model, 2, config, **_model_kwargs())
     with pytest.raises(ValueError, match="group"):

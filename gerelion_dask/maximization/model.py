@@ -44,6 +44,10 @@ class Model(SizedByArrays):
     tau2_fudge: float = 1.0
     acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(1))
     acc_trans_angst: np.ndarray = field(default_factory=lambda: np.zeros(1))
+    # (H, K, N/2+1): per shell, the fraction of the reconstruction's voxels whose evidence outweighs the prior (RELION's
+    # fourier_coverage, model.star's rlnFourierCompleteness); None before the first M-step and in checkpoints of
+    # gerelion versions that did not keep it
+    fourier_coverage: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:

@@ -69,15 +69,19 @@ def _join_low_resolution(bp1: BackProjection, bp2: BackProjection, r_join: int):
 
 
 def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc=None):
-    """sigma2_recon, tau2 and data_vs_prior per shell (§5.2), from the weights of ``bp``.
+    """sigma2_recon, tau2, data_vs_prior and Fourier coverage per shell (§5.2), from the weights of ``bp``.
 
     With ``fsc`` (gold standard): ``SSNR = T FSC/(1-FSC)``, ``tau2 = SSNR sigma2_recon``.  Otherwise ``tau2`` is
-    the reference power spectrum and ``data_vs_prior = mean_shell(p^3 W T tau2)``.
+    the reference power spectrum and ``data_vs_prior = mean_shell(p^3 W T tau2)``.  Each voxel's evidence-to-prior
+    ratio is ``p^3 W T tau2(shell)`` (``0.001 W^2`` where tau2 is 0: RELION's ``updateSSNRarrays`` puts a small tau2
+    there); the coverage of a shell is the fraction of its voxels whose ratio is at least 1 (RELION's
+    ``fourier_coverage``, model.star's ``rlnFourierCompleteness``).
     """
     xp = get_xp(bp.weight)
     shell, inside, r = shell_index(bp.grid, xp)
     sel = inside & (r * r < bp.grid.r_pad**2) & (shell < nsh)
-    pw = to_host((bp.grid.padding**3) * bp.weight[sel])
+    wsel = bp.weight[sel]
+    pw, w = to_host((bp.grid.padding**3) * wsel), to_host(wsel).astype(np.float64)
     s = to_host(shell[sel])
     cnt = np.bincount(s, minlength=nsh)[:nsh]
     mean_pw = np.bincount(s, weights=pw, minlength=nsh)[:nsh] / np.maximum(cnt, 1)
@@ -90,12 +94,15 @@ def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc
         dvp = ssnr.copy()
     else:
         tau2_out = np.asarray(tau2, dtype=np.float64)[:nsh].copy()
-        num = np.bincount(s, weights=pw * tau2_fudge * tau2_out[s], minlength=nsh)[:nsh]
-        dvp = np.where(cnt > 0, num / np.maximum(cnt, 1), 999.0)
+    t = tau2_out[s]
+    ratio = np.where(t > 0, pw * tau2_fudge * t, 0.001 * w * w)
+    if fsc is None:
+        dvp = np.where(cnt > 0, np.bincount(s, weights=ratio, minlength=nsh)[:nsh] / np.maximum(cnt, 1), 999.0)
+    coverage = np.bincount(s, weights=(ratio >= 1.0).astype(np.float64), minlength=nsh)[:nsh] / np.maximum(cnt, 1)
     beyond = np.arange(nsh) > r_max
     dvp[beyond] = 0.0
     tau2_out[beyond] = 0.0
-    return sigma2_recon, tau2_out, dvp
+    return sigma2_recon, tau2_out, dvp, coverage
 
 
 def lowpass_map(vol, resolution_angst: float, pixel_size: float, edge_shells: float = 2.0):
@@ -189,6 +196,7 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
     tau2 = np.zeros((H, K, nsh))
     dvp = np.zeros((H, K, nsh))
     s2r = np.zeros((H, K, nsh))
+    cov = np.zeros((H, K, nsh))
     for hi, h in enumerate(halves):
         for c in range(K):
             if partials[h].wsum_pdf_class[c] <= 0 and K > 1:
@@ -198,11 +206,11 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 f = fsc[c].copy()
                 if ms.final:
                     f = np.sqrt(2 * np.clip(f, 0, None) / (1 + np.clip(f, 0, None)))
-                s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, fsc=f)
+                s2r[hi, c], tau2[hi, c], dvp[hi, c], cov[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, fsc=f)
             else:
                 prior = np.zeros(nsh) if model.maps[hi][c] is None or model.pdf_class[hi][c] <= 0 else \
                     reference_tau2(model.maps[hi][c], ms, nsh, get_xp(bp.data))
-                s2r[hi, c], tau2[hi, c], dvp[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, tau2=prior)
+                s2r[hi, c], tau2[hi, c], dvp[hi, c], cov[hi, c] = ssnr_spectra(bp, nsh, ms.tau2_fudge, tau2=prior)
             vol = reconstruct(bp, tau2=tau2[hi, c], tau2_fudge=ms.tau2_fudge, minres_map=ms.minres_map,
                               gridding_iterations=ms.gridding_iterations)
             if ms.cc_iteration and ms.ini_high_angst > 0:
@@ -216,7 +224,7 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
         tau2, dvp = tau2 * taper, dvp * taper
     if ms.auto_refine and H == 2:
         dvp[1] = dvp[0]  # RELION broadcasts half 1's data_vs_prior to half 2: one resolution and image size for both
-    return _other_parameters(partials, model, ms, maps, tau2, dvp, s2r, fsc), unfil
+    return replace(_other_parameters(partials, model, ms, maps, tau2, dvp, s2r, fsc), fourier_coverage=cov), unfil
 
 
 _SUMMED = ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_sigma2_offset", "wsum_avg_norm",
