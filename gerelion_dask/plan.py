@@ -36,8 +36,8 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
-  M`` and one chunk of full slices (``min(R, S_p) x s_p``, ``S_p = project_bytes / s_p``, at most 4,096, ``s_p = 32 h``
-  on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own array (no
+  M`` and one chunk's working memory (``min(R, S_p) x s_p``, ``S_p = project_bytes / s_p``, at most 4,096, ``s_p =
+  16 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own array (no
   copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U, cache_bytes)``,
   ``U`` below) unless the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each fine orientation
   with its back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not coexist): the group's
@@ -50,9 +50,8 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most
   ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the
   back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
-  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s``: on a GPU ``s = 24 h + 24 M`` (the gathered
-  sums, and the whole slices and weights the kernel reads), on a CPU ``s = 24 M`` (NumPy inserts the gathered rows a
-  few MiB of pixels at a time; ``fine.insert_row_bytes``);
+  slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s`` with ``s = 24 M``, the gathered rows of sums
+  (CuPy's kernel reads them as they are, NumPy a few MiB of pixels at a time; ``fine.insert_row_bytes``);
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole iteration
@@ -215,7 +214,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     w_g = min(e_w, max(E // 16, per_particle))
     dense_w = (6 if backend == "gpu" else 10) * 8 * w_g  # the group's posterior weights; NumPy's temporaries
     slice_bytes = limits["slice_bytes"]
-    row_i, row_p = insert_row_bytes(n, M, backend == "gpu"), project_row_bytes(n, backend == "gpu")
+    row_i, row_p = insert_row_bytes(M), project_row_bytes(n, backend == "gpu")
     insert = min(R, max(1, slice_bytes // row_i)) * row_i
     projecting = 16 * R * M + min(R, 4096, max(1, limits["project_bytes"] // row_p)) * row_p
     # the fine pass's peak is one of its phases, which do not coexist: the group's diff2 (beside its weighted images;

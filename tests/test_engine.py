@@ -555,7 +555,7 @@ def test_insertion_in_chunks_of_slices_gives_the_same_sums(xp, monkeypatch):
     backend = "cpu" if xp is np else "gpu"
     whole, rw = expectation_pool(img, parts, model, st)
     n = st.preprocess.current_size
-    row = fine.insert_row_bytes(n, int(likelihood_pixels(n, include_dc=True).sum()), xp is not np)
+    row = fine.insert_row_bytes(int(likelihood_pixels(n, include_dc=True).sum()))
     calls = []
     real_insert = fine.insert_slices
     monkeypatch.setattr(fine, "insert_slices",

@@ -9,7 +9,7 @@ from conftest import to_np
 from gerelion_dask import conventions as cv
 from gerelion_dask.ops.backprojector import empty_backprojection, enforce_hermitian, insert_slices
 from gerelion_dask.ops.ctf import CtfParams, ctf_2d, ctf_rfft, electron_wavelength
-from gerelion_dask.ops.fourier import PaddedGrid
+from gerelion_dask.ops.fourier import PaddedGrid, likelihood_pixels
 from gerelion_dask.ops.fsc import fsc, fsc_from_backprojections, resolution_at
 from gerelion_dask.ops.masks import soft_mask_outside, soft_sphere
 from gerelion_dask.ops.projector import make_reference, project, reference_power_spectrum
@@ -179,6 +179,12 @@ def test_project_kernel_matches_numpy(dtype):
             assert got.dtype == want.dtype and got.shape == want.shape
             tol = (1e-12 if dtype == np.complex128 else 1e-5) * np.abs(want).max()
             assert np.abs(to_np(got) - want).max() <= tol
+            # rows of a pixel mask (host or device): the kernel computes only those, the same values as whole slices
+            mask = likelihood_pixels(n, include_dc=True)
+            for m in (mask, cupy.asarray(mask)):
+                rows = project(ref_d, cupy.asarray(A), n, pixels=m)
+                assert rows.shape == (len(A), int(mask.sum())) and cupy.array_equal(rows, got[:, cupy.asarray(mask)])
+            assert np.abs(to_np(rows) - project(ref, A, n, pixels=mask)).max() <= tol
 
 
 def _insert_pixel_by_pixel(grid, A, F, W):
@@ -217,7 +223,6 @@ def test_insert_slices_equals_a_pixel_by_pixel_insertion():
     # slices larger than the grid's r_max and smaller ones, zero, negative and NaN weights, a repeated rotation,
     # whole slices and rows of a pixel mask, and a chunk of one slice at a time
     from gerelion_dask.ops import backprojector
-    from gerelion_dask.ops.fourier import likelihood_pixels
 
     rng = np.random.default_rng(5)
     for n, r_max in ((12, 4), (8, 6)):
@@ -272,10 +277,16 @@ def test_insert_slices_kernel_matches_numpy(dtype):
         assert np.abs(to_np(got.weight) - want.weight).max() <= tol * np.abs(want.weight).max()
         mask = np.abs(rng.normal(size=F.shape[1:])) > 0.5  # rows of a pixel mask
         want = insert_slices(empty_backprojection(g, np, dtype), A, F[:, mask], W[:, mask], pixels=mask)
-        got = insert_slices(empty_backprojection(g, cupy, dtype), cupy.asarray(A), cupy.asarray(F[:, mask]),
-                            cupy.asarray(W[:, mask]), pixels=cupy.asarray(mask))
-        assert np.abs(to_np(got.data) - want.data).max() <= tol * np.abs(want.data).max()
-        assert np.abs(to_np(got.weight) - want.weight).max() <= tol * np.abs(want.weight).max()
+        for m in (mask, cupy.asarray(mask)):  # the kernel reads the rows as they are, the mask on host or device
+            got = insert_slices(empty_backprojection(g, cupy, dtype), cupy.asarray(A), cupy.asarray(F[:, mask]),
+                                cupy.asarray(W[:, mask]), pixels=m)
+            assert np.abs(to_np(got.data) - want.data).max() <= tol * np.abs(want.data).max()
+            assert np.abs(to_np(got.weight) - want.weight).max() <= tol * np.abs(want.weight).max()
+    with pytest.raises(ValueError, match="pixels a slice expected"):  # rows that do not match the mask
+        insert_slices(empty_backprojection(g, cupy, dtype), cupy.asarray(A), cupy.asarray(F[:, mask][:, 1:]),
+                      cupy.asarray(W[:, mask][:, 1:]), pixels=mask)
+    with pytest.raises(ValueError, match="rotations for slices"):
+        insert_slices(empty_backprojection(g, cupy, dtype), cupy.asarray(A[:3]), cupy.asarray(F), cupy.asarray(W))
     shape = empty_backprojection(g, np, dtype).data.shape
     pair = cupy.zeros(shape[:-1] + (2 * shape[-1],), dtype)  # every other voxel: a strided target
     strided = type(want)(pair[..., ::2], cupy.zeros(shape, W.dtype), g)

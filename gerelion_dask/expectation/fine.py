@@ -49,10 +49,9 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (on a GPU:
 # one chunk for a pool of 1,000 at HEALPix order 2, where two chunks paid the selection's fixed steps twice).
 # ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``slice_bytes``: the working
-# memory of one chunk of full 2D slices, in the projection of fine orientations (``project_row_bytes`` per slice) and
-# in the 3D insertion at the end of the fine pass (``insert_row_bytes``); all of a pool's slices at once took 9-12 GB
-# per 1,000 slices at 256 px (memory_check --lines).  A NumPy insertion chunk costs a few passes over the whole
-# volume (``bincount``), so the CPU's chunks are larger.
+# memory of one chunk of the 3D insertion at the end of the fine pass (``insert_row_bytes`` per slice); all of a
+# pool's slices at once took 9-12 GB per 1,000 slices at 256 px when the kernel read whole slices (memory_check
+# --lines).
 # ``project_bytes``: the working memory of one chunk of projections (``project_gathered``); NumPy's projector makes
 # ~200 bytes of temporaries per half-plane pixel and runs 3-4x faster in chunks of 8 MiB than of up to 4 GiB (cache
 # misses; 32, 64 and 128 px on the 2-core VM: 12,900 / 2,680 / 711 against 4,370 / 693 / 178 projections/s,
@@ -115,19 +114,19 @@ def fine_limits(xp) -> dict:
 
 
 def project_row_bytes(n: int, gpu: bool = False) -> int:
-    """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``): on a GPU the slice and
-    its gathered pixels (``32 h``, ``h = n (n/2+1)``; one kernel, ``kernels/projector.py``); NumPy computes the
-    likelihood pixels only, with their 3D coordinates, Friedel-folded corners, fractions and indices (~200 bytes a
-    pixel, counted here for the whole half plane: an upper bound); ``gerelion plan`` uses the same number."""
-    return (32 if gpu else 200) * n * (n // 2 + 1)
+    """Bytes the projection of one ``n``-px slice holds at most (``ops.projector.project``): on a GPU its output
+    (``16 h``, ``h = n (n/2+1)``: a whole complex128 slice, or the fewer pixels of a mask; one kernel,
+    ``kernels/projector.py``); NumPy computes the likelihood pixels only, with their 3D coordinates, Friedel-folded
+    corners, fractions and indices (~200 bytes a pixel, counted here for the whole half plane: an upper bound);
+    ``gerelion plan`` uses the same number."""
+    return (16 if gpu else 200) * n * (n // 2 + 1)
 
 
-def insert_row_bytes(n: int, M: int, gpu: bool = False) -> int:
-    """Bytes the 3D insertion of one ``n``-px slice with ``M`` likelihood pixels holds at most: the row of sums
-    gathered for it (``24 M``) and on a GPU the whole slice and weights the kernel reads (``24 h``, ``h = n (n/2+1)``;
-    one kernel, ``kernels/backproject.py``); NumPy inserts the rows in chunks of a few MiB
-    (``ops.backprojector.NUMPY_CHUNK_BYTES``, not counted per row).  ``gerelion plan`` uses the same number."""
-    return 24 * n * (n // 2 + 1) + 24 * M if gpu else 24 * M
+def insert_row_bytes(M: int) -> int:
+    """Bytes the 3D insertion of one slice with ``M`` likelihood pixels holds: the row of sums gathered for it
+    (``24 M``; CuPy's kernel and NumPy both read the rows of the mask's pixels, NumPy a few MiB of pixels at a time,
+    ``ops.backprojector.NUMPY_CHUNK_BYTES``, not counted per row).  ``gerelion plan`` uses the same number."""
+    return 24 * M
 
 
 def gather(a, mask):
@@ -474,7 +473,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     n_zero = 0  # particles whose weights all underflowed
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
-    fp = FineProjections(model, grid, sig, n, mb_x, xp, cache=cache)
+    fp = FineProjections(model, grid, sig, n, mb, xp, cache=cache)  # host mask: its pixels known without a wait
     bp_i = {c: xp.zeros((len(fp.gids(c)), M), np.complex128) for c in fp.data}  # per pool row
     bp_w = {c: xp.zeros((len(fp.gids(c)), M), np.float64) for c in fp.data}
     touched = {c: xp.zeros(len(fp.gids(c)), bool) for c in fp.data}
@@ -589,7 +588,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
 
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
-    step = max(1, int(limits["slice_bytes"] // insert_row_bytes(n, M, xp is not np)))  # slices per insertion chunk
+    step = max(1, int(limits["slice_bytes"] // insert_row_bytes(M)))  # slices per insertion chunk
     for c, touched_c in zip(classes, touched_h, strict=True):
         touched_rows = np.nonzero(touched_c)[0]
         for s in range(0, touched_rows.size, step):
@@ -597,7 +596,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             rx = xp.asarray(rows)
             A = grid.fine_matrices_from_ids(fp.gids(c)[rows])
             insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, bp_i[c][rx], bp_w[c][rx],
-                          pixels=mb_x)
+                          pixels=mb)
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
                     acc["wsum_pdf_class"], acc["wsum_pdf_direction"], off_sum, float(out["norm"].sum()),
                     acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], float(out["ll"].sum()),

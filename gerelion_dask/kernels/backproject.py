@@ -1,6 +1,6 @@
 """CuPy twin of :func:`gerelion_dask.ops.backprojector.insert_slices` (imported only for CuPy arrays).
 
-One thread per slice pixel: it forms the pixel's 3D coordinate from the slice's rotation (in float64, as NumPy does,
+One thread per slice pixel (whole slices, or rows of a pixel mask's pixels: ``pixels=``): it forms the pixel's 3D coordinate from the slice's rotation (in float64, as NumPy does,
 whatever the volumes' precision; the geometry is :mod:`gerelion_dask.kernels.trilinear`'s), applies the same tests
 (inside ``min(n/2, r_max)``, half plane, ``|q| <= r_pad``, weight > 0), Friedel-folds it, and adds its value and
 weight to the 8 trilinear neighbours with atomic adds.  The NumPy formula materialises the coordinates, corners,
@@ -20,13 +20,14 @@ from . import trilinear
 
 _SRC = r"""
 template <typename T>
-__global__ void gerelion_insert_slices(const double* A, const T* img, const T* wgt, long long R, int n, int nh,
-                                       int r, double pad, double lim2, int r_pad, int P, int px, T* data, T* weight) {
+__global__ void gerelion_insert_slices(const double* A, const T* img, const T* wgt, const int* cols, long long R, int m,
+                                       int n, int nh, int r, double pad, double lim2, int r_pad, int P, int px,
+                                       T* data, T* weight) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= R * n * nh) return;
+    if (i >= R * m) return;
     long long s;
     int ky, kx;
-    slice_pixel(i, n, nh, s, ky, kx);
+    slice_pixel(i, cols, m, n, nh, s, ky, kx);
     if (kx * kx + ky * ky > r * r || (kx == 0 && ky < 0)) return;
     const T w = wgt[i];
     if (!(w > (T)0)) return;
@@ -55,31 +56,36 @@ def _module():
                           name_expressions=("gerelion_insert_slices<double>", "gerelion_insert_slices<float>"))
 
 
-def insert_slices(bp, rotations, fimg, fweight):
-    """CuPy twin of :func:`gerelion_dask.ops.backprojector.insert_slices` for whole slices (the dispatcher fills rows
-    of a ``pixels`` mask into whole slices first); the same result, the arrays of ``bp`` updated in place."""
+def insert_slices(bp, rotations, fimg, fweight, pixels=None):
+    """CuPy twin of :func:`gerelion_dask.ops.backprojector.insert_slices`: whole slices ``(B, n, n//2+1)``, or with a
+    boolean ``(n, n//2+1)`` mask ``pixels`` (host or device) rows ``(B, M)`` of its pixels; the same result, the
+    arrays of ``bp`` updated in place."""
     real = np.float64 if bp.data.dtype == np.complex128 else np.float32
     cplx = np.complex128 if real == np.float64 else np.complex64
     A = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=np.float64))
     if A.ndim == 2:
         A = A[None]
-    n, nh = int(fimg.shape[-2]), int(fimg.shape[-1])
-    img = cupy.ascontiguousarray(cupy.asarray(fimg, dtype=cplx)).reshape(-1, n, nh)
-    wgt = cupy.ascontiguousarray(cupy.asarray(fweight, dtype=real)).reshape(-1, n, nh)
-    R = int(img.shape[0])
-    if R == 0:
+    n = int(fimg.shape[-2]) if pixels is None else int(pixels.shape[0])
+    nh = n // 2 + 1
+    cols = trilinear.pixel_columns(pixels, n)
+    m = int(cols.size)
+    R = int(A.shape[0])
+    if tuple(fimg.shape) != ((R, n, nh) if pixels is None else (R, m)) or tuple(fweight.shape) != tuple(fimg.shape):
+        raise ValueError(f"insert_slices: {R} rotations for slices of shape {tuple(fimg.shape)} and weights of shape "
+                         f"{tuple(fweight.shape)} ({m} pixels a slice expected)")
+    if R == 0 or m == 0:
         return bp
-    if A.shape[0] != R or wgt.shape[0] != R:
-        raise ValueError(f"insert_slices: {A.shape[0]} rotations for {R} slices and {wgt.shape[0]} weights")
+    img = cupy.ascontiguousarray(cupy.asarray(fimg, dtype=cplx))
+    wgt = cupy.ascontiguousarray(cupy.asarray(fweight, dtype=real))
     data, weight = bp.data, bp.weight
     d = data if data.flags.c_contiguous else cupy.ascontiguousarray(data)
     w = weight if weight.flags.c_contiguous else cupy.ascontiguousarray(weight)
-    total = R * n * nh
+    total = R * m
     tname = "double" if real == np.float64 else "float"
     kern = _module().get_function(f"gerelion_insert_slices<{tname}>")
     kern(((total + _THREADS - 1) // _THREADS,), (_THREADS,),
-         (A, img.view(real), wgt, np.int64(R), np.int32(n), np.int32(nh), *trilinear.grid_args(bp.grid, n),
-          d.view(real), w))
+         (A, img.view(real), wgt, cols, np.int64(R), np.int32(m), np.int32(n), np.int32(nh),
+          *trilinear.grid_args(bp.grid, n), d.view(real), w))
     if d is not data:
         data[...] = d
     if w is not weight:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 SRC = r"""
-// thread i's pixel of an (R, n, nh) stack: slice s and logical frequencies (ky, kx), RELION's Nyquist +n/2
-__device__ __forceinline__ void slice_pixel(long long i, int n, int nh, long long& s, int& ky, int& kx) {
-    kx = (int)(i % nh);
-    const long long rest = i / nh;
-    const int iy = (int)(rest % n);
-    s = rest / n;
+// thread i's pixel of an (R, m) stack of rows: slice s and logical frequencies (ky, kx), RELION's Nyquist +n/2.
+// A row holds the pixels cols[0..m) of the (n, nh) half plane (flat C-order indices)
+__device__ __forceinline__ void slice_pixel(long long i, const int* cols, int m, int n, int nh, long long& s, int& ky,
+                                            int& kx) {
+    s = i / m;
+    const int f = cols[i - s * m];
+    kx = f % nh;
+    const int iy = f / nh;
     ky = iy <= n / 2 ? iy : iy - n;
 }
 
@@ -66,3 +68,18 @@ def grid_args(grid, n: int) -> tuple:
     P, _, px = layout_shape(grid.r_pad)
     return (np.int32(min(n // 2, grid.r_max)), np.float64(grid.padding), np.float64(grid.r_pad**2 + 1e-6),
             np.int32(grid.r_pad), np.int32(P), np.int32(px))
+
+
+def pixel_columns(pixels, n: int):
+    """The kernels' ``cols``: the flat C-order indices (int32, on the device) of the pixels of a boolean ``(n,
+    n//2+1)`` mask ``pixels``, or of every pixel for whole slices (``None``).  A mask on the host is indexed there (no
+    device synchronisation); one on the device costs one, as boolean indexing does."""
+    import cupy
+
+    if pixels is None:
+        return cupy.arange(n * (n // 2 + 1), dtype=np.int32)
+    if tuple(pixels.shape) != (n, n // 2 + 1):
+        raise ValueError(f"pixel mask of shape {tuple(pixels.shape)} for {n}-px slices (expected {(n, n // 2 + 1)})")
+    if isinstance(pixels, np.ndarray):
+        return cupy.asarray(np.flatnonzero(pixels).astype(np.int32))
+    return cupy.flatnonzero(pixels).astype(np.int32)

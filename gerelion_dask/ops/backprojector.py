@@ -63,13 +63,7 @@ def insert_slices(bp: BackProjection, rotations, fimg, fweight, pixels=None) -> 
     if xp is not np:
         from ..kernels.backproject import insert_slices as twin
 
-        if pixels is not None:  # the kernel reads whole slices
-            mask = xp.asarray(pixels)
-            slices = xp.zeros((fimg.shape[0],) + mask.shape, fimg.dtype)
-            weights = xp.zeros((fimg.shape[0],) + mask.shape, fweight.dtype)
-            slices[:, mask], weights[:, mask] = fimg, fweight
-            fimg, fweight = slices, weights
-        return twin(bp, rotations, fimg, fweight)
+        return twin(bp, rotations, fimg, fweight, pixels)
     A = np.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the volumes' precision
     if A.ndim == 2:
         A = A[None]

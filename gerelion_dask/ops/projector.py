@@ -197,8 +197,7 @@ def project(ref: FourierReference, rotations, n: int | None = None, pixels=None)
     if xp is not np:
         from ..kernels.projector import project as twin
 
-        out = twin(ref, rotations, n)
-        return out if pixels is None else out[:, xp.asarray(pixels)]
+        return twin(ref, rotations, n, pixels)
     A = np.asarray(rotations, dtype=np.float64)  # coordinates in float64 whatever the reference's precision
     if A.ndim == 2:
         A = A[None]
