@@ -121,6 +121,21 @@ def pool_of_run(a):
     return seen["coarse_pass"], seen["fine_pass"]
 
 
+def blocking_sync(device: int = 0) -> None:
+    """CUDA's blocking synchronisation for the primary context of ``device`` (a waiting thread sleeps instead of
+    spinning, so its CPU time is host work only). CuPy has no cudaSetDeviceFlags: the driver API's
+    ``cuDevicePrimaryCtxSetFlags`` (``CU_CTX_SCHED_BLOCKING_SYNC`` = 4) through ctypes, before the context exists."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    dev = ctypes.c_int()
+    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(dev), device)),
+                       ("cuDevicePrimaryCtxSetFlags", (dev, 4))):
+        err = getattr(cuda, call)(*args)
+        if err != 0:
+            raise RuntimeError(f"{call} failed with CUDA error {err}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--box", type=int, default=128)
@@ -157,7 +172,7 @@ def main():
 
         xp = cupy
         if a.host_time:  # before the first CUDA call of the process creates its context
-            cupy.cuda.runtime.setDeviceFlags(cupy.cuda.runtime.deviceScheduleBlockingSync)
+            blocking_sync()
     sync = xp.cuda.runtime.deviceSynchronize if xp is not np else (lambda: None)
     if a.load:
         import pickle
