@@ -395,3 +395,24 @@ def test_asymmetric_unit_unknown_symmetry():
     # oracle: the project's error contract (errors.InputError, one line with a hint)
     with pytest.raises(InputError, match=r"unknown symmetry group 'X7'"):
         s.asymmetric_unit_directions(2, "X7")
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_coarse_matrices_are_the_perturbed_euler_matrices(order):
+    # oracle: euler_to_matrix(rot, tilt, psi) @ E(d, d, d) (RELION's ZYZ Euler matrix of each coarse orientation,
+    # times the perturbation), for the whole grid and for scattered (direction, psi) pairs of a subset of directions
+    from gerelion_dask.expectation.grid import OrientationGrid
+
+    dirs = s.asymmetric_unit_directions(order, "C2")
+    grid = OrientationGrid(order, dirs.pix, s.angular_step(order), 3.0, 1.0, 0.37)
+    rot, tilt = grid.dir_angles
+    d = grid.perturb * grid.psi_step
+    E = euler_to_matrix(d, d, d)
+    di, pi = np.repeat(np.arange(grid.n_dir), grid.n_psi), np.tile(np.arange(grid.n_psi), grid.n_dir)
+    np.testing.assert_allclose(grid.coarse_matrices(), euler_to_matrix(rot[di], tilt[di], grid.psi[pi]) @ E,
+                               rtol=0, atol=2e-15)
+    rng = np.random.default_rng(order)
+    di, pi = rng.integers(0, grid.n_dir, (40, 3)), rng.integers(0, grid.n_psi, (40, 3))
+    got = grid.coarse_matrices(di, pi)
+    assert got.shape == (40, 3, 3, 3)
+    np.testing.assert_allclose(got, euler_to_matrix(rot[di], tilt[di], grid.psi[pi]) @ E, rtol=0, atol=2e-15)
