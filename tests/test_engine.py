@@ -852,13 +852,15 @@ def test_add_rows_matches_add_at(dtype):
 
 
 def test_distinct_matches_numpy_unique():
-    # oracle: np.unique -- the fine pass's counting version of it over non-negative integers (classes, orientations,
-    # translations of the significant samples): repeated values, gaps, one value, a 2-D array and none at all
-    from gerelion_dask.expectation.fine import distinct
+    # oracle: np.unique -- ops.indexing.distinct over non-negative integers, counted when they are small (classes,
+    # orientations, translations of the significant samples) and sorted when sparse (local-search keys): repeated
+    # values, gaps, one value, a 2-D array, none at all, int32, and values far above the array's size
+    from gerelion_dask.ops.indexing import distinct
 
     rng = np.random.default_rng(5)
     for x in (rng.integers(0, 4608, 100_000), rng.integers(0, 2, 50), np.array([7, 7, 7]),
-              rng.choice([3, 90, 4000], (30, 4)), np.zeros(0, np.int64)):
+              rng.choice([3, 90, 4000], (30, 4)), np.zeros(0, np.int64), rng.integers(0, 12288 * 1000, 60_000),
+              np.array([10**12, 5, 10**12, 0]), rng.integers(0, 10**6, 500).astype(np.int32)):
         got = distinct(x)
         assert np.array_equal(got, np.unique(x)) and got.dtype.kind == "i"
 

@@ -29,14 +29,14 @@ from ..backend import deep_nbytes, get_xp, scatter_add, to_host
 from ..conventions import matrix_to_euler, shift_phase_2d
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
-from ..ops.indexing import concat_ranges
+from ..ops.indexing import concat_ranges, distinct
 from ..ops.likelihood import add_rows, children_diff2, pair_sums
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
 from .weights import posterior_weights, significance_threshold
 
-__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes", "distinct",
+__all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes",
            "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "project_row_bytes"]
 
 # Work budgets per chunk of particles (values; the coarse pass's chunks and the fine pass's groups), per backend: on a
@@ -175,16 +175,6 @@ class Significant:
         """The rows of the particles ``J``, particle by particle in the order of ``J``."""
         lo = np.searchsorted(self.b, J, side="left")
         return concat_ranges(lo, np.searchsorted(self.b, J, side="right") - lo)
-
-
-def distinct(x) -> np.ndarray:
-    """The sorted distinct values of an array of non-negative integers (``np.unique``'s result) by counting: the
-    significant samples' classes, orientations and translations are small integers, and a flat pool has millions of
-    them (np.unique's sort or hash took 15 of the 110 s of dev_class's 25 GPU iterations; this is ~20x faster)."""
-    x = np.asarray(x)
-    if x.size == 0:
-        return np.zeros(0, np.int64)
-    return np.flatnonzero(np.bincount(x.ravel()))
 
 
 def _local_index(J, b):

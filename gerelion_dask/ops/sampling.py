@@ -39,7 +39,7 @@ import numpy as np
 
 from ..conventions import euler_to_matrix
 from ..errors import InputError
-from .indexing import concat_ranges
+from .indexing import concat_ranges, distinct
 from .symmetry import direction_operators, parse_symmetry_name
 
 __all__ = [
@@ -495,7 +495,7 @@ def _kept_directions(pdir, sig_dir, bands, images, ops, cutoff: float) -> tuple:
     q = np.einsum("gji,pj->gpi", ops, pdir[narrow]).reshape(-1, 3)
     qrow = np.tile(narrow, len(ops))
     rows, cols = _candidate_pairs(q, qrow, r[qrow], bands)
-    rows, cols = np.divmod(np.unique(rows * N + cols), N)  # ascending: by particle, then direction
+    rows, cols = np.divmod(distinct(rows * N + cols), N)  # ascending: by particle, then direction
     best = np.einsum("ij,ij->i", pdir[rows], images[0][cols])
     for img in images[1:]:
         np.maximum(best, np.einsum("ij,ij->i", pdir[rows], img[cols]), out=best)
