@@ -398,9 +398,12 @@ def test_asymmetric_unit_unknown_symmetry():
 
 
 @pytest.mark.parametrize("order", [1, 3])
-def test_coarse_matrices_are_the_perturbed_euler_matrices(order):
+def test_coarse_and_fine_matrices_are_the_perturbed_euler_matrices(order, monkeypatch):
     # oracle: euler_to_matrix(rot, tilt, psi) @ E(d, d, d) (RELION's ZYZ Euler matrix of each coarse orientation,
-    # times the perturbation), for the whole grid and for scattered (direction, psi) pairs of a subset of directions
+    # times the perturbation), for the whole grid and for scattered (direction, psi) pairs of a subset of directions;
+    # fine orientations from their ids (the id rule written out: fine direction 4 dir_pix + sub_dir of the next
+    # order, psi -/+ a quarter step), with the fine directions' frames cached and made per call
+    from gerelion_dask.expectation import grid as grid_module
     from gerelion_dask.expectation.grid import OrientationGrid
 
     dirs = s.asymmetric_unit_directions(order, "C2")
@@ -416,3 +419,15 @@ def test_coarse_matrices_are_the_perturbed_euler_matrices(order):
     got = grid.coarse_matrices(di, pi)
     assert got.shape == (40, 3, 3, 3)
     np.testing.assert_allclose(got, euler_to_matrix(rot[di], tilt[di], grid.psi[pi]) @ E, rtol=0, atol=2e-15)
+    o = rng.integers(0, grid.n_dir * grid.n_psi, 50)
+    gid = grid.fine_ids(o)  # (50, 8)
+    rot_f, tilt_f = s.healpix_directions(order + 1)
+    child, psi_sub = gid // 2 // grid.n_psi, gid % 2
+    psi_f = grid.psi[gid // 2 % grid.n_psi] + np.where(psi_sub == 0, -0.25, 0.25) * grid.psi_step
+    want = euler_to_matrix(rot_f[child], tilt_f[child], psi_f) @ E
+    assert np.array_equal(child // 4, grid.dir_pix[o // grid.n_psi][:, None].repeat(8, 1))
+    np.testing.assert_allclose(grid.fine_matrices_from_ids(gid), want, rtol=0, atol=2e-15)
+    monkeypatch.setattr(grid_module, "FINE_FRAMES_BYTES", 0)  # too large to keep: made per call
+    fresh = OrientationGrid(order, dirs.pix, s.angular_step(order), 3.0, 1.0, 0.37)
+    assert fresh._fine_frames is None
+    np.testing.assert_allclose(fresh.fine_matrices_from_ids(gid), want, rtol=0, atol=2e-15)

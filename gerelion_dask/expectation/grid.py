@@ -83,10 +83,9 @@ class OrientationGrid:
 
     @cached_property
     def _direction_frames(self) -> np.ndarray:
-        """``Ry(tilt) Rz(rot) E`` of every direction (the Euler matrix at psi = 0 times the perturbation), ``(n_dir,
-        3, 3)``: an orientation's matrix is ``Rz(psi)`` times its direction's frame."""
-        rot, tilt = self.dir_angles
-        return euler_to_matrix(rot, tilt, np.zeros_like(rot)) @ self._perturb_matrix
+        """``Ry(tilt) Rz(rot) E`` of every direction (the Euler matrix at psi = 0 times the perturbation) as rows of
+        9, ``(n_dir, 9)``: an orientation's matrix is ``Rz(psi)`` times its direction's frame (:func:`_spin`)."""
+        return _frames(*self.dir_angles, self._perturb_matrix)
 
     @cached_property
     def _psi_cos_sin(self) -> tuple[np.ndarray, np.ndarray]:
@@ -96,22 +95,16 @@ class OrientationGrid:
     def coarse_matrices(self, dir_idx=None, psi_idx=None) -> np.ndarray:
         """Rotation matrices of coarse orientations ``(n, 3, 3)`` (``euler_to_matrix(rot, tilt, psi) @ E``, E the
         perturbation); all of them (``o = dir * n_psi + psi``) by default.  Made as ``Rz(psi)`` times the direction's
-        cached frame: rows ``c f0 + s f1``, ``c f1 - s f0``, ``f2`` (local searches ask for tens of thousands of
-        orientations per chunk, whose trigonometry and matrix products cost ~10 ms of host time a pool)."""
+        cached frame (local searches ask for tens of thousands of orientations per chunk, whose trigonometry and
+        matrix products cost ~10 ms of host time a pool)."""
         if dir_idx is None:
             dir_idx = np.repeat(np.arange(self.n_dir), self.n_psi)
             psi_idx = np.tile(np.arange(self.n_psi), self.n_dir)
         dir_idx = np.asarray(dir_idx)
-        f = np.take(self._direction_frames.reshape(-1, 9), dir_idx.reshape(-1), axis=0)  # rows of 9: f0 f1 f2
+        f = np.take(self._direction_frames, dir_idx.reshape(-1), axis=0)
         cos, sin = self._psi_cos_sin
-        c, s = (np.take(v, np.asarray(psi_idx).reshape(-1))[:, None] for v in (cos, sin))
-        A = np.empty_like(f)
-        np.multiply(c, f[:, 0:3], out=A[:, 0:3])
-        A[:, 0:3] += s * f[:, 3:6]
-        np.multiply(c, f[:, 3:6], out=A[:, 3:6])
-        A[:, 3:6] -= s * f[:, 0:3]
-        A[:, 6:9] = f[:, 6:9]
-        return A.reshape(dir_idx.shape + (3, 3))
+        c, s = (np.take(v, np.asarray(psi_idx).reshape(-1)) for v in (cos, sin))
+        return _spin(f, c, s).reshape(dir_idx.shape + (3, 3))
 
     @cached_property
     def _fine_directions(self) -> tuple[np.ndarray, np.ndarray]:
@@ -152,13 +145,53 @@ class OrientationGrid:
         sub = np.array([[-q, -q], [-q, q], [q, -q], [q, q]])
         return base[:, None, :] + sub[None, :, :]
 
-    def fine_matrices_from_ids(self, gid: np.ndarray) -> np.ndarray:
-        """Matrices of fine orientations from their global ids (inverse of the id rule)."""
-        gid = np.asarray(gid, dtype=np.int64)
-        psi_sub = gid % 2
-        rest = gid // 2
-        p = rest % self.n_psi
-        child = rest // self.n_psi
+    @cached_property
+    def _fine_frames(self):
+        """:attr:`_direction_frames` of every fine direction (rows of 9), or None where they would take more than
+        ``FINE_FRAMES_BYTES`` (HEALPix order 8 and up: they are then made per call)."""
         rot_f, tilt_f = self._fine_directions
-        s = self.psi[p] + np.where(psi_sub == 0, -0.25, 0.25) * self.psi_step
-        return euler_to_matrix(rot_f[child], tilt_f[child], s) @ self._perturb_matrix
+        return None if 72 * rot_f.size > FINE_FRAMES_BYTES else _frames(rot_f, tilt_f, self._perturb_matrix)
+
+    @cached_property
+    def _fine_psi_cos_sin(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the fine psi angles ``psi -/+ psi_step / 4``, ``(n_psi, 2)`` each (flat index ``2 psi +
+        psi_sub``)."""
+        r = np.deg2rad(self.psi[:, None] + np.array([-0.25, 0.25])[None, :] * self.psi_step)
+        return np.cos(r), np.sin(r)
+
+    def fine_matrices_from_ids(self, gid: np.ndarray) -> np.ndarray:
+        """Matrices of fine orientations from their global ids (inverse of the id rule): ``Rz(psi)`` times the fine
+        direction's frame, as :meth:`coarse_matrices`."""
+        gid = np.asarray(gid, dtype=np.int64)
+        child, q = np.divmod(gid.reshape(-1), 2 * self.n_psi)  # q = 2 psi + psi_sub
+        frames = self._fine_frames
+        if frames is None:
+            rot_f, tilt_f = self._fine_directions
+            f = _frames(rot_f[child], tilt_f[child], self._perturb_matrix)
+        else:
+            f = np.take(frames, child, axis=0)
+        cos, sin = self._fine_psi_cos_sin
+        return _spin(f, np.take(cos, q), np.take(sin, q)).reshape(gid.shape + (3, 3))
+
+
+# the most memory an OrientationGrid keeps for the frames of its fine directions (order 6: 49,152 directions, 3.5 MB;
+# order 7: 786,432, 57 MB)
+FINE_FRAMES_BYTES = 64 << 20
+
+
+def _frames(rot, tilt, perturb: np.ndarray) -> np.ndarray:
+    """``euler_to_matrix(rot, tilt, 0) @ perturb`` as rows of 9, ``(n, 9)``."""
+    return (euler_to_matrix(rot, tilt, np.zeros_like(rot)) @ perturb).reshape(-1, 9)
+
+
+def _spin(f: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``Rz(psi) F`` for frames ``f (n, 9)`` (rows f0 f1 f2 of F) and ``c, s = cos psi, sin psi (n,)``: rows
+    ``c f0 + s f1``, ``c f1 - s f0``, ``f2`` -- RELION's ZYZ Euler matrix at psi, its frame at psi = 0 (``(n, 9)``)."""
+    c, s = c[:, None], s[:, None]
+    A = np.empty_like(f)
+    np.multiply(c, f[:, 0:3], out=A[:, 0:3])
+    A[:, 0:3] += s * f[:, 3:6]
+    np.multiply(c, f[:, 3:6], out=A[:, 3:6])
+    A[:, 3:6] -= s * f[:, 0:3]
+    A[:, 6:9] = f[:, 6:9]
+    return A
