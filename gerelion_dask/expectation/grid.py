@@ -10,7 +10,7 @@ particles of a pool can be merged before one 3D insertion per orientation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import numpy as np
@@ -46,6 +46,11 @@ class OrientationGrid:
     offset_step_px: float
     perturb: float = 0.0  # r in [-f, f]; angles move by r * psi_step, translations by r * offset_step
     oversampling: int = 1
+
+    def __getstate__(self) -> dict:
+        """Pickled with its fields only: the cached tables (direction angles, frames: up to ~70 MB at HEALPix order
+        7) are remade where the grid is used, not shipped to every Dask task."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def n_dir(self) -> int:
