@@ -48,8 +48,8 @@ class OrientationGrid:
     oversampling: int = 1
 
     def __getstate__(self) -> dict:
-        """Pickled with its fields only: the cached tables (direction angles, frames: up to ~70 MB at HEALPix order
-        7) are remade where the grid is used, not shipped to every Dask task."""
+        """Pickled with its fields only: the cached tables (direction angles and frames: tens of MB at HEALPix
+        orders 6-7) are remade where the grid is used, not shipped to every Dask task."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
@@ -118,23 +118,11 @@ class OrientationGrid:
 
         return healpix_directions(self.healpix_order + 1)
 
-    def fine_orientations(self, coarse_o: np.ndarray):
-        """Children of coarse orientations: matrices ``(len, 8, 3, 3)``, global ids ``(len, 8)`` and angles."""
-        coarse_o = np.asarray(coarse_o, dtype=np.int64)
-        d, p = coarse_o // self.n_psi, coarse_o % self.n_psi
-        rot_f, tilt_f = self._fine_directions
-        child = 4 * self.dir_pix[d][:, None] + np.arange(4)[None, :]  # (len, 4)
-        psi_sub = self.psi[p][:, None] + np.array([-0.25, 0.25])[None, :] * self.psi_step  # (len, 2)
-        r = np.repeat(rot_f[child], 2, axis=1)
-        t = np.repeat(tilt_f[child], 2, axis=1)
-        s = np.tile(psi_sub, (1, 4))
-        A = euler_to_matrix(r, t, s) @ self._perturb_matrix
-        return A, self.fine_ids(coarse_o), (r, t, s)
-
     def fine_ids(self, coarse_o, child=None):
-        """Global ids ``(len, 8)`` of the children of coarse orientations (``fine_orientations`` without the
-        matrices): ``((4 * dir_pix + sub_dir) * n_psi + psi) * 2 + sub_psi``; with ``child`` (0-7, the shape of
-        ``coarse_o``) only that child's id, ``(len,)``.  On the backend of ``coarse_o`` (NumPy or CuPy)."""
+        """Global ids ``(len, 8)`` of the children of coarse orientations (their matrices:
+        :meth:`fine_matrices_from_ids`): ``((4 * dir_pix + sub_dir) * n_psi + psi) * 2 + sub_psi``; with ``child``
+        (0-7, the shape of ``coarse_o``) only that child's id, ``(len,)``.  On the backend of ``coarse_o`` (NumPy or
+        CuPy)."""
         xp = get_xp(coarse_o)
         coarse_o = xp.asarray(coarse_o, dtype=np.int64)
         if child is None:  # all 8 children: (len, 1) against (1, 8)
