@@ -80,8 +80,8 @@ def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc
     xp = get_xp(bp.weight)
     shell, inside, r = shell_index(bp.grid, xp)
     sel = inside & (r * r < bp.grid.r_pad**2) & (shell < nsh)
-    wsel = bp.weight[sel]
-    pw, w = to_host((bp.grid.padding**3) * wsel), to_host(wsel).astype(np.float64)
+    w = to_host(bp.weight[sel])  # one transfer; p^3 W in the weights' own precision, as it was made on the device
+    pw, w = (bp.grid.padding**3) * w, w.astype(np.float64)
     s = to_host(shell[sel])
     cnt = np.bincount(s, minlength=nsh)[:nsh]
     mean_pw = np.bincount(s, weights=pw, minlength=nsh)[:nsh] / np.maximum(cnt, 1)
@@ -97,7 +97,8 @@ def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc
     t = tau2_out[s]
     ratio = np.where(t > 0, pw * tau2_fudge * t, 0.001 * w * w)
     if fsc is None:
-        dvp = np.where(cnt > 0, np.bincount(s, weights=ratio, minlength=nsh)[:nsh] / np.maximum(cnt, 1), 999.0)
+        num = np.bincount(s, weights=ratio, minlength=nsh)[:nsh]
+        dvp = np.where(cnt > 0, num / np.maximum(cnt, 1), 999.0)
     coverage = np.bincount(s, weights=(ratio >= 1.0).astype(np.float64), minlength=nsh)[:nsh] / np.maximum(cnt, 1)
     beyond = np.arange(nsh) > r_max
     dvp[beyond] = 0.0
