@@ -37,12 +37,12 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
   M`` and one chunk's working memory (``min(R, S_p) x s_p``, ``S_p = project_bytes / s_p``, at most 4,096, ``s_p =
-  16 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own array (no
-  copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U, cache_bytes)``,
-  ``U`` below) unless the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each fine orientation
-  with its back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not coexist): the group's
-  children's diff2, ``8 g`` (``g = min(E / 16, w)`` children, ``fine._group_particles``; twice with ``K > 1``,
-  gathered per class) beside the group's weighted images ``24 B M``, and on a CPU the batch of
+  16 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own
+  array (no copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U,
+  cache_bytes)``, ``U`` below) unless the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each
+  fine orientation with its back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not
+  coexist): the group's children's diff2, ``8 g`` (``g = min(E / 16, w)`` children, ``fine._group_particles``;
+  twice with ``K > 1``, gathered per class) beside the group's weighted images ``24 B M``, and on a CPU the batch of
   ``ops.likelihood.children_diff2`` (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps
   none); the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (NumPy's temporaries; checked
   by ``tests/test_plan.py``), ``w = min(e', max(E / 16, 32 s))`` padded children of a group of particles with

@@ -1,12 +1,13 @@
 """CuPy twin of :func:`gerelion_dask.ops.backprojector.insert_slices` (imported only for CuPy arrays).
 
-One thread per slice pixel (whole slices, or rows of a pixel mask's pixels: ``pixels=``): it forms the pixel's 3D coordinate from the slice's rotation (in float64, as NumPy does,
-whatever the volumes' precision; the geometry is :mod:`gerelion_dask.kernels.trilinear`'s), applies the same tests
-(inside ``min(n/2, r_max)``, half plane, ``|q| <= r_pad``, weight > 0), Friedel-folds it, and adds its value and
-weight to the 8 trilinear neighbours with atomic adds.  The NumPy formula materialises the coordinates, corners,
-fractions and scattered values of its pixels (~150 bytes a pixel; NumPy now takes a few MiB of pixels at a time)
-and CuPy's ``add.at`` ran 16 scatters over all of them; here nothing but the volumes is written.  Sums are equal up
-to float rounding and the order the atomics land in (as the ``add.at`` path's were).
+One thread per slice pixel (whole slices, or rows of a pixel mask's pixels: ``pixels=``): it forms the pixel's 3D
+coordinate from the slice's rotation (in float64, as NumPy does, whatever the volumes' precision; the geometry is
+:mod:`gerelion_dask.kernels.trilinear`'s), applies the same tests (inside ``min(n/2, r_max)``, half plane, ``|q| <=
+r_pad``, weight > 0), Friedel-folds it, and adds its value and weight to the 8 trilinear neighbours with atomic adds.
+The NumPy formula materialises the coordinates, corners, fractions and scattered values of its pixels (~150 bytes a
+pixel; NumPy takes a few MiB of pixels at a time) and CuPy's ``add.at`` ran 16 scatters over all of them; here
+nothing but the volumes is written.  Sums are equal up to float rounding and the order the atomics land in (as the
+``add.at`` path's were).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """CuPy twin of :func:`gerelion_dask.ops.projector.project` (imported only for CuPy references).
 
-One thread per pixel of the output slices (or of the rows of a pixel mask's pixels, ``pixels=``): it forms the pixel's 3D coordinate from the slice's rotation (in float64,
-as NumPy does; the geometry is :mod:`gerelion_dask.kernels.trilinear`'s), applies the same tests (inside ``min(n/2,
-r_max)``, ``|q| <= r_pad``), Friedel-folds it and sums the 8 trilinear neighbours of the reference in the same order.
+One thread per pixel of the output slices (or of the rows of a pixel mask's pixels, ``pixels=``): it forms the
+pixel's 3D coordinate from the slice's rotation (in float64, as NumPy does; the geometry is
+:mod:`gerelion_dask.kernels.trilinear`'s), applies the same tests (inside ``min(n/2, r_max)``, ``|q| <= r_pad``),
+Friedel-folds it and sums the 8 trilinear neighbours of the reference in the same order.
 NumPy's formula materialises the coordinates, corner indices, fractions and eight gathered arrays of every pixel (~200
 bytes a half-plane pixel, ``fine.project_row_bytes``); here only the slices (or the mask's pixels) are written.
 """
