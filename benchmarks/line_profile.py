@@ -41,20 +41,23 @@ from gerelion_dask.expectation.fine import ProjectionCache, _group_particles, fi
 from gerelion_dask.expectation.preprocess import preprocess_pool  # noqa: E402
 from stages import synthetic_estep  # noqa: E402  (benchmarks/stages.py: the same synthetic pool)
 
-def traced(sync, fn, names, *args, top=25):
-    """Run ``fn(*args)`` with per-line synchronised timing of the functions called ``names``; print the top lines."""
-    acc, hits, last = defaultdict(float), defaultdict(int), {}
+def traced(sync, fn, names, *args, top=25, host=False):
+    """Run ``fn(*args)`` with per-line synchronised timing of the functions called ``names``; print the top lines.
+    With ``host`` (CUDA's blocking synchronisation, ``--host-time``) each line's thread CPU time too, and the lines
+    are ranked by it: the line's host work, its wait for the GPU excluded."""
+    acc, cpu, hits, last = defaultdict(float), defaultdict(float), defaultdict(int), {}
 
     def local(frame, event, arg):
         if event in ("line", "return"):
             sync()
-            now = time.perf_counter()
+            now, now_h = time.perf_counter(), time.thread_time()
             key = id(frame)
             if key in last:
                 where = (frame.f_code.co_filename, frame.f_code.co_name, last[key][0])
                 acc[where] += now - last[key][1]
+                cpu[where] += now_h - last[key][2]
                 hits[where] += 1
-            last[key] = (frame.f_lineno, time.perf_counter())
+            last[key] = (frame.f_lineno, time.perf_counter(), time.thread_time())
         return local
 
     def on_call(frame, event, arg):
@@ -70,11 +73,41 @@ def traced(sync, fn, names, *args, top=25):
     finally:
         sys.settrace(None)
     sync()
-    print(f"{fn.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms traced")
-    for (f, name, ln), t in sorted(acc.items(), key=lambda x: -x[1])[:top]:
+    print(f"{fn.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms traced" + (" (wall, host ms per line)" if host
+                                                                                  else ""))
+    for (f, name, ln), t in sorted(acc.items(), key=lambda x: -(cpu if host else acc)[x[0]])[:top]:
         code = linecache.getline(f, ln).strip()[:90]
-        print(f"  {1e3 * t:8.2f} ms {hits[(f, name, ln)]:5d}x {name}:{ln}  {code}")
+        h = f" {1e3 * cpu[(f, name, ln)]:7.2f}" if host else ""
+        print(f"  {1e3 * t:8.2f}{h} ms {hits[(f, name, ln)]:5d}x {name}:{ln}  {code}")
     return out
+
+
+def gpu_busy(sync, fn, *args) -> tuple[float, int]:
+    """The GPU's busy time during one run of ``fn(*args)``: the union of the intervals of every kernel, copy and
+    memset the device ran (CUPTI's activity records, read through ``torch.profiler``, which sees CuPy's kernels as
+    well: the records are the device's, not the launching library's), in seconds, and the number of records."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    busy, end = 0.0, -np.inf
+    for s, e in spans:  # microseconds; overlapping records (concurrent streams) counted once
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return busy * 1e-6, len(spans)
 
 
 def group_stats(sig, st, xp):
@@ -158,6 +191,9 @@ def main():
     ap.add_argument("--no-trace", action="store_true", help="untraced times only")
     ap.add_argument("--host-time", action="store_true",
                     help="CUDA's blocking synchronisation; print each untraced pass's thread CPU time (see above)")
+    ap.add_argument("--gpu-busy", action="store_true",
+                    help="one more run of each pass under CUPTI (torch.profiler): the GPU's busy time, to set beside "
+                         "the host time of --host-time")
     ap.add_argument("--from-run", type=int, default=0, metavar="N",
                     help="profile the last pool of a synthetic refinement of N particles instead (see above)")
     ap.add_argument("--iters", type=int, default=3, help="with --from-run: iterations of the refinement")
@@ -228,6 +264,12 @@ def main():
             w, h = times[i], host[i]
             print(f"  {name} host time (thread CPU) {1e3 * h:.1f} ms of {1e3 * w:.1f} ms wall ({100 * h / w:.0f} %); "
                   f"GPU busy >= {1e3 * max(0.0, w - h):.1f} ms: {'host <= GPU' if h <= w - h else 'HOST-BOUND'}")
+        if a.gpu_busy and xp is not np:
+            g, n_rec = gpu_busy(sync, fn, *args)
+            line = f"  {name} GPU busy (CUPTI, one run): {1e3 * g:.1f} ms in {n_rec} kernels/copies"
+            if a.host_time:
+                line += f"; host {1e3 * min(host):.1f} ms: {'host <= GPU' if min(host) <= g else 'HOST-BOUND'}"
+            print(line)
     for item in a.sweep:
         e = float(item)
         st_s = replace(st, fine_max_elems=int(e))
@@ -243,10 +285,10 @@ def main():
     if a.no_trace:
         return
     traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
-           xp, pre, parts, model, st, pri, cache, top=a.top)
+           xp, pre, parts, model, st, pri, cache, top=a.top, host=a.host_time)
     traced(sync, fine_pass, {"fine_pass", "children_diff2", "posterior_weights", "significant_set", "_children_diff2",
                              "_child_posteriors", "pair_sums"},
-           xp, pre, parts, model, st, sig, cache, top=a.top)
+           xp, pre, parts, model, st, sig, cache, top=a.top, host=a.host_time)
 
 
 if __name__ == "__main__":

@@ -294,6 +294,50 @@ def test_particle_blocks_are_put_in_particle_order():
         assert np.array_equal(_particle_blocks_in_order(b, n_sig), np.argsort(b, kind="stable"))
 
 
+def test_kept_columns_equal_the_stable_sort_of_each_row():
+    # oracle: the formula the local-search coarse pass used before -- np.argsort(~keep, kind="stable") per row (its
+    # True columns first, ascending), cut to the width, the pads (past a row's count) set to the row's first entry
+    from gerelion_dask.expectation.estep import _kept_columns
+
+    rng = np.random.default_rng(4)
+    for p in (0.0, 0.05, 0.5, 1.0):
+        keep = rng.random((30, 17)) < p
+        n = keep.sum(axis=1)
+        w = int(n.max()) if n.size else 0
+        want = np.argsort(~keep, axis=1, kind="stable")[:, :w]
+        want = np.where(np.arange(w)[None, :] < n[:, None], want, want[:, :1])
+        assert np.array_equal(_kept_columns(keep, n, w), want)
+
+
+def test_local_chunks_are_the_greedy_runs_within_both_budgets():
+    # oracle: the budgets written out per run -- the chunks cover the order in sequence; each run padded to its
+    # largest direction and psi counts stays within max_rows and max_elems (or is a single particle), and adding
+    # the next particle would break one of them
+    from gerelion_dask.expectation.estep import _local_chunks
+
+    rng = np.random.default_rng(6)
+    assert _local_chunks(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), 3, 100, 100) == []
+    for _ in range(20):
+        B = int(rng.integers(1, 60))
+        n_d, n_p = rng.integers(0, 12, B), rng.integers(0, 9, B)
+        order = rng.permutation(B)
+        per, max_elems, max_rows = int(rng.integers(1, 5)), int(rng.integers(50, 3000)), int(rng.integers(20, 900))
+        chunks = _local_chunks(order, n_d, n_p, per, max_elems, max_rows)
+        assert np.array_equal(np.concatenate(chunks), order)
+
+        def cost(J):
+            rows = len(J) * n_d[J].max() * n_p[J].max()
+            return rows <= max_rows and rows * per <= max_elems
+
+        start = 0
+        for J in chunks:
+            assert len(J) == 1 or cost(J)
+            end = start + len(J)
+            if end < B:
+                assert not cost(order[start : end + 1])
+            start = end
+
+
 def _direct_fine_pass(pre, parts, model, st, sig):
     """The fine pass evaluated child by child in float64 NumPy (ALGORITHM.md §4.3-4.6): every child's projection
     and shifted image made on its own, diff2 = sum_k |X s_t - Cr P_f|^2 / (2 sigma^2) + the high-resolution term,

@@ -448,3 +448,20 @@ def test_grid_pickles_without_its_cached_tables():
     copy = pickle.loads(blob)
     assert "_fine_frames" not in vars(copy) and copy.healpix_order == 5 and np.array_equal(copy.dir_pix, grid.dir_pix)
     assert np.array_equal(copy.fine_matrices_from_ids(gid), A)
+
+
+def test_coarse_matrices_on_the_backend_of_their_indices(xp):
+    # oracle: euler_to_matrix(rot, tilt, psi) @ E in float64 NumPy; indices given on the device (CuPy) give device
+    # matrices made from device copies of the grid's tables, equal to the host's to rounding
+    from gerelion_dask.backend import to_host
+    from gerelion_dask.expectation.grid import OrientationGrid
+
+    grid = OrientationGrid(2, np.arange(12 * 16), s.angular_step(2), 3.0, 1.0, 0.29)
+    rng = np.random.default_rng(5)
+    di, pi = rng.integers(0, grid.n_dir, 300), rng.integers(0, grid.n_psi, 300)
+    got = grid.coarse_matrices(xp.asarray(di), xp.asarray(pi))
+    assert type(got) is type(xp.asarray(di)) and got.shape == (300, 3, 3)
+    rot, tilt = grid.dir_angles
+    d = grid.perturb * grid.psi_step
+    want = euler_to_matrix(rot[di], tilt[di], grid.psi[pi]) @ euler_to_matrix(d, d, d)
+    np.testing.assert_allclose(to_host(got), want, rtol=0, atol=4e-15)

@@ -429,11 +429,10 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         if local:
             w_p = int(n_p[J].max())
             kept_p = np.arange(w_p)[None, :] < n_p[J][:, None]
-            up = np.argsort(~fin_p[J], axis=1, kind="stable")[:, :w_p]  # kept psi angles first, ascending
-            up = np.where(kept_p, up, up[:, :1])  # pads: the first kept one
+            up = _kept_columns(fin_p[J], n_p[J], w_p)  # kept psi angles first, ascending; pads: the first kept one
             U = (ud[:, :, None] * n_psi + up[:, None, :]).reshape(b, -1)
             Uq, inv = np.unique(U, return_inverse=True)
-            A = grid.coarse_matrices(Uq // n_psi, Uq % n_psi)
+            A = grid.coarse_matrices(xp.asarray(Uq // n_psi), xp.asarray(Uq % n_psi))  # made on the chunk's device
             pl = np.where(kept_p, np.take_along_axis(pri.psi_lp[J], up, axis=1), -np.inf)
         else:
             U = np.arange(O)
@@ -503,18 +502,35 @@ def _local_chunks(order: np.ndarray, n_d: np.ndarray, n_p: np.ndarray, per_sampl
                   max_rows: int) -> list[np.ndarray]:
     """Consecutive runs of the particles ``order`` for the local-search coarse pass: a run of ``b`` particles is
     padded to its largest direction and psi counts, and holds at most ``max_elems`` cross terms (``b x n_d x n_p x
-    per_sample``) and ``max_rows`` projection rows (``b x n_d x n_p``); at least one particle each."""
-    chunks, start, wd, wp = [], 0, 0, 0
-    for i, j in enumerate(order):
-        d, p = max(wd, int(n_d[j])), max(wp, int(n_p[j]))
+    per_sample``) and ``max_rows`` projection rows (``b x n_d x n_p``); at least one particle each.  (A sequential
+    scan over Python ints: the running maxima restart at each cut.)"""
+    if not len(order):
+        return []
+    nd, npp = n_d[order].tolist(), n_p[order].tolist()
+    cuts, start, wd, wp = [], 0, 0, 0
+    for i in range(len(nd)):
+        d, p = (wd if wd > nd[i] else nd[i]), (wp if wp > npp[i] else npp[i])
         rows = (i - start + 1) * d * p
         if i > start and (rows > max_rows or rows * per_sample > max_elems):
-            chunks.append(order[start:i])
-            start, d, p = i, int(n_d[j]), int(n_p[j])
+            cuts.append(i)
+            start, d, p = i, nd[i], npp[i]
         wd, wp = d, p
-    if len(order):
-        chunks.append(order[start:])
-    return chunks
+    return np.split(order, cuts)
+
+
+def _kept_columns(keep: np.ndarray, n_keep: np.ndarray, width: int) -> np.ndarray:
+    """``(b, width)``: the column indices of each row's True entries of ``keep (b, n)``, ascending (``n_keep`` of
+    them), then padded with the row's first one (0 for a row with none) -- the rows of a local-search chunk's kept
+    psi angles, without sorting every row."""
+    b = len(keep)
+    r, col = np.nonzero(keep)  # row-major: ascending columns within each row
+    starts = np.cumsum(n_keep) - n_keep
+    first = np.zeros(b, np.int64)
+    has = n_keep > 0
+    first[has] = col[starts[has]]
+    out = np.repeat(first[:, None], width, axis=1)
+    out[r, np.arange(len(r)) - starts[r]] = col
+    return out
 
 
 def _particle_blocks_in_order(b: np.ndarray, n_sig: np.ndarray) -> np.ndarray:

@@ -101,15 +101,27 @@ class OrientationGrid:
         """Rotation matrices of coarse orientations ``(n, 3, 3)`` (``euler_to_matrix(rot, tilt, psi) @ E``, E the
         perturbation); all of them (``o = dir * n_psi + psi``) by default.  Made as ``Rz(psi)`` times the direction's
         cached frame (local searches ask for tens of thousands of orientations per chunk, whose trigonometry and
-        matrix products cost ~10 ms of host time a pool)."""
+        matrix products cost ~10 ms of host time a pool).  On the backend of ``dir_idx``: with CuPy indices the
+        matrices are made on the device from device copies of the tables."""
         if dir_idx is None:
             dir_idx = np.repeat(np.arange(self.n_dir), self.n_psi)
             psi_idx = np.tile(np.arange(self.n_psi), self.n_dir)
-        dir_idx = np.asarray(dir_idx)
-        f = np.take(self._direction_frames, dir_idx.reshape(-1), axis=0)
-        cos, sin = self._psi_cos_sin
-        c, s = (np.take(v, np.asarray(psi_idx).reshape(-1)) for v in (cos, sin))
+        xp = get_xp(dir_idx)
+        dir_idx = xp.asarray(dir_idx)
+        frames, (cos, sin) = self._direction_frames, self._psi_cos_sin
+        if xp is not np:  # device indices: the tables copied to that device once (a few MB), the matrices made there
+            frames, cos, sin = self._device_tables(xp)
+        f = xp.take(frames, dir_idx.reshape(-1), axis=0)
+        c, s = (xp.take(v, xp.asarray(psi_idx).reshape(-1)) for v in (cos, sin))
         return _spin(f, c, s).reshape(dir_idx.shape + (3, 3))
+
+    def _device_tables(self, xp):
+        """The direction frames and psi cos/sin on the current device of ``xp`` (CuPy), kept per device."""
+        key = (xp.__name__, xp.cuda.Device().id)
+        tables = self.__dict__.setdefault("_on_device", {})
+        if key not in tables:
+            tables[key] = (xp.asarray(self._direction_frames),) + tuple(xp.asarray(v) for v in self._psi_cos_sin)
+        return tables[key]
 
     @cached_property
     def _fine_directions(self) -> tuple[np.ndarray, np.ndarray]:
