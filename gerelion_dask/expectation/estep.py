@@ -131,18 +131,26 @@ class OrientationPriors:
         ``(len(J), len(classes), D)`` (-inf where not searched).  Global searches: every direction, ``(n_dir,)``,
         shared.  Local searches: each particle's own, ``(len(J), D)``, padded to the longest row with the row's first
         direction at prior -inf (every local-search particle keeps at least one direction)."""
+        dirs, cl, dv = self.direction_terms(J, classes)
+        return dirs, cl[:, :, None] + dv
+
+    def direction_terms(self, J: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`directions` with its log priors in their two separable parts, ``cl[:, :, None] + dv``: the classes'
+        ``cl (len(J), len(classes))`` and the directions' ``dv``, ``(1, len(classes), D)`` in global searches (the
+        classes' learned distributions, the same for every particle) and ``(len(J), 1, D)`` in local ones (each
+        particle's own, the same for every class), so that the sum is made where it is used (on the device)."""
         J = np.asarray(J)
         cls = np.asarray(classes, np.int64)
-        cl = self.class_lp[np.ix_(J, cls)][:, :, None]
+        cl = self.class_lp[np.ix_(J, cls)]
         if not self.local:
-            return np.arange(self.class_dir_lp.shape[1]), cl + self.class_dir_lp[cls][None]
+            return np.arange(self.class_dir_lp.shape[1]), cl, self.class_dir_lp[cls][None]
         lo, n = self.dir_ptr[J], np.diff(self.dir_ptr)[J]
         rows, pos, at = np.repeat(np.arange(len(J)), n), concat_ranges(0, n), concat_ranges(lo, n)
         dirs = np.repeat(self.dir_index[lo][:, None], int(n.max(initial=0)), axis=1)
         value = np.full(dirs.shape, -np.inf)
         dirs[rows, pos] = self.dir_index[at]
         value[rows, pos] = self.dir_value[at]
-        return dirs, cl + value[:, None, :]
+        return dirs, cl, value[:, None, :]
 
 
 def orientation_priors(particles: PoolParticles, model: EStepModel, settings: EStepSettings) -> OrientationPriors:
@@ -424,7 +432,7 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         # the chunk's directions and their log priors with the classes' (b, K, n_d): global searches every direction
         # and psi angle; local searches each particle's own directions ud[j] x psi angles up[j] (padded with its
         # first ones at prior -inf), U[j] its orientations flattened, the chunk's distinct ones projected once
-        ud, dl_all = pri.directions(J, classes)
+        ud, cl_all, dv_all = pri.direction_terms(J, classes)
         has_p = fin_p[J].any(axis=1)
         if local:
             w_p = int(n_p[J].max())
@@ -439,16 +447,18 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             pl = pri.psi_lp[J]
         # the chunk's classes with any searched sample, and their separable log priors: (b, K', n_d) per direction,
         # (b, n_p) per psi angle, (b, T) per translation
-        has_c = np.isfinite(dl_all).any(axis=2) & has_p[:, None]
+        has_c = np.isfinite(cl_all) & np.isfinite(dv_all).any(axis=2) & has_p[:, None]
         cls_of = [c for k, c in enumerate(classes) if has_c[:, k].any()]
-        dl = dl_all[:, [classes.index(c) for c in cls_of]]
+        kk = [classes.index(c) for c in cls_of]
         off = pri.off_lp[J]
-        dlx, plx, offx = xp.asarray(dl), xp.asarray(pl), xp.asarray(off)
+        # (b, K', D) summed on the device from its parts: the host sends (b, K') and (1, K', D) or (b, 1, D)
+        dlx = xp.asarray(cl_all[:, kk])[:, :, None] + xp.asarray(dv_all[:, kk] if dv_all.shape[1] > 1 else dv_all)
+        plx, offx = xp.asarray(pl), xp.asarray(off)
         X_, C_, W_ = Xc[Jx], Cc[Jx], Wc[Jx]
         Kc, nU = len(cls_of), U.shape[-1]
         invx = xp.asarray(inv.reshape(b, nU)) if local else None
         if settings.do_cc:
-            LPOx = xp.asarray(orientation_log_prior(dl, pl))
+            LPOx = orientation_log_prior(dlx, plx)
             D = xp.empty((b, Kc, T, nU), np.float64)
             for k, c in enumerate(cls_of):
                 proj = full[c] if full is not None else projections(c, A, invx)
