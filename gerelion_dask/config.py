@@ -57,7 +57,7 @@ class JobConfig:
     maskedge: float = 5.0
     sigma_ang: float = 0.0  # local angular searches in classification
     auto_iter_max: int = 999
-    pool: int = 64  # particles per E-step task
+    pool: int = 0  # particles per E-step task (0: chosen for the device, plan.task_pool_size)
     dont_skip_gridding: bool = False
     fix_sigma_noise: bool = False
     fix_sigma_offset: bool = False
@@ -87,8 +87,8 @@ class JobConfig:
             raise InputError(None, f"--adaptive_fraction {self.adaptive_fraction} must be in (0, 1]")
         if self.iter < 1 and not self.auto_refine:
             raise InputError(None, f"--iter {self.iter} must be at least 1")
-        if self.pool < 1:
-            raise InputError(None, f"--pool {self.pool} must be at least 1")
+        if self.pool < 0:
+            raise InputError(None, f"--pool {self.pool} must be at least 1 (or 0: chosen for the device)")
         if self.particle_diameter < 0:
             raise InputError(None, f"--particle_diameter {self.particle_diameter} must be positive (Å)")
         if self.pad < 1:

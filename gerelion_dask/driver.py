@@ -33,6 +33,7 @@ from .ops.projector import ReferenceSpec
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
 from .errors import InputError, RunFailedError
+from .plan import GPU_MIN_POOL, task_pool_size  # noqa: F401  (the pool rules, here for the driver's readers)
 from .progress import memory_usage
 from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
 
@@ -152,15 +153,6 @@ def _array_module(device: str):
     return np
 
 
-GPU_MIN_POOL = 128  # particles: below this a GPU task's fixed costs (projections, kernel launches) dominate
-
-
-def task_pool_size(pool: int, backend: str) -> int:
-    """Particles per E-step task: ``--pool``, but at least :data:`GPU_MIN_POOL` when the tasks run on GPUs (a RELION
-    command line's ``--pool 3`` means particles per CPU thread there)."""
-    return max(int(pool), GPU_MIN_POOL) if backend == "gpu" else int(pool)
-
-
 def _pool_particles(inp: JobInputs, st: ParticleState, rows, half: int) -> PoolParticles:
     c = inp.ctf
     if c is None:
@@ -231,16 +223,19 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     cfg = replace(cfg, random_seed=seed)  # the resolved seed is written to optimiser.star and the checkpoint
     inp = drop_non_finite(load_inputs(cfg))
     runner = runner or InProcessRunner()
-    from .plan import plan_for_inputs
+    from .plan import execution_target, plan_for_inputs, pool_for_inputs
 
-    plan = plan_for_inputs(cfg, inp, runner)
-    pool = task_pool_size(cfg.pool, plan.backend)
-    if pool != cfg.pool:
+    target = execution_target(runner)
+    pool = pool_for_inputs(cfg, inp, target)
+    if cfg.pool == 0:
+        log.info("--pool not given: %d particles per E-step task on %s", pool, "GPUs" if target.backend == "gpu"
+                 else "CPUs")
+    elif pool != cfg.pool:
         log.warning("--pool %d: here --pool counts the particles of one E-step task (RELION's --pool batches "
                     "particles per CPU thread; its GUI passes 3), and GPU tasks of so few particles spend their time "
                     "in fixed costs: this run uses --pool %d", cfg.pool, pool)
-        cfg = replace(cfg, pool=pool)
-        plan = plan_for_inputs(cfg, inp, runner)
+    cfg = replace(cfg, pool=pool)
+    plan = plan_for_inputs(cfg, inp, runner, target=target)
     log.info("%s", plan.summary())
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]

@@ -91,7 +91,8 @@ from dataclasses import dataclass, field
 
 from .config import COARSE_PRECISIONS
 
-__all__ = ["MemoryPlan", "plan_memory", "plan_for_inputs", "plan_main"]
+__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "plan_for_inputs", "plan_main", "plan_memory",
+           "pool_for_inputs", "task_pool_size"]
 
 _GIB = 1024.0**3
 
@@ -299,9 +300,52 @@ def worker_gpu_memory(device: str = "auto") -> float:
     return float(device_memory_bytes(cupy))
 
 
-def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> MemoryPlan:
-    """The plan of a job about to run (the driver logs its summary at the start of every run), with the budgets of
-    the smallest GPU the tasks run on."""
+CPU_AUTO_POOL = 64  # particles per E-step task on CPUs when --pool is not given
+GPU_MIN_POOL = 128  # particles: below this a GPU task's fixed costs (projections, kernel launches) dominate
+# particles per GPU task when --pool is not given: a pool's E-step has ~15 ms of host work (Python, launches) whatever
+# its size, and the GPU's work grows with the particles -- on an H100 (benchmarks/RESULTS.md, twentieth session) the
+# last pool of a 128-px refinement took 5.2 + 18.8 ms of host time for 1.6 + 0.7 ms of GPU time at 106 particles,
+# 6.1 + 13.6 ms for 3.8 + 6.7 ms at 999 and 26.7 + 21.0 ms for 15.5 + 20.9 ms at 4,021 (coarse + fine passes)
+GPU_AUTO_POOL = 1000
+GPU_POOL_SHARE = 0.25  # at most this fraction of a GPU's memory for what grows with the pool (GPU_AUTO_POOL halved)
+
+
+def task_pool_size(pool: int, backend: str, n_particles: int = 0, workers: int = 0, gpu_bytes_of=None,
+                   gpu_memory: float | None = None) -> int:
+    """Particles per E-step task.  ``--pool`` when given (``pool > 0``), but at least :data:`GPU_MIN_POOL` when the
+    tasks run on GPUs (a RELION command line's ``--pool 3`` means particles per CPU thread there).  Not given
+    (``pool == 0``): :data:`CPU_AUTO_POOL` on CPUs; on GPUs :data:`GPU_AUTO_POOL`, at most the share of two tasks
+    per Dask worker of ``n_particles`` (so that every GPU gets work and reads its next pool ahead), and halved while
+    the plan's GPU memory (``gpu_bytes_of(pool)``) exceeds that of :data:`GPU_MIN_POOL` by more than
+    :data:`GPU_POOL_SHARE` of the GPU's total ``gpu_memory`` (the total, not the free memory: the pools, and so
+    the sums' rounding, do not depend on what else runs)."""
+    pool = int(pool)
+    if pool > 0:
+        return max(pool, GPU_MIN_POOL) if backend == "gpu" else pool
+    if backend != "gpu":
+        return CPU_AUTO_POOL
+    B = GPU_AUTO_POOL
+    if workers > 1 and n_particles > 0:
+        B = min(B, max(GPU_MIN_POOL, math.ceil(n_particles / (2 * workers))))
+    if gpu_bytes_of is not None and gpu_memory:
+        base = gpu_bytes_of(GPU_MIN_POOL)
+        while B > GPU_MIN_POOL and gpu_bytes_of(B) - base > GPU_POOL_SHARE * gpu_memory:
+            B = max(GPU_MIN_POOL, B // 2)
+    return B
+
+
+@dataclass(frozen=True)
+class ExecutionTarget:
+    """Where a job's E-step tasks run: ``workers`` Dask workers (0: in process), on ``backend``, with the total
+    memory of the smallest GPU (``gpu_memory``, bytes; None on CPUs)."""
+
+    workers: int
+    backend: str
+    gpu_memory: float | None
+
+
+def execution_target(runner) -> ExecutionTarget:
+    """The :class:`ExecutionTarget` of a runner (a Dask client's workers are asked what they compute on)."""
     workers, backend, gpu_memory = 0, "cpu", None
     client = getattr(runner, "client", None)
     device = getattr(runner, "device", "auto")
@@ -320,11 +364,28 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0) -> Memo
     elif device != "cpu":  # in this process, which imports CuPy for the E-step anyway unless told --device cpu
         backend = worker_backend(device)
         gpu_memory = worker_gpu_memory(device) if backend == "gpu" else None
-    return plan_memory(inp.box, inp.particles.n, cfg.pool, cfg.K, 2 if cfg.split_random_halves else 1,
+    return ExecutionTarget(workers, backend, gpu_memory)
+
+
+def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0, target: ExecutionTarget | None = None,
+                    pool: int | None = None) -> MemoryPlan:
+    """The plan of a job about to run (the driver logs its summary at the start of every run), with the budgets of
+    the smallest GPU the tasks run on (``target``: :func:`execution_target` of ``runner`` unless given), for
+    ``pool`` particles per task (default: :func:`pool_for_inputs`)."""
+    t = target if target is not None else execution_target(runner)
+    if pool is None:
+        pool = pool_for_inputs(cfg, inp, t)
+    return plan_memory(inp.box, inp.particles.n, pool, cfg.K, 2 if cfg.split_random_halves else 1,
                        cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
-                       inp.diameter, backend, workers, significant_fraction, gpu_memory_bytes=gpu_memory,
-                       maxsig=getattr(cfg, "maxsig", -1),
-                       coarse_precision=getattr(cfg, "coarse_precision", "auto"))
+                       inp.diameter, t.backend, t.workers, significant_fraction, gpu_memory_bytes=t.gpu_memory,
+                       maxsig=getattr(cfg, "maxsig", -1), coarse_precision=getattr(cfg, "coarse_precision", "auto"))
+
+
+def pool_for_inputs(cfg, inp, target: ExecutionTarget) -> int:
+    """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target."""
+    return task_pool_size(cfg.pool, target.backend, inp.particles.n, target.workers,
+                          lambda B: plan_for_inputs(cfg, inp, None, target=target, pool=B).gpu_bytes,
+                          target.gpu_memory)
 
 
 def plan_main(argv) -> int:
@@ -345,7 +406,8 @@ def plan_main(argv) -> int:
     p.add_argument("--offset_range", type=float, default=6.0)
     p.add_argument("--offset_step", type=float, default=2.0)
     p.add_argument("--pad", type=float, default=2.0)
-    p.add_argument("--pool", type=int, default=64)
+    p.add_argument("--pool", type=int, default=0,
+                   help="particles per E-step task (0: as a run chooses it for the device: task_pool_size)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--workers", type=int, default=0, help="Dask workers (0: in process)")
     p.add_argument("--gpu_memory", type=float, default=0.0,
@@ -373,9 +435,19 @@ def plan_main(argv) -> int:
         raise InputError(None, f"--significant {ns.significant} must be in (0, 1]")
     if ns.gpu_memory < 0 or (ns.gpu_memory and ns.device != "gpu"):
         raise InputError(None, f"--gpu_memory {ns.gpu_memory:g} needs --device gpu and a size in GiB above 0")
-    plan = plan_memory(box, n, ns.pool, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
-                       ns.offset_step, ns.pad, apix, ns.particle_diameter, "gpu" if ns.device == "gpu" else "cpu",
-                       ns.workers, ns.significant, gpu_memory_bytes=ns.gpu_memory * 2**30 if ns.gpu_memory else None,
-                       maxsig=ns.maxsig, coarse_precision=ns.coarse_precision)
+    if ns.pool < 0:
+        raise InputError(None, f"--pool {ns.pool} must be at least 1 (or 0: chosen for the device)")
+    backend = "gpu" if ns.device == "gpu" else "cpu"
+    gpu_memory = ns.gpu_memory * 2**30 if ns.gpu_memory else None
+
+    def make(B):
+        return plan_memory(box, n, B, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
+                           ns.offset_step, ns.pad, apix, ns.particle_diameter, backend, ns.workers, ns.significant,
+                           gpu_memory_bytes=gpu_memory, maxsig=ns.maxsig, coarse_precision=ns.coarse_precision)
+
+    from .expectation.fine import GPU_SIZED_FOR
+
+    plan = make(task_pool_size(ns.pool, backend, n, ns.workers, lambda B: make(B).gpu_bytes,
+                               gpu_memory or (GPU_SIZED_FOR if backend == "gpu" else None)))
     print(plan.table())
     return 0

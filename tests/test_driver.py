@@ -173,6 +173,40 @@ def test_gpu_tasks_hold_at_least_gpu_min_pool_particles(small_set, tmp_path, mon
     assert sum("--pool 3: here --pool counts the particles of one E-step task" in r.getMessage()
                for r in caplog.records) >= 1
     assert driver.task_pool_size(500, "gpu") == 500 and driver.task_pool_size(3, "cpu") == 3
+    # --pool not given: one GPU task takes up to GPU_AUTO_POOL particles (all 120 here), a CPU task 64
+    for name, device, want in (("gpu_auto", "auto", [120]), ("cpu_auto", "cpu", [64, 56])):
+        sizes.clear()
+        flags = _flags(paths, tmp_path / name, ["--iter", "1", "--ini_high", "25", "--in-process"])
+        i = flags.index("--pool")
+        del flags[i : i + 2]
+        flags[flags.index("--device") + 1] = device
+        with caplog.at_level(logging.INFO, logger="gerelion_dask.driver"):
+            assert cli_main(["classify", *flags]) == 0
+        assert sizes == want, name
+
+
+def test_pool_size_rules():
+    # oracle: the rules of plan.task_pool_size written out -- a given --pool is kept (at least GPU_MIN_POOL on
+    # GPUs); none given: CPU_AUTO_POOL on CPUs, GPU_AUTO_POOL on a GPU, at most two tasks' share per Dask worker
+    # (not below GPU_MIN_POOL), halved while the plan's GPU bytes exceed those of GPU_MIN_POOL by more than
+    # GPU_POOL_SHARE of the GPU
+    from gerelion_dask.plan import CPU_AUTO_POOL, GPU_AUTO_POOL, GPU_MIN_POOL, GPU_POOL_SHARE, task_pool_size
+
+    assert (CPU_AUTO_POOL, GPU_AUTO_POOL, GPU_MIN_POOL, GPU_POOL_SHARE) == (64, 1000, 128, 0.25)
+    assert task_pool_size(3, "gpu") == 128 and task_pool_size(700, "gpu") == 700 and task_pool_size(3, "cpu") == 3
+    assert task_pool_size(0, "cpu", 10**6, 8) == 64
+    assert task_pool_size(0, "gpu") == 1000 and task_pool_size(0, "gpu", 50_000, 1) == 1000
+    assert task_pool_size(0, "gpu", 2000, 4) == 250  # ceil(2000 / 8)
+    assert task_pool_size(0, "gpu", 200, 4) == 128
+    assert task_pool_size(0, "gpu", 10**6, 16) == 1000
+
+    def gpu_bytes(B):  # 1 GB fixed, 10 MB a particle
+        return 1e9 + 1e7 * B
+
+    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 80e9) == 1000  # 8.7 GB over the base: within 20 GB
+    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 24e9) == 500  # 8.7 > 6 GB; 500: 3.7 GB
+    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 4e9) == 128  # never below GPU_MIN_POOL
+    assert task_pool_size(300, "gpu", 10**5, 0, gpu_bytes, 4e9) == 300  # a given --pool is the user's
 
 
 def test_bad_inputs_exit_2(small_set, tmp_path, capsys):
