@@ -83,7 +83,7 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--maskedge", type=float, default=5.0)
     a("--sigma_ang", type=float, default=0.0)
     a("--auto_iter_max", type=int, default=999)
-    a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 1000 on GPUs, fewer for "
+    a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 4000 on GPUs, fewer for "
       "several GPUs or a small GPU; at least 128 on GPUs: RELION's --pool, particles per CPU thread, is 3 in its GUI)")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="array backend (auto: GPU when present)")
     add_dask_flags(p)

@@ -302,11 +302,13 @@ def worker_gpu_memory(device: str = "auto") -> float:
 
 CPU_AUTO_POOL = 64  # particles per E-step task on CPUs when --pool is not given
 GPU_MIN_POOL = 128  # particles: below this a GPU task's fixed costs (projections, kernel launches) dominate
-# particles per GPU task when --pool is not given: a pool's E-step has ~15 ms of host work (Python, launches) whatever
-# its size, and the GPU's work grows with the particles -- on an H100 (benchmarks/RESULTS.md, twentieth session) the
-# last pool of a 128-px refinement took 5.2 + 18.8 ms of host time for 1.6 + 0.7 ms of GPU time at 106 particles,
-# 6.1 + 13.6 ms for 3.8 + 6.7 ms at 999 and 26.7 + 21.0 ms for 15.5 + 20.9 ms at 4,021 (coarse + fine passes)
-GPU_AUTO_POOL = 1000
+# particles per GPU task when --pool is not given: a pool's E-step has ~15-20 ms of host work (Python, ~480 kernel
+# launches) whatever its size, while the GPU's work grows with the particles -- on an H100 (benchmarks/RESULTS.md,
+# twentieth session) the last pool of a 128-px refinement took 5.2 + 18.8 ms of host time for 0.7 + 1.6 ms of GPU
+# time at 106 particles, 6.1 + 13.6 ms for 3.8 + 6.7 ms at 999 and ~16 + 17 ms for 15.3 + 21.2 ms at 4,021
+# (coarse + fine passes); the E-step of iterations 2-3 of a 16,000-particle refinement took 4.21 / 3.35 / 2.78 s
+# with pools of 1000 / 2000 / 4000 (benchmarks/pool_sizes.py)
+GPU_AUTO_POOL = 4000
 GPU_POOL_SHARE = 0.25  # at most this fraction of a GPU's memory for what grows with the pool (GPU_AUTO_POOL halved)
 
 

@@ -192,19 +192,21 @@ def test_pool_size_rules():
     # GPU_POOL_SHARE of the GPU
     from gerelion_dask.plan import CPU_AUTO_POOL, GPU_AUTO_POOL, GPU_MIN_POOL, GPU_POOL_SHARE, task_pool_size
 
-    assert (CPU_AUTO_POOL, GPU_AUTO_POOL, GPU_MIN_POOL, GPU_POOL_SHARE) == (64, 1000, 128, 0.25)
+    assert (CPU_AUTO_POOL, GPU_AUTO_POOL, GPU_MIN_POOL, GPU_POOL_SHARE) == (64, 4000, 128, 0.25)
     assert task_pool_size(3, "gpu") == 128 and task_pool_size(700, "gpu") == 700 and task_pool_size(3, "cpu") == 3
     assert task_pool_size(0, "cpu", 10**6, 8) == 64
-    assert task_pool_size(0, "gpu") == 1000 and task_pool_size(0, "gpu", 50_000, 1) == 1000
+    assert task_pool_size(0, "gpu") == 4000 and task_pool_size(0, "gpu", 50_000, 1) == 4000
     assert task_pool_size(0, "gpu", 2000, 4) == 250  # ceil(2000 / 8)
     assert task_pool_size(0, "gpu", 200, 4) == 128
-    assert task_pool_size(0, "gpu", 10**6, 16) == 1000
+    assert task_pool_size(0, "gpu", 10**6, 16) == 4000 and task_pool_size(0, "gpu", 40_000, 8) == 2500
 
     def gpu_bytes(B):  # 1 GB fixed, 10 MB a particle
         return 1e9 + 1e7 * B
 
-    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 80e9) == 1000  # 8.7 GB over the base: within 20 GB
-    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 24e9) == 500  # 8.7 > 6 GB; 500: 3.7 GB
+    # over the base (2.28 GB at 128): 38.7 GB at 4000, 18.7 at 2000, 8.7 at 1000, 3.7 at 500, 1.2 at 250
+    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 160e9) == 4000  # within 40 GB
+    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 80e9) == 2000  # 38.7 > 20 GB; 18.7 fits
+    assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 24e9) == 500  # within 6 GB
     assert task_pool_size(0, "gpu", 10**5, 0, gpu_bytes, 4e9) == 128  # never below GPU_MIN_POOL
     assert task_pool_size(300, "gpu", 10**5, 0, gpu_bytes, 4e9) == 300  # a given --pool is the user's
 
