@@ -294,6 +294,29 @@ def test_particle_blocks_are_put_in_particle_order():
         assert np.array_equal(_particle_blocks_in_order(b, n_sig), np.argsort(b, kind="stable"))
 
 
+def test_most_likely_direction_with_ties_and_empty_rows():
+    # oracle: np.argmax of each particle's dense row (directions not kept at -inf; argmax takes the lowest index
+    # among ties), over the kept directions only where all of them are at -inf, and 0 for a particle without any
+    from gerelion_dask.expectation.estep import OrientationPriors
+
+    rng = np.random.default_rng(8)
+    B, D = 40, 30
+    dense = np.full((B, D), -np.inf)
+    keep = rng.random((B, D)) < 0.3
+    keep[5] = False  # no directions
+    keep[6] = False
+    keep[6, 17] = True  # one direction
+    dense[keep] = np.round(rng.normal(size=keep.sum()), 1)  # rounded: ties within rows
+    dense[7, keep[7]] = -np.inf  # kept, but all at -inf
+    ptr = np.r_[0, np.cumsum(keep.sum(axis=1))]
+    r, c = np.nonzero(keep)
+    pri = OrientationPriors(np.zeros((B, 1)), np.zeros((B, 4)), np.zeros((B, 1)), None, ptr, c, dense[r, c])
+    want = np.argmax(dense, axis=1)
+    want[5] = 0
+    want[7] = np.flatnonzero(keep[7])[0]  # the argmax over its kept directions (all tie at -inf)
+    np.testing.assert_array_equal(pri.most_likely_direction(), want)
+
+
 def test_kept_columns_equal_the_stable_sort_of_each_row():
     # oracle: the formula the local-search coarse pass used before -- np.argsort(~keep, kind="stable") per row (its
     # True columns first, ascending), cut to the width, the pads (past a row's count) set to the row's first entry
