@@ -465,3 +465,31 @@ def test_coarse_matrices_on_the_backend_of_their_indices(xp):
     d = grid.perturb * grid.psi_step
     want = euler_to_matrix(rot[di], tilt[di], grid.psi[pi]) @ euler_to_matrix(d, d, d)
     np.testing.assert_allclose(to_host(got), want, rtol=0, atol=4e-15)
+
+
+def test_psi_priors_equal_the_dense_formula():
+    # oracle: the dense formula, row by row in float64 -- the folded distance |psi - p| (360 - it past 180) to every
+    # sample, Gaussian weights inside cutoff * sigma (the nearest sample alone where none is), each row normalised;
+    # uniform rows for sigma <= 0. The same operations element by element, so the priors are equal to the bit. Priors
+    # at the fold (0, 180, -180, 359.99), outside [0, 360) (-350, 540), widths from far below the step (nearest
+    # sample) to windows wider than a half turn
+    rng = np.random.default_rng(12)
+    psi = s.psi_angles(3)
+    P = 80
+    p = np.r_[rng.uniform(-180, 180, P - 8), [0.0, 180.0, -180.0, 359.99, -350.0, 540.0, 3.75, 1e-9]]
+    sig = rng.choice([0.01, 0.5, 1.9, 5.0, 20.0, 59.0, 61.0, 200.0], P)
+    sig[[3, 9]] = 0.0
+    got = s.local_search_sparse(np.zeros(P), np.full(P, 90.0), p, 5.0, 5.0, sig, [0.0], [90.0], psi).psi_prior
+    want = np.empty((P, len(psi)))
+    for i in range(P):
+        if sig[i] <= 0:
+            want[i] = 1.0 / len(psi)
+            continue
+        d = np.abs(psi - p[i])
+        d = np.where(d > 180.0, np.abs(d - 360.0), d)
+        w = np.where(d < 3.0 * sig[i], np.exp(-0.5 * (d / sig[i]) ** 2), 0.0)
+        if not w.any():
+            w[np.argmin(d)] = 1.0
+        want[i] = w / w.sum()
+    assert np.array_equal(got, want)
+    assert (np.count_nonzero(got, axis=1) == 1).sum() >= 2  # some rows fell back to the nearest sample

@@ -193,7 +193,9 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
             lp = local_search_sparse(a[:, 0], a[:, 1], a[:, 2], s, s, settings.local_sigma_psi, rot, tilt, grid.psi,
                                      settings.symmetry_operators)
             dir_value = np.log(lp.dir_prior)
-            psi_lp = np.log(lp.psi_prior)
+            psi_lp = np.full(lp.psi_prior.shape, -np.inf)  # log 0 = -inf: the logarithm at the kept samples only
+            kept = np.nonzero(lp.psi_prior)
+            psi_lp[kept] = np.log(lp.psi_prior[kept])
             # per particle over its kept directions: the largest log prior, the sum of exp(lp - max), the count;
             # every searched class repeats them
             n_b = np.diff(lp.dir_ptr)
@@ -218,7 +220,15 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
         npsi = fp.sum(axis=1)
         ok = (nd > 0) & (npsi > 0)
         mp = np.where(ok, np.max(np.where(fp, psi_lp, -np.inf), axis=1), 0.0)
-        sp = np.where(fp, np.exp(psi_lp - mp[:, None]), 0.0).sum(axis=1)
+        # sum of exp(psi_lp - mp) over each row's finite entries, summed as whole rows (zeros elsewhere); local
+        # searches keep a few psi angles of hundreds: the exponential there only
+        if fp.all():
+            ex = np.exp(psi_lp - mp[:, None])
+        else:
+            r_f, c_f = np.nonzero(fp)
+            ex = np.zeros(psi_lp.shape)
+            ex[r_f, c_f] = np.exp(psi_lp[r_f, c_f] - mp[r_f])
+        sp = ex.sum(axis=1)
         log_mean = np.where(ok, md + mp + np.log(sd) + np.log(sp) - np.log(nd) - np.log(npsi), 0.0)
     class_lp = np.where(search, -log_mean[:, None], -np.inf)
     u = np.rint(particles.offset_px)[:, None, :] + grid.translations[None]

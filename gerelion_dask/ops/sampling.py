@@ -375,17 +375,50 @@ class LocalSearch(NamedTuple):
     psi_prior: np.ndarray
 
 
-def _keep_gaussian(dist: np.ndarray, sigma: np.ndarray, cutoff: float) -> np.ndarray:
-    """Rows of normalised Gaussian weights of ``dist`` (P, N) within ``cutoff * sigma``; nearest one if none.
-    The exponential is taken at the kept entries only (a local search keeps a few of thousands)."""
-    keep = dist < cutoff * sigma[:, None]
-    w = np.zeros(dist.shape)
-    rows, cols = np.nonzero(keep)
-    w[rows, cols] = np.exp(-0.5 * (dist[rows, cols] / sigma[rows]) ** 2)
-    empty = ~keep.any(axis=1)
-    if empty.any():
-        w[empty, np.argmin(dist[empty], axis=1)] = 1.0
-    return w / w.sum(axis=1, keepdims=True)
+def _psi_distance(psi: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``|psi - p|`` folded at 180 degrees (elementwise; broadcasting)."""
+    d = np.abs(psi - p)
+    return np.where(d > 180.0, np.abs(d - 360.0), d)
+
+
+def _psi_prior(psi: np.ndarray, p_psi: np.ndarray, s_psi: np.ndarray, cutoff: float) -> np.ndarray:
+    """``(P, N_psi)`` psi priors: uniform where ``s_psi <= 0``; else Gaussian weights of the folded distance
+    :func:`_psi_distance` within ``cutoff * sigma`` (the nearest sample alone where none is), normalised per row,
+    with the distances measured only near each prior (the exponential at the kept samples only).  A window of
+    half-width ``R = cutoff * sigma`` below 180 degrees holds only samples with ``psi - p`` within ``R`` of -360, 0 or
+    360 (the fold), found by binary search in the sorted list (with a margin; the exact test follows); wider ones and
+    particles with nothing in range (nearest sample) are measured whole."""
+    psi = np.asarray(psi, dtype=np.float64)
+    n = len(psi)
+    out = np.zeros((len(p_psi), n))
+    out[s_psi <= 0] = 1.0 / n
+    on = np.flatnonzero(s_psi > 0)
+    if not on.size:
+        return out
+    p, sig = p_psi[on], s_psi[on]
+    R = cutoff * sig
+    order = np.argsort(psi, kind="stable")
+    srt = psi[order]
+    narrow = np.flatnonzero(R < 180.0)
+    centre = (p[narrow][:, None] + np.array([-360.0, 0.0, 360.0])[None, :]).ravel()
+    half = np.repeat(R[narrow], 3) + 1e-6
+    lo = np.searchsorted(srt, centre - half, side="left")
+    length = np.searchsorted(srt, centre + half, side="right") - lo
+    rows = np.repeat(np.repeat(narrow, 3), length)
+    cols = order[concat_ranges(lo, length)]
+    wide = np.flatnonzero(R >= 180.0)
+    if wide.size:
+        rows, cols = np.concatenate([rows, np.repeat(wide, n)]), np.concatenate([cols, np.tile(np.arange(n), wide.size)])
+    d = _psi_distance(psi[cols], p[rows])
+    keep = d < R[rows]
+    rows, cols, d = rows[keep], cols[keep], d[keep]
+    g = on[rows]  # the particles' rows of out
+    out[g, cols] = np.exp(-0.5 * (d / sig[rows]) ** 2)
+    empty = np.flatnonzero(np.bincount(rows, minlength=on.size) == 0)
+    if empty.size:
+        out[on[empty], np.argmin(_psi_distance(psi[None, :], p[empty][:, None]), axis=1)] = 1.0
+    out[g, cols] /= out.sum(axis=1)[g]  # (a particle with nothing in range holds one 1.0, its sum)
+    return out
 
 
 class LocalPriors(NamedTuple):
@@ -604,13 +637,7 @@ def local_search_sparse(
     count = np.bincount(rows, minlength=n_part)
     w = w / np.bincount(rows, weights=w, minlength=n_part)[rows]
     ptr = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    dpsi = np.abs(np.asarray(psi, dtype=np.float64)[None, :] - p_psi[:, None])
-    dpsi = np.where(dpsi > 180.0, np.abs(dpsi - 360.0), dpsi)
-    psi_prior = np.full(dpsi.shape, 1.0 / dpsi.shape[1])
-    on_psi = s_psi > 0
-    if on_psi.any():
-        psi_prior[on_psi] = _keep_gaussian(dpsi[on_psi], s_psi[on_psi], sigma_cutoff)
-    return LocalPriors(ptr, cols.astype(np.int64), w, psi_prior)
+    return LocalPriors(ptr, cols.astype(np.int64), w, _psi_prior(psi, p_psi, s_psi, sigma_cutoff))
 
 
 # --------------------------------------------------------------------------------------------------------------
