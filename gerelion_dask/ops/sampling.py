@@ -408,7 +408,8 @@ def _psi_prior(psi: np.ndarray, p_psi: np.ndarray, s_psi: np.ndarray, cutoff: fl
     cols = order[concat_ranges(lo, length)]
     wide = np.flatnonzero(R >= 180.0)
     if wide.size:
-        rows, cols = np.concatenate([rows, np.repeat(wide, n)]), np.concatenate([cols, np.tile(np.arange(n), wide.size)])
+        rows = np.concatenate([rows, np.repeat(wide, n)])
+        cols = np.concatenate([cols, np.tile(np.arange(n), wide.size)])
     d = _psi_distance(psi[cols], p[rows])
     keep = d < R[rows]
     rows, cols, d = rows[keep], cols[keep], d[keep]
