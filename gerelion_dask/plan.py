@@ -91,8 +91,8 @@ from dataclasses import dataclass, field
 
 from .config import COARSE_PRECISIONS
 
-__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "plan_for_inputs", "plan_main", "plan_memory",
-           "pool_for_inputs", "task_pool_size"]
+__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "local_search_fine_bytes", "plan_for_inputs",
+           "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
 
 _GIB = 1024.0**3
 
@@ -310,6 +310,11 @@ GPU_MIN_POOL = 128  # particles: below this a GPU task's fixed costs (projection
 # with pools of 1000 / 2000 / 4000 (benchmarks/pool_sizes.py)
 GPU_AUTO_POOL = 4000
 GPU_POOL_SHARE = 0.25  # at most this fraction of a GPU's memory for what grows with the pool (GPU_AUTO_POOL halved)
+# significant samples a particle assumed for the local searches of auto-refine's later iterations, where the pool's
+# fine orientations are no longer bounded by the grid (HEALPix order 4-5: millions of orientations) but by the pool:
+# ~8 per significant sample, rarely shared.  dev_refine's local iterations on the H100 (twentieth session): mean
+# 6.4-10.8, median 5-8 (rlnNrOfSignificantSamples)
+LOCAL_SIGNIFICANT = 8
 
 
 def task_pool_size(pool: int, backend: str, n_particles: int = 0, workers: int = 0, gpu_bytes_of=None,
@@ -334,6 +339,15 @@ def task_pool_size(pool: int, backend: str, n_particles: int = 0, workers: int =
         while B > GPU_MIN_POOL and gpu_bytes_of(B) - base > GPU_POOL_SHARE * gpu_memory:
             B = max(GPU_MIN_POOL, B // 2)
     return B
+
+
+def local_search_fine_bytes(pool: int, box: int, significant: int = LOCAL_SIGNIFICANT) -> float:
+    """GPU bytes of a local-search pool's fine-orientation rows at the full size (the last iterations): 8 fine
+    orientations per significant sample, each a row of the window's likelihood pixels holding the back-projection
+    sums (24 bytes a pixel) and its projection when the cache cannot hold it (16), ``fine.fine_pass``.  The memory
+    plan's own fine term bounds these rows by the starting grid (global searches); this is the bound the default
+    GPU pool size takes into account as well."""
+    return 40.0 * 8 * significant * int(pool) * _likelihood_pixels(int(box))
 
 
 @dataclass(frozen=True)
@@ -384,10 +398,16 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0, target:
 
 
 def pool_for_inputs(cfg, inp, target: ExecutionTarget) -> int:
-    """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target."""
-    return task_pool_size(cfg.pool, target.backend, inp.particles.n, target.workers,
-                          lambda B: plan_for_inputs(cfg, inp, None, target=target, pool=B).gpu_bytes,
-                          target.gpu_memory)
+    """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target, the pool's GPU
+    bytes from the plan plus, for jobs with local searches (auto-refine, ``--sigma_ang``), the local-search rows of
+    :func:`local_search_fine_bytes`."""
+    local = cfg.auto_refine or getattr(cfg, "sigma_ang", 0.0) > 0
+
+    def gpu_bytes(B):
+        extra = local_search_fine_bytes(B, inp.box) if local else 0.0
+        return plan_for_inputs(cfg, inp, None, target=target, pool=B).gpu_bytes + extra
+
+    return task_pool_size(cfg.pool, target.backend, inp.particles.n, target.workers, gpu_bytes, target.gpu_memory)
 
 
 def plan_main(argv) -> int:
@@ -449,7 +469,9 @@ def plan_main(argv) -> int:
 
     from .expectation.fine import GPU_SIZED_FOR
 
-    plan = make(task_pool_size(ns.pool, backend, n, ns.workers, lambda B: make(B).gpu_bytes,
+    local = 0 if ns.classify else 1  # auto-refine ends in local searches (pool_for_inputs)
+    plan = make(task_pool_size(ns.pool, backend, n, ns.workers,
+                               lambda B: make(B).gpu_bytes + local * local_search_fine_bytes(B, box),
                                gpu_memory or (GPU_SIZED_FOR if backend == "gpu" else None)))
     print(plan.table())
     return 0

@@ -249,3 +249,24 @@ def test_nan_particles_are_dropped_with_a_warning(small_set, tmp_path, caplog):
     assert any("dropped 2 of 120 particles" in r.getMessage() for r in caplog.records)
     _, parts, _ = read_particles(out / "run_it001_data.star")
     assert len(parts) == 118
+
+
+def test_default_gpu_pool_leaves_room_for_local_searches():
+    # oracle: the rule written out for a 256-px job on an 80 GB GPU -- auto-refine ends in local searches whose fine
+    # rows grow with the pool: 40 bytes x 8 fine orientations x 8 significant samples x 25,934 likelihood pixels
+    # = 66 MB a particle, so of 4000 / 2000 / 1000 / 500 / 250 particles only 250 stay within a quarter of the GPU
+    # (with the plan's own growth); a classification (global searches) keeps 4000
+    from types import SimpleNamespace as NS
+
+    from gerelion_dask.config import JobConfig
+    from gerelion_dask.plan import ExecutionTarget, _likelihood_pixels, local_search_fine_bytes, pool_for_inputs
+
+    assert _likelihood_pixels(256) == 25934
+    assert local_search_fine_bytes(1000, 256) == 40.0 * 8 * 8 * 1000 * 25934
+    inp = NS(box=256, particles=NS(n=100_000), pixel_size=1.0, diameter=0.0)
+    gpu = ExecutionTarget(0, "gpu", 80e9)
+    refine = JobConfig(i="p.star", o="out/run", ref="r.mrc", auto_refine=True, split_random_halves=True)
+    classify = JobConfig(i="p.star", o="out/run", ref="r.mrc", K=3)
+    assert pool_for_inputs(refine, inp, gpu) == 250
+    assert pool_for_inputs(classify, inp, gpu) == 4000
+    assert pool_for_inputs(refine, inp, ExecutionTarget(0, "cpu", None)) == 64
