@@ -401,7 +401,7 @@ def pool_for_inputs(cfg, inp, target: ExecutionTarget) -> int:
     """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target, the pool's GPU
     bytes from the plan plus, for jobs with local searches (auto-refine, ``--sigma_ang``), the local-search rows of
     :func:`local_search_fine_bytes`."""
-    local = cfg.auto_refine or getattr(cfg, "sigma_ang", 0.0) > 0
+    local = getattr(cfg, "auto_refine", False) or getattr(cfg, "sigma_ang", 0.0) > 0
 
     def gpu_bytes(B):
         extra = local_search_fine_bytes(B, inp.box) if local else 0.0
