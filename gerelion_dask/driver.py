@@ -33,7 +33,6 @@ from .ops.projector import ReferenceSpec
 from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturbation
 from .ops.symmetry import direction_operators, symmetry_operators
 from .errors import InputError, RunFailedError
-from .plan import GPU_MIN_POOL, task_pool_size  # noqa: F401  (the pool rules, here for the driver's readers)
 from .progress import memory_usage
 from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
 
