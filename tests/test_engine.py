@@ -932,6 +932,21 @@ def test_distinct_matches_numpy_unique():
         assert np.array_equal(got, np.unique(x)) and got.dtype.kind == "i"
 
 
+def test_segment_max_is_each_rows_max():
+    # oracle: max() of each compressed row in a Python loop, -inf for an empty row (first, middle and last rows empty,
+    # rows of one entry, -inf entries)
+    from gerelion_dask.ops.indexing import segment_max
+
+    rng = np.random.default_rng(6)
+    n = np.array([0, 3, 1, 0, 0, 5, 2, 0])
+    v = rng.normal(size=n.sum())
+    v[4] = -np.inf
+    ptr = np.r_[0, np.cumsum(n)]
+    want = [max(v[a:b]) if b > a else -np.inf for a, b in zip(ptr[:-1], ptr[1:])]
+    assert np.array_equal(segment_max(ptr, v), want)
+    assert np.array_equal(segment_max(np.zeros(4, np.int64), np.zeros(0)), np.full(3, -np.inf))
+
+
 def test_pair_sums_match_a_loop_over_pairs_and_children(xp, monkeypatch):
     # oracle: the definition of ops.likelihood.pair_sums written as a float64 loop over pairs and their children --
     # Q = sum_i w_i ph[tp_i], wo = sum_i w_i; bp_i[brow] += XCW[j] Q, bp_w[brow] += wo CCW[j],

@@ -22,7 +22,7 @@ import numpy as np
 from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
-from ..ops.indexing import concat_ranges
+from ..ops.indexing import concat_ranges, segment_max
 from ..ops.likelihood import coarse_select, orientation_log_prior
 from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
@@ -130,9 +130,7 @@ class OrientationPriors:
         out = np.zeros(len(n), np.int64)
         if not full.any():
             return out
-        mx = np.full(len(n), -np.inf)
-        mx[full] = np.maximum.reduceat(v, ptr[:-1][full])  # empty rows skipped: each segment is one row's entries
-        hit = np.flatnonzero(v >= np.repeat(mx, n))
+        hit = np.flatnonzero(v >= np.repeat(segment_max(ptr, v), n))
         rows = np.repeat(np.arange(len(n)), n)[hit]
         first = hit[np.r_[True, rows[1:] != rows[:-1]]]  # one per non-empty row, in row order
         out[full] = self.dir_index[first]
@@ -200,8 +198,7 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
             # every searched class repeats them
             n_b = np.diff(lp.dir_ptr)
             rows = np.repeat(np.arange(B), n_b)
-            m_b = np.full(B, -np.inf)
-            np.maximum.at(m_b, rows, dir_value)
+            m_b = segment_max(lp.dir_ptr, dir_value)
             s_b = np.bincount(rows, weights=np.exp(dir_value - m_b[rows]), minlength=B)
             md, sd, nd = m_b, k_b * s_b, k_b * n_b
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["concat_ranges", "distinct"]
+__all__ = ["concat_ranges", "distinct", "segment_max"]
 
 
 def concat_ranges(start, length) -> np.ndarray:
@@ -32,3 +32,14 @@ def distinct(x) -> np.ndarray:
     keep[0] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
+
+
+def segment_max(ptr, values) -> np.ndarray:
+    """The largest of each compressed row ``values[ptr[i]:ptr[i + 1]]`` (-inf for an empty row): one reduceat over
+    the non-empty rows (each of its segments is then exactly one row's entries)."""
+    ptr = np.asarray(ptr, np.int64)
+    full = np.diff(ptr) > 0
+    out = np.full(len(ptr) - 1, -np.inf)
+    if full.any():
+        out[full] = np.maximum.reduceat(np.asarray(values), ptr[:-1][full])
+    return out
