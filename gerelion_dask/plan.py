@@ -459,19 +459,20 @@ def plan_main(argv) -> int:
         raise InputError(None, f"--gpu_memory {ns.gpu_memory:g} needs --device gpu and a size in GiB above 0")
     if ns.pool < 0:
         raise InputError(None, f"--pool {ns.pool} must be at least 1 (or 0: chosen for the device)")
-    backend = "gpu" if ns.device == "gpu" else "cpu"
-    gpu_memory = ns.gpu_memory * 2**30 if ns.gpu_memory else None
-
-    def make(B):
-        return plan_memory(box, n, B, ns.K, 1 if ns.classify else 2, ns.healpix_order, ns.sym, ns.offset_range,
-                           ns.offset_step, ns.pad, apix, ns.particle_diameter, backend, ns.workers, ns.significant,
-                           gpu_memory_bytes=gpu_memory, maxsig=ns.maxsig, coarse_precision=ns.coarse_precision)
+    from types import SimpleNamespace
 
     from .expectation.fine import GPU_SIZED_FOR
 
-    local = 0 if ns.classify else 1  # auto-refine ends in local searches (pool_for_inputs)
-    plan = make(task_pool_size(ns.pool, backend, n, ns.workers,
-                               lambda B: make(B).gpu_bytes + local * local_search_fine_bytes(B, box),
-                               gpu_memory or (GPU_SIZED_FOR if backend == "gpu" else None)))
+    # the run these flags describe, sized as the driver sizes it (pool_for_inputs): auto-refine (two half sets,
+    # local searches at the end) unless --classify; the GPU's budgets those of an 80 GB H100 unless --gpu_memory
+    gpu = ns.device == "gpu"
+    target = ExecutionTarget(ns.workers, "gpu" if gpu else "cpu",
+                             ns.gpu_memory * 2**30 if ns.gpu_memory else (GPU_SIZED_FOR if gpu else None))
+    cfg = SimpleNamespace(pool=ns.pool, K=ns.K, auto_refine=not ns.classify, split_random_halves=not ns.classify,
+                          healpix_order=ns.healpix_order, sym=ns.sym, offset_range=ns.offset_range,
+                          offset_step=ns.offset_step, pad=ns.pad, maxsig=ns.maxsig,
+                          coarse_precision=ns.coarse_precision)
+    inp = SimpleNamespace(box=box, particles=SimpleNamespace(n=n), pixel_size=apix, diameter=ns.particle_diameter)
+    plan = plan_for_inputs(cfg, inp, None, ns.significant, target)
     print(plan.table())
     return 0
