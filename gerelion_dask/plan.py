@@ -32,7 +32,9 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   terms ``4 e`` beside the larger of two phases, the GEMM's shifted images (``16 b T Mc``: complex64 and their
   interleaved copy) or the selection: each particle's candidate segment ``17 c b`` (``c = candidate_segment(O T
   K)``: at most 16,384) and the rows of particles with flat posteriors redone densely, a batch of at most
-  ``ops.likelihood.REDO_SAMPLES`` samples at a time with their temporaries (``48 min(e, 2^22)``);
+  ``ops.likelihood.REDO_SAMPLES`` samples at a time with their temporaries (``48 min(e, 2^22)``).  Local searches
+  (not modelled here: see :func:`local_search_fine_bytes`) gather each particle's own projection rows instead, at
+  most ``8 x local_rows_factor x E`` bytes a chunk (4 GiB on an 80 GB GPU), whatever the pool's size;
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R

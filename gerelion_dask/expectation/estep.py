@@ -430,7 +430,8 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
         # each particle's own directions (compressed rows) and psi angles, evaluated as one batched GEMM per chunk;
         # particles in the order of their most likely direction, so that neighbours share projections
         n_p = fin_p.sum(axis=1)
-        rows_budget = limits["coarse_factor"] * max_elems * 8 // (40 * phase_c.shape[1])  # projection rows per chunk
+        # projection rows per chunk (b x n_d x n_p), ~40 bytes a pixel each (FINE_LIMITS' local_rows_factor)
+        rows_budget = limits["local_rows_factor"] * max_elems * 8 // (40 * phase_c.shape[1])
         chunks = _local_chunks(np.argsort(pri.most_likely_direction(), kind="stable"), np.diff(pri.dir_ptr), n_p,
                                T * max(1, len(classes)), max_elems, rows_budget)
         full = None

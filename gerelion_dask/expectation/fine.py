@@ -48,6 +48,10 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # (workstation cards: 1/32 to 1/64), where its selection of significant samples drifts from the CPU run's.
 # ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (on a GPU:
 # one chunk for a pool of 1,000 at HEALPix order 2, where two chunks paid the selection's fixed steps twice).
+# ``local_rows_factor``: a local search's chunks gather each particle's own projection rows (~40 bytes a pixel a
+# row: interleaved projections and their power) into at most ``local_rows_factor x 8 max_elems`` bytes (on a GPU 4
+# GiB, at most ~5 GiB with the chunk's other arrays: one chunk, not four, for a 1,000-particle order-5 pool at 64
+# px, each chunk costing ~5 ms of host time; benchmarks/RESULTS.md, twenty-first session).
 # ``cache_bytes``: the most a ProjectionCache keeps per iteration and half set.  ``slice_bytes``: the working
 # memory of one chunk of the 3D insertion at the end of the fine pass (``insert_row_bytes`` per slice); all of a
 # pool's slices at once took 9-12 GB per 1,000 slices at 256 px when the kernel read whole slices (memory_check
@@ -57,9 +61,11 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # misses; 32, 64 and 128 px on the 2-core VM: 12,900 / 2,680 / 711 against 4,370 / 693 / 178 projections/s,
 # RESULTS.md, seventeenth session; benchmarks/projection_chunks.py).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
-                       "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1},
+                       "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1,
+                       "local_rows_factor": 1},
                "gpu": {"max_elems": 1 << 26, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 2}}
+                       "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 2,
+                       "local_rows_factor": 8}}
 
 
 # FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is
