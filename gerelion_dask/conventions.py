@@ -37,6 +37,7 @@ __all__ = [
     "freq_indices_2d",
     "window_rfft2",
     "pad_rfft2",
+    "shift_phase",
     "shift_phase_2d",
     "angst_to_px",
     "px_to_angst",
@@ -170,10 +171,19 @@ def shift_phase_2d(shape_n: int, ori_size: int, shifts_px, xp=None):
     Returns ``(..., n, n/2+1)`` complex array.  To *centre* a particle with origin offset o, shift by ``+o``.
     """
     xp = xp or get_xp(shifts_px)
-    s = xp.asarray(shifts_px, dtype=xp.float64)
     ky, kx = freq_indices_2d(shape_n, xp)
-    ph = (kx * s[..., 0, None, None] + ky * s[..., 1, None, None]) * (-2.0 * np.pi / ori_size)
-    return xp.exp(1j * ph)
+    return shift_phase(kx, ky, ori_size, shifts_px, xp)
+
+
+def shift_phase(kx, ky, ori_size: int, shifts_px, xp=None):
+    """:func:`shift_phase_2d` at chosen pixels only: the integer frequencies ``kx``, ``ky`` (equal shapes, e.g. the
+    ``(M,)`` pixels of a mask, in the backend of the result) -> ``(..., *kx.shape)`` for shifts ``(..., 2)``; the
+    same values as the whole window's at those pixels."""
+    xp = xp or get_xp(shifts_px)
+    s = xp.asarray(shifts_px, dtype=xp.float64)
+    tail = (1,) * kx.ndim
+    sx, sy = s[..., 0].reshape(s.shape[:-1] + tail), s[..., 1].reshape(s.shape[:-1] + tail)
+    return xp.exp(1j * ((kx * sx + ky * sy) * (-2.0 * np.pi / ori_size)))
 
 
 def angst_to_px(value_angst, pixel_size: float):

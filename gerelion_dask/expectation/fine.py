@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import deep_nbytes, get_xp, scatter_add, to_host
-from ..conventions import matrix_to_euler, shift_phase_2d
+from ..conventions import freq_indices_2d, matrix_to_euler, shift_phase
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
 from ..ops.indexing import concat_ranges, distinct
@@ -319,6 +319,31 @@ class _PoolPixels:
     xnorm: object = None  # --firstiter_cc: the images' norms over the whole window, (B,)
 
 
+@dataclass(frozen=True)
+class _FinePixels:
+    """The fine pass's pixel tables of one current size ``n`` (box ``N``), the same for every pool of an iteration
+    (kept in the :class:`ProjectionCache` as the coarse pass keeps its own)."""
+
+    mask: np.ndarray  # (n, n/2+1) host: the likelihood pixels with the DC term (the weighted sums' pixels)
+    shells: np.ndarray  # (M,) host: their shells
+    mask_x: object  # the mask, the shells and the likelihood pixels among them (shell >= 1) on the device
+    shells_x: object
+    lik_x: object
+    shell_1hot: object  # (M, N/2+1) float64 on the device: pixel -> shell
+    kx: object  # (M,) integer frequencies on the device (the translations' phases)
+    ky: object
+
+    @staticmethod
+    def make(n: int, N: int, xp) -> "_FinePixels":
+        mb = likelihood_pixels(n, include_dc=True)
+        shb = shells_2d(n)[mb]
+        ky, kx = freq_indices_2d(n)
+        shb_x = xp.asarray(shb)
+        return _FinePixels(mb, shb, xp.asarray(mb), shb_x, xp.asarray(shb >= 1),
+                           (shb_x[:, None] == xp.arange(N // 2 + 1)[None, :]).astype(np.float64),
+                           xp.asarray(kx[mb]), xp.asarray(ky[mb]))
+
+
 def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> list[np.ndarray]:
     """Consecutive runs of ``order`` whose padded child layout (members x 32 x their most significant samples)
     holds at most ``max_elems`` values and whose children (32 per significant sample) number at most
@@ -436,14 +461,12 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
     scale = np.asarray(model.scales)[particles.group]
     og = np.asarray(particles.optics_group)
-    mb = likelihood_pixels(n, include_dc=True)
-    shb = shells_2d(n)[mb]
-    nsh = N // 2 + 1
+    key = ("fine-pixels", n, N)
+    tab = cache.whole(key, lambda: _FinePixels.make(n, N, xp)) if cache is not None else _FinePixels.make(n, N, xp)
+    mb, shb, mb_x, lik = tab.mask, tab.shells, tab.mask_x, tab.lik_x
     M = len(shb)
-    mb_x = xp.asarray(mb)
     lik_h = shb >= 1
-    lik = xp.asarray(lik_h)
-    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, xp.asarray(shb)]  # (B, M), gathered on the device
+    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, tab.shells_x]  # (B, M), gathered on the device
     X_all = gather(pre.fimg, mb_x)
     C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
     Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
@@ -456,7 +479,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                      cc_image_norm(pre.fimg, n) if settings.do_cc else None)
     del s2_all
     highres = to_host(pre.power_highres)
-    shell_1hot = (xp.asarray(shb)[:, None] == xp.arange(nsh)[None, :]).astype(np.float64)  # (M, nsh)
+    shell_1hot = tab.shell_1hot  # (M, N/2+1)
     # the scale sums' resolution range: shells where the class's data dominate its prior
     goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
     int_off = pre.int_offset_px
@@ -478,7 +501,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     # the phases of every fine translation of the pool, made once (chunks take their rows)
     ut_pool = distinct(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
-    ph_pool = gather(shift_phase_2d(n, N, xp.asarray(t_fine_pool)), mb_x)  # (4 |ut_pool|, M)
+    ph_pool = shift_phase(tab.kx, tab.ky, N, xp.asarray(t_fine_pool), xp)  # (4 |ut_pool|, M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
     XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
     CCW = px.C * px.C * px.Wbp
