@@ -225,16 +225,21 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     from .plan import execution_target, plan_for_inputs, pool_for_inputs
 
     target = execution_target(runner)
+    # the pools of global and of local searches: a local-search pool holds the fine-orientation rows of its
+    # particles' own neighbourhoods (plan.local_search_fine_bytes), so on a GPU it may be smaller; the particle
+    # store's chunks and the noise spectra's tasks take the smaller one
+    pool_global = pool_for_inputs(cfg, inp, target, local=False)
     pool = pool_for_inputs(cfg, inp, target)
     if cfg.pool == 0:
-        log.info("--pool not given: %d particles per E-step task on %s", pool, "GPUs" if target.backend == "gpu"
-                 else "CPUs")
+        log.info("--pool not given: %d particles per E-step task on %s%s", pool_global,
+                 "GPUs" if target.backend == "gpu" else "CPUs",
+                 f" ({pool} in local searches)" if pool != pool_global else "")
     elif pool != cfg.pool:
         log.warning("--pool %d: here --pool counts the particles of one E-step task (RELION's --pool batches "
                     "particles per CPU thread; its GUI passes 3), and GPU tasks of so few particles spend their time "
                     "in fixed costs: this run uses --pool %d", cfg.pool, pool)
     cfg = replace(cfg, pool=pool)
-    plan = plan_for_inputs(cfg, inp, runner, target=target)
+    plan = plan_for_inputs(cfg, inp, runner, target=target, pool=pool_global)
     log.info("%s", plan.summary())
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]
@@ -340,7 +345,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                         symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
                                         n_groups=len(inp.group_names),
                                         coarse_dtype=cfg.coarse_precision)
-        tasks = _make_tasks(inp, st, cfg.pool)
+        tasks = _make_tasks(inp, st, cfg.pool if sched.local_sigma_rot > 0 else pool_global)
         if seeds is not None:
             tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]
         t1 = time.time()

@@ -93,8 +93,8 @@ from dataclasses import dataclass, field
 
 from .config import COARSE_PRECISIONS
 
-__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "local_search_fine_bytes", "plan_for_inputs",
-           "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
+__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_local_searches", "local_search_fine_bytes",
+           "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
 
 _GIB = 1024.0**3
 
@@ -389,21 +389,30 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0, target:
                     pool: int | None = None) -> MemoryPlan:
     """The plan of a job about to run (the driver logs its summary at the start of every run), with the budgets of
     the smallest GPU the tasks run on (``target``: :func:`execution_target` of ``runner`` unless given), for
-    ``pool`` particles per task (default: :func:`pool_for_inputs`)."""
+    ``pool`` particles per task (default: the pool of its global searches, :func:`pool_for_inputs` with
+    ``local=False``: the searches this plan models)."""
     t = target if target is not None else execution_target(runner)
     if pool is None:
-        pool = pool_for_inputs(cfg, inp, t)
+        pool = pool_for_inputs(cfg, inp, t, local=False)
     return plan_memory(inp.box, inp.particles.n, pool, cfg.K, 2 if cfg.split_random_halves else 1,
                        cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
                        inp.diameter, t.backend, t.workers, significant_fraction, gpu_memory_bytes=t.gpu_memory,
                        maxsig=getattr(cfg, "maxsig", -1), coarse_precision=getattr(cfg, "coarse_precision", "auto"))
 
 
-def pool_for_inputs(cfg, inp, target: ExecutionTarget) -> int:
+def has_local_searches(cfg) -> bool:
+    """Whether a job searches locally in some iterations: auto-refine (its last ones) or ``--sigma_ang`` (all)."""
+    return bool(getattr(cfg, "auto_refine", False) or getattr(cfg, "sigma_ang", 0.0) > 0)
+
+
+def pool_for_inputs(cfg, inp, target: ExecutionTarget, local: bool | None = None) -> int:
     """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target, the pool's GPU
-    bytes from the plan plus, for jobs with local searches (auto-refine, ``--sigma_ang``), the local-search rows of
-    :func:`local_search_fine_bytes`."""
-    local = getattr(cfg, "auto_refine", False) or getattr(cfg, "sigma_ang", 0.0) > 0
+    bytes from the plan plus, for iterations with local searches, the local-search rows of
+    :func:`local_search_fine_bytes`.  ``local``: the pool of the job's local-search iterations (True) or of its
+    global ones (False); None: of a job's every iteration (local if it has any, :func:`has_local_searches`).  A given
+    ``--pool`` is the same for both."""
+    if local is None:
+        local = has_local_searches(cfg)
 
     def gpu_bytes(B):
         extra = local_search_fine_bytes(B, inp.box) if local else 0.0
@@ -477,4 +486,9 @@ def plan_main(argv) -> int:
     inp = SimpleNamespace(box=box, particles=SimpleNamespace(n=n), pixel_size=apix, diameter=ns.particle_diameter)
     plan = plan_for_inputs(cfg, inp, None, ns.significant, target)
     print(plan.table())
+    if has_local_searches(cfg):
+        pool_local = pool_for_inputs(cfg, inp, target, local=True)
+        print(f"local searches (auto-refine's last iterations): pool {pool_local}, whose fine-orientation rows at the "
+              f"full size (8 significant samples a particle) add {local_search_fine_bytes(pool_local, box) / _GIB:.2f}"
+              f" GiB on a GPU (not in the table above)")
     return 0

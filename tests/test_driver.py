@@ -184,6 +184,30 @@ def test_gpu_tasks_hold_at_least_gpu_min_pool_particles(small_set, tmp_path, mon
         assert sizes == want, name
 
 
+def test_iterations_take_the_pool_of_their_search(small_set, tmp_path, monkeypatch):
+    # oracle: the driver's rule written out -- an iteration with local searches cuts its tasks at the pool of local
+    # searches (pool_for_inputs(local=True), also the default of a job that has any), a global one at
+    # pool_for_inputs(local=False); here the rule's two pools are given as 50 and 30
+    from gerelion_dask import driver, plan
+
+    paths, _ = small_set
+    seen = []
+    original = driver.expectation_pool
+
+    def spy(images, pp, model, settings, *a, **k):
+        seen.append((settings.local_sigma_rot > 0, len(pp.index)))
+        return original(images, pp, model, settings, *a, **k)
+
+    monkeypatch.setattr(driver, "expectation_pool", spy)
+    monkeypatch.setattr(plan, "pool_for_inputs", lambda cfg, inp, target, local=None: 50 if local is False else 30)
+    for name, extra, want in (("global", [], [(False, 50), (False, 50), (False, 20)]),
+                              ("local", ["--sigma_ang", "5"], [(True, 30)] * 4)):
+        seen.clear()
+        assert cli_main(["classify", *_flags(paths, tmp_path / name, ["--iter", "1", "--ini_high", "25",
+                                                                      "--in-process", *extra])]) == 0
+        assert seen == want, name
+
+
 def test_pool_size_rules():
     # oracle: the rules of plan.task_pool_size written out -- a given --pool is kept (at least GPU_MIN_POOL on
     # GPUs); none given: CPU_AUTO_POOL on CPUs, GPU_AUTO_POOL on a GPU, at most two tasks' share per Dask worker
@@ -268,4 +292,7 @@ def test_default_gpu_pool_leaves_room_for_local_searches():
     classify = JobConfig(i="p.star", o="out/run", ref="r.mrc", K=3)
     assert pool_for_inputs(refine, inp, gpu) == 250
     assert pool_for_inputs(classify, inp, gpu) == 4000
+    # auto-refine's global iterations (before its local searches) take the classification's pool
+    assert pool_for_inputs(refine, inp, gpu, local=False) == 4000
+    assert pool_for_inputs(refine, inp, gpu, local=True) == 250
     assert pool_for_inputs(refine, inp, ExecutionTarget(0, "cpu", None)) == 64
