@@ -84,7 +84,8 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--sigma_ang", type=float, default=0.0)
     a("--auto_iter_max", type=int, default=999)
     a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 4000 on GPUs, fewer for "
-      "several GPUs, a small GPU or large boxes (gerelion plan prints it); at least 128 on GPUs: RELION's --pool, "
+      "several GPUs, a small GPU, large boxes or local searches at large boxes (gerelion plan prints it); at least "
+      "128 on GPUs: RELION's --pool, "
       "particles per CPU thread, is 3 in its GUI)")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="array backend (auto: GPU when present)")
     add_dask_flags(p)
