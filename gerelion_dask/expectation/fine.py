@@ -363,11 +363,27 @@ def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> li
     return groups
 
 
-def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, G: np.ndarray, r: np.ndarray,
-                    jl: np.ndarray, grid, ut_pool, ph_pool, do_cc: bool, max_elems: int):
-    """diff2 (or -CC) of the 32 children of the significant samples ``r`` of the group of particles ``G`` (``jl``:
-    each sample's particle within ``G``): ``(len(r), 32)``, child ``4 f + t`` for fine orientation ``f`` and fine
-    translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per class)."""
+# columns of a group's sample table (:func:`_sample_table`): each significant sample's particle (its position in
+# the group and in the pool), class, class x direction (the direction sums' index), first fine translation (a row
+# of the pool's phases), then the global ids of its 8 fine orientations
+_T_J, _T_POOL, _T_CLASS, _T_CDIR, _T_TROW, _T_FID = 0, 1, 2, 3, 4, 5
+
+
+def _sample_table(xp, sig: Significant, G: np.ndarray, r: np.ndarray, jl: np.ndarray, grid, ut_pool):
+    """The group's significant samples ``r`` as one ``(len(r), 13)`` int64 table on the pool's device (columns
+    ``_T_*``), made on the host and copied once: the children's diff2 and the weighted sums' bookkeeping read their
+    indices from it instead of copying and deriving each one."""
+    o, c = sig.o[r], sig.c[r].astype(np.int64)
+    cols = [jl, G[jl], c, c * grid.n_dir + o // grid.n_psi, np.searchsorted(ut_pool, sig.t[r]) * 4]
+    return xp.asarray(np.concatenate([np.stack(cols, axis=1), grid.fine_ids(o)], axis=1).astype(np.int64))
+
+
+def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, cr: np.ndarray, tab, G: np.ndarray, ph_pool,
+                    do_cc: bool, max_elems: int):
+    """diff2 (or -CC) of the 32 children of a group's significant samples (``tab``: their :func:`_sample_table`,
+    ``cr`` their classes on the host) of the group of particles ``G``: ``(len(tab), 32)``, child ``4 f + t`` for fine
+    orientation ``f`` and fine translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per
+    class)."""
     Gx = xp.asarray(G)
     X, Cr = px.X[Gx], px.Cr[Gx]
     if do_cc:  # RELION's CC sums (cc_pixel_weights) and the whole window's image power (cc_image_norm)
@@ -375,17 +391,16 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, sig: Significant, 
     else:
         Wd = px.Wd[Gx]
         Z, V, a = Wd * Cr * X, Wd * Cr * Cr, px.a[Gx]
-    trow = xp.asarray(np.searchsorted(ut_pool, sig.t[r]) * 4)  # each sample's first fine translation's phase row
-    cr, orr, jx = sig.c[r], xp.asarray(sig.o[r]), xp.asarray(jl)
-    d = xp.empty((len(r), 32), np.float64)
+    d = xp.empty((len(cr), 32), np.float64)
     for c in distinct(cr):
         sel = np.nonzero(cr == c)[0]
-        sx = xp.asarray(sel)
-        prow = fp.projections(c, fp.positions(c, grid.fine_ids(orr[sx])))  # (S, 8) the children's projections
-        d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], jx[sx], prow, trow[sx], do_cc, max_elems)
-        if len(sel) == len(r):
+        t = tab if len(sel) == len(cr) else tab[xp.asarray(sel)]
+        prow = fp.projections(c, fp.positions(c, xp.ascontiguousarray(t[:, _T_FID:])))  # (S, 8) children's rows
+        d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], xp.ascontiguousarray(t[:, _T_J]), prow,
+                             xp.ascontiguousarray(t[:, _T_TROW]), do_cc, max_elems)
+        if len(sel) == len(cr):
             return d_c
-        d[sx] = d_c
+        d[xp.asarray(sel)] = d_c
     return d
 
 
@@ -462,11 +477,11 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     scale = np.asarray(model.scales)[particles.group]
     og = np.asarray(particles.optics_group)
     key = ("fine-pixels", n, N)
-    tab = cache.whole(key, lambda: _FinePixels.make(n, N, xp)) if cache is not None else _FinePixels.make(n, N, xp)
-    mb, shb, mb_x, lik = tab.mask, tab.shells, tab.mask_x, tab.lik_x
+    pix = cache.whole(key, lambda: _FinePixels.make(n, N, xp)) if cache is not None else _FinePixels.make(n, N, xp)
+    mb, shb, mb_x, lik = pix.mask, pix.shells, pix.mask_x, pix.lik_x
     M = len(shb)
     lik_h = shb >= 1
-    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, tab.shells_x]  # (B, M), gathered on the device
+    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, pix.shells_x]  # (B, M), gathered on the device
     X_all = gather(pre.fimg, mb_x)
     C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
     Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
@@ -479,7 +494,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                      cc_image_norm(pre.fimg, n) if settings.do_cc else None)
     del s2_all
     highres = to_host(pre.power_highres)
-    shell_1hot = tab.shell_1hot  # (M, N/2+1)
+    shell_1hot = pix.shell_1hot  # (M, N/2+1)
     # the scale sums' resolution range: shells where the class's data dominate its prior
     goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
     int_off = pre.int_offset_px
@@ -501,7 +516,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     # the phases of every fine translation of the pool, made once (chunks take their rows)
     ut_pool = distinct(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
-    ph_pool = shift_phase(tab.kx, tab.ky, N, xp.asarray(t_fine_pool), xp)  # (4 |ut_pool|, M)
+    ph_pool = shift_phase(pix.kx, pix.ky, N, xp.asarray(t_fine_pool), xp)  # (4 |ut_pool|, M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
     XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
     CCW = px.C * px.C * px.Wbp
@@ -510,8 +525,6 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     ws = xp.zeros(B, np.float64)  # each particle's kept weight (normalised: ~1)
     # class, direction and offset-prior sums stay on the pool's device until the groups are done
     pdf_class_x, pdf_dir_x, off_x = xp.zeros(K), xp.zeros((K, grid.n_dir)), xp.zeros(1)
-    sig_x = {k: xp.asarray(getattr(sig, k)) for k in ("c", "o", "t")}
-    ut_pool_x = xp.asarray(ut_pool)
     t_fine_x = xp.asarray(t_fine_pool)
     for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
         b = len(G)
@@ -520,7 +533,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         cnt = np.bincount(jl, minlength=b)
         first = np.cumsum(cnt) - cnt  # each particle's first significant sample in r
         q = np.arange(len(r)) - first[jl]
-        d = _children_diff2(xp, px, fp, sig, G, r, jl, grid, ut_pool, ph_pool, settings.do_cc, max_elems)
+        stab = _sample_table(xp, sig, G, r, jl, grid, ut_pool)
+        d = _children_diff2(xp, px, fp, sig.c[r], stab, G, ph_pool, settings.do_cc, max_elems)
         wr, *per_particle = _child_posteriors(xp, d, sig.lp[r], jl, q, first, cnt, settings)
         dmin, sumw, bad, ib, out["pmax"][G] = _to_host_together(xp, per_particle)  # one wait for the device
         del d, per_particle
@@ -541,18 +555,15 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         rr, ck = xp.nonzero(wr > 0)  # (the group's sample, child), by particle
         wv = wr[rr, ck]
         del wr
-        cj = xp.asarray(jl)[rr]
-        row = xp.asarray(r)[rr]
-        del rr
-        cc, co = sig_x["c"][row], sig_x["o"][row]
-        cg = grid.fine_ids(co, ck // 4)
-        tp = xp.searchsorted(ut_pool_x, sig_x["t"][row]) * 4 + ck % 4  # row in the pool's fine translations
-        del row, ck
-        Gx = xp.asarray(G)
-        scatter_add(ws, Gx[cj], wv)  # (no host synchronisation on CuPy, unlike its bincount)
+        rt = stab[rr]  # each child's sample's row of the table
+        cg = stab.reshape(-1)[rr * stab.shape[1] + (_T_FID + ck // 4)]  # the child's fine orientation
+        del rr, stab
+        cj, cc = rt[:, _T_J], rt[:, _T_CLASS]
+        tp = rt[:, _T_TROW] + ck % 4  # row in the pool's fine translations
+        del ck
+        scatter_add(ws, rt[:, _T_POOL], wv)  # (no host synchronisation on CuPy, unlike its bincount)
         scatter_add(pdf_class_x, cc, wv)
-        scatter_add(pdf_dir_x, cc * grid.n_dir + co // grid.n_psi, wv)
-        del co
+        scatter_add(pdf_dir_x, rt[:, _T_CDIR], wv)
         # each child's squared distance (A^2) from its particle's offset prior
         e_o = (xp.asarray(particles.offset_prior_px[G] - int_off[G])[cj] - t_fine_x[tp]) * ps.pixel_size
         off_x += (wv * (e_o * e_o).sum(axis=1)).sum()
@@ -566,7 +577,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         del key
         starts = xp.flatnonzero(new)  # each pair's first child
         del new
-        p_c, p_g, p_j = cc[starts], cg[starts], Gx[cj[starts]]
+        p_c, p_g, p_j = cc[starts], cg[starts], xp.asarray(G)[cj[starts]]
         cstart = xp.concatenate([starts, xp.full(1, cj.size, starts.dtype)])  # pair i: cstart[i] .. cstart[i + 1]
         # pairs are ordered by class (one class: all of them, no wait for the device)
         bounds = np.array([0, starts.size]) if K == 1 else to_host(xp.searchsorted(p_c, xp.arange(K + 1)))
