@@ -91,6 +91,33 @@ def test_plan_of_a_dask_run_asks_the_workers_what_they_compute_on(gpus):
         close_client(client, cluster)
 
 
+def test_plan_of_a_dask_run_waits_for_its_first_worker(monkeypatch):
+    # oracle: the worker's own answer -- a cluster whose workers have not started yet (SLURM jobs in the queue) is
+    # planned from its first worker, not as a CPU run: here a worker that says it has an 80 GB GPU, started 1 s
+    # after the plan is asked for (before, no worker answered and the plan, and so the pool, were the CPU's)
+    import threading
+    from types import SimpleNamespace
+
+    from distributed import Client, LocalCluster
+
+    from gerelion_dask import plan as plan_mod
+    from gerelion_dask.distributed.runner import DaskRunner
+
+    monkeypatch.setattr(plan_mod, "worker_gpu_memory", lambda device: 80e9)
+    cluster = LocalCluster(n_workers=0, processes=False, dashboard_address=None)
+    client = Client(cluster)
+    try:
+        timer = threading.Timer(1.0, lambda: cluster.scale(1))
+        timer.start()
+        target = plan_mod.execution_target(DaskRunner(client, "auto"))
+        timer.join()
+        assert target == plan_mod.ExecutionTarget(1, "gpu", 80e9)
+        assert plan_mod.execution_target(DaskRunner(client, "cpu")).backend == "cpu"
+    finally:
+        client.close()
+        cluster.close()
+
+
 def test_plan_into_a_closed_pipe_ends_quietly():
     # oracle: a shell's `gerelion plan ... | head -0` -- the reader has gone before the table is written: no Python
     # traceback, the shell's exit status for SIGPIPE (128 + 13)

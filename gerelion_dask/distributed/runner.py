@@ -162,7 +162,7 @@ class DaskRunner:
         from .tasks import power_task
 
         client = self.client
-        self._wait_for_a_worker("noise spectra")
+        self.wait_for_a_worker("noise spectra")
         source = self._source(read_images)
         self._calls += 1  # keys unique per call: a runner may serve several jobs
         tag = f"{self._token}{self._calls:x}"
@@ -222,7 +222,7 @@ class DaskRunner:
         tag = f"{self._token}{self._calls:x}"
         it = self.iteration or self._calls
         halves = sorted({pp.half for _, pp in tasks})
-        self._wait_for_a_worker(f"iteration {it}")
+        self.wait_for_a_worker(f"iteration {it}")
         # the iteration's inputs as (recomputable) tasks, not scattered data: a worker that dies holding the only
         # copy must not take them with it (a pool that kills its workers then ends as KilledWorker, named)
         where = placement(sorted(client.scheduler_info()["workers"]), len(tasks))
@@ -309,7 +309,7 @@ class DaskRunner:
         references and projects them)."""
         from .tasks import accuracy_task
 
-        self._wait_for_a_worker("accuracy estimates")
+        self.wait_for_a_worker("accuracy estimates")
         self._calls += 1
         fut = self.client.submit(accuracy_task, specs, angles, ctf, sigma2, current_size, ori_size, pixel_size, seeds,
                                  self.device, key=f"accuracy-{self.iteration}-{self._token}{self._calls:x}",
@@ -319,7 +319,7 @@ class DaskRunner:
         finally:
             del fut
 
-    def _wait_for_a_worker(self, what: str) -> None:
+    def wait_for_a_worker(self, what: str) -> None:
         """Block until the cluster has a worker (e.g. SLURM worker jobs still queued: ``scatter`` would give up
         after its timeout, and adaptive scaling reacts only to tasks)."""
         if not self.client.scheduler_info(n_workers=1)["workers"]:
