@@ -46,8 +46,9 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # half their single-precision rate or better (H100: 5.67e9 against 5.31e9 coarse evaluations/s at 64 px, dev_refine
 # 55 against 59 s, and the CPU run's poses exactly; RESULTS.md, fourteenth session), in float32 on other GPUs
 # (workstation cards: 1/32 to 1/64), where its selection of significant samples drifts from the CPU run's.
-# ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (on a GPU:
-# one chunk for a pool of 1,000 at HEALPix order 2, where two chunks paid the selection's fixed steps twice).
+# ``coarse_factor``: a global coarse search's chunks hold ``coarse_factor x max_elems`` samples (on a GPU 8: one
+# chunk for the default pool of 4,000 at HEALPix order 2 with up to 29 translations, where chunks of ~1,400
+# particles paid the selection's fixed steps and ~5 ms of host time three times; 4 GiB of float64 cross terms).
 # ``local_rows_factor``: a local search's chunks gather each particle's own projection rows (~40 bytes a pixel a
 # row: interleaved projections and their power) into at most ``local_rows_factor x 8 max_elems`` bytes (on a GPU 4
 # GiB, at most ~5 GiB with the chunk's other arrays: one chunk, not four, for a 1,000-particle order-5 pool at 64
@@ -64,7 +65,7 @@ FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "coarse_dtype": "float64", "cache_b
                        "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1,
                        "local_rows_factor": 1},
                "gpu": {"max_elems": 1 << 26, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
-                       "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 2,
+                       "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 8,
                        "local_rows_factor": 8}}
 
 
