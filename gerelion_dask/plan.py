@@ -368,16 +368,15 @@ def execution_target(runner) -> ExecutionTarget:
     client = getattr(runner, "client", None)
     device = getattr(runner, "device", "auto")
     if client is not None:
+        wait = getattr(runner, "wait_for_a_worker", None)
+        if device != "cpu" and wait is not None:  # e.g. SLURM worker jobs still queued: no worker to ask would mean
+            wait("memory plan")  # a CPU plan (and pool) for a GPU run; the run needs a worker before its first task
         try:
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
         except Exception:  # an older scheduler API or a lost connection: plan for one worker
             workers = 1
         workers = max(1, workers)
     if device != "cpu" and client is not None:  # the tasks run on the workers: plan for what they compute on
-        wait = getattr(runner, "wait_for_a_worker", None)
-        if wait is not None:  # e.g. SLURM worker jobs still queued: no worker to ask would mean a CPU plan (and
-            wait("memory plan")  # pool) for a GPU run; the run needs a worker before its first task anyway
-            workers = max(workers, len(client.scheduler_info(n_workers=-1)["workers"]))
         try:
             sizes = [v for v in client.run(worker_gpu_memory, device).values() if v > 0]
             backend, gpu_memory = ("gpu", min(sizes)) if sizes else ("cpu", None)

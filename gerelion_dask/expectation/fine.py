@@ -384,7 +384,7 @@ def _sample_table(xp, sig: Significant, G: np.ndarray, r: np.ndarray, jl: np.nda
 def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, cr: np.ndarray, tab, G: np.ndarray, ph_pool,
                     do_cc: bool, max_elems: int):
     """diff2 (or -CC) of the 32 children of a group's significant samples (``tab``: their :func:`_sample_table`,
-    ``cr`` their classes on the host) of the group of particles ``G``: ``(len(tab), 32)``, child ``4 f + t`` for fine
+    ``cr`` their classes on the host) of the group of particles ``G``: ``(len(cr), 32)``, child ``4 f + t`` for fine
     orientation ``f`` and fine translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per
     class)."""
     Gx = xp.asarray(G)
@@ -397,12 +397,14 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, cr: np.ndarray, ta
     d = xp.empty((len(cr), 32), np.float64)
     for c in distinct(cr):
         sel = np.nonzero(cr == c)[0]
-        t = tab if len(sel) == len(cr) else tab[:, xp.asarray(sel)]
+        whole = len(sel) == len(cr)
+        sx = None if whole else xp.asarray(sel)
+        t = tab if whole else tab[:, sx]
         prow = fp.projections(c, fp.positions(c, xp.ascontiguousarray(t[_T_FID:].T)))  # (S, 8) children's rows
         d_c = children_diff2(Z, V, a, ph_pool, fp.data[c], t[_T_J], prow, t[_T_TROW], do_cc, max_elems)
-        if len(sel) == len(cr):
+        if whole:
             return d_c
-        d[xp.asarray(sel)] = d_c
+        d[sx] = d_c
     return d
 
 
