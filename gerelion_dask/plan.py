@@ -50,7 +50,12 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   by ``tests/test_plan.py``), ``w = min(e', max(E / 16, 32 s))`` padded children of a group of particles with
   ``s`` significant samples each (``s = f O T K``, at most ``maxsig``; ``e' = min(e, 32 B maxsig)``); or a chunk of
   the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most
-  ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host). Last, with only the
+  ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host); or, where a
+  particle's dense block of children holds at most ``4 E`` values and ``24 R M`` bytes fit
+  ``cache_bytes`` (flat posteriors, ``fine._flat_group``), the flat groups: ``72 R M`` (the layout's projections and
+  powers, its per-column sums, one group's sums being made) and ``48 max(min(B x, E), x)`` (a group's weights and
+  their temporaries), ``x = 4 T R`` when a particle's children reach ``x / FLAT_WASTE`` (never with a small
+  ``--maxsig``). Last, with only the
   back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
   slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s`` with ``s = 24 M``, the gathered rows of sums
   (CuPy's kernel reads them as they are, NumPy a few MiB of pixels at a time; ``fine.insert_row_bytes``);
@@ -159,7 +164,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     bounds the fine pass's per-group weights.  ``coarse_precision`` float64 on a GPU doubles the coarse pass's
     cross terms and shifted images (8 bytes a value instead of 4); ``auto`` is counted as float64 there (what GPUs
     with fast double precision choose, ``fine.fine_limits``; an upper bound for the others)."""
-    from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
+    from .expectation.fine import (FINE_LIMITS, FLAT_WASTE, GPU_SIZED_FOR, gpu_limits, insert_row_bytes,
+                                   project_row_bytes)
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .expectation.preprocess import _NOISE_BATCH as NOISE_BATCH
@@ -227,6 +233,14 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # segments' noise rows (kernels.pairs: at most 8 B M + min(P M / 4, 256 MiB)), within that pairs term
     pairs = 100 * min(E // 8, P * M) + (40 if backend == "gpu" else 120) * e_g
     diff2 = 24 * B * M + (16 if K > 1 else 8) * e_g + (11 * E if backend == "cpu" else 0)
+    # flat particles' dense blocks (fine._flat_group, when a particle's block of children fits 4 E values and the
+    # layout's projections the cache's budget): the layout's projections and powers, its per-column sums and one
+    # group's sums being made (24 R M each) beside the group's weights and their temporaries (~6 x 8 bytes of at most
+    # E values, or one particle's block)
+    width = 4 * T * R  # the union's fine orientations (R) x fine translations (4 T)
+    flat = 0.0
+    if FLAT_WASTE * per_particle >= width and width <= 4 * E and 24 * R * M <= limits["cache_bytes"]:
+        flat = 72 * R * M + 48 * max(min(B * width, E), width)
     partials = 24 * K * L
     counts = _half_counts(n_particles, halves)
     # pools of one half set on one process: all of them in process or on one worker, else their share
@@ -238,7 +252,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # array (its projections are the cache's) unless the cache is full, when it keeps its own rows beside it
     grow = min(16 * M * union, limits["cache_bytes"])
     own = 0 if cache_want <= limits["cache_bytes"] else 16 * R * M
-    fine = max(112 * B * M + max(projecting, grow, own + 24 * R * M + max(diff2, dense_w, pairs)),
+    fine = max(112 * B * M + max(projecting, grow, own + 24 * R * M + max(diff2, dense_w, pairs, flat)),
                24 * R * M + insert + partials)
     ahead = READ_AHEAD_DEPTH * 4 * B * N * N  # raw float32 images of the pools read ahead (io/readahead.py)
     task = max(preprocessing, held + max(coarse, fine))

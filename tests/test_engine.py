@@ -432,13 +432,22 @@ def _direct_fine_pass(pre, parts, model, st, sig):
     return (vol_d, vol_w, sigma2, wdir, wcls, off, xa, aa, np.array(norm), np.array(pmax), np.array(ll), poses)
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("K", [1, 2])
-def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, xp):
+def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, flat, xp, monkeypatch):
     # oracle: _direct_fine_pass (float64 NumPy, child by child) -- the fine pass's chunked diff2 and its weighted
     # sums over (particle, class, orientation) pairs (on NumPy and on CuPy) must give the same volumes, noise,
-    # prior, offset, scale and norm sums, and the same best pose, pmax and log-likelihood per particle
+    # prior, offset, scale and norm sums, and the same best pose, pmax and log-likelihood per particle; with
+    # ``flat`` every particle takes the dense blocks of _flat_group / block_sums instead (FLAT_WASTE), without it
+    # none does
+    from gerelion_dask.expectation import fine as fine_mod
     from gerelion_dask.expectation.estep import coarse_pass, orientation_priors
     from gerelion_dask.expectation.fine import fine_pass
+
+    monkeypatch.setattr(fine_mod, "FLAT_WASTE", 1e12 if flat else 0.0)
+    dense = []
+    real_group = fine_mod._flat_group
+    monkeypatch.setattr(fine_mod, "_flat_group", lambda *a: dense.append(len(a[5])) or real_group(*a))
     from gerelion_dask.expectation.preprocess import PreprocessedPool, preprocess_pool
 
     maps = [phantom_map(N, APIX, seed=1), phantom_map(N, APIX, seed=2)][:K] if K == 2 else None
@@ -451,6 +460,7 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, xp):
     sig = coarse_pass(xp, pre, parts, mx, st, orientation_priors(parts, model, st))
     assert sig.n_sig.max() > 3  # several significant samples, so the weights and pairs are not trivial
     part, res = fine_pass(xp, pre, parts, mx, st, sig)
+    assert sum(dense) == (len(parts.index) if flat else 0)  # the path under test took every particle (or none)
     part = part.to_host()
     pre = PreprocessedPool(*(to_np(getattr(pre, f.name)) for f in fields(pre)))
     vd, vw, sigma2, wdir, wcls, off_, xa, aa, norm, pmax, ll, poses = _direct_fine_pass(pre, parts, model, st, sig)
@@ -469,6 +479,43 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, xp):
     assert np.allclose(got, want, atol=1e-9)
     want_o = (pre.int_offset_px + np.array([p[2] for p in poses])) * st.preprocess.pixel_size
     assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), want_o, atol=1e-9)
+
+
+@pytest.mark.parametrize("maxsig", [-1, 20000])
+def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig, xp, monkeypatch):
+    # oracle: the fine pass with every particle's children evaluated one significant sample at a time
+    # (FLAT_WASTE 0) -- with FLAT_WASTE set so that the flatter half of a noisy two-class pool takes dense blocks
+    # (and the rest the sparse path in the same pass), every sum, pose, class, pmax and log-likelihood is the same
+    from gerelion_dask.expectation import fine as fine_mod
+    from gerelion_dask.expectation.estep import coarse_pass, orientation_priors
+    from gerelion_dask.expectation.fine import fine_pass
+    from gerelion_dask.expectation.preprocess import preprocess_pool
+
+    maps = [phantom_map(N, APIX, seed=1), phantom_map(N, APIX, seed=2)]
+    img, parts, A, off, s2, maps = _dataset(10, 12.0, seed=5, maps=maps, classes=np.arange(10) % 2)
+    model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, do_scale=True, maxsig=maxsig, grid=replace(st.grid, perturb=0.3),
+                 preprocess=replace(st.preprocess, do_norm=True))
+    model = replace(model, data_vs_prior=np.where(np.arange(N // 2 + 1) < 6, 10.0, 1.0)[None].repeat(2, 0))
+    mx = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
+    pre = preprocess_pool(xp.asarray(img), parts, st.preprocess, model.sigma2_noise)
+    sig = coarse_pass(xp, pre, parts, mx, st, orientation_priors(parts, model, st))
+    width = 32 * len(np.unique(sig.t)) * len(np.unique(sig.o)) * len(np.unique(sig.c))
+    cut = np.sort(sig.n_sig)[len(sig.n_sig) // 2]
+    assert sig.n_sig.min() < cut, sig.n_sig  # some particles below the cut: a pool of both paths
+    dense = []
+    real_group = fine_mod._flat_group
+    monkeypatch.setattr(fine_mod, "_flat_group", lambda *a: dense.append(len(a[5])) or real_group(*a))
+    runs = {}
+    for waste in (0.0, width / (32.0 * cut)):
+        monkeypatch.setattr(fine_mod, "FLAT_WASTE", waste)
+        part, res = fine_pass(xp, pre, parts, mx, st, sig)
+        runs[waste] = (part.to_host(), res)
+    assert sum(dense) == int(np.sum(sig.n_sig >= cut))
+    (p0, r0), (p1, r1) = runs.values()
+    _assert_partials_close(p0, p1, rtol=1e-9)
+    for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "class_number", "pmax", "loglik", "norm"):
+        assert np.allclose(getattr(r0, f), getattr(r1, f), rtol=1e-9, atol=1e-9), f
 
 
 def _relion_cc(F, C, P, phase, n):

@@ -15,6 +15,12 @@ the fine pass's significance threshold: with ``Q = sum_t w_t s_t`` (a pair's wei
 the translation phases), the pair adds ``Q * X_j * c_j / sigma^2`` to the back-projection data of its orientation, and
 ``Re(X_j conj(P_f) Q)`` to the model/data cross term of its particle's noise, scale and norm sums.  Back-projection
 sums of all particles of the pool are merged per fine orientation before one 3D insertion each.
+
+Particles with flat posteriors (the first iterations from a low-pass start keep about half of their coarse samples
+significant) take another route to the same numbers (:data:`FLAT_WASTE`): their children form one dense block over
+the pool's significant coarse orientations and translations (:class:`_FlatLayout`), diff2 and the weighted sums are
+GEMMs over it (:func:`~gerelion_dask.ops.likelihood.block_diff2`, :func:`~gerelion_dask.ops.likelihood.block_sums`),
+and children of samples that were not significant get prior ``-inf``, as if never evaluated.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ..conventions import freq_indices_2d, matrix_to_euler, shift_phase
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
 from ..ops.indexing import concat_ranges, distinct
-from ..ops.likelihood import add_rows, children_diff2, pair_sums
+from ..ops.likelihood import add_rows, block_diff2, block_sums, children_diff2, pair_sums
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
@@ -448,6 +454,172 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
     return w.reshape(b, L // 32, 32)[jq], dmin, sumw, bad, best, pmax
 
 
+# a particle's children are evaluated as one dense block over the pool's coarse orientations and translations
+# (:func:`_flat_group`) when that block holds at most FLAT_WASTE times its own children: flat posteriors (the
+# first iterations from a low-pass start keep about half of 96,768 coarse samples significant), where the
+# children's one-by-one gathers and the bookkeeping of millions of kept children cost 50-200x the GEMMs
+FLAT_WASTE = 4.0
+
+
+@dataclass(frozen=True)
+class _FlatLayout:
+    """The dense child layout of a pool's flat particles: per particle ``(K', 4 n_t, F)`` children -- the pool's
+    classes with significant samples, the fine translations of its ``n_t`` distinct coarse ones (rows of its phases),
+    the ``F = 8 |U|`` fine orientations of the union ``U`` of its significant coarse orientations (column ``8 u + i``:
+    child ``i`` of ``U[u]``) -- with each class's projections of them (zero rows where the class has none: no sample
+    of the pool is there, so no child either) on the pool's device."""
+
+    classes: np.ndarray  # (K',) host
+    U: np.ndarray  # (|U|,) host, sorted
+    nt: int
+    P: list  # per class (F, M) complex128
+    power: list  # per class (F, M) |P|^2
+    cols: list  # per class: the columns the class has projections for (device) ...
+    rows: list  # ... and their rows in the pool's back-projection sums (FineProjections' pool rows; device)
+    udir: object  # (|U|,) the directions of U (device: the direction sums)
+
+    @property
+    def width(self) -> int:
+        """Children per particle."""
+        return len(self.classes) * 32 * self.nt * len(self.U)
+
+
+def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, proj_bytes: int, budget: int):
+    """The particles of a pool whose children are evaluated as one dense block (:data:`FLAT_WASTE`): ``(B,)``
+    bool.  None when the block of one particle exceeds ``4 max_elems`` values (a flat particle's padded children
+    in the sparse path take as many: 32 x ~110,000 significant samples at HEALPix order 2; halving the budget after
+    running out of memory ends in the sparse path) or the layout's projections (``proj_bytes``) the ``budget``, or
+    for ``--firstiter_cc`` (one significant sample a particle)."""
+    if do_cc or not len(sig.b):
+        return None
+    width = 32 * n_t * len(distinct(sig.o)) * len(distinct(sig.c))
+    if width > 4 * max_elems or proj_bytes > budget:
+        return None
+    flat = 32 * sig.n_sig * FLAT_WASTE >= width
+    return flat if flat.any() else None
+
+
+def _flat_layout(xp, sig: Significant, n_t: int, fp: FineProjections, grid, M: int) -> _FlatLayout:
+    classes, U = distinct(sig.c), distinct(sig.o)
+    gid = grid.fine_ids(U).reshape(-1)
+    P, power, cols, rows = [], [], [], []
+    for c in classes:
+        have = fp.gids(c)
+        pos = np.minimum(np.searchsorted(have, gid), len(have) - 1)
+        ok = have[pos] == gid
+        Pc = xp.zeros((len(gid), M), np.complex128)
+        cx, rx = xp.asarray(np.nonzero(ok)[0]), xp.asarray(pos[ok])
+        Pc[cx] = fp.data[c][fp.projections(c, rx)]
+        P.append(Pc)
+        power.append(Pc.real**2 + Pc.imag**2)
+        cols.append(cx)
+        rows.append(rx)
+    return _FlatLayout(classes, U, n_t, P, power, cols, rows, xp.asarray(U // grid.n_psi))
+
+
+def _flat_group(xp, lay: _FlatLayout, px: _PoolPixels, ph_pool, sig: Significant, G: np.ndarray, ut_pool, settings):
+    """Posterior weights of the flat particles ``G`` over their dense block of children (:class:`_FlatLayout`):
+    diff2 by :func:`~gerelion_dask.ops.likelihood.block_diff2`, log priors inherited from the significant coarse
+    samples (``-inf`` for every other child: weight 0, as children never evaluated), RELION's weights and
+    significance threshold per particle over the whole block.  Returns ``(W (b, K', 4 n_t, F), dmin, sumw, bad)``,
+    ``W`` normalised and zero below the threshold, as :func:`_child_posteriors`."""
+    b, K2, nt, nu = len(G), len(lay.classes), lay.nt, len(lay.U)
+    r = sig.rows_of(G)
+    jl = _local_index(G, sig.b[r])
+    at = (((jl * K2 + np.searchsorted(lay.classes, sig.c[r])) * nt + np.searchsorted(ut_pool, sig.t[r])) * nu
+          + np.searchsorted(lay.U, sig.o[r]))  # each sample in the coarse block (b, K', n_t, |U|)
+    lpc = xp.full(b * K2 * nt * nu, -np.inf)
+    lpc[xp.asarray(at)] = xp.asarray(sig.lp[r])
+    # children inherit their parent's prior: (b, K', n_t, 4, |U|, 8) = the fine block (b, K', 4 n_t, F)
+    LP = xp.broadcast_to(lpc.reshape(b, K2, nt, 1, nu, 1), (b, K2, nt, 4, nu, 8)).reshape(b, -1)
+    del lpc
+    Gx = xp.asarray(G)
+    Cr, Wd = px.Cr[Gx], px.Wd[Gx]
+    Z, V, a = Wd * Cr * px.X[Gx], Wd * Cr * Cr, px.a[Gx]
+    D = xp.empty((b, K2, 4 * nt, 8 * nu))
+    for k in range(K2):
+        D[:, k] = block_diff2(Z, V, a, ph_pool, lay.P[k], lay.power[k])
+    del Z, V
+    w, dmin, sumw, bad = posterior_weights(D.reshape(b, -1), LP)
+    del D, LP
+    thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
+    w = xp.where(w >= thr[:, None], w, 0.0) / sumw[:, None]
+    return w.reshape(b, K2, 4 * nt, 8 * nu), dmin, sumw, bad
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """A pool's weighted sums on its device, added to in place: per particle its kept weight ``ws``, noise terms
+    ``resid (B, M)`` and scale terms ``xa``, ``aa``; the class, direction and offset-prior sums; per class the
+    back-projection sums of the pool's fine orientations and which of them any particle touched."""
+
+    ws: object
+    pdf_class: object
+    pdf_dir: object
+    off: object
+    resid: object
+    xa: object
+    aa: object
+    bp_i: dict
+    bp_w: dict
+    touched: dict
+
+
+def _flat_sums(xp, lay: _FlatLayout, W, G: np.ndarray, px: _PoolPixels, XCW, CCW, ph_pool, goodf, prior_px, t_fine,
+               pixel_size: float, sums: _Sums, acc: dict) -> None:
+    """Add the weighted sums of the flat particles ``G`` (weights ``W (b, K', 4 n_t, F)`` of :func:`_flat_group`):
+    per particle (weight, noise, scale) and the offset-prior sum to ``sums``; per class, over the layout's columns,
+    the back-projection sums and the columns' weights to ``acc`` (``class -> [data (F, M), weight (F, M), (F,)]``,
+    made here at the first group; :func:`_flat_merge` adds them to the pool's sums once: the fancy-indexed update of
+    every fine orientation's rows per group cost more than the group's GEMMs).  ``prior_px (b, 2)``: each particle's
+    offset prior from its integer pre-shift; ``t_fine (4 n_t, 2)`` the fine translations."""
+    Gx = xp.asarray(G)
+    X, Cr = px.X[Gx], px.Cr[Gx]
+    sums.ws[Gx] += W.sum(axis=(1, 2, 3))
+    e = (prior_px[:, None, :] - t_fine[None]) * pixel_size  # (b, 4 n_t, 2)
+    sums.off[0] += (W.sum(axis=(1, 3)) * (e * e).sum(axis=2)).sum()
+    for k, c in enumerate(lay.classes.tolist()):
+        Wk = xp.ascontiguousarray(W[:, k])
+        bp_i, bp_w, resid, xa, aa = block_sums(Wk, XCW[Gx], CCW[Gx], X, Cr, goodf[c], ph_pool, lay.P[k],
+                                               lay.power[k])
+        if c not in acc:
+            acc[c] = [bp_i, bp_w, Wk.sum(axis=(0, 1))]
+        else:
+            acc[c][0] += bp_i
+            acc[c][1] += bp_w
+            acc[c][2] += Wk.sum(axis=(0, 1))
+        del bp_i, bp_w
+        sums.resid[Gx] += resid
+        sums.xa[Gx] += xa
+        sums.aa[Gx] += aa
+
+
+def _flat_merge(lay: _FlatLayout, acc: dict, sums: _Sums) -> None:
+    """The flat groups' per-column sums (:func:`_flat_sums`) into the pool's: back-projection rows, touched rows,
+    class and direction sums."""
+    for k, c in enumerate(lay.classes.tolist()):
+        if c not in acc:
+            continue
+        bp_i, bp_w, per_f = acc.pop(c)
+        cols, rows = lay.cols[k], lay.rows[k]
+        sums.bp_i[c][rows] += bp_i[cols]
+        sums.bp_w[c][rows] += bp_w[cols]
+        del bp_i, bp_w
+        sums.touched[c][rows] |= per_f[cols] > 0
+        sums.pdf_class[c : c + 1] += per_f.sum()
+        scatter_add(sums.pdf_dir[c], lay.udir, per_f.reshape(len(lay.U), 8).sum(axis=1))
+
+
+def _record_best(out: dict, G: np.ndarray, grid, c, o, cf, t, ct, int_off, pixel_size: float) -> None:
+    """Each particle's best child -- class ``c``, child ``cf`` (0-7) of coarse orientation ``o``, child ``ct``
+    (0-3) of coarse translation ``t`` -- as its pose, class and offset (Angstrom, with its integer pre-shift)."""
+    gid = grid.fine_ids(np.asarray(o), np.asarray(cf))
+    out["rot"][G], out["tilt"][G], out["psi"][G] = matrix_to_euler(grid.fine_matrices_from_ids(gid))
+    o_b = (int_off[G] + grid.fine_translations(np.asarray(t))[np.arange(len(G)), ct]) * pixel_size
+    out["ox"][G], out["oy"][G] = o_b[:, 0], o_b[:, 1]
+    out["cls"][G] = np.asarray(c) + 1
+
+
 def _to_host_together(xp, arrays) -> list[np.ndarray]:
     """Host copies of device arrays of any shapes (float, int or bool) in one transfer: flattened as float64 (exact
     for these values: integers below 2^53), concatenated, split and cast back."""
@@ -530,7 +702,38 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     # class, direction and offset-prior sums stay on the pool's device until the groups are done
     pdf_class_x, pdf_dir_x, off_x = xp.zeros(K), xp.zeros((K, grid.n_dir)), xp.zeros(1)
     t_fine_x = xp.asarray(t_fine_pool)
-    for G in _group_particles(np.argsort(sig.best, kind="stable"), sig.n_sig, max_elems):
+    prior_px = particles.offset_prior_px - int_off  # (B, 2): the offset prior from each image's integer pre-shift
+    order = np.argsort(sig.best, kind="stable")
+    # flat particles (FLAT_WASTE): their children as dense blocks, as many particles a block as max_elems holds
+    n_cls = len(distinct(sig.c)) if len(sig.c) else 0
+    flat = _flat_particles(sig, len(ut_pool), settings.do_cc, max_elems,
+                           24 * 8 * len(distinct(sig.o)) * M * n_cls, limits["cache_bytes"])
+    if flat is not None:
+        lay = _flat_layout(xp, sig, len(ut_pool), fp, grid, M)
+        sums = _Sums(ws, pdf_class_x, pdf_dir_x, off_x, resid, xa, aa, bp_i, bp_w, touched)
+        J, per = np.nonzero(flat)[0], max(1, max_elems // lay.width)
+        by_col = {}
+        for s0 in range(0, len(J), per):
+            G = J[s0 : s0 + per]
+            W, *per_particle = _flat_group(xp, lay, px, ph_pool, sig, G, ut_pool, settings)
+            Wr = W.reshape(len(G), -1)
+            ib = xp.argmax(Wr, axis=1)
+            dmin, sumw, bad, ib, out["pmax"][G] = _to_host_together(
+                xp, per_particle + [ib, Wr[xp.arange(len(G)), ib]])
+            del Wr
+            n_zero += int(np.sum(bad))
+            k_b, rest = np.divmod(ib, 32 * len(ut_pool) * len(lay.U))
+            tf_b, f_b = np.divmod(rest, 8 * len(lay.U))
+            _record_best(out, G, grid, lay.classes[k_b], lay.U[f_b // 8], f_b % 8, ut_pool[tf_b // 4], tf_b % 4,
+                         int_off, ps.pixel_size)
+            out["ll"][G] = np.log(sumw) - dmin - logsig[og[G]]
+            _flat_sums(xp, lay, W, G, px, XCW, CCW, ph_pool, goodf, xp.asarray(prior_px[G]), t_fine_x,
+                       ps.pixel_size, sums, by_col)
+            del W
+        _flat_merge(lay, by_col, sums)
+        del lay, by_col
+        order = order[~flat[order]]
+    for G in _group_particles(order, sig.n_sig, max_elems):
         b = len(G)
         r = sig.rows_of(G)  # the group's significant samples, grouped by particle in the order of G
         jl = _local_index(G, sig.b[r])
@@ -546,15 +749,8 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         # each particle's best child -> its pose, class and offset
         row_b = r[first + ib // 32]
         cf_b, ct_b = np.divmod(ib % 32, 4)
-        gid_b = grid.fine_ids(sig.o[row_b], cf_b)
-        out["rot"][G], out["tilt"][G], out["psi"][G] = matrix_to_euler(grid.fine_matrices_from_ids(gid_b))
-        o_b = (int_off[G] + grid.fine_translations(sig.t[row_b])[np.arange(b), ct_b]) * ps.pixel_size
-        out["ox"][G], out["oy"][G] = o_b[:, 0], o_b[:, 1]
-        out["cls"][G] = sig.c[row_b] + 1
-        if settings.do_cc:
-            out["ll"][G] = -dmin
-        else:
-            out["ll"][G] = np.log(sumw) - dmin - logsig[og[G]]
+        _record_best(out, G, grid, sig.c[row_b], sig.o[row_b], cf_b, sig.t[row_b], ct_b, int_off, ps.pixel_size)
+        out["ll"][G] = -dmin if settings.do_cc else np.log(sumw) - dmin - logsig[og[G]]
         # the children that kept weight, as (particle, class, fine orientation) pairs; on the pool's device
         rr, ck = xp.nonzero(wr > 0)  # (the group's sample, child), by particle
         wv = wr[rr, ck]
@@ -567,7 +763,7 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
         scatter_add(pdf_dir_x, stab[_T_CDIR][rr], wv)
         del rr, ck, stab
         # each child's squared distance (A^2) from its particle's offset prior
-        e_o = (xp.asarray(particles.offset_prior_px[G] - int_off[G])[cj] - t_fine_x[tp]) * ps.pixel_size
+        e_o = (xp.asarray(prior_px[G])[cj] - t_fine_x[tp]) * ps.pixel_size
         off_x += (wv * (e_o * e_o).sum(axis=1)).sum()
         del e_o
         key = (cc.astype(np.int64) * grid.fine_id_bound + cg) * b + cj  # children by class, fine orientation, particle

@@ -29,8 +29,9 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["CANDIDATE_CAP", "REDO_SAMPLES", "add_rows", "candidate_segment", "children_diff2", "coarse_diff2",
-           "coarse_select", "coarse_select_dense", "coarse_weights", "orientation_log_prior"]
+__all__ = ["CANDIDATE_CAP", "REDO_SAMPLES", "add_rows", "block_diff2", "block_sums", "candidate_segment",
+           "children_diff2", "coarse_diff2", "coarse_select", "coarse_select_dense", "coarse_weights",
+           "orientation_log_prior"]
 
 # candidates per particle the GPU twin of coarse_select sorts in shared memory (128 KiB); a particle with more
 # (a flat posterior: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound) is
@@ -302,3 +303,48 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
         add_rows(resid, J, wo[:, None] * m - 2.0 * x)
         xa += np.bincount(J, weights=x @ gf, minlength=len(xa))
         aa += np.bincount(J, weights=wo * (m @ gf), minlength=len(aa))
+
+
+def block_diff2(Z, V, a, ph, P, power):
+    """diff2 of every child of a dense block (flat posteriors, ALGORITHM.md §4.5): ``(b, T, F)`` float64 for the
+    particles' ``Z (b, M)`` (``w c X``), ``V (b, M)`` (``w c^2``) and image terms ``a (b,)`` against every fine
+    translation ``ph (T, M)`` (phases) and fine orientation ``P (F, M)`` (projections, complex128; ``power`` their
+    ``|P|^2``): ``diff2 = (a + p) - 2 g`` with ``g = Re sum_m Z s_t conj(P_f)`` as one real GEMM over interleaved
+    real and imaginary parts (as the coarse pass) and ``p = sum_m V |P_f|^2``, the terms of
+    :func:`children_diff2` for all ``T x F`` children at once."""
+    xp = get_xp(Z, P)
+    b, M = Z.shape
+    T, F = ph.shape[0], P.shape[0]
+    Y = xp.ascontiguousarray(Z[:, None, :] * ph[None]).reshape(b * T, M).view(np.float64)  # (b T, 2 M)
+    g = (Y @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, T, F)
+    p = V @ power.T  # (b, F)
+    return (a[:, None, None] + p[:, None, :]) - 2.0 * g
+
+
+def block_sums(W, XCW, CCW, X, Cr, gf, ph, P, power):
+    """The weighted sums of :func:`pair_sums` over a dense block of weights ``W (b, T, F)`` (particle, fine
+    translation ``ph (T, M)``, fine orientation ``P (F, M)``; zeros where a child kept no weight), as GEMMs.
+    With ``wo = sum_t W`` (b, F) and ``Q_bf = sum_t W ph_t``:
+
+        bp_i (F, M) = sum_b XCW_b Q_bf = W^T (F, b T) @ (XCW_b ph_t) (b T, M)
+        bp_w (F, M) = wo^T @ CCW
+        m_b = Cr_b^2 sum_f wo_bf |P_f|^2,  x_b = Cr_b Re(X_b sum_t ph_t conj(sum_f W_btf P_f))
+        resid (b, M) = m - 2 x,  xa (b,) = x @ gf,  aa (b,) = m @ gf
+
+    (``sum_f conj(P_f) Q_bf`` regrouped by translation: ``W`` is real, so ``sum_f W conj(P_f)`` is the conjugate of
+    one real GEMM over interleaved parts).  Returns ``(bp_i, bp_w, resid, xa, aa)``."""
+    xp = get_xp(W, P)
+    b, T, F = W.shape
+    M = X.shape[1]
+    Wf = W.reshape(b * T, F)
+    wo = W.sum(axis=1)
+    Y = xp.ascontiguousarray(XCW[:, None, :] * ph[None]).reshape(b * T, M).view(np.float64)
+    bp_i = xp.ascontiguousarray(Wf.T @ Y).view(np.complex128)  # (F, M)
+    bp_w = wo.T @ CCW
+    Pv = xp.ascontiguousarray(P).view(np.float64)
+    H = xp.ascontiguousarray(Wf @ Pv).view(np.complex128).reshape(b, T, M)  # sum_f W P_f
+    S = (xp.conj(H) * ph[None]).sum(axis=1)
+    del H
+    x = Cr * (X * S).real
+    m = Cr * Cr * (wo @ power)
+    return bp_i, bp_w, m - 2.0 * x, x @ gf, m @ gf
