@@ -477,6 +477,9 @@ class _FlatLayout:
     cols: list  # per class: the columns the class has projections for (device) ...
     rows: list  # ... and their rows in the pool's back-projection sums (FineProjections' pool rows; device)
     udir: object  # (|U|,) the directions of U (device: the direction sums)
+    of_class: object  # device lookup tables: a class's position in ``classes`` ...
+    of_t: object  # ... a coarse translation's among the pool's distinct ones (``ut_pool``) ...
+    of_o: object  # ... and a coarse orientation's in ``U``
 
     @property
     def width(self) -> int:
@@ -499,7 +502,22 @@ def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, pro
     return flat if flat.any() else None
 
 
-def _flat_layout(xp, sig: Significant, n_t: int, fp: FineProjections, grid, M: int) -> _FlatLayout:
+def _lookup(xp, values: np.ndarray, bound: int):
+    """A device table of the positions of the distinct ``values`` (all in ``[0, bound)``; -1 elsewhere)."""
+    table = np.full(bound, -1, np.int64)
+    table[values] = np.arange(len(values))
+    return xp.asarray(table)
+
+
+def _flat_runs(J: np.ndarray, per: int) -> list[np.ndarray]:
+    """The sorted particles ``J`` as runs of consecutive ones, cut every ``per`` particles: a run's significant
+    samples are one contiguous range of the pool's (sorted by particle), sliced without a gather."""
+    cuts = np.flatnonzero(np.diff(J) != 1) + 1
+    return [run[s : s + per] for run in np.split(J, cuts) for s in range(0, len(run), per)]
+
+
+def _flat_layout(xp, sig: Significant, ut_pool: np.ndarray, fp: FineProjections, grid, M: int) -> _FlatLayout:
+    n_t = len(ut_pool)
     classes, U = distinct(sig.c), distinct(sig.o)
     gid = grid.fine_ids(U).reshape(-1)
     P, power, cols, rows = [], [], [], []
@@ -514,22 +532,26 @@ def _flat_layout(xp, sig: Significant, n_t: int, fp: FineProjections, grid, M: i
         power.append(Pc.real**2 + Pc.imag**2)
         cols.append(cx)
         rows.append(rx)
-    return _FlatLayout(classes, U, n_t, P, power, cols, rows, xp.asarray(U // grid.n_psi))
+    return _FlatLayout(classes, U, n_t, P, power, cols, rows, xp.asarray(U // grid.n_psi),
+                       _lookup(xp, classes, int(classes[-1]) + 1), _lookup(xp, ut_pool, int(ut_pool[-1]) + 1),
+                       _lookup(xp, U, sig.n_orient))
 
 
-def _flat_group(xp, lay: _FlatLayout, px: _PoolPixels, ph_pool, sig: Significant, G: np.ndarray, ut_pool, settings):
-    """Posterior weights of the flat particles ``G`` over their dense block of children (:class:`_FlatLayout`):
+def _flat_group(xp, lay: _FlatLayout, px: _PoolPixels, ph_pool, sig: Significant, G: np.ndarray, settings):
+    """Posterior weights of the flat particles ``G`` (consecutive ones, :func:`_flat_runs`) over their dense block of children (:class:`_FlatLayout`):
     diff2 by :func:`~gerelion_dask.ops.likelihood.block_diff2`, log priors inherited from the significant coarse
     samples (``-inf`` for every other child: weight 0, as children never evaluated), RELION's weights and
     significance threshold per particle over the whole block.  Returns ``(W (b, K', 4 n_t, F), dmin, sumw, bad)``,
     ``W`` normalised and zero below the threshold, as :func:`_child_posteriors`."""
     b, K2, nt, nu = len(G), len(lay.classes), lay.nt, len(lay.U)
-    r = sig.rows_of(G)
-    jl = _local_index(G, sig.b[r])
-    at = (((jl * K2 + np.searchsorted(lay.classes, sig.c[r])) * nt + np.searchsorted(ut_pool, sig.t[r])) * nu
-          + np.searchsorted(lay.U, sig.o[r]))  # each sample in the coarse block (b, K', n_t, |U|)
+    # the group's samples (consecutive particles: one range of rows), each placed in the coarse block
+    # (b, K', n_t, |U|) on the device from its fields' slices
+    lo, hi = np.searchsorted(sig.b, [G[0], G[-1] + 1])
+    at = (xp.asarray(sig.b[lo:hi]) - int(G[0])) * K2 + lay.of_class[xp.asarray(sig.c[lo:hi])]
+    at = (at * nt + lay.of_t[xp.asarray(sig.t[lo:hi])]) * nu + lay.of_o[xp.asarray(sig.o[lo:hi])]
     lpc = xp.full(b * K2 * nt * nu, -np.inf)
-    lpc[xp.asarray(at)] = xp.asarray(sig.lp[r])
+    lpc[at] = xp.asarray(sig.lp[lo:hi])
+    del at
     # children inherit their parent's prior: (b, K', n_t, 4, |U|, 8) = the fine block (b, K', 4 n_t, F)
     LP = xp.broadcast_to(lpc.reshape(b, K2, nt, 1, nu, 1), (b, K2, nt, 4, nu, 8)).reshape(b, -1)
     del lpc
@@ -709,13 +731,11 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     flat = _flat_particles(sig, len(ut_pool), settings.do_cc, max_elems,
                            24 * 8 * len(distinct(sig.o)) * M * n_cls, limits["cache_bytes"])
     if flat is not None:
-        lay = _flat_layout(xp, sig, len(ut_pool), fp, grid, M)
+        lay = _flat_layout(xp, sig, ut_pool, fp, grid, M)
         sums = _Sums(ws, pdf_class_x, pdf_dir_x, off_x, resid, xa, aa, bp_i, bp_w, touched)
-        J, per = np.nonzero(flat)[0], max(1, max_elems // lay.width)
         by_col = {}
-        for s0 in range(0, len(J), per):
-            G = J[s0 : s0 + per]
-            W, *per_particle = _flat_group(xp, lay, px, ph_pool, sig, G, ut_pool, settings)
+        for G in _flat_runs(np.nonzero(flat)[0], max(1, max_elems // lay.width)):
+            W, *per_particle = _flat_group(xp, lay, px, ph_pool, sig, G, settings)
             Wr = W.reshape(len(G), -1)
             ib = xp.argmax(Wr, axis=1)
             dmin, sumw, bad, ib, out["pmax"][G] = _to_host_together(
