@@ -509,6 +509,26 @@ def test_coarse_select_flat_posteriors(xp, fraction, maxsig):
         assert all(np.array_equal(x, y) for x, y in zip(got, (r0, c0, b0), strict=True))
 
 
+@pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1), (0.99, 150)])
+def test_threshold_by_bisection_is_the_sorted_rows_threshold(xp, fraction, maxsig):
+    # oracle: significance_threshold (RELION's sort and running sum) -- the bisection over the weights' bit
+    # patterns must find the same weight exactly on flat, medium and peaked rows, rows with ties and zeros, and a
+    # wide flat row (a flat particle's block)
+    from gerelion_dask.expectation.weights import significance_threshold, significance_threshold_by_bisection
+
+    rng = np.random.default_rng(12)
+    rows = [np.exp(-rng.exponential(s, 4000)) for s in (0.2, 3.0, 40.0)]
+    rows.append(np.round(rng.uniform(0, 1, 4000), 1))  # ties and exact zeros
+    rows.append(np.ones(4000))
+    w = np.stack(rows)
+    wide = np.exp(-rng.exponential(1.0, (2, 300_000)))
+    wide[:, ::3] = 0.0  # children never evaluated
+    for block in (w, wide):
+        want = significance_threshold(block, fraction, maxsig)
+        got = to_np(significance_threshold_by_bisection(xp.asarray(block), fraction, maxsig))
+        assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1)])
 def test_significant_set_matches_full_sort(xp, fraction, maxsig):
     # oracle: RELION's definition, one row at a time in float64 -- sort the whole row in descending order, keep

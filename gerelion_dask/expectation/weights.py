@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["posterior_weights", "significance_threshold", "significant_set"]
+__all__ = ["posterior_weights", "significance_threshold", "significance_threshold_by_bisection", "significant_set"]
 
 
 def posterior_weights(diff2, log_prior):
@@ -100,3 +100,39 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total
     thr = significance_threshold(w, adaptive_fraction, maxsig, total)
     rows, cols = xp.nonzero(w >= thr[:, None])
     return rows, cols, thr, xp.argmax(w, axis=1)
+
+
+def significance_threshold_by_bisection(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
+    """:func:`significance_threshold` without sorting (for rows of millions of weights on a GPU, where a segmented
+    sort of the whole block costs more than the rest of a flat group; ``fine._flat_group``).
+
+    With ``S(v) = sum of the row's weights >= v``, non-increasing in ``v``, RELION's threshold ``w*`` (the weight of
+    the last of the largest weights kept until their running sum reaches ``adaptive_fraction * sum``) is the largest
+    ``v`` with ``S(v) >= adaptive_fraction * sum``: every larger ``v`` leaves out ``w*`` and so falls short, and
+    ``S`` changes only at the row's weights, so that largest ``v`` is one of them.  Non-negative float64 values
+    order as their bit patterns, so 64 halvings of an integer interval find it exactly (each one pass over the
+    block); ``maxsig`` likewise bounds it below by the ``maxsig``-th largest weight (the largest ``v`` with at least
+    ``maxsig`` weights ``>= v``).  Sums run in another order than the sort's running sum: a weight whose running
+    sum lands within rounding of the fraction may fall on the other side."""
+    xp = get_xp(w)
+    b = w.shape[0]
+    s = w.sum(axis=1) if total is None else total
+    big = w.max(axis=1)
+
+    def largest(enough):
+        lo = xp.zeros(b, np.int64)  # bits of 0.0: always enough
+        hi = big.view(np.int64) + 1  # above the largest weight: never enough
+        for _ in range(64):
+            mid = lo + (hi - lo) // 2
+            ok = enough(mid.view(np.float64))
+            lo, hi = xp.where(ok, mid, lo), xp.where(ok, hi, mid)
+        return lo.view(np.float64)
+
+    if adaptive_fraction >= 1.0:  # every positive weight
+        thr = xp.where(w > 0, w, xp.inf).min(axis=1)
+    else:
+        target = adaptive_fraction * s
+        thr = largest(lambda v: xp.where(w >= v[:, None], w, 0.0).sum(axis=1) >= target)
+    if maxsig > 0:
+        thr = xp.maximum(thr, largest(lambda v: (w >= v[:, None]).sum(axis=1) >= maxsig))
+    return xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
