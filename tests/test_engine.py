@@ -445,6 +445,7 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, flat, xp, monkey
     from gerelion_dask.expectation.fine import fine_pass
 
     monkeypatch.setattr(fine_mod, "FLAT_WASTE", 1e12 if flat else 0.0)
+    monkeypatch.setattr(fine_mod, "FLAT_MIN_RUN", 1)
     dense = []
     real_group = fine_mod._flat_group
     monkeypatch.setattr(fine_mod, "_flat_group", lambda *a: dense.append(len(a[5])) or real_group(*a))
@@ -506,6 +507,7 @@ def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig,
     dense = []
     real_group = fine_mod._flat_group
     monkeypatch.setattr(fine_mod, "_flat_group", lambda *a: dense.append(len(a[5])) or real_group(*a))
+    monkeypatch.setattr(fine_mod, "FLAT_MIN_RUN", 1)  # lone flat particles too (runs of one or two here)
     runs = {}
     for waste in (0.0, width / (32.0 * cut)):
         monkeypatch.setattr(fine_mod, "FLAT_WASTE", waste)
@@ -516,6 +518,19 @@ def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig,
     _assert_partials_close(p0, p1, rtol=1e-9)
     for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst", "class_number", "pmax", "loglik", "norm"):
         assert np.allclose(getattr(r0, f), getattr(r1, f), rtol=1e-9, atol=1e-9), f
+
+
+def test_flat_runs_are_consecutive_particles_cut_to_groups_and_short_runs_left_out():
+    # oracle: the rule written out -- runs of consecutive particles, cut every `per`, runs shorter than
+    # min(per, min_run) left to the sparse path
+    from gerelion_dask.expectation.fine import _flat_runs
+
+    J = np.array([0, 1, 2, 3, 4, 7, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26])
+    got = [list(g) for g in _flat_runs(J, per=3, min_run=3)]
+    assert got == [[0, 1, 2], [3, 4], [9, 10, 11], [20, 21, 22], [23, 24, 25], [26]]
+    assert [list(g) for g in _flat_runs(J, per=10, min_run=4)] == [[0, 1, 2, 3, 4], [20, 21, 22, 23, 24, 25, 26]]
+    assert [list(g) for g in _flat_runs(J, per=1, min_run=8)] == [[int(j)] for j in J]  # a CPU's groups of one
+    assert _flat_runs(np.zeros(0, np.int64), 4, 2) == []
 
 
 def _relion_cc(F, C, P, phase, n):

@@ -509,6 +509,97 @@ def test_coarse_select_flat_posteriors(xp, fraction, maxsig):
         assert all(np.array_equal(x, y) for x, y in zip(got, (r0, c0, b0), strict=True))
 
 
+@pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1)])
+def test_coarse_select_matches_the_definitions(xp, fraction, maxsig):
+    # oracle: the formulas one sample at a time in float64 (diff2, prior, weight with the 700 cut) and RELION's
+    # significance by a full sort of each particle's weights; a particle whose weights all underflow keeps its
+    # smallest diff2.  On CuPy the four-pass kernels must return exactly what the NumPy path returns.
+    from gerelion_dask.ops.likelihood import coarse_select
+
+    rng = np.random.default_rng(5)
+    K, b, T, nd, npsi = 2, 6, 5, 7, 4
+    U = nd * npsi
+    g = (rng.normal(size=(K, b, T, U)) * rng.choice([0.3, 3.0, 30.0], size=(1, b, 1, 1))).astype(np.float32)
+    a, hr = rng.uniform(500, 900, b), rng.uniform(0, 20, b)
+    p = rng.uniform(50, 200, (K, b, U))
+    dl = rng.normal(size=(b, K, nd))
+    dl[rng.uniform(size=dl.shape) < 0.25] = -np.inf  # directions outside a local search
+    dl[4] -= 800.0  # every weight of particle 4 underflows
+    pl = rng.normal(size=(b, npsi))
+    pl[:, 1] = -np.inf
+    off = rng.normal(size=(b, T))
+    off[2, :2] = -np.inf
+    rows, cols, best = (to_np(v) for v in coarse_select(*(xp.asarray(v) for v in (g, a, hr, p, dl, pl, off)),
+                                                        fraction, maxsig))
+    got = np.zeros((b, K * T * U), bool)
+    got[rows, cols] = True
+    assert np.all(np.diff(rows * K * T * U + cols) > 0)  # row-major order
+    for i in range(b):
+        d = np.full((K, T, U), np.inf)
+        lp = np.full((K, T, U), -np.inf)
+        for k, t, u in np.ndindex(K, T, U):
+            lo = dl[i, k, u // npsi] + pl[i, u % npsi]
+            if np.isfinite(lo) and np.isfinite(off[i, t]):
+                d[k, t, u] = (a[i] + hr[i] + p[k, i, u]) - 2 * float(g[k, i, t, u])
+                lp[k, t, u] = lo + off[i, t]
+        d, lp = d.ravel(), lp.ravel()
+        x = d - d.min()
+        w = np.where(x <= 700, np.exp(-x + lp), 0.0)
+        if w.sum() == 0:
+            assert i == 4 and best[i] == np.argmin(d) and np.flatnonzero(got[i]).tolist() == [np.argmin(d)]
+            continue
+        srt = np.sort(w)[::-1]
+        cs = np.cumsum(srt)
+        k = min(int(np.sum(cs < fraction * w.sum())), w.size - 1) if fraction < 1 else int(np.sum(w > 0)) - 1
+        if maxsig > 0:
+            k = min(k, maxsig - 1)
+        want = (w >= srt[k] * (1 - 1e-12)) & (w > 0)  # the threshold's own rounding may differ by an ulp
+        sure = (w >= srt[k] * (1 + 1e-12)) & (w > 0)
+        assert np.all(got[i] <= want) and np.all(sure <= got[i]), i
+        assert w[best[i]] >= w.max() * (1 - 1e-12)
+    if xp is not np:  # the twin against the NumPy path on the same inputs
+        r0, c0, b0 = coarse_select(g, a, hr, p, dl, pl, off, fraction, maxsig)
+        assert np.array_equal(rows, r0) and np.array_equal(cols, c0) and np.array_equal(best, b0)
+
+
+@pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.9, 100)])
+def test_coarse_select_flat_posteriors(xp, fraction, maxsig):
+    # oracle: RELION's full-sort significance on each particle's whole weight row (the NumPy path); with nearly flat
+    # posteriors a particle has more candidates than the GPU kernels sort in shared memory, and those particles must
+    # come out the same through the dense fallback
+    from gerelion_dask.expectation.weights import significant_set
+    from gerelion_dask.ops.likelihood import coarse_diff2, coarse_select, coarse_weights
+
+    rng = np.random.default_rng(8)
+    K, b, T, nd, npsi = 1, 4, 5, 1000, 4  # 20,000 samples per particle
+    U = nd * npsi
+    # particles 0 and 3 flat (all 20,000 are candidates, more than the GPU sorts per particle), 1 broad (~9,000
+    # candidates), 2 peaked
+    scale = np.array([1e-3, 2.0, 5.0, 1e-3])[None, :, None, None]
+    g = (rng.normal(size=(K, b, T, U)) * scale).astype(np.float32)
+    a, hr, p = np.full(b, 700.0), np.zeros(b), np.full((K, b, U), 100.0)
+    dl, pl, off = np.zeros((b, K, nd)), np.zeros((b, npsi)), np.zeros((b, T))
+    rows, cols, best = (to_np(v) for v in coarse_select(*(xp.asarray(v) for v in (g, a, hr, p, dl, pl, off)),
+                                                        fraction, maxsig))
+    D = np.empty((b, K, T, U))
+    lpo = np.zeros((b, K, U))
+    coarse_diff2(g[0], a, p[0], hr, lpo[:, 0], off, out=D[:, 0])
+    w = coarse_weights(D, D.reshape(b, -1).min(axis=1), lpo, off).reshape(b, -1)
+    r0, c0, _, b0 = significant_set(w, fraction, maxsig)
+    assert np.bincount(r0, minlength=b)[[0, 3]].min() >= 100  # flat rows keep many samples
+    assert np.array_equal(rows, r0) and np.array_equal(cols, c0) and np.array_equal(best, b0)
+    if xp is not np:  # the GPU redoes flat particles a bounded batch at a time: one particle per batch, same result
+        from gerelion_dask.ops import likelihood
+
+        keep, likelihood.REDO_SAMPLES = likelihood.REDO_SAMPLES, 1
+        try:
+            got = [to_np(v) for v in coarse_select(*(xp.asarray(v) for v in (g, a, hr, p, dl, pl, off)), fraction,
+                                                    maxsig)]
+        finally:
+            likelihood.REDO_SAMPLES = keep
+        assert all(np.array_equal(x, y) for x, y in zip(got, (r0, c0, b0), strict=True))
+
+
 @pytest.mark.parametrize("fraction, maxsig", [(0.999, -1), (0.5, -1), (1.0, -1), (0.999, 3), (0.9, 1), (0.99, 150)])
 def test_threshold_by_bisection_is_the_sorted_rows_threshold(xp, fraction, maxsig):
     # oracle: significance_threshold (RELION's sort and running sum) -- the bisection over the weights' bit

@@ -40,7 +40,7 @@ from ..ops.likelihood import add_rows, block_diff2, block_sums, children_diff2, 
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
-from .weights import posterior_weights, significance_threshold, significance_threshold_by_bisection
+from .weights import posterior_weights, significance_threshold
 
 __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes",
            "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "project_row_bytes"]
@@ -459,6 +459,8 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
 # first iterations from a low-pass start keep about half of 96,768 coarse samples significant), where the
 # children's one-by-one gathers and the bookkeeping of millions of kept children cost 50-200x the GEMMs
 FLAT_WASTE = 4.0
+# ... and when it is one of at least FLAT_MIN_RUN consecutive flat particles of the pool (or of a whole group)
+FLAT_MIN_RUN = 8
 
 
 @dataclass(frozen=True)
@@ -480,11 +482,6 @@ class _FlatLayout:
     of_class: object  # device lookup tables: a class's position in ``classes`` ...
     of_t: object  # ... a coarse translation's among the pool's distinct ones (``ut_pool``) ...
     of_o: object  # ... and a coarse orientation's in ``U``
-
-    @property
-    def width(self) -> int:
-        """Children per particle."""
-        return len(self.classes) * 32 * self.nt * len(self.U)
 
 
 def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, proj_bytes: int, budget: int):
@@ -509,11 +506,14 @@ def _lookup(xp, values: np.ndarray, bound: int):
     return xp.asarray(table)
 
 
-def _flat_runs(J: np.ndarray, per: int) -> list[np.ndarray]:
+def _flat_runs(J: np.ndarray, per: int, min_run: int) -> list[np.ndarray]:
     """The sorted particles ``J`` as runs of consecutive ones, cut every ``per`` particles: a run's significant
-    samples are one contiguous range of the pool's (sorted by particle), sliced without a gather."""
+    samples are one contiguous range of the pool's (sorted by particle), sliced without a gather.  Runs shorter
+    than ``min(per, min_run)`` are left out (their particles take the sparse path: a group's fixed costs -- its
+    block's passes and sort, the layout-wide sums -- outweigh a lone flat particle's children on a GPU)."""
     cuts = np.flatnonzero(np.diff(J) != 1) + 1
-    return [run[s : s + per] for run in np.split(J, cuts) for s in range(0, len(run), per)]
+    return [run[s : s + per] for run in np.split(J, cuts) if len(run) >= min(per, min_run)
+            for s in range(0, len(run), per)]
 
 
 def _flat_layout(xp, sig: Significant, ut_pool: np.ndarray, fp: FineProjections, grid, M: int) -> _FlatLayout:
@@ -552,23 +552,20 @@ def _flat_group(xp, lay: _FlatLayout, px: _PoolPixels, ph_pool, sig: Significant
     lpc = xp.full(b * K2 * nt * nu, -np.inf)
     lpc[at] = xp.asarray(sig.lp[lo:hi])
     del at
-    # children inherit their parent's prior: (b, K', n_t, 4, |U|, 8) = the fine block (b, K', 4 n_t, F)
-    LP = xp.broadcast_to(lpc.reshape(b, K2, nt, 1, nu, 1), (b, K2, nt, 4, nu, 8)).reshape(b, -1)
+    # children inherit their parent's prior: (b, K', n_t, 4, |U|, 8) = the fine block (b, K' 4 n_t, F)
+    LP = xp.broadcast_to(lpc.reshape(b, K2, nt, 1, nu, 1), (b, K2, nt, 4, nu, 8)).reshape(b, K2 * 4 * nt, 8 * nu)
     del lpc
     Gx = xp.asarray(G)
     Cr, Wd = px.Cr[Gx], px.Wd[Gx]
     Z, V, a = Wd * Cr * px.X[Gx], Wd * Cr * Cr, px.a[Gx]
-    D = xp.empty((b, K2, 4 * nt, 8 * nu))
+    D = xp.empty((b, K2 * 4 * nt, 8 * nu))  # a particle's row: K' 4 n_t rows of F columns (reduced column-wise)
     for k in range(K2):
-        D[:, k] = block_diff2(Z, V, a, ph_pool, lay.P[k], lay.power[k])
+        D[:, 4 * nt * k : 4 * nt * (k + 1)] = block_diff2(Z, V, a, ph_pool, lay.P[k], lay.power[k])
     del Z, V
-    w, dmin, sumw, bad = posterior_weights(D.reshape(b, -1), LP)
+    w, dmin, sumw, bad = posterior_weights(D, LP)
     del D, LP
-    # RELION's threshold: NumPy sorts each row; a GPU finds the same weight by bisection, 64 passes over the block
-    # instead of a segmented sort of it
-    threshold = significance_threshold if xp is np else significance_threshold_by_bisection
-    thr = threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
-    w = xp.where(w >= thr[:, None], w, 0.0) / sumw[:, None]
+    thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
+    w = xp.where(w >= thr[:, None, None], w, 0.0) / sumw[:, None, None]
     return w.reshape(b, K2, 4 * nt, 8 * nu), dmin, sumw, bad
 
 
@@ -600,19 +597,20 @@ def _flat_sums(xp, lay: _FlatLayout, W, G: np.ndarray, px: _PoolPixels, XCW, CCW
     offset prior from its integer pre-shift; ``t_fine (4 n_t, 2)`` the fine translations."""
     Gx = xp.asarray(G)
     X, Cr = px.X[Gx], px.Cr[Gx]
-    sums.ws[Gx] += W.sum(axis=(1, 2, 3))
+    per_t = W.sum(axis=3).sum(axis=1)  # (b, 4 n_t): the weight of each fine translation (reduced column-wise first)
+    sums.ws[Gx] += per_t.sum(axis=1)
     e = (prior_px[:, None, :] - t_fine[None]) * pixel_size  # (b, 4 n_t, 2)
-    sums.off[0] += (W.sum(axis=(1, 3)) * (e * e).sum(axis=2)).sum()
+    sums.off[0] += (per_t * (e * e).sum(axis=2)).sum()
     for k, c in enumerate(lay.classes.tolist()):
         Wk = xp.ascontiguousarray(W[:, k])
-        bp_i, bp_w, resid, xa, aa = block_sums(Wk, XCW[Gx], CCW[Gx], X, Cr, goodf[c], ph_pool, lay.P[k],
-                                               lay.power[k])
+        bp_i, bp_w, resid, xa, aa, wo = block_sums(Wk, XCW[Gx], CCW[Gx], X, Cr, goodf[c], ph_pool, lay.P[k],
+                                                   lay.power[k])
         if c not in acc:
-            acc[c] = [bp_i, bp_w, Wk.sum(axis=(0, 1))]
+            acc[c] = [bp_i, bp_w, wo.sum(axis=0)]
         else:
             acc[c][0] += bp_i
             acc[c][1] += bp_w
-            acc[c][2] += Wk.sum(axis=(0, 1))
+            acc[c][2] += wo.sum(axis=0)
         del bp_i, bp_w
         sums.resid[Gx] += resid
         sums.xa[Gx] += xa
@@ -733,17 +731,27 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     n_cls = len(distinct(sig.c)) if len(sig.c) else 0
     flat = _flat_particles(sig, len(ut_pool), settings.do_cc, max_elems,
                            24 * 8 * len(distinct(sig.o)) * M * n_cls, limits["cache_bytes"])
+    runs = []
     if flat is not None:
+        width = 32 * len(ut_pool) * len(distinct(sig.o)) * n_cls  # a particle's dense block of children
+        runs = _flat_runs(np.nonzero(flat)[0], max(1, max_elems // width), FLAT_MIN_RUN)
+        flat[:] = False
+        for G in runs:
+            flat[G] = True
+    if runs:
         lay = _flat_layout(xp, sig, ut_pool, fp, grid, M)
         sums = _Sums(ws, pdf_class_x, pdf_dir_x, off_x, resid, xa, aa, bp_i, bp_w, touched)
         by_col = {}
-        for G in _flat_runs(np.nonzero(flat)[0], max(1, max_elems // lay.width)):
+        for G in runs:
             W, *per_particle = _flat_group(xp, lay, px, ph_pool, sig, G, settings)
-            Wr = W.reshape(len(G), -1)
-            ib = xp.argmax(Wr, axis=1)
+            # each particle's largest weight, the first in its block's order: per row of F, then per particle
+            Wr = W.reshape(len(G), -1, W.shape[-1])
+            row_max = Wr.max(axis=2)
+            top = xp.argmax(row_max, axis=1)
+            ib = top * Wr.shape[2] + xp.argmax(Wr[xp.arange(len(G)), top], axis=1)
             dmin, sumw, bad, ib, out["pmax"][G] = _to_host_together(
-                xp, per_particle + [ib, Wr[xp.arange(len(G)), ib]])
-            del Wr
+                xp, per_particle + [ib, row_max[xp.arange(len(G)), top]])
+            del Wr, row_max
             n_zero += int(np.sum(bad))
             k_b, rest = np.divmod(ib, 32 * len(ut_pool) * len(lay.U))
             tf_b, f_b = np.divmod(rest, 8 * len(lay.U))

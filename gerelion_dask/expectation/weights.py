@@ -13,37 +13,49 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["posterior_weights", "significance_threshold", "significance_threshold_by_bisection", "significant_set"]
+__all__ = ["posterior_weights", "significance_threshold", "significant_set"]
+
+
+def _per_row(x, reduce):
+    """``reduce`` (a method name: "min", "sum", ...) of each row ``x[i]`` of any number of axes, the last axis
+    first: a GPU's reduction kernel gives each output a block, so a few rows of millions of values (a flat group's
+    block, ``(b, rows, columns)``) reduce far faster as many short rows than as a few long ones."""
+    while x.ndim > 1:
+        x = getattr(x, reduce)(axis=-1)
+    return x
 
 
 def posterior_weights(diff2, log_prior):
-    """Rows of ``diff2`` and ``log_prior`` (same shape, ``-inf`` prior = excluded) -> (weights, min diff2, sum).
+    """Rows of ``diff2`` and ``log_prior`` (same shape, ``-inf`` prior = excluded; a row is ``diff2[i]``, of one
+    or more axes) -> (weights, min diff2, sum).
 
     Returns un-normalised weights ``w`` (max 1 at the best sample times its prior), ``dmin`` per row (over samples
     with a finite prior) and ``sum_w`` per row, plus a boolean per row telling whether it underflowed.
     """
     xp = get_xp(diff2)
+    b = diff2.shape[0]
     allowed = xp.isfinite(log_prior)
     d = xp.where(allowed, diff2, xp.inf)
-    dmin = d.min(axis=1)
+    dmin = _per_row(d, "min")
+    dm = dmin.reshape((b,) + (1,) * (d.ndim - 1))
     with np.errstate(invalid="ignore"):  # inf - inf in rows with no sample allowed (their weights are 0: bad)
-        expo = -(d - dmin[:, None]) + xp.where(allowed, log_prior, 0.0)
-        expo = xp.where(allowed & (d - dmin[:, None] <= 700.0), expo, -xp.inf)
+        expo = -(d - dm) + xp.where(allowed, log_prior, 0.0)
+        expo = xp.where(allowed & (d - dm <= 700.0), expo, -xp.inf)
     w = xp.exp(expo)
-    s = w.sum(axis=1)
+    s = _per_row(w, "sum")
     bad = ~(s > 0)
     if bool(bad.any()):
-        best = xp.argmin(d, axis=1)
-        fix = xp.zeros_like(w)
-        fix[xp.arange(w.shape[0]), best] = 1.0
-        w = xp.where(bad[:, None], fix, w)
+        best = xp.argmin(d.reshape(b, -1), axis=1)
+        fix = xp.zeros((b, w[0].size), w.dtype)
+        fix[xp.arange(b), best] = 1.0
+        w = xp.where(bad.reshape(dm.shape), fix.reshape(w.shape), w)
         s = xp.where(bad, 1.0, s)
     return w, dmin, s, bad
 
 
 def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
-    """Per row of ``w (b, N)`` (weights >= 0, each row with a positive sum), the weight ``w*`` such that the samples
-    with ``w >= w*`` are the significant ones.  ``total``: the rows' sums when the caller has them already.
+    """Per row of ``w (b, N)`` (weights >= 0, each row with a positive sum; or ``(b, ...)``, a row of several axes),
+    the weight ``w*`` such that the samples with ``w >= w*`` are the significant ones.  ``total``: the rows' sums when the caller has them already.
 
     RELION sorts a row's weights in descending order and keeps the largest ones until their running sum first
     reaches ``adaptive_fraction`` of the row's sum (at most ``maxsig`` of them); the threshold ``w*`` is the weight of
@@ -55,12 +67,15 @@ def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1
     With ``maxsig`` only the ``maxsig`` largest weights can decide, and NumPy selects those before it sorts.
     """
     xp = get_xp(w)
-    b, N = w.shape
-    s = w.sum(axis=1) if total is None else total
+    shape = w.shape  # rows of one or more axes (their reductions staged: _per_row)
+    b, N = w.shape[0], w[0].size if len(w) else 0
+    s = _per_row(w, "sum") if total is None else total
     eps = (0.5 * max(0.0, 1.0 - adaptive_fraction) / max(N, 1)) * s
-    cand = (w >= eps[:, None]) & (w > 0)
-    counts = cand.sum(axis=1)
+    cand = (w >= eps.reshape((b,) + (1,) * (w.ndim - 1))) & (w > 0)
+    counts = _per_row(cand, "sum")
     cmax = int(counts.max()) if b else 0
+    w = w.reshape(b, N)
+    cand = cand.reshape(b, N)
     if cmax > N // 4:
         src = w
     else:
@@ -83,7 +98,8 @@ def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1
     if adaptive_fraction >= 1.0:  # every positive weight (not left to the rounding of the two sums)
         k = last
     else:  # the first sample whose running sum reaches the fraction
-        k = xp.minimum((cs < adaptive_fraction * s[:, None]).sum(axis=1), last)
+        below = cs < adaptive_fraction * s[:, None]
+        k = xp.minimum(_per_row(below.reshape(shape) if below.shape[1] == N else below, "sum"), last)
     if maxsig > 0:
         k = xp.minimum(k, maxsig - 1)
     thr = srt[xp.arange(b), k]
@@ -101,38 +117,3 @@ def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total
     rows, cols = xp.nonzero(w >= thr[:, None])
     return rows, cols, thr, xp.argmax(w, axis=1)
 
-
-def significance_threshold_by_bisection(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
-    """:func:`significance_threshold` without sorting (for rows of millions of weights on a GPU, where a segmented
-    sort of the whole block costs more than the rest of a flat group; ``fine._flat_group``).
-
-    With ``S(v) = sum of the row's weights >= v``, non-increasing in ``v``, RELION's threshold ``w*`` (the weight of
-    the last of the largest weights kept until their running sum reaches ``adaptive_fraction * sum``) is the largest
-    ``v`` with ``S(v) >= adaptive_fraction * sum``: every larger ``v`` leaves out ``w*`` and so falls short, and
-    ``S`` changes only at the row's weights, so that largest ``v`` is one of them.  Non-negative float64 values
-    order as their bit patterns, so 64 halvings of an integer interval find it exactly (each one pass over the
-    block); ``maxsig`` likewise bounds it below by the ``maxsig``-th largest weight (the largest ``v`` with at least
-    ``maxsig`` weights ``>= v``).  Sums run in another order than the sort's running sum: a weight whose running
-    sum lands within rounding of the fraction may fall on the other side."""
-    xp = get_xp(w)
-    b = w.shape[0]
-    s = w.sum(axis=1) if total is None else total
-    big = w.max(axis=1)
-
-    def largest(enough):
-        lo = xp.zeros(b, np.int64)  # bits of 0.0: always enough
-        hi = big.view(np.int64) + 1  # above the largest weight: never enough
-        for _ in range(64):
-            mid = lo + (hi - lo) // 2
-            ok = enough(mid.view(np.float64))
-            lo, hi = xp.where(ok, mid, lo), xp.where(ok, hi, mid)
-        return lo.view(np.float64)
-
-    if adaptive_fraction >= 1.0:  # every positive weight
-        thr = xp.where(w > 0, w, xp.inf).min(axis=1)
-    else:
-        target = adaptive_fraction * s
-        thr = largest(lambda v: xp.where(w >= v[:, None], w, 0.0).sum(axis=1) >= target)
-    if maxsig > 0:
-        thr = xp.maximum(thr, largest(lambda v: (w >= v[:, None]).sum(axis=1) >= maxsig))
-    return xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))

@@ -332,12 +332,12 @@ def block_sums(W, XCW, CCW, X, Cr, gf, ph, P, power):
         resid (b, M) = m - 2 x,  xa (b,) = x @ gf,  aa (b,) = m @ gf
 
     (``sum_f conj(P_f) Q_bf`` regrouped by translation: ``W`` is real, so ``sum_f W conj(P_f)`` is the conjugate of
-    one real GEMM over interleaved parts).  Returns ``(bp_i, bp_w, resid, xa, aa)``."""
+    one real GEMM over interleaved parts).  Returns ``(bp_i, bp_w, resid, xa, aa, wo)``."""
     xp = get_xp(W, P)
     b, T, F = W.shape
     M = X.shape[1]
     Wf = W.reshape(b * T, F)
-    wo = W.sum(axis=1)
+    wo = xp.matmul(xp.ones((1, T)), W)[:, 0]  # sum over t as a product (a GPU's reduction over the middle axis is slow)
     Y = xp.ascontiguousarray(XCW[:, None, :] * ph[None]).reshape(b * T, M).view(np.float64)
     bp_i = xp.ascontiguousarray(Wf.T @ Y).view(np.complex128)  # (F, M)
     bp_w = wo.T @ CCW
@@ -347,4 +347,4 @@ def block_sums(W, XCW, CCW, X, Cr, gf, ph, P, power):
     del H
     x = Cr * (X * S).real
     m = Cr * Cr * (wo @ power)
-    return bp_i, bp_w, m - 2.0 * x, x @ gf, m @ gf
+    return bp_i, bp_w, m - 2.0 * x, x @ gf, m @ gf, wo
