@@ -54,8 +54,8 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   particle's dense block of children holds at most ``4 E`` values and ``24 R M`` bytes fit
   ``cache_bytes`` (flat posteriors, ``fine._flat_group``), the flat groups: ``72 R M`` (the layout's projections and
   powers, its per-column sums, one group's sums being made) and ``48 max(min(B x, E), x)`` (a group's weights and
-  their temporaries), ``x = 4 T R`` when a particle's children reach ``x / FLAT_WASTE`` (never with a small
-  ``--maxsig``). Last, with only the
+  their temporaries), ``x = 4 T R`` when a particle's children reach ``x / flat_waste`` (``FINE_LIMITS``; never
+  with a small ``--maxsig``, nor on a GPU for now). Last, with only the
   back-projection sums ``24 R M`` left (the pixels and projections are freed first), the 3D insertion of the ``R``
   slices in chunks of ``S = slice_bytes / s`` slices, ``min(R, S) s`` with ``s = 24 M``, the gathered rows of sums
   (CuPy's kernel reads them as they are, NumPy a few MiB of pixels at a time; ``fine.insert_row_bytes``);
@@ -164,8 +164,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     bounds the fine pass's per-group weights.  ``coarse_precision`` float64 on a GPU doubles the coarse pass's
     cross terms and shifted images (8 bytes a value instead of 4); ``auto`` is counted as float64 there (what GPUs
     with fast double precision choose, ``fine.fine_limits``; an upper bound for the others)."""
-    from .expectation.fine import (FINE_LIMITS, FLAT_WASTE, GPU_SIZED_FOR, gpu_limits, insert_row_bytes,
-                                   project_row_bytes)
+    from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .expectation.preprocess import _NOISE_BATCH as NOISE_BATCH
@@ -239,7 +238,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # E values, or one particle's block)
     width = 4 * T * R  # the union's fine orientations (R) x fine translations (4 T)
     flat = 0.0
-    if FLAT_WASTE * per_particle >= width and width <= 4 * E and 24 * R * M <= limits["cache_bytes"]:
+    if limits["flat_waste"] * per_particle >= width and width <= 4 * E and 24 * R * M <= limits["cache_bytes"]:
         flat = 72 * R * M + 48 * max(min(B * width, E), width)
     partials = 24 * K * L
     counts = _half_counts(n_particles, halves)

@@ -438,13 +438,14 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, flat, xp, monkey
     # oracle: _direct_fine_pass (float64 NumPy, child by child) -- the fine pass's chunked diff2 and its weighted
     # sums over (particle, class, orientation) pairs (on NumPy and on CuPy) must give the same volumes, noise,
     # prior, offset, scale and norm sums, and the same best pose, pmax and log-likelihood per particle; with
-    # ``flat`` every particle takes the dense blocks of _flat_group / block_sums instead (FLAT_WASTE), without it
+    # ``flat`` every particle takes the dense blocks of _flat_group / block_sums instead (flat_waste), without it
     # none does
     from gerelion_dask.expectation import fine as fine_mod
     from gerelion_dask.expectation.estep import coarse_pass, orientation_priors
     from gerelion_dask.expectation.fine import fine_pass
 
-    monkeypatch.setattr(fine_mod, "FLAT_WASTE", 1e12 if flat else 0.0)
+    for backend in ("cpu", "gpu"):
+        monkeypatch.setitem(fine_mod.FINE_LIMITS[backend], "flat_waste", 1e12 if flat else 0.0)
     monkeypatch.setattr(fine_mod, "FLAT_MIN_RUN", 1)
     dense = []
     real_group = fine_mod._flat_group
@@ -485,7 +486,7 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, flat, xp, monkey
 @pytest.mark.parametrize("maxsig", [-1, 20000])
 def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig, xp, monkeypatch):
     # oracle: the fine pass with every particle's children evaluated one significant sample at a time
-    # (FLAT_WASTE 0) -- with FLAT_WASTE set so that the flatter half of a noisy two-class pool takes dense blocks
+    # (flat_waste 0) -- with flat_waste set so that the flatter half of a noisy two-class pool takes dense blocks
     # (and the rest the sparse path in the same pass), every sum, pose, class, pmax and log-likelihood is the same
     from gerelion_dask.expectation import fine as fine_mod
     from gerelion_dask.expectation.estep import coarse_pass, orientation_priors
@@ -510,7 +511,8 @@ def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig,
     monkeypatch.setattr(fine_mod, "FLAT_MIN_RUN", 1)  # lone flat particles too (runs of one or two here)
     runs = {}
     for waste in (0.0, width / (32.0 * cut)):
-        monkeypatch.setattr(fine_mod, "FLAT_WASTE", waste)
+        for backend in ("cpu", "gpu"):
+            monkeypatch.setitem(fine_mod.FINE_LIMITS[backend], "flat_waste", waste)
         part, res = fine_pass(xp, pre, parts, mx, st, sig)
         runs[waste] = (part.to_host(), res)
     assert sum(dense) == int(np.sum(sig.n_sig >= cut))

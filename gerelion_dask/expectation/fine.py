@@ -17,10 +17,11 @@ the translation phases), the pair adds ``Q * X_j * c_j / sigma^2`` to the back-p
 sums of all particles of the pool are merged per fine orientation before one 3D insertion each.
 
 Particles with flat posteriors (the first iterations from a low-pass start keep about half of their coarse samples
-significant) take another route to the same numbers (:data:`FLAT_WASTE`): their children form one dense block over
-the pool's significant coarse orientations and translations (:class:`_FlatLayout`), diff2 and the weighted sums are
-GEMMs over it (:func:`~gerelion_dask.ops.likelihood.block_diff2`, :func:`~gerelion_dask.ops.likelihood.block_sums`),
-and children of samples that were not significant get prior ``-inf``, as if never evaluated.
+significant) take another route to the same numbers (``FINE_LIMITS``' ``flat_waste``): their children form one
+dense block over the pool's significant coarse orientations and translations (:class:`_FlatLayout`), diff2 and the
+weighted sums are GEMMs over it (:func:`~gerelion_dask.ops.likelihood.block_diff2`,
+:func:`~gerelion_dask.ops.likelihood.block_sums`), and children of samples that were not significant get prior
+``-inf``, as if never evaluated.
 """
 
 from __future__ import annotations
@@ -67,12 +68,20 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # ~200 bytes of temporaries per half-plane pixel and runs 3-4x faster in chunks of 8 MiB than of up to 4 GiB (cache
 # misses; 32, 64 and 128 px on the 2-core VM: 12,900 / 2,680 / 711 against 4,370 / 693 / 178 projections/s,
 # RESULTS.md, seventeenth session; benchmarks/projection_chunks.py).
+# ``flat_waste``: a particle's children are evaluated as one dense block over the pool's significant coarse
+# orientations and translations (:func:`_flat_group`) when that block holds at most ``flat_waste`` times its own
+# children (0: never).  Flat posteriors (the first iterations from a low-pass start keep about half of 96,768 coarse
+# samples significant) cost 50-200x any later iteration one child at a time; on a CPU the blocks' GEMMs make a flat
+# 62-particle pool's fine pass 4x faster (151 -> 37 s, RESULTS.md, twenty-second session).  Off on a GPU until
+# measured there: the first version of the blocks made an H100's iteration 1 slower than its sparse kernels (123.8
+# against 100.6 s for 8,000 particles); the version since (column-wise reductions, short runs left sparse) was not
+# timed on a GPU yet (its GPU tests force it on).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
                        "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1,
-                       "local_rows_factor": 1},
+                       "local_rows_factor": 1, "flat_waste": 4.0},
                "gpu": {"max_elems": 1 << 26, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
                        "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 8,
-                       "local_rows_factor": 8}}
+                       "local_rows_factor": 8, "flat_waste": 0.0}}
 
 
 # FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is
@@ -454,12 +463,8 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
     return w.reshape(b, L // 32, 32)[jq], dmin, sumw, bad, best, pmax
 
 
-# a particle's children are evaluated as one dense block over the pool's coarse orientations and translations
-# (:func:`_flat_group`) when that block holds at most FLAT_WASTE times its own children: flat posteriors (the
-# first iterations from a low-pass start keep about half of 96,768 coarse samples significant), where the
-# children's one-by-one gathers and the bookkeeping of millions of kept children cost 50-200x the GEMMs
-FLAT_WASTE = 4.0
-# ... and when it is one of at least FLAT_MIN_RUN consecutive flat particles of the pool (or of a whole group)
+# a flat particle (FINE_LIMITS' flat_waste) takes a dense block when it is one of at least FLAT_MIN_RUN consecutive
+# flat particles of the pool (or of a whole group)
 FLAT_MIN_RUN = 8
 
 
@@ -484,9 +489,10 @@ class _FlatLayout:
     of_o: object  # ... and a coarse orientation's in ``U``
 
 
-def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, proj_bytes: int, budget: int):
-    """The particles of a pool whose children are evaluated as one dense block (:data:`FLAT_WASTE`): ``(B,)``
-    bool.  None when the block of one particle exceeds ``4 max_elems`` values (a flat particle's padded children
+def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, proj_bytes: int, budget: int,
+                    waste: float):
+    """The particles of a pool whose children are evaluated as one dense block (those with at least ``1 / waste``
+    of their block's children: ``FINE_LIMITS``' ``flat_waste``): ``(B,)`` bool.  None when the block of one particle exceeds ``4 max_elems`` values (a flat particle's padded children
     in the sparse path take as many: 32 x ~110,000 significant samples at HEALPix order 2; halving the budget after
     running out of memory ends in the sparse path) or the layout's projections (``proj_bytes``) the ``budget``, or
     for ``--firstiter_cc`` (one significant sample a particle)."""
@@ -495,7 +501,7 @@ def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, pro
     width = 32 * n_t * len(distinct(sig.o)) * len(distinct(sig.c))
     if width > 4 * max_elems or proj_bytes > budget:
         return None
-    flat = 32 * sig.n_sig * FLAT_WASTE >= width
+    flat = 32 * sig.n_sig * waste >= width
     return flat if flat.any() else None
 
 
@@ -727,10 +733,10 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     t_fine_x = xp.asarray(t_fine_pool)
     prior_px = particles.offset_prior_px - int_off  # (B, 2): the offset prior from each image's integer pre-shift
     order = np.argsort(sig.best, kind="stable")
-    # flat particles (FLAT_WASTE): their children as dense blocks, as many particles a block as max_elems holds
+    # flat particles (flat_waste): their children as dense blocks, as many particles a block as max_elems holds
     n_cls = len(distinct(sig.c)) if len(sig.c) else 0
     flat = _flat_particles(sig, len(ut_pool), settings.do_cc, max_elems,
-                           24 * 8 * len(distinct(sig.o)) * M * n_cls, limits["cache_bytes"])
+                           24 * 8 * len(distinct(sig.o)) * M * n_cls, limits["cache_bytes"], limits["flat_waste"])
     runs = []
     if flat is not None:
         width = 32 * len(ut_pool) * len(distinct(sig.o)) * n_cls  # a particle's dense block of children
