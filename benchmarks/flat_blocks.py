@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ def main():
     ap.add_argument("--pool", type=int, default=0, help="--pool (0: the plan's)")
     ap.add_argument("--waste", type=float, nargs="+", default=[0.0, 4.0], help="flat_waste settings to compare")
     a = ap.parse_args()
-    env = {"PYTHONPATH": str(ROOT)}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sim = tmp / "sim"
