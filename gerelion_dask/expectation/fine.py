@@ -491,19 +491,15 @@ class _FlatLayout:
     of_o: object  # ... and a coarse orientation's in ``U``
 
 
-def _flat_particles(sig: Significant, n_t: int, do_cc: bool, max_elems: int, proj_bytes: int, budget: int,
-                    waste: float):
-    """The particles of a pool whose children are evaluated as one dense block (those with at least ``1 / waste``
-    of their block's children: ``FINE_LIMITS``' ``flat_waste``): ``(B,)`` bool.  None when the block of one particle exceeds ``4 max_elems`` values (a flat particle's padded children
-    in the sparse path take as many: 32 x ~110,000 significant samples at HEALPix order 2; halving the budget after
-    running out of memory ends in the sparse path) or the layout's projections (``proj_bytes``) the ``budget``, or
-    for ``--firstiter_cc`` (one significant sample a particle)."""
-    if do_cc or not len(sig.b):
-        return None
-    width = 32 * n_t * len(distinct(sig.o)) * len(distinct(sig.c))
+def _flat_particles(n_sig: np.ndarray, width: int, max_elems: int, proj_bytes: int, budget: int, waste: float):
+    """The particles of a pool whose children are evaluated as one dense block of ``width`` children each (those
+    with at least ``width / waste`` children: ``FINE_LIMITS``' ``flat_waste``): ``(B,)`` bool, or None.  None also
+    when one particle's block exceeds ``4 max_elems`` values (a flat particle's padded children in the sparse path
+    take as many: 32 x ~110,000 significant samples at HEALPix order 2; halving the budget after running out of
+    memory ends in the sparse path) or the layout's projections (``proj_bytes``) the ``budget``."""
     if width > 4 * max_elems or proj_bytes > budget:
         return None
-    flat = 32 * sig.n_sig * waste >= width
+    flat = 32 * n_sig * waste >= width
     return flat if flat.any() else None
 
 
@@ -524,9 +520,11 @@ def _flat_runs(J: np.ndarray, per: int, min_run: int) -> list[np.ndarray]:
             for s in range(0, len(run), per)]
 
 
-def _flat_layout(xp, sig: Significant, ut_pool: np.ndarray, fp: FineProjections, grid, M: int) -> _FlatLayout:
+def _flat_layout(xp, sig: Significant, classes: np.ndarray, U: np.ndarray, ut_pool: np.ndarray, fp: FineProjections,
+                 grid, M: int) -> _FlatLayout:
+    """The :class:`_FlatLayout` of a pool's classes with significant samples ``classes``, its significant coarse
+    orientations ``U`` and distinct coarse translations ``ut_pool`` (all sorted)."""
     n_t = len(ut_pool)
-    classes, U = distinct(sig.c), distinct(sig.o)
     gid = grid.fine_ids(U).reshape(-1)
     P, power, cols, rows = [], [], [], []
     for c in classes:
@@ -546,8 +544,8 @@ def _flat_layout(xp, sig: Significant, ut_pool: np.ndarray, fp: FineProjections,
 
 
 def _flat_group(xp, lay: _FlatLayout, px: _PoolPixels, ph_pool, sig: Significant, G: np.ndarray, settings):
-    """Posterior weights of the flat particles ``G`` (consecutive ones, :func:`_flat_runs`) over their dense block of children (:class:`_FlatLayout`):
-    diff2 by :func:`~gerelion_dask.ops.likelihood.block_diff2`, log priors inherited from the significant coarse
+    """Posterior weights of the flat particles ``G`` (consecutive ones, :func:`_flat_runs`) over their dense block
+    of children (:class:`_FlatLayout`): diff2 by :func:`~gerelion_dask.ops.likelihood.block_diff2`, log priors inherited from the significant coarse
     samples (``-inf`` for every other child: weight 0, as children never evaluated), RELION's weights and
     significance threshold per particle over the whole block.  Returns ``(W (b, K', 4 n_t, F), dmin, sumw, bad)``,
     ``W`` normalised and zero below the threshold, as :func:`_child_posteriors`."""
@@ -735,19 +733,21 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     t_fine_x = xp.asarray(t_fine_pool)
     prior_px = particles.offset_prior_px - int_off  # (B, 2): the offset prior from each image's integer pre-shift
     order = np.argsort(sig.best, kind="stable")
-    # flat particles (flat_waste): their children as dense blocks, as many particles a block as max_elems holds
-    n_cls = len(distinct(sig.c)) if len(sig.c) else 0
-    flat = _flat_particles(sig, len(ut_pool), settings.do_cc, max_elems,
-                           24 * 8 * len(distinct(sig.o)) * M * n_cls, limits["cache_bytes"], limits["flat_waste"])
-    runs = []
+    # flat particles (flat_waste; not with --firstiter_cc's one sample a particle): their children as dense blocks,
+    # as many particles a block as max_elems holds
+    runs, flat = [], None
+    if limits["flat_waste"] > 0 and not settings.do_cc and len(sig.b):
+        classes, U = distinct(sig.c), distinct(sig.o)
+        width = 32 * len(ut_pool) * len(U) * len(classes)  # a particle's dense block of children
+        flat = _flat_particles(sig.n_sig, width, max_elems, 24 * 8 * len(U) * M * len(classes),
+                               limits["cache_bytes"], limits["flat_waste"])
     if flat is not None:
-        width = 32 * len(ut_pool) * len(distinct(sig.o)) * n_cls  # a particle's dense block of children
         runs = _flat_runs(np.nonzero(flat)[0], max(1, max_elems // width), FLAT_MIN_RUN)
         flat[:] = False
         for G in runs:
             flat[G] = True
     if runs:
-        lay = _flat_layout(xp, sig, ut_pool, fp, grid, M)
+        lay = _flat_layout(xp, sig, classes, U, ut_pool, fp, grid, M)
         sums = _Sums(ws, pdf_class_x, pdf_dir_x, off_x, resid, xa, aa, bp_i, bp_w, touched)
         by_col = {}
         for G in runs:
