@@ -602,15 +602,14 @@ def _flat_sums(xp, lay: _FlatLayout, W, G: np.ndarray, px: _PoolPixels, XCW, CCW
     every fine orientation's rows per group cost more than the group's GEMMs).  ``prior_px (b, 2)``: each particle's
     offset prior from its integer pre-shift; ``t_fine (4 n_t, 2)`` the fine translations."""
     Gx = xp.asarray(G)
-    X, Cr = px.X[Gx], px.Cr[Gx]
+    X, Cr, XCW_g, CCW_g = px.X[Gx], px.Cr[Gx], XCW[Gx], CCW[Gx]
     per_t = W.sum(axis=3).sum(axis=1)  # (b, 4 n_t): the weight of each fine translation (reduced column-wise first)
     sums.ws[Gx] += per_t.sum(axis=1)
     e = (prior_px[:, None, :] - t_fine[None]) * pixel_size  # (b, 4 n_t, 2)
     sums.off[0] += (per_t * (e * e).sum(axis=2)).sum()
     for k, c in enumerate(lay.classes.tolist()):
         Wk = xp.ascontiguousarray(W[:, k])
-        bp_i, bp_w, resid, xa, aa, wo = block_sums(Wk, XCW[Gx], CCW[Gx], X, Cr, goodf[c], ph_pool, lay.P[k],
-                                                   lay.power[k])
+        bp_i, bp_w, resid, xa, aa, wo = block_sums(Wk, XCW_g, CCW_g, X, Cr, goodf[c], ph_pool, lay.P[k], lay.power[k])
         if c not in acc:
             acc[c] = [bp_i, bp_w, wo.sum(axis=0)]
         else:

@@ -55,7 +55,8 @@ def posterior_weights(diff2, log_prior):
 
 def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):
     """Per row of ``w (b, N)`` (weights >= 0, each row with a positive sum; or ``(b, ...)``, a row of several axes),
-    the weight ``w*`` such that the samples with ``w >= w*`` are the significant ones.  ``total``: the rows' sums when the caller has them already.
+    the weight ``w*`` such that the samples with ``w >= w*`` are the significant ones.  ``total``: the rows' sums
+    when the caller has them already.
 
     RELION sorts a row's weights in descending order and keeps the largest ones until their running sum first
     reaches ``adaptive_fraction`` of the row's sum (at most ``maxsig`` of them); the threshold ``w*`` is the weight of

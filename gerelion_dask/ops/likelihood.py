@@ -305,6 +305,13 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
         aa += np.bincount(J, weights=wo * (m @ gf), minlength=len(aa))
 
 
+def _shifted_rows(xp, Z, ph):
+    """Each particle's row of ``Z (b, M)`` times each phase row of ``ph (T, M)``, as real rows ``(b T, 2 M)``
+    (real and imaginary parts interleaved: a real GEMM with such rows is a complex product's real part)."""
+    b, M = Z.shape
+    return xp.ascontiguousarray(Z[:, None, :] * ph[None]).reshape(b * ph.shape[0], M).view(np.float64)
+
+
 def block_diff2(Z, V, a, ph, P, power):
     """diff2 of every child of a dense block (flat posteriors, ALGORITHM.md §4.5): ``(b, T, F)`` float64 for the
     particles' ``Z (b, M)`` (``w c X``), ``V (b, M)`` (``w c^2``) and image terms ``a (b,)`` against every fine
@@ -313,10 +320,8 @@ def block_diff2(Z, V, a, ph, P, power):
     real and imaginary parts (as the coarse pass) and ``p = sum_m V |P_f|^2``, the terms of
     :func:`children_diff2` for all ``T x F`` children at once."""
     xp = get_xp(Z, P)
-    b, M = Z.shape
-    T, F = ph.shape[0], P.shape[0]
-    Y = xp.ascontiguousarray(Z[:, None, :] * ph[None]).reshape(b * T, M).view(np.float64)  # (b T, 2 M)
-    g = (Y @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, T, F)
+    b, T, F = Z.shape[0], ph.shape[0], P.shape[0]
+    g = (_shifted_rows(xp, Z, ph) @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, T, F)
     p = V @ power.T  # (b, F)
     return (a[:, None, None] + p[:, None, :]) - 2.0 * g
 
@@ -338,8 +343,7 @@ def block_sums(W, XCW, CCW, X, Cr, gf, ph, P, power):
     M = X.shape[1]
     Wf = W.reshape(b * T, F)
     wo = xp.matmul(xp.ones((1, T)), W)[:, 0]  # sum over t as a product (a GPU's reduction over the middle axis is slow)
-    Y = xp.ascontiguousarray(XCW[:, None, :] * ph[None]).reshape(b * T, M).view(np.float64)
-    bp_i = xp.ascontiguousarray(Wf.T @ Y).view(np.complex128)  # (F, M)
+    bp_i = xp.ascontiguousarray(Wf.T @ _shifted_rows(xp, XCW, ph)).view(np.complex128)  # (F, M)
     bp_w = wo.T @ CCW
     Pv = xp.ascontiguousarray(P).view(np.float64)
     H = xp.ascontiguousarray(Wf @ Pv).view(np.complex128).reshape(b, T, M)  # sum_f W P_f
