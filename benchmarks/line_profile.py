@@ -284,7 +284,7 @@ def main():
         print(f"  fine_pass with max_elems {e:g}: {1e3 * best:.1f} ms untraced (best of {a.repeat})")
     if a.no_trace:
         return
-    traced(sync, coarse_pass, {"coarse_pass", "_cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
+    traced(sync, coarse_pass, {"coarse_pass", "cross_term", "coarse_select", "coarse_select_dense", "significant_set"},
            xp, pre, parts, model, st, pri, cache, top=a.top, host=a.host_time)
     traced(sync, fine_pass, {"fine_pass", "children_diff2", "posterior_weights", "significant_set", "_children_diff2",
                              "_child_posteriors", "pair_sums", "_flat_group", "_flat_sums", "block_sums", "block_diff2",

@@ -81,7 +81,7 @@ def main():
     traced = {"_expectation_pool", "preprocess_pool", "coarse_pass", "fine_pass", "insert_slices", "_children_diff2",
               "children_diff2",
               "_child_posteriors", "pair_sums", "project_gathered", "rows", "whole", "__init__", "posterior_weights",
-              "coarse_select", "coarse_select_dense", "_cross_term", "_power_term"}
+              "coarse_select", "coarse_select_dense", "cross_term", "power_term"}
 
     def local(frame, event, arg):
         if event in ("line", "return"):

@@ -719,7 +719,7 @@ def test_float32_coarse_diff2_is_accurate():
     # oracle: the float64 products -- float32 GEMMs change diff2 by far less than one unit of log-likelihood
     # (weights exp(-diff2) move by < 1 %), yet they are really float32 (not bit-identical)
     from gerelion_dask.expectation import estep
-    from gerelion_dask.ops.likelihood import coarse_diff2
+    from gerelion_dask.ops.likelihood import coarse_diff2, cross_term, power_term
 
     rng = np.random.default_rng(0)
     B, T, O, M = 6, 5, 40, 300
@@ -732,8 +732,8 @@ def test_float32_coarse_diff2_is_accurate():
 
     def diff2(dtype):  # the coarse pass's terms: cross term and power term in dtype, assembled by coarse_diff2
         proj = estep.coarse_projections(np, P, dtype)
-        g = estep._cross_term(np, W * C * X, ph, proj)
-        return coarse_diff2(g, (W * np.abs(X) ** 2).sum(axis=1), estep._power_term(np, W, C, proj), hr, lpo, off)
+        g = cross_term(np, W * C * X, ph, proj.interleaved)
+        return coarse_diff2(g, (W * np.abs(X) ** 2).sum(axis=1), power_term(np, W * C * C, proj.power), hr, lpo, off)
 
     d64, d32 = diff2(np.float64), diff2(np.float32)
     # and the float64 block is the direct sum over pixels: sum w |c P - X s_t^*|^2 ... written with the shift on X

@@ -23,7 +23,7 @@ from ..backend import SizedByArrays, get_xp, to_host
 from ..conventions import shift_phase_2d, window_rfft2
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
 from ..ops.indexing import concat_ranges, segment_max
-from ..ops.likelihood import coarse_select, orientation_log_prior
+from ..ops.likelihood import coarse_select, cross_term, interleaved, orientation_log_prior, power_term
 from ..ops.projector import ReferenceSpec
 from .grid import OrientationGrid
 from .partials import PoolResult
@@ -237,13 +237,6 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
     return OrientationPriors(class_lp, psi_lp, off_lp, class_dir_lp=pd)
 
 
-def _interleaved(xp, Z, dtype):
-    """Complex ``Z (..., M)`` as real ``(..., 2M)`` (real and imaginary parts interleaved) in ``dtype``: the dot
-    product of two such rows is ``Re(z1 conj(z2))``."""
-    ct = np.complex64 if np.dtype(dtype) == np.float32 else np.complex128
-    return xp.ascontiguousarray(Z.astype(ct, copy=False)).view(dtype)
-
-
 @dataclass(frozen=True)
 class CoarseProjections(SizedByArrays):
     """One class's projections for the coarse pass: interleaved ``(O, 2M)`` and power ``|P|^2 (O, M)``, in the
@@ -254,36 +247,8 @@ class CoarseProjections(SizedByArrays):
 
 
 def coarse_projections(xp, P, dtype) -> CoarseProjections:
-    Pv = _interleaved(xp, P, dtype)
+    Pv = interleaved(xp, P, dtype)
     return CoarseProjections(Pv, (Pv[:, 0::2] ** 2 + Pv[:, 1::2] ** 2))
-
-
-def _cross_term(xp, Z, phase, proj: CoarseProjections, out=None):
-    """``g (B, T, O) = Re sum_k (Z s_t)(k) conj(P_o(k))`` for particle-side ``Z (B, M)`` and phases ``s (T, M)``: one
-    real GEMM over interleaved real and imaginary parts, in the precision of ``proj`` (``out``: a contiguous array of
-    that shape and dtype to write into).  Projections ``(O, 2M)`` are shared by the particles; ``(B, O, 2M)`` are
-    each particle's own (local searches: one batched GEMM)."""
-    dtype = proj.interleaved.dtype
-    ct = np.complex64 if dtype == np.float32 else np.complex128
-    Bn, T = Z.shape[0], phase.shape[0]
-    Y = _interleaved(xp, Z.astype(ct)[:, None, :] * phase.astype(ct)[None], dtype)  # (B, T, 2M)
-    if proj.interleaved.ndim == 3:
-        Pt = proj.interleaved.transpose(0, 2, 1)
-        return xp.matmul(Y, Pt) if out is None else xp.matmul(Y, Pt, out=out)
-    Y = Y.reshape(Bn * T, -1)
-    if out is None:
-        return (Y @ proj.interleaved.T).reshape(Bn, T, -1)
-    xp.matmul(Y, proj.interleaved.T, out=out.reshape(Bn * T, -1))
-    return out
-
-
-def _power_term(xp, W, Cr, proj: CoarseProjections):
-    """``p (B, O) = sum_k w c^2 |P_o|^2`` (in the precision of ``proj``, returned as float64; projections shared
-    ``(O, M)`` or each particle's own ``(B, O, M)``)."""
-    v = (W * Cr * Cr).astype(proj.power.dtype)
-    if proj.power.ndim == 3:
-        return xp.matmul(v[:, None, :], proj.power.transpose(0, 2, 1))[:, 0].astype(np.float64, copy=False)
-    return (v @ proj.power.T).astype(np.float64, copy=False)
 
 
 def _cc_block(xp, X, C, w, normx, phase, proj: CoarseProjections, ctf_on_ref: bool, lpo, off, out=None):
@@ -291,11 +256,11 @@ def _cc_block(xp, X, C, w, normx, phase, proj: CoarseProjections, ctf_on_ref: bo
     (float64, ``+inf`` where ``lpo (B, O) + off (B, T)`` is ``-inf``) of particles ``X (B, M)`` against one class's
     projections (``--firstiter_cc``), with the pixels' weights ``w (1, M)`` and the images' norms ``normx (B,)`` of
     :func:`~gerelion_dask.ops.fourier.cc_pixel_weights` / ``cc_image_norm``: the cross term is the likelihood path's
-    GEMM (:func:`_cross_term`), in the precision of ``proj``.  ``out``: a float64 array of the result's shape."""
+    GEMM (:func:`~gerelion_dask.ops.likelihood.cross_term`), in the precision of ``proj``.  ``out``: a float64 array of the result's shape."""
     f64 = np.float64
     Cr = C if ctf_on_ref else xp.ones_like(C)
-    g = _cross_term(xp, w * Cr * X, phase, proj)
-    normp = xp.sqrt(_power_term(xp, w, Cr, proj))  # (B, O)
+    g = cross_term(xp, w * Cr * X, phase, proj.interleaved)
+    normp = xp.sqrt(power_term(xp, w * Cr * Cr, proj.power))  # (B, O)
     den = normp[:, None, :] * xp.asarray(normx, dtype=f64)[:, None, None]
     allowed = xp.isfinite(lpo)[:, None, :] & xp.isfinite(off)[:, :, None]
     d = xp.where(allowed, -g.astype(f64) / xp.where(den > 0, den, 1.0), xp.inf)
@@ -495,8 +460,8 @@ def coarse_pass(xp, pre, particles, model: EStepModel, settings: EStepSettings, 
             Pp = xp.empty((Kc, b, nU), np.float64)
             for k, c in enumerate(cls_of):
                 proj = full[c] if full is not None else projections(c, A, invx)
-                _cross_term(xp, W_ * Cr_ * X_, phase_c, proj, out=G[k])
-                Pp[k] = _power_term(xp, W_, Cr_, proj)
+                cross_term(xp, W_ * Cr_ * X_, phase_c, proj.interleaved, out=G[k])
+                Pp[k] = power_term(xp, W_ * Cr_ * Cr_, proj.power)
             a = (W_ * xp.abs(X_) ** 2).sum(axis=1)
             jj, ll, ib = coarse_select(G, a, xp.asarray(hr[J], dtype=np.float64), Pp, dlx, plx, offx,
                                        settings.adaptive_fraction, settings.maxsig)

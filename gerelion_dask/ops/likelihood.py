@@ -30,8 +30,8 @@ import numpy as np
 from ..backend import get_xp
 
 __all__ = ["CANDIDATE_CAP", "REDO_SAMPLES", "add_rows", "block_diff2", "block_sums", "candidate_segment",
-           "children_diff2", "coarse_diff2", "coarse_select", "coarse_select_dense", "coarse_weights",
-           "orientation_log_prior"]
+           "children_diff2", "coarse_diff2", "coarse_select", "coarse_select_dense", "coarse_weights", "cross_term",
+           "interleaved", "orientation_log_prior", "power_term", "shifted_rows"]
 
 # candidates per particle the GPU twin of coarse_select sorts in shared memory (128 KiB); a particle with more
 # (a flat posterior: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound) is
@@ -305,24 +305,55 @@ def pair_sums(XCW, CCW, X, Cr, gf, ph, P, pj, prow, brow, cstart, tp, wv, bp_i, 
         aa += np.bincount(J, weights=wo * (m @ gf), minlength=len(aa))
 
 
-def _shifted_rows(xp, Z, ph):
-    """Each particle's row of ``Z (b, M)`` times each phase row of ``ph (T, M)``, as real rows ``(b T, 2 M)``
-    (real and imaginary parts interleaved: a real GEMM with such rows is a complex product's real part)."""
-    b, M = Z.shape
-    return xp.ascontiguousarray(Z[:, None, :] * ph[None]).reshape(b * ph.shape[0], M).view(np.float64)
+def interleaved(xp, Z, dtype):
+    """Complex ``Z (..., M)`` as real ``(..., 2M)`` (real and imaginary parts interleaved) in ``dtype`` (float32 or
+    float64): the dot product of two such rows is ``Re(z1 conj(z2))``."""
+    ct = np.complex64 if np.dtype(dtype) == np.float32 else np.complex128
+    return xp.ascontiguousarray(Z.astype(ct, copy=False)).view(dtype)
+
+
+def shifted_rows(xp, Z, ph, dtype=np.float64):
+    """Each particle's row of ``Z (b, M)`` times each phase row of ``ph (T, M)``, as interleaved real rows
+    ``(b, T, 2M)`` in ``dtype`` (the product formed in that precision)."""
+    ct = np.complex64 if np.dtype(dtype) == np.float32 else np.complex128
+    return interleaved(xp, Z.astype(ct, copy=False)[:, None, :] * ph.astype(ct, copy=False)[None], dtype)
+
+
+def cross_term(xp, Z, ph, Pv, out=None):
+    """``g (b, T, O) = Re sum_m (Z_b s_t)(m) conj(P_o(m))`` for particle-side ``Z (b, M)``, phases ``s = ph (T, M)``
+    and interleaved projections ``Pv`` (:func:`interleaved`): one real GEMM in the precision of ``Pv``.  ``Pv
+    (O, 2M)`` is shared by the particles; ``(b, O, 2M)`` are each particle's own (local searches: one batched GEMM).
+    ``out``: a contiguous ``(b, T, O)`` array of ``Pv``'s dtype to write into."""
+    b, T = Z.shape[0], ph.shape[0]
+    Y = shifted_rows(xp, Z, ph, Pv.dtype)  # (b, T, 2M)
+    if Pv.ndim == 3:
+        Pt = Pv.transpose(0, 2, 1)
+        return xp.matmul(Y, Pt) if out is None else xp.matmul(Y, Pt, out=out)
+    Y = Y.reshape(b * T, -1)
+    if out is None:
+        return (Y @ Pv.T).reshape(b, T, -1)
+    xp.matmul(Y, Pv.T, out=out.reshape(b * T, -1))
+    return out
+
+
+def power_term(xp, V, power):
+    """``p (b, O) = sum_m V_b(m) power_o(m)`` as float64, in the precision of ``power`` (``|P|^2``, shared ``(O, M)``
+    or each particle's own ``(b, O, M)``); ``V`` is the particles' ``w c^2``."""
+    v = V.astype(power.dtype, copy=False)
+    if power.ndim == 3:
+        return xp.matmul(v[:, None, :], power.transpose(0, 2, 1))[:, 0].astype(np.float64, copy=False)
+    return (v @ power.T).astype(np.float64, copy=False)
 
 
 def block_diff2(Z, V, a, ph, P, power):
     """diff2 of every child of a dense block (flat posteriors, ALGORITHM.md §4.5): ``(b, T, F)`` float64 for the
     particles' ``Z (b, M)`` (``w c X``), ``V (b, M)`` (``w c^2``) and image terms ``a (b,)`` against every fine
     translation ``ph (T, M)`` (phases) and fine orientation ``P (F, M)`` (projections, complex128; ``power`` their
-    ``|P|^2``): ``diff2 = (a + p) - 2 g`` with ``g = Re sum_m Z s_t conj(P_f)`` as one real GEMM over interleaved
-    real and imaginary parts (as the coarse pass) and ``p = sum_m V |P_f|^2``, the terms of
-    :func:`children_diff2` for all ``T x F`` children at once."""
+    ``|P|^2``): ``diff2 = (a + p) - 2 g`` with the coarse pass's :func:`cross_term` and :func:`power_term` in
+    float64, the terms of :func:`children_diff2` for all ``T x F`` children at once."""
     xp = get_xp(Z, P)
-    b, T, F = Z.shape[0], ph.shape[0], P.shape[0]
-    g = (_shifted_rows(xp, Z, ph) @ xp.ascontiguousarray(P).view(np.float64).T).reshape(b, T, F)
-    p = V @ power.T  # (b, F)
+    g = cross_term(xp, Z, ph, interleaved(xp, P, np.float64))
+    p = power_term(xp, V, power)  # (b, F)
     return (a[:, None, None] + p[:, None, :]) - 2.0 * g
 
 
@@ -343,10 +374,9 @@ def block_sums(W, XCW, CCW, X, Cr, gf, ph, P, power):
     M = X.shape[1]
     Wf = W.reshape(b * T, F)
     wo = xp.matmul(xp.ones((1, T)), W)[:, 0]  # sum over t as a product (a GPU's reduction over the middle axis is slow)
-    bp_i = xp.ascontiguousarray(Wf.T @ _shifted_rows(xp, XCW, ph)).view(np.complex128)  # (F, M)
+    bp_i = xp.ascontiguousarray(Wf.T @ shifted_rows(xp, XCW, ph).reshape(b * T, 2 * M)).view(np.complex128)  # (F, M)
     bp_w = wo.T @ CCW
-    Pv = xp.ascontiguousarray(P).view(np.float64)
-    H = xp.ascontiguousarray(Wf @ Pv).view(np.complex128).reshape(b, T, M)  # sum_f W P_f
+    H = xp.ascontiguousarray(Wf @ interleaved(xp, P, np.float64)).view(np.complex128).reshape(b, T, M)  # sum_f W P_f
     S = (xp.conj(H) * ph[None]).sum(axis=1)
     del H
     x = Cr * (X * S).real
