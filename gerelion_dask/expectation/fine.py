@@ -74,16 +74,16 @@ __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "de
 # samples significant) cost 50-200x any later iteration one child at a time; on a CPU the blocks' GEMMs make a flat
 # 62-particle pool's fine pass 4x faster (151 -> 37 s), and 16 beat 4, 8 and 32 (200 particles at 32 px: refine
 # iterations 1-3 87 / 97 / 83 s against 90 / 159 / 106 s with 4; K=2 classification iterations 2-4 26 s against
-# 31-47 s; RESULTS.md, twenty-second session).  Off on a GPU until
-# measured there: the first version of the blocks made an H100's iteration 1 slower than its sparse kernels (123.8
-# against 100.6 s for 8,000 particles); the version since (column-wise reductions, short runs left sparse) was not
-# timed on a GPU yet (its GPU tests force it on).
+# 31-47 s; RESULTS.md, twenty-second session).  On an H100 (twenty-third session, 6efb55f) the blocks took
+# iteration 1 of 8,000 particles at 128 px from 128.5 to 33.7 s (iteration 2 4.85 -> 1.43 s, the same statistics)
+# and a flat 982-particle pool's fine pass from 49.9 to 5.6 s; 64 beat 16 and 4 on the first set (29.9 / 36.2 / 90.0
+# s) and tied on the second (256 too).
 FINE_LIMITS = {"cpu": {"max_elems": 1 << 22, "coarse_dtype": "float64", "cache_bytes": 1 << 30,
                        "slice_bytes": 4 << 30, "project_bytes": 8 << 20, "coarse_factor": 1,
                        "local_rows_factor": 1, "flat_waste": 16.0},
                "gpu": {"max_elems": 1 << 26, "coarse_dtype": "float32", "cache_bytes": 8 << 30,
                        "slice_bytes": 2 << 30, "project_bytes": 2 << 30, "coarse_factor": 8,
-                       "local_rows_factor": 8, "flat_waste": 0.0}}
+                       "local_rows_factor": 8, "flat_waste": 64.0}}
 
 
 # FINE_LIMITS["gpu"] was sized on an 80 GB H100 (79.6 GiB usable); GPUs from here up use it as it is
