@@ -96,6 +96,32 @@ def _no_ctf_columns(d, o):
     return {}, "particles.star"
 
 
+def _set_field(path: Path, image: str, field: int, value: str):
+    """Write ``value`` into field ``field`` (0-based) of the particle row whose rlnImageName is ``image``."""
+    lines = path.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.split() and line.split()[0] == image)
+    parts = lines[i].split()
+    parts[field] = value
+    lines[i] = "\t".join(parts)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _nan_defocus(d, o):
+    # one NaN defocus made a whole half map zeros before read_particles checked the numeric columns
+    _set_field(d / "particles.star", "000003@particles.mrcs", 2, "nan")
+    return {}, "particles.star: data_particles row 3: rlnDefocusU is 'nan'"
+
+
+def _text_in_numeric_column(d, o):
+    _set_field(d / "particles.star", "000005@particles.mrcs", 5, "one")
+    return {}, "particles.star: data_particles row 5: rlnOpticsGroup is 'one'"
+
+
+def _zero_pixel_size(d, o):
+    _edit_star(d / "particles.star", "\t0.100000\t5.000000\t24\t2", "\t0.100000\t0\t24\t2")
+    return {}, "particles.star: data_optics row 1 (optics group 1): rlnImagePixelSize is 0"
+
+
 def _index_beyond_stack(d, o):
     _edit_star(d / "particles.star", "000012@particles.mrcs", "000099@particles.mrcs")
     return {}, "particles.mrcs"
@@ -259,6 +285,7 @@ def _missing_required_flags(d, o):
 
 CASES = {f.__name__[1:]: f for f in (
     _truncated_stack, _corrupt_stack_header, _wrong_mode, _no_image_name, _no_ctf_columns, _index_beyond_stack,
+    _nan_defocus, _text_in_numeric_column, _zero_pixel_size,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
     _reference_box,    _reference_pixel_size, _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,
     _output_unwritable, _output_read_only, _output_holds_run, _k_zero, _healpix_order_high, _healpix_order_negative,

@@ -87,6 +87,16 @@ CTF_PARTICLE_LABELS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 #: Per-optics-group CTF columns needed with ``require_ctf=True``.
 CTF_OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 
+#: Numeric columns the refinement reads (RELION 3.1 names and the 3.0 ones converted from): a value that is not a
+#: finite number is bad input (one NaN defocus would otherwise turn a whole half map into NaN or zeros).
+NUMERIC_LABELS = ("rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality", "rlnVoltage",
+                  "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnMagnification", "rlnDetectorPixelSize",
+                  "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor",
+                  "rlnCtfScalefactor", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                  "rlnOriginYAngst", "rlnOriginX", "rlnOriginY", "rlnOriginXPriorAngst", "rlnOriginYPriorAngst",
+                  "rlnOriginXPrior", "rlnOriginYPrior", "rlnClassNumber", "rlnRandomSubset", "rlnNormCorrection",
+                  "rlnGroupNumber")
+
 # RELION 3.0 per-particle columns that become optics-group columns (StarConverter, in its order) ...
 _OPTICS_LABELS_30 = (
     "rlnAmplitudeContrast",
@@ -314,6 +324,8 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = False) -> Par
     """
     path = Path(path)
     blocks = read_star(path)
+    for name, table in blocks.items():
+        blocks[name] = _numbers_checked(path, table, f"data_{name}")
     if "optics" in blocks:
         optics, particles, version = _split_31(path, blocks)
     else:
@@ -428,6 +440,27 @@ def _offsets_to_angst(particles: pd.DataFrame, apix: np.ndarray) -> pd.DataFrame
     return particles.rename(columns=renames)
 
 
+def _numbers_checked(path: Path, table: pd.DataFrame, where: str) -> pd.DataFrame:
+    """``table`` with its :data:`NUMERIC_LABELS` as numbers; a value that is not a finite number raises
+    :class:`InputError` naming the column, the first such row and how many there are."""
+    if not isinstance(table, pd.DataFrame):
+        return table
+    for label in NUMERIC_LABELS:
+        if label not in table.columns:
+            continue
+        col = table[label]
+        values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            more = f" ({int(bad.sum())} rows like it)" if bad.sum() > 1 else ""
+            raise InputError(path, f"{where} row {row + 1}: {label} is {str(col.iloc[row])!r}, not a finite "
+                             f"number{more}", "fix or remove those rows")
+        if col.dtype == object:
+            table = table.assign(**{label: values})
+    return table
+
+
 def _validate(path: Path, optics: pd.DataFrame, particles: pd.DataFrame, require_ctf: bool) -> None:
     if len(particles) == 0:
         raise InputError(path, "no particles (data_particles is empty)")
@@ -437,6 +470,12 @@ def _validate(path: Path, optics: pd.DataFrame, particles: pd.DataFrame, require
         if "rlnOpticsGroup" not in table.columns:
             raise InputError(path, f"{where} has no rlnOpticsGroup column")
     _check_groups(path, optics, particles)
+    positive = ["rlnImagePixelSize", "rlnImageSize"] + (["rlnVoltage"] if require_ctf else [])
+    for label in positive:
+        if label in optics.columns and (optics[label].to_numpy(dtype=np.float64) <= 0).any():
+            row = int(np.flatnonzero(optics[label].to_numpy(dtype=np.float64) <= 0)[0])
+            raise InputError(path, f"data_optics row {row + 1} (optics group {optics['rlnOpticsGroup'].iloc[row]}): "
+                             f"{label} is {optics[label].iloc[row]}, it must be positive")
     if require_ctf:
         _check_ctf(path, optics, particles)
 
