@@ -81,6 +81,9 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--perturb", type=float, default=0.5)
     a("--incr_size", type=int, default=10)
     a("--maskedge", type=float, default=5.0)
+    a("--solvent_mask", default="", metavar="MAP",
+      help="with --flatten_solvent: multiply the references by this map (values 0..1, the particles' box and pixel "
+           "size) instead of the soft sphere of --particle_diameter")
     a("--sigma_ang", type=float, default=0.0)
     a("--auto_iter_max", type=int, default=999)
     a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 4000 on GPUs, fewer for "

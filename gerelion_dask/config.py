@@ -43,6 +43,7 @@ class JobConfig:
     low_resol_join_halves: float = 0.0
     auto_local_healpix_order: int = 4
     flatten_solvent: bool = False
+    solvent_mask: str = ""  # map (values in [0, 1]) that --flatten_solvent multiplies the references by; "": a sphere
     zero_mask: bool = False
     norm: bool = False
     scale: bool = False

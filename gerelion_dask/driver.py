@@ -363,7 +363,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
-                           cfg.scale, reference_r_max=cur // 2, padding=cfg.pad)
+                           cfg.scale, reference_r_max=cur // 2, padding=cfg.pad, solvent_mask=inp.solvent_mask)
         try:
             new_model, unfil = runner.maximize(parts, model, ms) if hasattr(runner, "maximize") \
                 else maximization(parts, model, ms)

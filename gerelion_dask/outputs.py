@@ -432,7 +432,7 @@ def write_optimiser_star(
         "rlnDoZeroMask": bool(config.zero_mask),
         "rlnDoSolventFlattening": bool(config.flatten_solvent),
         "rlnDoSolventFscCorrection": False,
-        "rlnSolventMaskName": "None",
+        "rlnSolventMaskName": config.solvent_mask or "None",
         "rlnSolventMask2Name": "None",
         "rlnBodyStarFile": "None",
         "rlnTauSpectrumName": "None",

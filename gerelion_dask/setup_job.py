@@ -38,6 +38,7 @@ class JobInputs:
     group_names: list
     optics_index: np.ndarray  # (n,) 0-based optics group
     ctf: CtfParams | None
+    solvent_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask), or None
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
         gidx, names = codes.astype(np.int64), list(uniq)
     oidx = optics_index(ps)
     ctf = ctf_params(ps, oidx) if cfg.ctf else None
-    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf)
+    mask = _read_solvent_mask(cfg, box, apix)
+    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask)
 
 
 def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
@@ -120,6 +122,35 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
             raise InputError(p, "reference map contains NaN or infinite values", "use another --ref map")
         maps.append(vol.astype(np.float64))
     return maps if len(maps) == cfg.K else [maps[0].copy() for _ in range(cfg.K)]
+
+
+# how far a --solvent_mask may stray outside [0, 1] (resampling in other programs) before it is refused; values
+# within it are clipped (RELION refuses any value outside)
+MASK_TOLERANCE = 1e-3
+
+
+def _read_solvent_mask(cfg: JobConfig, box: int, apix: float) -> np.ndarray | None:
+    """The ``--solvent_mask`` map checked against the particles (box, pixel size within 1 %, finite, values in
+    [0, 1]), or None without one.  It only acts with ``--flatten_solvent`` (as in RELION)."""
+    if not cfg.solvent_mask or cfg.solvent_mask == "None":
+        return None
+    p = cfg.solvent_mask
+    vol, vs = read_map(p)
+    if vol.ndim != 3 or vol.shape != (box, box, box):
+        raise InputError(p, f"solvent mask has shape {vol.shape} but the particles are {box} x {box} pixels",
+                         "resample the mask to the particle box (relion_image_handler --new_box)")
+    if vs > 0 and abs(vs - apix) > 0.01 * apix:
+        raise InputError(p, f"solvent mask voxel size {vs:.4g} Å differs from the particle pixel size {apix:.4g} Å "
+                         "by more than 1%", f"rescale the mask to {apix:.4g} Å/px")
+    if not np.all(np.isfinite(vol)):
+        raise InputError(p, "solvent mask contains NaN or infinite values", "make the mask again (relion_mask_create)")
+    lo, hi = float(vol.min()), float(vol.max())
+    if lo < -MASK_TOLERANCE or hi > 1 + MASK_TOLERANCE:
+        raise InputError(p, f"solvent mask values run from {lo:.4g} to {hi:.4g}; a mask holds values in [0, 1]",
+                         "make the mask with relion_mask_create")
+    if not cfg.flatten_solvent:
+        log.warning("--solvent_mask %s has no effect without --flatten_solvent (as in RELION)", p)
+    return np.clip(vol, 0.0, 1.0).astype(np.float32)
 
 
 def optics_index(ps: ParticleSet) -> np.ndarray:

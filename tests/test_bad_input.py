@@ -122,6 +122,16 @@ def _zero_pixel_size(d, o):
     return {}, "particles.star: data_optics row 1 (optics group 1): rlnImagePixelSize is 0"
 
 
+def _mask_box(d, o):
+    write_map(d / "mask.mrc", np.ones((BOX + 8,) * 3, np.float32), APIX)
+    return {"--flatten_solvent": None, "--solvent_mask": d / "mask.mrc"}, "mask.mrc: solvent mask has shape"
+
+
+def _mask_values(d, o):
+    write_map(d / "mask.mrc", np.full((BOX,) * 3, 2.0, np.float32), APIX)  # a map, not a mask
+    return {"--flatten_solvent": None, "--solvent_mask": d / "mask.mrc"}, "mask.mrc: solvent mask values"
+
+
 def _index_beyond_stack(d, o):
     _edit_star(d / "particles.star", "000012@particles.mrcs", "000099@particles.mrcs")
     return {}, "particles.mrcs"
@@ -285,7 +295,7 @@ def _missing_required_flags(d, o):
 
 CASES = {f.__name__[1:]: f for f in (
     _truncated_stack, _corrupt_stack_header, _wrong_mode, _no_image_name, _no_ctf_columns, _index_beyond_stack,
-    _nan_defocus, _text_in_numeric_column, _zero_pixel_size,
+    _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
     _reference_box,    _reference_pixel_size, _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,
     _output_unwritable, _output_read_only, _output_holds_run, _k_zero, _healpix_order_high, _healpix_order_negative,

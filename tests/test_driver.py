@@ -296,3 +296,27 @@ def test_default_gpu_pool_leaves_room_for_local_searches():
     assert pool_for_inputs(refine, inp, gpu, local=False) == 4000
     assert pool_for_inputs(refine, inp, gpu, local=True) == 250
     assert pool_for_inputs(refine, inp, ExecutionTarget(0, "cpu", None)) == 64
+
+
+def test_solvent_mask_flattens_the_references_and_is_named_in_the_optimiser(small_set, tmp_path, caplog):
+    # oracle: RELION's --solvent_mask (ALGORITHM.md §5.5) -- with --flatten_solvent the iteration's map is zero where
+    # the mask is zero (an off-centre slab here, so the soft sphere would leave it non-zero) and the optimiser file
+    # names the mask; without --flatten_solvent the mask has no effect and a warning says so
+    paths, _ = small_set
+    z = np.arange(BOX)[:, None, None] * np.ones((1, BOX, BOX))
+    mask = np.clip((z - BOX / 2 + 3) / 4, 0, 1).astype(np.float32)  # 0 for z < 9, 1 from z >= 13
+    write_map(tmp_path / "mask.mrc", mask, APIX)
+    common = ["--i", str(paths.particles_star), "--ref", str(paths.initial_reference), "--ctf", "--ctf_corrected_ref",
+              "--particle_diameter", str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2",
+              "--offset_step", "2", "--iter", "1", "--random_seed", "1", "--in-process", "--device", "cpu",
+              "--solvent_mask", str(tmp_path / "mask.mrc")]
+    assert cli_main(["classify", "--o", str(tmp_path / "a" / "run"), "--flatten_solvent", *common]) == 0
+    vol, _ = read_map(tmp_path / "a" / "run_it001_class001.mrc")
+    assert np.abs(vol[mask == 0]).max() == 0 and np.abs(vol[mask == 1]).max() > 0
+    opt = read_star(tmp_path / "a" / "run_it001_optimiser.star")
+    assert str(next(iter(opt.values()))["rlnSolventMaskName"].iloc[0]) == str(tmp_path / "mask.mrc")
+    with caplog.at_level("WARNING"):
+        assert cli_main(["classify", "--o", str(tmp_path / "b" / "run"), *common]) == 0
+    assert any("has no effect without --flatten_solvent" in r.getMessage() for r in caplog.records)
+    vol, _ = read_map(tmp_path / "b" / "run_it001_class001.mrc")
+    assert np.abs(vol[mask == 0]).max() > 0

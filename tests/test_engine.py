@@ -845,6 +845,38 @@ def test_each_half_set_keeps_its_own_other_parameters():
             assert np.allclose(np.asarray(getattr(fin, name))[hi], value, rtol=1e-12, atol=0), (hi, name)
 
 
+def test_solvent_flattening_multiplies_each_half_map_by_the_mask(xp):
+    # oracle: RELION's solventFlatten (ALGORITHM.md §5.5) -- the maps of an M-step with --flatten_solvent are the
+    # maps of the same M-step without it, times the --solvent_mask (values in [0, 1]) or, without one, times the soft
+    # sphere of the particle diameter; the final iteration is not flattened
+    from gerelion_dask.maximization.model import Model
+    from gerelion_dask.maximization.mstep import MStepSettings, maximization
+    from gerelion_dask.ops.masks import radius_grid, soft_sphere
+
+    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
+    nsh = N // 2 + 1
+    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
+               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
+               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    parts = {1: p1.on(xp), 2: p2.on(xp)}
+    r = radius_grid(N, 3)
+    z = np.arange(N)[:, None, None] - N // 2
+    mask = np.clip(1.2 - r / (0.3 * N), 0, 1) * (z >= -2)  # off-centre, not a sphere: a wrong mask shows
+    base = MStepSettings(True, particle_diameter_angst=0.8 * N * APIX)
+    plain, _ = maximization(parts, m0, base)
+    masked, _ = maximization(parts, m0, replace(base, flatten_solvent=True, solvent_mask=mask.astype(np.float32)))
+    sphere, _ = maximization(parts, m0, replace(base, flatten_solvent=True))
+    final, _ = maximization(parts, m0, replace(base, final=True, flatten_solvent=True, solvent_mask=mask))
+    final_plain, _ = maximization(parts, m0, replace(base, final=True))
+    ball = soft_sphere(N, 0.8 * N / 2, 5.0)
+    for h in range(2):
+        a = plain.maps[h][0]
+        assert np.abs(a).max() > 0 and np.abs(a[mask == 0]).max() > 1e-3 * np.abs(a).max()
+        assert np.allclose(masked.maps[h][0], a * mask.astype(np.float32), rtol=1e-12, atol=1e-12 * np.abs(a).max())
+        assert np.allclose(sphere.maps[h][0], a * ball, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+        assert np.array_equal(final.maps[h][0], final_plain.maps[h][0])
+
+
 @pytest.mark.parametrize("final, gridding, sym", [(False, 0, "C1"), (False, 10, "C2"), (True, 0, "C1")])
 def test_mstep_gpu_matches_numpy(xp, final, gridding, sym):
     # oracle: the float64 NumPy M-step -- the same summed partials reconstructed on CuPy give the same maps, FSC,

@@ -48,6 +48,7 @@ class MStepSettings:
     min_sigma2_offset: float = 0.0  # Å^2 floor (RELION 5: 2); 0 keeps RELION 3.1 behaviour
     reference_r_max: int | None = None  # how the E-step's references were made (classification's tau2 prior):
     padding: float = 2.0  # ReferenceSpec(map, reference_r_max, padding)
+    solvent_mask: np.ndarray | None = None  # --solvent_mask (N, N, N) in [0, 1]; None: the soft sphere
 
 
 def symmetrised(data, weight, grid, ops) -> BackProjection:
@@ -218,7 +219,9 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 vol = lowpass_map(vol, ms.ini_high_angst, a)
             if ms.flatten_solvent and not ms.final:
                 xp = get_xp(vol)
-                vol = vol * soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp)
+                mask = soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp) \
+                    if ms.solvent_mask is None else xp.asarray(ms.solvent_mask)
+                vol = vol * mask
             maps[hi][c] = to_host(vol)
     if ms.cc_iteration and ms.ini_high_angst > 0:
         taper = ini_high_taper(nsh, N, a, ms.ini_high_angst)
