@@ -30,10 +30,17 @@ _COMPAT_VALUE = {"--j": "threads per task (ignored: one task per worker)",
                  "--memory_per_thread": "ignored (memory is planned from the GPU/host size)",
                  "--mode": "ignored (GeRelion's --mode 1 is our only mode)",
                  "--gpu": "ignored (GPUs are found automatically)",
-                 "--free_gpu_memory": "ignored"}
+                 "--free_gpu_memory": "ignored", "--keep_free_scratch": "ignored (no scratch copy)"}
 _COMPAT_FLAG = {"--dont_combine_weights_via_disc": "always (partial sums travel in memory)",
                 "--no_parallel_disc_io": "ignored", "--preread_images": "ignored (images are read per pool)",
-                "--scratch_dir": "ignored"}
+                "--scratch_dir": "ignored", "--reuse_scratch": "ignored",
+                "--skip_gridding": "the default here (RELION 3.1's flag; --dont_skip_gridding does the gridding)"}
+# relion_refine's speed heuristics that change which particles or samples an iteration uses: accepted so that
+# RELION command lines run, with a warning that every iteration here uses all particles and the full sampling
+_IGNORED_HEURISTICS = {"--fast_subsets": "subsets of the particles in the first iterations",
+                       "--allow_coarser_sampling": "coarser sampling in the early iterations",
+                       "--auto_ignore_angles": "finer angles only once the offsets have converged",
+                       "--auto_resol_angles": "finer angles only once the resolution allows"}
 
 
 def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
@@ -91,11 +98,17 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
       "128 on GPUs: RELION's --pool, "
       "particles per CPU thread, is 3 in its GUI)")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="array backend (auto: GPU when present)")
+    a("--pipeline_control", default="", metavar="JOB_FOLDER",
+      help="RELION's pipeline control: RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED in this folder at the end; a "
+           "RELION_JOB_ABORT_NOW file there stops the job before its next iteration")
     add_dask_flags(p)
-    for f, h in _COMPAT_VALUE.items():
-        a(f, default=None, help=h)
+    for f, h in _COMPAT_VALUE.items():  # --gpu may come without a value (RELION: all GPUs)
+        a(f, default=None, help=h, **({"nargs": "?", "const": ""} if f == "--gpu" else {}))
     for f, h in _COMPAT_FLAG.items():
         a(f, action="store_true", help=h)
+    for f, h in _IGNORED_HEURISTICS.items():
+        a(f, action="store_true", help=f"ignored with a warning (RELION: {h}; here every iteration uses all "
+          "particles and the full sampling)")
     return p
 
 
@@ -227,6 +240,25 @@ def _continue_config(ns, argv, classify: bool):
 
 def cmd_refine(argv, classify: bool) -> int:
     ns = refine_parser("gerelion classify" if classify else "gerelion refine", classify).parse_args(argv)
+    if not ns.pipeline_control:
+        return _refine(ns, argv, classify, None)
+    from . import pipeline_control as pc
+
+    pc.clear(ns.pipeline_control)
+    try:
+        rc = _refine(ns, argv, classify, ns.pipeline_control)
+    except pc.JobAborted as e:
+        pc.mark(ns.pipeline_control, pc.EXIT_ABORTED)
+        print(f"gerelion: aborted: {e}", file=sys.stderr)
+        return 130
+    except BaseException:
+        pc.mark(ns.pipeline_control, pc.EXIT_FAILURE)
+        raise
+    pc.mark(ns.pipeline_control, pc.EXIT_SUCCESS if rc == 0 else pc.EXIT_FAILURE)
+    return rc
+
+
+def _refine(ns, argv, classify: bool, pipeline_control) -> int:
     from .job_files import make_writer, restart_progress
 
     resume = None
@@ -243,8 +275,17 @@ def cmd_refine(argv, classify: bool) -> int:
         _check_output(cfg)
     from .progress import ProgressBar
 
+    for f, h in _IGNORED_HEURISTICS.items():
+        if getattr(ns, f[2:]):
+            logging.getLogger(__name__).warning("%s ignored (RELION: %s); every iteration here uses all particles "
+                                                "and the full sampling", f, h)
+    progress = ProgressBar()  # draws only on a terminal
+    if pipeline_control:
+        from .pipeline_control import AbortWatch
+
+        progress = AbortWatch(pipeline_control, progress)
     res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto", resume,
-                              progress=ProgressBar())  # draws only on a terminal
+                              progress=progress)
     last = res.iterations[-1] if res.iterations else None
     if last:
         print(f"done: {len(res.iterations)} iterations, resolution {last.resolution_angst:.2f} Å; "
