@@ -65,7 +65,9 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
                  ("--split_random_halves", "gold-standard halves"),
                  ("--dont_skip_gridding", "iterative gridding in the reconstruction"),
                  ("--fix_sigma_noise", "keep the noise spectra"), ("--fix_sigma_offset", "keep sigma_offset"),
-                 ("--overwrite", "replace the results of an earlier run under --o")):
+                 ("--overwrite", "replace the results of an earlier run under --o"),
+                 ("--solvent_correct_fsc", "auto-refine: the gold-standard FSC of the half maps masked by "
+                  "--solvent_mask, corrected by phase randomisation (as relion_postprocess)")):
         a(f, action="store_true", help=h)
     a("--healpix_order", type=int, default=2)
     a("--oversampling", type=int, default=1)

@@ -44,6 +44,7 @@ class JobConfig:
     auto_local_healpix_order: int = 4
     flatten_solvent: bool = False
     solvent_mask: str = ""  # map (values in [0, 1]) that --flatten_solvent multiplies the references by; "": a sphere
+    solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     zero_mask: bool = False
     norm: bool = False
     scale: bool = False

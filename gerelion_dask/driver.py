@@ -193,6 +193,11 @@ def _initial_model(inp: JobInputs, cfg: JobConfig, sigma2, n_dir: int, halves: l
                  np.ones((H, len(inp.group_names))), res, loglik=np.zeros(H), tau2_fudge=cfg.tau2_fudge)
 
 
+def _fsc_seed(random_seed: int, iteration: int) -> int:
+    """Seed of an iteration's phase randomisation (--solvent_correct_fsc): the same run gives the same FSC."""
+    return int(np.random.SeedSequence([max(random_seed, 0), iteration]).generate_state(1)[0])
+
+
 def _hook(progress, name: str, *args) -> None:
     """Call ``progress.<name>(*args)`` where the progress object has it (see :mod:`gerelion_dask.progress`)."""
     f = getattr(progress, name, None)
@@ -363,7 +368,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         ms = MStepSettings(cfg.auto_refine, final, cc_iter, cfg.ini_high, cfg.tau2_fudge, cfg.low_resol_join_halves,
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
-                           cfg.scale, reference_r_max=cur // 2, padding=cfg.pad, solvent_mask=inp.solvent_mask)
+                           cfg.scale, reference_r_max=cur // 2, padding=cfg.pad, solvent_mask=inp.solvent_mask,
+                           solvent_correct_fsc=cfg.solvent_correct_fsc, fsc_seed=_fsc_seed(cfg.random_seed, it))
         try:
             new_model, unfil = runner.maximize(parts, model, ms) if hasattr(runner, "maximize") \
                 else maximization(parts, model, ms)

@@ -431,7 +431,7 @@ def write_optimiser_star(
         "rlnWidthMaskEdge": round(config.maskedge),
         "rlnDoZeroMask": bool(config.zero_mask),
         "rlnDoSolventFlattening": bool(config.flatten_solvent),
-        "rlnDoSolventFscCorrection": False,
+        "rlnDoSolventFscCorrection": bool(config.solvent_correct_fsc and config.solvent_mask),
         "rlnSolventMaskName": config.solvent_mask or "None",
         "rlnSolventMask2Name": "None",
         "rlnBodyStarFile": "None",

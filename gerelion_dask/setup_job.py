@@ -85,6 +85,9 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     oidx = optics_index(ps)
     ctf = ctf_params(ps, oidx) if cfg.ctf else None
     mask = _read_solvent_mask(cfg, box, apix)
+    if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
+        log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",
+                    "without --solvent_mask" if mask is None else "in a classification")
     return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask)
 
 
@@ -148,8 +151,9 @@ def _read_solvent_mask(cfg: JobConfig, box: int, apix: float) -> np.ndarray | No
     if lo < -MASK_TOLERANCE or hi > 1 + MASK_TOLERANCE:
         raise InputError(p, f"solvent mask values run from {lo:.4g} to {hi:.4g}; a mask holds values in [0, 1]",
                          "make the mask with relion_mask_create")
-    if not cfg.flatten_solvent:
-        log.warning("--solvent_mask %s has no effect without --flatten_solvent (as in RELION)", p)
+    if not cfg.flatten_solvent and not (cfg.solvent_correct_fsc and cfg.auto_refine):
+        log.warning("--solvent_mask %s has no effect without --flatten_solvent (or --solvent_correct_fsc in "
+                    "auto-refine), as in RELION", p)
     return np.clip(vol, 0.0, 1.0).astype(np.float32)
 
 

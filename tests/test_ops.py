@@ -548,3 +548,22 @@ def test_concat_ranges_equals_a_loop_of_aranges():
     np.testing.assert_array_equal(concat_ranges(start, n), want)
     np.testing.assert_array_equal(concat_ranges(7, [0, 2, 3]), [7, 8, 7, 8, 9])
     assert concat_ranges(np.zeros(0, int), np.zeros(0, int)).shape == (0,)
+
+
+def test_randomize_phases_beyond_keeps_amplitudes_and_the_shells_below():
+    # oracle: RELION's randomizePhasesBeyond -- every Fourier component at |k|^2 >= shell^2 keeps its amplitude and
+    # gets a new phase; components below stay as they were (checked off the kx = 0 and Nyquist planes, whose
+    # Hermitian twins the real inverse transform averages)
+    from gerelion_dask.ops.fsc import randomize_phases_beyond
+
+    n, shell = 16, 5
+    v = np.random.default_rng(2).normal(size=(n, n, n))
+    out = randomize_phases_beyond(v, shell, np.random.default_rng(3))
+    F, G = np.fft.rfftn(v)[..., 1 : n // 2], np.fft.rfftn(out)[..., 1 : n // 2]
+    c = np.fft.fftfreq(n) * n
+    k2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + (np.arange(1, n // 2) ** 2)[None, None]
+    hi = k2 >= shell * shell
+    np.testing.assert_allclose(np.abs(G), np.abs(F), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(G[~hi], F[~hi], rtol=1e-9, atol=1e-9)
+    dphi = np.angle(G[hi] / F[hi])
+    assert np.abs(dphi).mean() > 1.2  # uniform phases: mean |dphi| = pi/2

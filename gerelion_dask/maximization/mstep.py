@@ -9,6 +9,7 @@ prior, noise spectra, norm and scale corrections (§5.4) and the current resolut
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +17,14 @@ import numpy as np
 from ..backend import get_xp, to_host
 from ..ops.backprojector import BackProjection, enforce_hermitian
 from ..ops.fourier import npix_per_shell
-from ..ops.fsc import fsc_from_backprojections
+from ..ops.fsc import fsc_from_backprojections, solvent_corrected_fsc
 from ..ops.masks import soft_sphere
 from ..ops.projector import ReferenceSpec, reference_power_spectrum
 from ..ops.reconstruct import reconstruct, shell_index
 from ..ops.symmetry import symmetrise_fourier
 from .model import Model, replace
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MStepSettings", "maximization", "reference_tau2", "symmetrised", "ssnr_spectra", "lowpass_map",
            "update_resolution", "ini_high_resolution", "ini_high_taper"]
@@ -49,6 +52,8 @@ class MStepSettings:
     reference_r_max: int | None = None  # how the E-step's references were made (classification's tau2 prior):
     padding: float = 2.0  # ReferenceSpec(map, reference_r_max, padding)
     solvent_mask: np.ndarray | None = None  # --solvent_mask (N, N, N) in [0, 1]; None: the soft sphere
+    solvent_correct_fsc: bool = False  # --solvent_correct_fsc: the FSC of masked unregularised half maps, corrected
+    fsc_seed: int = 0  # seed of its phase randomisation (the driver's: random seed and iteration)
 
 
 def symmetrised(data, weight, grid, ops) -> BackProjection:
@@ -186,10 +191,22 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 bps[h1][c], bps[h2][c] = _join_low_resolution(bps[h1][c], bps[h2][c], r_join)
             f = to_host(fsc_from_backprojections(bps[h1][c], bps[h2][c]))
             fsc[c, : len(f)] = f
+        corrected = ms.solvent_correct_fsc and ms.solvent_mask is not None
+        if ms.final or corrected:
+            unreg = [[reconstruct(bps[h][c], tau2=None, minres_map=ms.minres_map,
+                                  gridding_iterations=ms.gridding_iterations) for c in range(K)] for h in halves]
+        if corrected:
+            rng = np.random.default_rng(ms.fsc_seed)
+            for c in range(K):
+                f, at, *_ = solvent_corrected_fsc(unreg[0][c], unreg[1][c], ms.solvent_mask, rng)
+                if at < 0:
+                    log.info("the FSC of the unmasked half maps never falls below 0.8: the unmasked FSC is used "
+                             "(RELION does the same; expected in the first iterations)")
+                f = f.copy()
+                f[grid.r_max + 1:] = 0.0  # nothing beyond the current size, as RELION
+                fsc[c] = f[:nsh]
         if ms.final:
-            unfil = [[to_host(reconstruct(bps[h][c], tau2=None, minres_map=ms.minres_map,
-                                          gridding_iterations=ms.gridding_iterations)) for c in range(K)]
-                     for h in halves]
+            unfil = [[to_host(u) for u in row] for row in unreg]
             joined = [BackProjection(bps[h1][c].data + bps[h2][c].data, bps[h1][c].weight + bps[h2][c].weight, grid)
                       for c in range(K)]
             bps = {h1: joined, h2: joined}

@@ -11,8 +11,12 @@ import numpy as np
 from ..backend import get_xp
 from .reconstruct import shell_index
 
-__all__ = ["fsc", "fsc_fourier", "fsc_from_backprojections", "resolution_at", "shell_resolution_angst",
-           "shell_of_resolution"]
+__all__ = ["fsc", "fsc_fourier", "fsc_from_backprojections", "randomize_phases_beyond", "resolution_at",
+           "shell_resolution_angst", "shell_of_resolution", "solvent_corrected_fsc"]
+
+# the unmasked FSC below which phases are randomised for the solvent correction (RELION's postprocessing and
+# --solvent_correct_fsc)
+RANDOMIZE_BELOW = 0.8
 
 
 def _shells_full(n: int, xp):
@@ -43,6 +47,47 @@ def fsc(map1, map2):
     F1 = xp.fft.rfftn(map1)
     F2 = xp.fft.rfftn(map2)
     return fsc_fourier(F1, F2, _shells_full(n, xp), n // 2 + 1)
+
+
+def randomize_phases_beyond(vol, shell: int, rng):
+    """``vol`` with a uniformly random phase for every Fourier component at ``|k|^2 >= shell^2`` (amplitudes kept;
+    RELION's ``randomizePhasesBeyond``).  ``rng``: a NumPy ``Generator`` (the phases are drawn on the host, so
+    NumPy and CuPy give the same map)."""
+    xp = get_xp(vol)
+    n = vol.shape[-1]
+    F = xp.fft.rfftn(vol)
+    c = xp.fft.fftfreq(n) * n
+    k2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + (xp.arange(n // 2 + 1, dtype=np.float64) ** 2)[None, None]
+    sel = k2 >= shell * shell
+    phase = xp.asarray(rng.uniform(0.0, 2.0 * np.pi, int(sel.sum())))
+    F[sel] = xp.abs(F[sel]) * xp.exp(1j * phase)
+    return xp.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
+
+
+def solvent_corrected_fsc(map1, map2, mask, rng):
+    """Gold-standard FSC of two unregularised half maps corrected for the convolution of a solvent mask by phase
+    randomisation (RELION's postprocessing and ``--solvent_correct_fsc``, ALGORITHM.md §6.3, §8): beyond the first
+    shell where the unmasked FSC falls below 0.8 (``randomize_at``) both maps get random phases, are masked, and
+    ``FSC_true = (FSC_masked - FSC_random) / (1 - FSC_random)`` (0 where the random one is higher) from two shells
+    past that point; below it the masked FSC.  Without such a shell the unmasked FSC is returned (``randomize_at``
+    -1).  Returns ``(fsc_true, randomize_at, fsc_unmasked, fsc_masked, fsc_random)`` as host arrays."""
+    from ..backend import to_host
+
+    xp = get_xp(map1, map2)
+    mask = xp.asarray(mask)
+    unmasked = to_host(fsc(map1, map2))
+    masked = to_host(fsc(map1 * mask, map2 * mask))
+    below = np.flatnonzero((np.arange(len(unmasked)) > 0) & (unmasked < RANDOMIZE_BELOW))
+    if not len(below):
+        return unmasked, -1, unmasked, masked, np.zeros_like(unmasked)
+    at = int(below[0])
+    r1 = randomize_phases_beyond(map1, at, rng) * mask
+    r2 = randomize_phases_beyond(map2, at, rng) * mask
+    rand = to_host(fsc(r1, r2))
+    i = np.arange(len(masked))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corrected = np.where((rand > masked) | (rand >= 1.0), 0.0, (masked - rand) / (1.0 - rand))
+    return np.where(i < at + 2, masked, corrected), at, unmasked, masked, rand
 
 
 def fsc_from_backprojections(bp1, bp2):
