@@ -45,6 +45,7 @@ class JobConfig:
     flatten_solvent: bool = False
     solvent_mask: str = ""  # map (values in [0, 1]) that --flatten_solvent multiplies the references by; "": a sphere
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
+    trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
     zero_mask: bool = False
     norm: bool = False
     scale: bool = False

@@ -118,9 +118,14 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
             raise InputError(p, f"reference map has shape {vol.shape} but the particles are {box} x {box} pixels",
                              "resample the reference to the particle box")
         if vs > 0 and abs(vs - apix) > 0.01 * apix:
-            raise InputError(p, f"reference voxel size {vs:.4g} Å differs from the particle pixel size {apix:.4g} Å "
-                             "by more than 1%", f"rescale the reference to {apix:.4g} Å/px and box {box} "
-                             "(relion_image_handler --rescale_angpix --new_box)")
+            if cfg.trust_ref_size:
+                log.warning("%s: reference voxel size %.4g Å differs from the particle pixel size %.4g Å; used as "
+                            "it is (--trust_ref_size)", p, vs, apix)
+            else:
+                raise InputError(p, f"reference voxel size {vs:.4g} Å differs from the particle pixel size "
+                                 f"{apix:.4g} Å by more than 1%", f"rescale the reference to {apix:.4g} Å/px and box "
+                                 f"{box} (relion_image_handler --rescale_angpix --new_box), or give --trust_ref_size "
+                                 "if only its header is wrong")
         if not np.all(np.isfinite(vol)):
             raise InputError(p, "reference map contains NaN or infinite values", "use another --ref map")
         maps.append(vol.astype(np.float64))

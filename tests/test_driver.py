@@ -320,3 +320,19 @@ def test_solvent_mask_flattens_the_references_and_is_named_in_the_optimiser(smal
     assert any("has no effect without --flatten_solvent" in r.getMessage() for r in caplog.records)
     vol, _ = read_map(tmp_path / "b" / "run_it001_class001.mrc")
     assert np.abs(vol[mask == 0]).max() > 0
+
+
+def test_trust_ref_size_takes_a_reference_whose_header_voxel_size_is_wrong(small_set, tmp_path, caplog):
+    # oracle: relion_refine's --trust_ref_size -- a reference whose header voxel size differs from the particles'
+    # is an error (exit 2) without the flag and is used as it is, with a warning, with it
+    paths, _ = small_set
+    vol, _ = read_map(paths.initial_reference)
+    write_map(tmp_path / "ref.mrc", vol, APIX * 1.2)
+    args = ["--i", str(paths.particles_star), "--ref", str(tmp_path / "ref.mrc"), "--ctf", "--particle_diameter",
+            str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2", "--offset_step", "2", "--iter", "1",
+            "--random_seed", "1", "--in-process", "--device", "cpu"]
+    assert cli_main(["classify", "--o", str(tmp_path / "a" / "run"), *args]) == 2
+    with caplog.at_level("WARNING"):
+        assert cli_main(["classify", "--o", str(tmp_path / "b" / "run"), "--trust_ref_size", *args]) == 0
+    assert any("--trust_ref_size" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "b" / "run_it001_class001.mrc").is_file()
