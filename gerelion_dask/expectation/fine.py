@@ -314,6 +314,13 @@ class FineProjections:
             self._rows_x[c] = xp.asarray(self.rows[c])
         return xp.searchsorted(self._rows_x[c], gid)
 
+    def members(self, c: int, gid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host ids ``gid`` that may be absent from the pool: ``(rows, present)``, ``rows`` valid where ``present``
+        (:meth:`positions` takes ids that are all there)."""
+        have = self.rows[c]
+        pos = np.minimum(np.searchsorted(have, gid), len(have) - 1)
+        return pos, have[pos] == gid
+
     def projections(self, c: int, pool_rows):
         """Rows of ``data[c]`` holding the projections of the pool's rows ``pool_rows``."""
         return self.where[c][pool_rows]
@@ -528,9 +535,7 @@ def _flat_layout(xp, sig: Significant, classes: np.ndarray, U: np.ndarray, ut_po
     gid = grid.fine_ids(U).reshape(-1)
     P, power, cols, rows = [], [], [], []
     for c in classes:
-        have = fp.gids(c)
-        pos = np.minimum(np.searchsorted(have, gid), len(have) - 1)
-        ok = have[pos] == gid
+        pos, ok = fp.members(c, gid)
         Pc = xp.zeros((len(gid), M), np.complex128)
         cx, rx = xp.asarray(np.nonzero(ok)[0]), xp.asarray(pos[ok])
         Pc[cx] = fp.data[c][fp.projections(c, rx)]
