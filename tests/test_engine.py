@@ -908,6 +908,31 @@ def test_solvent_corrected_fsc_replaces_the_gold_standard_fsc(xp):
     np.testing.assert_array_equal(maximization(parts, m0, ms)[0].fsc, got.fsc)
 
 
+def test_non_finite_e_step_sums_stop_the_m_step_with_one_clear_error(xp):
+    # oracle: the rule for bad numbers -- a NaN or infinity in a half set's sums (here put into its back-projection,
+    # then into its noise spectra) stops the run with one RunFailedError naming the half set and the sums, instead
+    # of maps of NaN or zeros; finite sums pass
+    from gerelion_dask.errors import RunFailedError
+    from gerelion_dask.maximization.model import Model
+    from gerelion_dask.maximization.mstep import MStepSettings, maximization
+
+    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
+    nsh = N // 2 + 1
+    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
+               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
+               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    ms = MStepSettings(True)
+    maximization({1: p1.on(xp), 2: p2.on(xp)}, m0, ms)
+    data = np.array(p2.bp_data)
+    data[0, 3, 4, 5] = np.nan
+    with pytest.raises(RunFailedError, match=r"half set 2 hold NaN or infinite values \(back-projected images\)"):
+        maximization({1: p1.on(xp), 2: replace(p2, bp_data=data).on(xp)}, m0, ms)
+    noise = np.array(p1.wsum_sigma2)
+    noise[0, 2] = np.inf
+    with pytest.raises(RunFailedError, match=r"half set 1 .*\(noise spectra\)"):
+        maximization({1: replace(p1, wsum_sigma2=noise).on(xp), 2: p2.on(xp)}, m0, ms)
+
+
 @pytest.mark.parametrize("final, gridding, sym", [(False, 0, "C1"), (False, 10, "C2"), (True, 0, "C1")])
 def test_mstep_gpu_matches_numpy(xp, final, gridding, sym):
     # oracle: the float64 NumPy M-step -- the same summed partials reconstructed on CuPy give the same maps, FSC,

@@ -168,12 +168,33 @@ def reference_tau2(volume, ms: MStepSettings, nsh: int, xp) -> np.ndarray:
     return out
 
 
+def check_finite(partials: dict) -> None:
+    """Raise :class:`~gerelion_dask.errors.RunFailedError` when a half set's E-step sums hold NaN or infinite values:
+    something the input checks let through (an image or CTF value that overflows) would otherwise reach the maps as
+    NaN or, after the reconstruction's divisions, as zeros, without a word."""
+    from ..errors import RunFailedError
+
+    for h, p in sorted(partials.items()):
+        xp = get_xp(p.bp_data)
+        bad = [name for name, v in (("back-projected images", p.bp_data), ("back-projection weights", p.bp_weight))
+               if not bool(xp.isfinite(xp.sum(v)))]
+        bad += [name for name, v in (("noise spectra", p.wsum_sigma2), ("scale corrections", p.wsum_scale_xa),
+                                     ("scale corrections", p.wsum_scale_aa), ("norm corrections", p.wsum_avg_norm),
+                                     ("class weights", p.wsum_pdf_class)) if not np.all(np.isfinite(v))]
+        if bad:
+            which = f"half set {h}" if h else "the particles"
+            raise RunFailedError(f"the E-step sums of {which} hold NaN or infinite values "
+                                 f"({', '.join(dict.fromkeys(bad))})",
+                                 "look for NaN or extreme values in the particles' images and STAR columns")
+
+
 def maximization(partials: dict, model: Model, ms: MStepSettings):
     """New model from the summed partials of each half (``{1: P1, 2: P2}`` or ``{0: P}``) and the ``model`` of the
     E-step that made them (classification takes its tau^2 prior from that model's maps, :func:`reference_tau2`).
 
     Returns ``(model, unfiltered)``: ``unfiltered`` holds the unregularised half maps in the final iteration.
     """
+    check_finite(partials)
     N, a = model.ori_size, model.pixel_size
     nsh = N // 2 + 1
     halves = sorted(partials)
