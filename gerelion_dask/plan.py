@@ -441,8 +441,10 @@ def plan_main(argv) -> int:
     """``gerelion plan``: the memory a run will need, from the particles STAR file or from sizes alone."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="gerelion plan", description="predict the host and GPU memory of a run "
-                                "(model: gerelion_dask/plan.py) from its sizes; the same flags as refine/classify")
+    p = argparse.ArgumentParser(prog="gerelion plan", allow_abbrev=False,
+                                description="predict the host and GPU memory of a run (model: gerelion_dask/plan.py) "
+                                "from its sizes; a refine/classify command line's other flags are accepted and "
+                                "do not change the plan")
     p.add_argument("--i", help="particles STAR file (box, pixel size and particle count are read from it)")
     p.add_argument("--box", type=int, help="box size in pixels (without --i)")
     p.add_argument("--n_particles", type=int, default=10000, help="particles (without --i)")
@@ -467,7 +469,13 @@ def plan_main(argv) -> int:
                         "precision, counted as float64 here)")
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")
-    ns = p.parse_args(argv)
+    ns, rest = p.parse_known_args(argv)
+    if rest:  # the rest of a refine/classify command line (--o, --ref, --ctf ...): accepted if those take it
+        from .cli import refine_parser
+
+        _, unknown = refine_parser("gerelion plan", ns.classify).parse_known_args(rest)
+        if unknown:
+            p.error(f"unrecognized arguments: {' '.join(unknown)}")
     from .errors import InputError
 
     if ns.i:

@@ -56,6 +56,17 @@ def test_plan_scales_and_cli(capsys):
     out = capsys.readouterr().out
     assert "memory plan" in out and "fine pass (per task)" in out
     assert cli_main(["plan"]) == 2
+    # a refine command line with "plan" in place of "refine": its other flags are accepted and change nothing
+    # (oracle: the same plan printed as for the sizes alone); a flag refine does not know either is refused
+    flags = ["--box", "128", "--n_particles", "5000", "--healpix_order", "2", "--pool", "32"]
+    cli_main(["plan", *flags])
+    alone = capsys.readouterr().out
+    assert cli_main(["plan", *flags, "--o", "Refine3D/job001/run", "--ref", "ref.mrc", "--ctf", "--flatten_solvent",
+                     "--j", "6", "--gpu", "--pipeline_control", "Refine3D/job001/"]) == 0
+    assert capsys.readouterr().out == alone
+    with pytest.raises(SystemExit) as e:
+        cli_main(["plan", *flags, "--bogus", "3"])
+    assert e.value.code == 2
     # the per-half-set projection caches: both half sets' in one worker (or in process), capped per cache
     from gerelion_dask.expectation.fine import FINE_LIMITS
 
