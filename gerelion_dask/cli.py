@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cliargs import ArgumentParser as _OneLineParser
+from .cliargs import refuse_unsupported
 from .config import COARSE_PRECISIONS
 from .errors import InputError, RunFailedError
 
@@ -44,7 +46,7 @@ _IGNORED_HEURISTICS = {"--fast_subsets": "subsets of the particles in the first 
 
 
 def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=(
+    p = _OneLineParser(prog=prog, description=(
         "3D classification" if classify else "3D auto-refinement (gold-standard halves)") +
         " with relion_refine's flags. Example: see README.")
     a = p.add_argument
@@ -243,7 +245,9 @@ def _continue_config(ns, argv, classify: bool):
 
 
 def cmd_refine(argv, classify: bool) -> int:
-    ns = refine_parser("gerelion classify" if classify else "gerelion refine", classify).parse_args(argv)
+    prog = "gerelion classify" if classify else "gerelion refine"
+    refuse_unsupported(argv, prog)
+    ns = refine_parser(prog, classify).parse_args(argv)
     if not ns.pipeline_control:
         return _refine(ns, argv, classify, None)
     from . import pipeline_control as pc
@@ -298,7 +302,7 @@ def _refine(ns, argv, classify: bool, pipeline_control) -> int:
 
 
 def cmd_reconstruct(argv) -> int:
-    p = argparse.ArgumentParser(prog="gerelion reconstruct", description="reconstruct a map from particles at "
+    p = _OneLineParser(prog="gerelion reconstruct", description="reconstruct a map from particles at "
                                 "their poses (like relion_reconstruct)")
     p.add_argument("--i", required=True)
     p.add_argument("--o", required=True)
@@ -320,7 +324,7 @@ def cmd_reconstruct(argv) -> int:
 
 
 def cmd_import(argv) -> int:
-    p = argparse.ArgumentParser(prog="gerelion import", description="copy a STAR + MRCS data set into particles.zarr")
+    p = _OneLineParser(prog="gerelion import", description="copy a STAR + MRCS data set into particles.zarr")
     p.add_argument("--i", required=True)
     p.add_argument("--o", required=True, help="output folder")
     p.add_argument("--pool", type=int, default=256)

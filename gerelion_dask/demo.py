@@ -11,17 +11,18 @@ process (``--in-process``).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .cliargs import ArgumentParser as _OneLineParser
+
 __all__ = ["demo_main"]
 
 
 def demo_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="gerelion demo", description=__doc__)
+    p = _OneLineParser(prog="gerelion demo", description=__doc__)
     p.add_argument("--o", default="demo_out", help="output folder")
     p.add_argument("--target", choices=["phantom", "1ake"], default="phantom",
                    help="what to simulate: an asymmetric blob phantom (converges in a few minutes on a laptop CPU) or "

@@ -439,9 +439,9 @@ def pool_for_inputs(cfg, inp, target: ExecutionTarget, local: bool | None = None
 
 def plan_main(argv) -> int:
     """``gerelion plan``: the memory a run will need, from the particles STAR file or from sizes alone."""
-    import argparse
+    from .cliargs import ArgumentParser as _OneLineParser
 
-    p = argparse.ArgumentParser(prog="gerelion plan", allow_abbrev=False,
+    p = _OneLineParser(prog="gerelion plan", allow_abbrev=False,
                                 description="predict the host and GPU memory of a run (model: gerelion_dask/plan.py) "
                                 "from its sizes; a refine/classify command line's other flags are accepted and "
                                 "do not change the plan")

@@ -134,9 +134,9 @@ white-space: pre-wrap; word-break: break-all; }}
 
 
 def report_main(argv) -> int:
-    import argparse
+    from .cliargs import ArgumentParser as _OneLineParser
 
-    p = argparse.ArgumentParser(prog="gerelion report", description="write an HTML page of a run: resolution "
+    p = _OneLineParser(prog="gerelion report", description="write an HTML page of a run: resolution "
                                 "history, FSC, class fractions, angular distribution, files, command line")
     p.add_argument("o", help="the run's output root (e.g. Refine3D/job001/run) or its folder")
     ns = p.parse_args(argv)

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from .cliargs import ArgumentParser as _OneLineParser
 from .simulate import (
     PHANTOM_KINDS,
     SimulationSpec,
@@ -30,7 +31,7 @@ __all__ = ["build_parser", "simulate_main", "class_maps_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gerelion simulate",
+    p = _OneLineParser(prog="gerelion simulate",
                                 description="Simulate RELION 3.1 particles with known poses, CTFs and classes.")
     p.add_argument("--o", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--n", type=int, default=1000, help="number of particles (default 1000)")

@@ -132,6 +132,19 @@ def _mask_values(d, o):
     return {"--flatten_solvent": None, "--solvent_mask": d / "mask.mrc"}, "mask.mrc: solvent mask values"
 
 
+def _unknown_flag(d, o):
+    # argparse's usage text (40 lines) used to come before the error
+    return {"--bogus_flag": None}, "unrecognized arguments: --bogus_flag"
+
+
+def _unsupported_relion_flag(d, o):
+    return {"--skip_align": None}, "--skip_align: classification without alignment"
+
+
+def _flag_value_not_a_number(d, o):
+    return {"--healpix_order": "two"}, "argument --healpix_order: invalid int value: 'two'"
+
+
 def _index_beyond_stack(d, o):
     _edit_star(d / "particles.star", "000012@particles.mrcs", "000099@particles.mrcs")
     return {}, "particles.mrcs"
@@ -295,7 +308,8 @@ def _missing_required_flags(d, o):
 
 CASES = {f.__name__[1:]: f for f in (
     _truncated_stack, _corrupt_stack_header, _wrong_mode, _no_image_name, _no_ctf_columns, _index_beyond_stack,
-    _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values,
+    _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values, _unknown_flag,
+    _unsupported_relion_flag, _flag_value_not_a_number,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
     _reference_box,    _reference_pixel_size, _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,
     _output_unwritable, _output_read_only, _output_holds_run, _k_zero, _healpix_order_high, _healpix_order_negative,

@@ -46,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cliargs import ArgumentParser as _OneLineParser
 from ..errors import InputError
 
 __all__ = ["make_client", "close_client", "detect_gpus", "connect", "new_local_cluster", "cluster_main",
@@ -363,7 +364,7 @@ def _status(ns) -> int:
 
 
 def cluster_parser(prog: str = "gerelion cluster") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="a persistent local Dask cluster that jobs join with "
+    p = _OneLineParser(prog=prog, description="a persistent local Dask cluster that jobs join with "
                                 "--scheduler-file")
     p.add_argument("action", choices=["start", "stop", "status", "serve"],
                    help="start | stop | status (serve: the service process itself)")
