@@ -369,6 +369,32 @@ class _FinePixels:
                            xp.asarray(kx[mb]), xp.asarray(ky[mb]))
 
 
+def pool_pixels(xp, pre, particles, model, settings, cache: ProjectionCache | None = None):
+    """A preprocessed pool at the likelihood pixels of its current size: ``(_FinePixels, _PoolPixels, |X|^2)``, the
+    images, CTFs (times the groups' scales), noise weights and diff2 image terms every pass over the pool's samples
+    (the fine pass, the fixed-pose pass of ``--skip_align``) starts from."""
+    ps = settings.preprocess
+    N, n = ps.ori_size, ps.current_size
+    sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
+    scale = np.asarray(model.scales)[particles.group]
+    og = np.asarray(particles.optics_group)
+    key = ("fine-pixels", n, N)
+    pix = cache.whole(key, lambda: _FinePixels.make(n, N, xp)) if cache is not None else _FinePixels.make(n, N, xp)
+    mb_x, lik = pix.mask_x, pix.lik_x
+    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, pix.shells_x]  # (B, M), gathered on the device
+    X_all = gather(pre.fimg, mb_x)
+    C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
+    Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
+    X2_all = xp.abs(X_all) ** 2
+    hr_xi2 = to_host(pre.highres_xi2)
+    px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
+                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all,
+                     (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0,
+                     gather(cc_pixel_weights(n, xp), mb_x)[None, :] if settings.do_cc else None,
+                     cc_image_norm(pre.fimg, n) if settings.do_cc else None)
+    return pix, px, X2_all
+
+
 def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> list[np.ndarray]:
     """Consecutive runs of ``order`` whose padded child layout (members x 32 x their most significant samples)
     holds at most ``max_elems`` values and whose children (32 per significant sample) number at most
@@ -683,25 +709,11 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     max_elems = settings.fine_max_elems or limits["max_elems"]
 
     sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
-    scale = np.asarray(model.scales)[particles.group]
     og = np.asarray(particles.optics_group)
-    key = ("fine-pixels", n, N)
-    pix = cache.whole(key, lambda: _FinePixels.make(n, N, xp)) if cache is not None else _FinePixels.make(n, N, xp)
-    mb, shb, mb_x, lik = pix.mask, pix.shells, pix.mask_x, pix.lik_x
+    pix, px, X2_all = pool_pixels(xp, pre, particles, model, settings, cache)
+    mb, shb = pix.mask, pix.shells
     M = len(shb)
     lik_h = shb >= 1
-    s2_all = xp.asarray(sig2)[xp.asarray(og)][:, pix.shells_x]  # (B, M), gathered on the device
-    X_all = gather(pre.fimg, mb_x)
-    C_all = gather(pre.ctf, mb_x) * xp.asarray(scale)[:, None]
-    Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
-    X2_all = xp.abs(X_all) ** 2
-    hr_xi2 = to_host(pre.highres_xi2)
-    px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
-                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all,
-                     (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0,
-                     gather(cc_pixel_weights(n, xp), mb_x)[None, :] if settings.do_cc else None,
-                     cc_image_norm(pre.fimg, n) if settings.do_cc else None)
-    del s2_all
     highres = to_host(pre.power_highres)
     shell_1hot = pix.shell_1hot  # (M, N/2+1)
     # the scale sums' resolution range: shells where the class's data dominate its prior
@@ -834,28 +846,13 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
                       xa, aa, max_elems, rows_sorted=True)  # pairs are ordered by fine orientation
         del wv, tp, p_c, p_g, p_j, cstart
     del XCW, CCW
-    resid += X2_all * ws[:, None]
     classes = sorted(bp_i)
-    # the pool's sums and each class's touched rows come back in one transfer (each copy waits for the device)
-    pdf_class, pdf_dir, off, ws, xa, aa, per_shell, resid_sum, *touched_h = _to_host_together(
-        xp, [pdf_class_x, pdf_dir_x, off_x, ws, xa, aa, resid @ shell_1hot, resid.sum(axis=1)]
-        + [touched[c] for c in classes])
-    acc["wsum_pdf_class"] += pdf_class
-    acc["wsum_pdf_direction"] += pdf_dir
-    off_sum = float(off[0])
-    if settings.do_scale:
-        add_rows(acc["wsum_scale_xa"], particles.group, xa)
-        add_rows(acc["wsum_scale_aa"], particles.group, aa)
-    per_shell = per_shell + highres  # (B, nsh)
-    add_rows(acc["wsum_sigma2"], og, per_shell)
-    add_rows(acc["sumw_optics"], og, ws)
-    add_rows(acc["group_counts"], particles.group, np.ones(B))
-    acc_norm = resid_sum + highres.sum(axis=1)
+    off_sum, out["norm"], touched_h = _sums_to_host(
+        xp, particles, model, settings, acc, resid, X2_all, ws, xa, aa, pdf_class_x, pdf_dir_x, off_x, shell_1hot,
+        highres, [touched[c] for c in classes])
     # the 3D insertion needs only the back-projection sums: the pool's pixels, phases and projections go first
-    del resid, px, X_all, C_all, Wd_all, X2_all, ph_pool
+    del resid, px, X2_all, ph_pool
     fp.data = {}
-    norm_j = np.asarray(particles.norm, dtype=np.float64)
-    out["norm"] = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j.copy()
 
     bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
     bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
@@ -868,10 +865,43 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
             A = grid.fine_matrices_from_ids(fp.gids(c)[rows])
             insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A, bp_i[c][rx], bp_w[c][rx],
                           pixels=mb)
+    return _pool_output(particles, model, acc, bp_data, bp_weight, off_sum, out, sig.n_sig, n_zero)
+
+
+def _sums_to_host(xp, particles, model, settings, acc: dict, resid, X2, ws, xa, aa, pdf_class_x, pdf_dir_x, off_x,
+                  shell_1hot, highres: np.ndarray, extra=()):
+    """A pool's per-particle sums (noise terms ``resid (B, M)`` without the images' own power ``X2``, kept weights
+    ``ws``, scale terms ``xa``, ``aa``) and its class, direction and offset-prior sums, in one transfer, into the
+    host accumulators ``acc`` (noise per optics group and shell, optics weights, group counts, scale, class and
+    direction sums).  Returns ``(offset-prior sum, each particle's new norm correction, extra arrays on the host)``."""
+    ps = settings.preprocess
+    og = np.asarray(particles.optics_group)
+    resid += X2 * ws[:, None]
+    # each copy waits for the device: everything comes back at once
+    pdf_class, pdf_dir, off, ws, xa, aa, per_shell, resid_sum, *extra_h = _to_host_together(
+        xp, [pdf_class_x, pdf_dir_x, off_x, ws, xa, aa, resid @ shell_1hot, resid.sum(axis=1)] + list(extra))
+    acc["wsum_pdf_class"] += pdf_class
+    acc["wsum_pdf_direction"] += pdf_dir
+    if settings.do_scale:
+        add_rows(acc["wsum_scale_xa"], particles.group, xa)
+        add_rows(acc["wsum_scale_aa"], particles.group, aa)
+    per_shell = per_shell + highres  # (B, nsh)
+    add_rows(acc["wsum_sigma2"], og, per_shell)
+    add_rows(acc["sumw_optics"], og, ws)
+    add_rows(acc["group_counts"], particles.group, np.ones(len(og)))
+    acc_norm = resid_sum + highres.sum(axis=1)
+    norm_j = np.asarray(particles.norm, dtype=np.float64)
+    norm = (norm_j / model.avg_norm) * np.sqrt(2.0 * acc_norm) if ps.do_norm else norm_j.copy()
+    return float(off[0]), norm, extra_h
+
+
+def _pool_output(particles, model, acc: dict, bp_data, bp_weight, off_sum: float, out: dict, n_sig, n_zero: int):
+    """The pool's :class:`Partials` and :class:`PoolResult` from its accumulators and per-particle results."""
     part = Partials(particles.half, grid_of(model), bp_data, bp_weight, acc["wsum_sigma2"], acc["sumw_optics"],
                     acc["wsum_pdf_class"], acc["wsum_pdf_direction"], off_sum, float(out["norm"].sum()),
                     acc["wsum_scale_xa"], acc["wsum_scale_aa"], acc["group_counts"], float(out["ll"].sum()),
-                    float(out["pmax"].sum()), B, n_zero)
+                    float(out["pmax"].sum()), len(particles.index), n_zero)
     res = PoolResult(particles.index, out["rot"], out["tilt"], out["psi"], out["ox"], out["oy"],
-                     out["cls"].astype(np.int64), out["pmax"], sig.n_sig.astype(np.int64), out["ll"], out["norm"])
+                     out["cls"].astype(np.int64), out["pmax"], np.asarray(n_sig).astype(np.int64), out["ll"],
+                     out["norm"])
     return part, res
