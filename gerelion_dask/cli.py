@@ -68,6 +68,8 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
                  ("--dont_skip_gridding", "iterative gridding in the reconstruction"),
                  ("--fix_sigma_noise", "keep the noise spectra"), ("--fix_sigma_offset", "keep sigma_offset"),
                  ("--overwrite", "replace the results of an earlier run under --o"),
+                 ("--skip_align", "classification without alignment: every particle keeps the angles and offsets "
+                  "of its STAR row, only its class is sampled"),
                  ("--trust_ref_size", "use a reference whose header voxel size differs from the particles' (a "
                   "warning instead of an error; the box must still match)"),
                  ("--solvent_correct_fsc", "auto-refine: the gold-standard FSC of the half maps masked by "

@@ -46,6 +46,7 @@ class JobConfig:
     solvent_mask: str = ""  # map (values in [0, 1]) that --flatten_solvent multiplies the references by; "": a sphere
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
+    skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)
     zero_mask: bool = False
     norm: bool = False
     scale: bool = False
@@ -71,6 +72,9 @@ class JobConfig:
             raise InputError(None, f"--K {self.K}: the number of classes must be at least 1", "use --K 1 or more")
         if self.auto_refine and self.K != 1:
             raise InputError(None, f"--auto_refine with --K {self.K}: auto-refine refines one class", "use --K 1")
+        if self.skip_align and self.auto_refine:
+            raise InputError(None, "--skip_align is for classification without alignment (gerelion classify), not "
+                             "for auto-refine")
         if self.auto_refine and not self.split_random_halves:
             raise InputError(None, "--auto_refine needs --split_random_halves (gold-standard refinement)",
                              "add --split_random_halves")

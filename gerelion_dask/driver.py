@@ -301,7 +301,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
 
         # accuracies per class (not in CC iterations nor the final one), then auto-sampling from the best class's
-        if not cc_iter and not final:
+        if not cc_iter and not final and not cfg.skip_align:  # (RELION skips them without alignment too)
             on = st.half == halves[0]
             # on the runner's device (a task on a worker for Dask runners): the padded transforms of the references
             # and ~2,600 projections a class (20 of dev_class's 113 s on the H100 on the driver's NumPy)
@@ -349,7 +349,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                         local_sigma_rot=sched.local_sigma_rot, local_sigma_psi=sched.local_sigma_psi,
                                         symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
                                         n_groups=len(inp.group_names),
-                                        coarse_dtype=cfg.coarse_precision)
+                                        coarse_dtype=cfg.coarse_precision, fixed_poses=cfg.skip_align)
         tasks = _make_tasks(inp, st, cfg.pool if sched.local_sigma_rot > 0 else pool_global)
         if seeds is not None:
             tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]

@@ -464,7 +464,7 @@ def write_optimiser_star(
         "rlnNumberOfIterWithoutResolutionGain": int(schedule.n_iter_wo_resol_gain),
         "rlnBestResolutionThusFar": float(best_res),
         "rlnNumberOfIterWithoutChangingAssignments": int(schedule.n_iter_wo_large_changes),
-        "rlnDoSkipAlign": False,
+        "rlnDoSkipAlign": bool(config.skip_align),
         "rlnDoSkipRotate": False,
         "rlnOverallAccuracyRotations": float(acc_rot),
         "rlnOverallAccuracyTranslationsAngst": float(acc_trans_angst),

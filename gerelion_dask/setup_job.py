@@ -85,6 +85,10 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     oidx = optics_index(ps)
     ctf = ctf_params(ps, oidx) if cfg.ctf else None
     mask = _read_solvent_mask(cfg, box, apix)
+    lacking = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in md]
+    if cfg.skip_align and lacking:
+        raise InputError(cfg.i, f"--skip_align keeps every particle's pose, but the particles have no "
+                         f"{', '.join(lacking)}", "classify the particles of an earlier refinement (its run_data.star)")
     if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
         log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",
                     "without --solvent_mask" if mask is None else "in a classification")

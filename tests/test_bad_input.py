@@ -138,7 +138,16 @@ def _unknown_flag(d, o):
 
 
 def _unsupported_relion_flag(d, o):
-    return {"--skip_align": None}, "--skip_align: classification without alignment"
+    return {"--strict_highres_exp": "8"}, "--strict_highres_exp: limiting the E-step's resolution"
+
+
+def _skip_align_in_refine(d, o):
+    return {"--skip_align": None}, "--skip_align is for classification without alignment"
+
+
+def _skip_align_without_angles(d, o):
+    # the simulated particles.star has no angles: there is no pose to keep
+    return {"cmd": "classify", "--K": "2", "--skip_align": None}, "particles.star: --skip_align keeps every particle"
 
 
 def _flag_value_not_a_number(d, o):
@@ -309,7 +318,7 @@ def _missing_required_flags(d, o):
 CASES = {f.__name__[1:]: f for f in (
     _truncated_stack, _corrupt_stack_header, _wrong_mode, _no_image_name, _no_ctf_columns, _index_beyond_stack,
     _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values, _unknown_flag,
-    _unsupported_relion_flag, _flag_value_not_a_number,
+    _unsupported_relion_flag, _flag_value_not_a_number, _skip_align_in_refine, _skip_align_without_angles,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
     _reference_box,    _reference_pixel_size, _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,
     _output_unwritable, _output_read_only, _output_holds_run, _k_zero, _healpix_order_high, _healpix_order_negative,

@@ -336,3 +336,40 @@ def test_trust_ref_size_takes_a_reference_whose_header_voxel_size_is_wrong(small
         assert cli_main(["classify", "--o", str(tmp_path / "b" / "run"), "--trust_ref_size", *args]) == 0
     assert any("--trust_ref_size" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "b" / "run_it001_class001.mrc").is_file()
+
+
+def test_classification_without_alignment_keeps_poses_and_finds_the_classes(small_set, tmp_path):
+    # oracles: the simulated truth and RELION 3.1.3 -- `classify --skip_align` from the true poses (truth.star) keeps
+    # every particle's angles and offsets, writes rlnDoSkipAlign, and separates the two phantoms; Debian's
+    # relion_refine --skip_align on the same particles and flags (where installed) separates them too, and the two
+    # programs put the same particles together
+    import starfile
+
+    paths, _ = small_set
+    out = tmp_path / "Class3D"
+    flags = ["--ref", str(paths.initial_reference), "--ctf", "--particle_diameter", str(0.8 * BOX * APIX), "--K", "2",
+             "--iter", "4", "--skip_align", "--tau2_fudge", "4", "--flatten_solvent", "--zero_mask", "--random_seed",
+             "1"]
+    assert cli_main(["classify", "--i", str(paths.truth_star), "--o", str(out / "run"), "--in-process", "--device",
+                     "cpu", *flags]) == 0
+    truth = starfile.read(paths.truth_star)["particles"]
+    ours = starfile.read(out / "run_it004_data.star")["particles"]
+    for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
+        assert np.allclose(ours[c], truth[c], atol=1e-6), c
+    agree = (ours.rlnClassNumber.values == truth.rlnClassNumber.values).mean()
+    assert max(agree, 1 - agree) >= 0.95
+    opt = next(iter(read_star(out / "run_it004_optimiser.star").values()))
+    assert int(opt["rlnDoSkipAlign"].iloc[0]) == 1
+    if shutil.which("relion_refine") is None:
+        pytest.skip("Debian relion not installed: RELION's classification without alignment not compared")
+    rel = tmp_path / "Rel"
+    rel.mkdir()
+    flags[1] = paths.initial_reference.name
+    r = subprocess.run(["relion_refine", "--i", paths.truth_star.name, "--o", str(rel / "run"), "--j", "1", "--pad",
+                        "2", *flags], cwd=paths.out_dir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    theirs = starfile.read(rel / "run_it004_data.star")["particles"]
+    agree = (theirs.rlnClassNumber.values == truth.rlnClassNumber.values).mean()
+    assert max(agree, 1 - agree) >= 0.95
+    same = (theirs.rlnClassNumber.values == ours.rlnClassNumber.values).mean()
+    assert max(same, 1 - same) >= 0.95

@@ -483,6 +483,99 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, flat, xp, monkey
     assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), want_o, atol=1e-9)
 
 
+def _direct_fixed_pose(pre, parts, model, st):
+    """``--skip_align``'s E-step written out per particle and class in float64 NumPy (RELION's do_skip_align: one
+    orientation, the particle's own angles, and one translation, its offset's fractional part; class prior pdf_class
+    over its mean): diff2 as in _direct_fine_pass, weights and significance over the classes, each sum per pair."""
+    from gerelion_dask.expectation.fine import gather, grid_of, project_gathered
+    from gerelion_dask.expectation.weights import posterior_weights, significance_threshold
+    from gerelion_dask.ops.backprojector import BackProjection, insert_slices
+    from gerelion_dask.ops.fourier import likelihood_pixels, shells_2d
+
+    ps = st.preprocess
+    n, NB = ps.current_size, ps.ori_size
+    mb = likelihood_pixels(n, include_dc=True)
+    shb = shells_2d(n)[mb]
+    lik = shb >= 1
+    X, Xnm, ctf = gather(pre.fimg, mb), gather(pre.fimg_nomask, mb), gather(pre.ctf, mb)
+    s2 = np.asarray(model.sigma2_noise)[parts.optics_group][:, shb]
+    K = len(model.refs)
+    pdf = np.asarray(model.pdf_class)
+    lp = np.log(pdf) - np.log(pdf.mean())
+    vol_d = np.zeros((K,) + grid_of(model).shape, complex)
+    vol_w = np.zeros((K,) + grid_of(model).shape)
+    sigma2, wcls, xa, aa, norm, pmax, ll, cls = np.zeros((1, NB // 2 + 1)), np.zeros(K), 0.0, 0.0, [], [], [], []
+    for j in range(len(parts.index)):
+        C = ctf[j] * model.scales[parts.group[j]]
+        Cr = C if st.ctf_on_reference else np.ones_like(C)
+        A = cv.euler_to_matrix(*parts.angles[j])[None]
+        s = gather(cv.shift_phase_2d(n, NB, parts.offset_px[j] - pre.int_offset_px[j]), mb)
+        P = [project_gathered(model.refs[c], A, n, mb, np)[0] for c in range(K)]
+        d = np.array([(np.abs(X[j] * s - Cr * P[c]) ** 2 / (2 * s2[j]))[lik].sum() + pre.highres_xi2[j] / 2
+                      for c in range(K)])
+        w, dmin, sumw, _ = posterior_weights(d[None], lp[None])
+        thr = significance_threshold(w, st.adaptive_fraction, st.maxsig, sumw)
+        w = np.where(w >= thr[:, None], w, 0.0)[0] / sumw[0]
+        cls.append(int(np.argmax(w)) + 1)
+        pmax.append(w.max())
+        ll.append(np.log(sumw[0]) - dmin[0] - np.log(2 * np.pi * s2[j][lik]).sum())
+        resid = np.zeros(len(shb))
+        for c in range(K):
+            if w[c] == 0:
+                continue
+            sl = np.zeros((1, n, n // 2 + 1), complex)
+            wt = np.zeros((1, n, n // 2 + 1))
+            sl[0, mb] = w[c] * Xnm[j] * s * C / s2[j]
+            wt[0, mb] = w[c] * C * C / s2[j]
+            insert_slices(BackProjection(vol_d[c], vol_w[c], grid_of(model)), A, sl, wt)
+            resid += w[c] * np.abs(X[j] * s - Cr * P[c]) ** 2
+            good = np.asarray(model.data_vs_prior)[c][shb] > 3
+            xa += w[c] * (Cr * np.real(X[j] * s * np.conj(P[c])) * good).sum()
+            aa += w[c] * (Cr * Cr * np.abs(P[c]) ** 2 * good).sum()
+            wcls[c] += w[c]
+        np.add.at(sigma2[0], shb, resid)
+        sigma2[0] += pre.power_highres[j]
+        norm.append(parts.norm[j] / model.avg_norm * np.sqrt(2 * (resid.sum() + pre.power_highres[j].sum())))
+    return vol_d, vol_w, sigma2, wcls, xa, aa, np.array(norm), np.array(pmax), np.array(ll), np.array(cls)
+
+
+def test_fixed_pose_pass_equals_a_direct_evaluation_and_finds_the_classes(xp):
+    # oracle: _direct_fixed_pose (float64 NumPy, per particle and class) -- --skip_align's pass (on NumPy and CuPy)
+    # gives the same volumes, noise, class, scale and norm sums, pmax, log-likelihood and class per particle; the
+    # particles keep their angles and offsets; and with the true poses the two classes separate (the simulated truth)
+    from gerelion_dask.expectation.fixed import fixed_pose_pass
+    from gerelion_dask.expectation.preprocess import PreprocessedPool, preprocess_pool
+
+    maps = [phantom_map(N, APIX, "blobs"), phantom_map(N, APIX, "blobs2")]
+    truth = np.arange(12) % 2
+    img, parts, A, off, s2, maps = _dataset(12, 2.0, seed=11, maps=maps, classes=truth)
+    angles = np.stack(cv.matrix_to_euler(A), 1)
+    parts = replace(parts, angles=angles, offset_px=off.copy(), offset_prior_px=off + 0.3)
+    model, st = _model_settings(maps, s2, order=1)
+    st = replace(st, do_scale=True, preprocess=replace(st.preprocess, do_norm=True))
+    model = replace(model, pdf_class=np.array([0.6, 0.4]),
+                    data_vs_prior=np.where(np.arange(N // 2 + 1) < 6, 10.0, 1.0)[None].repeat(2, 0))
+    mx = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
+    pre = preprocess_pool(xp.asarray(img), parts, st.preprocess, model.sigma2_noise)
+    part, res = fixed_pose_pass(xp, pre, parts, mx, st)
+    part = part.to_host()
+    pre = PreprocessedPool(*(to_np(getattr(pre, f.name)) for f in fields(pre)))
+    vd, vw, sigma2, wcls, xa, aa, norm, pmax, ll, cls = _direct_fixed_pose(pre, parts, model, st)
+    close = dict(rtol=1e-9, atol=1e-12)
+    assert np.allclose(part.bp_data, vd, rtol=1e-9, atol=1e-12 * np.abs(vd).max())
+    assert np.allclose(part.bp_weight, vw, rtol=1e-9, atol=1e-12 * np.abs(vw).max())
+    assert np.allclose(part.wsum_sigma2, sigma2, **close) and np.allclose(part.wsum_pdf_class, wcls, **close)
+    assert np.isclose(part.wsum_scale_xa.sum(), xa, **close) and np.isclose(part.wsum_scale_aa.sum(), aa, **close)
+    assert np.allclose(res.norm, norm, **close) and np.allclose(res.pmax, pmax, **close)
+    assert np.allclose(res.loglik, ll, **close) and list(res.class_number) == list(cls)
+    want_off = ((parts.offset_prior_px - parts.offset_px) * APIX) ** 2
+    assert np.isclose(part.wsum_sigma2_offset, want_off.sum(), rtol=1e-9)  # every particle's weights sum to 1
+    assert np.allclose(part.wsum_pdf_direction.sum(axis=1), wcls, **close)
+    assert np.allclose(np.stack([res.rot, res.tilt, res.psi], 1), angles)
+    assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), off * APIX)
+    assert (res.class_number - 1 == truth).mean() >= 0.9
+
+
 @pytest.mark.parametrize("maxsig", [-1, 20000])
 def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig, xp, monkeypatch):
     # oracle: the fine pass with every particle's children evaluated one significant sample at a time

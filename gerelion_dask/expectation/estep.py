@@ -72,6 +72,7 @@ class EStepSettings:
     n_groups: int = 1
     fine_max_elems: int = 0  # E-step: most values per chunk or group of particles (0: by backend, see fine.py)
     coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)
+    fixed_poses: bool = False  # --skip_align: each particle keeps its angles and offset (expectation.fixed)
 
 
 
@@ -335,6 +336,10 @@ def _split_pool(images, particles: PoolParticles, model, settings, cache):
 
 def _expectation_pool(xp, images, particles, model, settings, cache=None):
     pre = preprocess_pool(images, particles, settings.preprocess, model.sigma2_noise)
+    if settings.fixed_poses:  # --skip_align: the particles keep their poses, only the class is sampled
+        from .fixed import fixed_pose_pass
+
+        return fixed_pose_pass(xp, pre, particles, model, settings, cache)
     pri = orientation_priors(particles, model, settings)
     sig = coarse_pass(xp, pre, particles, model, settings, pri, cache)
     return fine_pass(xp, pre, particles, model, settings, sig, cache)

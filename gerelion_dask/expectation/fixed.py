@@ -1,0 +1,140 @@
+"""``--skip_align``: the E-step of a pool whose particles keep their poses (RELION's classification without
+alignment).
+
+As RELION 3.1 (``MlOptimiser``'s ``do_skip_align``): each particle has one orientation, its own angles (off the
+sampling grid, not perturbed), and one translation, the fractional part of its offset (the integer part is the
+pre-shift every pool gets); the only hidden variable left is the class, whose prior is ``pdf_class`` normalised by
+its mean over the classes searched (the offset prior of a single translation normalises to 1).  Weights,
+significance, the back-projection and the noise, scale, norm and offset sums then follow the fine pass
+(:func:`~gerelion_dask.expectation.weights.posterior_weights`, :func:`~gerelion_dask.ops.likelihood.pair_sums`,
+:func:`~gerelion_dask.expectation.fine.pool_pixels`), with the projections made at the particles' own matrices and
+inserted there.  The learned direction distribution means nothing here (RELION keeps one direction): each class's
+weight is spread evenly over the grid's directions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import to_host
+from ..conventions import euler_to_matrix, shift_phase
+from ..ops.backprojector import BackProjection, insert_slices
+from ..ops.likelihood import pair_sums
+from .fine import _pool_output, _sums_to_host, _to_host_together, fine_limits, grid_of, pool_pixels, project_gathered
+from .partials import empty_partials
+from .weights import posterior_weights, significance_threshold
+
+__all__ = ["fixed_pose_pass", "fixed_pose_log_prior"]
+
+
+def fixed_pose_log_prior(pdf_class, active, seed_class=None) -> np.ndarray:
+    """``(B, K)`` log prior of each particle's classes: ``log pdf_class`` minus the log of its mean over the classes
+    the particle may take (all active ones, or its ``seed_class`` in a classification's seed iteration), ``-inf``
+    elsewhere; ``active (K,)`` marks classes with a map and a positive fraction."""
+    pdf = np.asarray(pdf_class, dtype=np.float64)
+    B = 1 if seed_class is None else len(seed_class)
+    search = np.broadcast_to(np.asarray(active, bool) & (pdf > 0), (B, len(pdf))).copy()
+    if seed_class is not None:
+        keep = np.zeros_like(search)
+        keep[np.arange(B), seed_class] = True
+        search &= keep
+    with np.errstate(divide="ignore"):
+        logp = np.log(pdf)[None, :]
+    n = search.sum(axis=1, keepdims=True)
+    mean = np.where(search, pdf[None, :], 0.0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
+    with np.errstate(divide="ignore"):
+        return np.where(search, logp - np.log(np.where(mean > 0, mean, 1.0)), -np.inf)
+
+
+def fixed_pose_pass(xp, pre, particles, model, settings, cache=None):
+    """``(Partials, PoolResult)`` of one preprocessed pool (``pre``) whose particles keep their angles and offsets."""
+    ps = settings.preprocess
+    N, n = ps.ori_size, ps.current_size
+    grid = settings.grid
+    K = len(model.refs)
+    B = len(particles.index)
+    limits = fine_limits(xp)
+    max_elems = settings.fine_max_elems or limits["max_elems"]
+    sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
+    og = np.asarray(particles.optics_group)
+    pix, px, X2 = pool_pixels(xp, pre, particles, model, settings, cache)
+    mb, shb = pix.mask, pix.shells
+    M = len(shb)
+    lik_h = shb >= 1
+    logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
+    highres = to_host(pre.power_highres)
+    goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
+    int_off = np.asarray(pre.int_offset_px, dtype=np.float64)
+    frac = np.asarray(particles.offset_px, dtype=np.float64) - int_off  # the one translation (pixels)
+    ph = shift_phase(pix.kx, pix.ky, N, xp.asarray(frac), xp)  # (B, M)
+    A = euler_to_matrix(*np.asarray(particles.angles, dtype=np.float64).T)  # (B, 3, 3), host
+    active = np.array([r is not None for r in model.refs])
+    LP = xp.asarray(np.broadcast_to(fixed_pose_log_prior(model.pdf_class, active, particles.seed_class), (B, K)))
+
+    # diff2 (or -CC) of every particle against every class at its pose
+    if settings.do_cc:  # RELION's CC sums (cc_pixel_weights) and the whole window's image power (cc_image_norm)
+        Z, V, a = px.Cr * px.X * px.wcc, px.Cr * px.Cr * px.wcc, px.xnorm
+    else:
+        Z, V, a = px.Wd * px.Cr * px.X, px.Wd * px.Cr * px.Cr, px.a
+    Zs = Z * ph
+    del Z
+    D = xp.full((B, K), xp.inf)
+    for c in np.nonzero(active)[0]:
+        P = project_gathered(model.refs[c], A, n, mb, xp)
+        g = (Zs * xp.conj(P)).real.sum(axis=1)
+        p = (V * (P.real**2 + P.imag**2)).sum(axis=1)
+        D[:, c] = -g / (xp.sqrt(p) * a + 1e-300) if settings.do_cc else (a + p) - 2.0 * g
+        del P, g, p
+    del Zs, V
+    if settings.do_cc:  # the best class alone takes the particle (RELION's maximum cross-correlation)
+        best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
+        W = xp.zeros((B, K))
+        W[xp.arange(B), best] = 1.0
+        dmin, sumw, bad = D[xp.arange(B), best], xp.ones(B), xp.zeros(B, bool)
+    else:
+        W, dmin, sumw, bad = posterior_weights(D, LP)
+        thr = significance_threshold(W, settings.adaptive_fraction, settings.maxsig, sumw)
+        W = xp.where(W >= thr[:, None], W, 0.0) / sumw[:, None]
+    del D, LP
+    cls, pmax, nsig, dmin, sumw, bad = _to_host_together(
+        xp, [xp.argmax(W, axis=1), W.max(axis=1), (W > 0).sum(axis=1), dmin, sumw, bad])
+
+    # the weighted sums: each (particle, class) pair that kept weight, with its one translation
+    partials = empty_partials(particles.half, grid_of(model), K, grid.n_dir, settings.n_optics, settings.n_groups,
+                              N, np)
+    acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
+           ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
+            "group_counts")}
+    XCW = px.Xnm * px.C * px.Wbp
+    CCW = px.C * px.C * px.Wbp
+    resid = xp.zeros((B, M), np.float64)
+    xa = xp.zeros(B, np.float64)
+    aa = xp.zeros(B, np.float64)
+    ws = W.sum(axis=1)
+    pdf_class_x = W.sum(axis=0)
+    pdf_dir_x = xp.broadcast_to(pdf_class_x[:, None] / grid.n_dir, (K, grid.n_dir)).copy()
+    e = (np.asarray(particles.offset_prior_px) - np.asarray(particles.offset_px)) * ps.pixel_size
+    off_x = (ws * xp.asarray((e * e).sum(axis=1))).sum()[None]
+    bp_data = xp.zeros(partials.bp_data.shape, np.complex128)
+    bp_weight = xp.zeros(partials.bp_weight.shape, np.float64)
+    kept = to_host(W > 0)
+    for c in np.nonzero(kept.any(axis=0))[0]:
+        rows = np.nonzero(kept[:, c])[0]
+        rx = xp.asarray(rows)
+        P = project_gathered(model.refs[c], A[rows], n, mb, xp)
+        bp_i = xp.zeros((len(rows), M), np.complex128)
+        bp_w = xp.zeros((len(rows), M), np.float64)
+        own = xp.arange(len(rows))  # pair i: particle rows[i], its projection and back-projection row i
+        pair_sums(XCW, CCW, px.X, px.Cr, goodf[c], ph, P, rx, own, own, xp.arange(len(rows) + 1), rx, W[rx, c],
+                  bp_i, bp_w, resid, xa, aa, max_elems, rows_sorted=True)
+        del P
+        insert_slices(BackProjection(bp_data[c], bp_weight[c], grid_of(model)), A[rows], bp_i, bp_w, pixels=mb)
+        del bp_i, bp_w
+    del XCW, CCW, W
+    out = {"rot": particles.angles[:, 0].astype(np.float64), "tilt": particles.angles[:, 1].astype(np.float64),
+           "psi": particles.angles[:, 2].astype(np.float64),
+           "ox": particles.offset_px[:, 0] * ps.pixel_size, "oy": particles.offset_px[:, 1] * ps.pixel_size,
+           "cls": cls + 1, "pmax": pmax, "ll": -dmin if settings.do_cc else np.log(sumw) - dmin - logsig[og]}
+    off_sum, out["norm"], _ = _sums_to_host(xp, particles, model, settings, acc, resid, X2, ws, xa, aa, pdf_class_x,
+                                            pdf_dir_x, off_x, pix.shell_1hot, highres)
+    return _pool_output(particles, model, acc, bp_data, bp_weight, off_sum, out, nsig, int(np.sum(bad)))
