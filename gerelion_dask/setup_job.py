@@ -106,8 +106,9 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
             raise InputError(path, "a STAR file of references needs a rlnReferenceImage column")
         from pathlib import Path
 
-        paths = [str(Path(path).parent / p) if not Path(p).is_absolute() else p
-                 for p in tab["rlnReferenceImage"].astype(str)]
+        # a relative name as a stack's: the STAR file's folder first, then the current (RELION project) directory
+        paths = [p if Path(p).is_absolute() or not (Path(path).parent / p).is_file() and Path(p).is_file()
+                 else str(Path(path).parent / p) for p in tab["rlnReferenceImage"].astype(str)]
         if len(paths) != cfg.K:
             raise InputError(path, f"holds {len(paths)} references but --K is {cfg.K}")
     else:

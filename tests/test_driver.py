@@ -373,3 +373,25 @@ def test_classification_without_alignment_keeps_poses_and_finds_the_classes(smal
     assert max(agree, 1 - agree) >= 0.95
     same = (theirs.rlnClassNumber.values == ours.rlnClassNumber.values).mean()
     assert max(same, 1 - same) >= 0.95
+
+
+def test_a_star_of_references_names_maps_relative_to_its_folder_or_the_project(small_set, tmp_path, monkeypatch):
+    # oracle: RELION's file names (relative to the project directory, where it runs) and ours for stacks (the STAR
+    # file's folder first) -- a references STAR in a job folder may name its maps either way; a missing one is
+    # named in a one-line error
+    paths, _ = small_set
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Maps").mkdir()
+    (tmp_path / "Refs").mkdir()
+    vol, _ = read_map(paths.initial_reference)
+    write_map(tmp_path / "Maps" / "a.mrc", vol, APIX)
+    write_map(tmp_path / "Refs" / "b.mrc", vol, APIX)
+    star = tmp_path / "Refs" / "refs.star"
+    star.write_text("data_\nloop_\n_rlnReferenceImage #1\nMaps/a.mrc\nb.mrc\n")  # project-relative, folder-relative
+    args = ["--i", str(paths.particles_star), "--ref", "Refs/refs.star", "--K", "2", "--ctf", "--particle_diameter",
+            str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2", "--offset_step", "2", "--iter", "1",
+            "--random_seed", "1", "--in-process", "--device", "cpu"]
+    assert cli_main(["classify", "--o", "C/run", *args]) == 0
+    assert (tmp_path / "C" / "run_it001_class002.mrc").is_file()
+    star.write_text("data_\nloop_\n_rlnReferenceImage #1\nMaps/a.mrc\nMaps/missing.mrc\n")
+    assert cli_main(["classify", "--o", "D/run", *args]) == 2
