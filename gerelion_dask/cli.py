@@ -96,6 +96,9 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--perturb", type=float, default=0.5)
     a("--incr_size", type=int, default=10)
     a("--maskedge", type=float, default=5.0)
+    a("--strict_highres_exp", type=float, default=-1.0, metavar="ANGSTROM",
+      help="compute the E-step's probabilities from frequencies up to this resolution only (both passes; the "
+           "reconstruction still uses the current size), as RELION's 'Limit resolution E-step to'; <= 0: off")
     a("--solvent_mask", default="", metavar="MAP",
       help="with --flatten_solvent: multiply the references by this map (values 0..1, the particles' box and pixel "
            "size) instead of the soft sphere of --particle_diameter")

@@ -47,6 +47,7 @@ class JobConfig:
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)
+    strict_highres_exp: float = -1.0  # Å > 0: the E-step's probabilities from frequencies up to this resolution
     zero_mask: bool = False
     norm: bool = False
     scale: bool = False

@@ -300,6 +300,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         def ref_of(hi, c, maps=model.maps, cur=cur):
             return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
 
+        # --strict_highres_exp: the window of the E-step's probabilities (RELION's image_coarse_size then), <= cur
+        strict = min(2 * int(round(N * a / cfg.strict_highres_exp)), cur) if cfg.strict_highres_exp > 0 else 0
         # accuracies per class (not in CC iterations nor the final one), then auto-sampling from the best class's
         if not cc_iter and not final and not cfg.skip_align:  # (RELION skips them without alignment too)
             on = st.half == halves[0]
@@ -308,7 +310,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             specs = [ref_of(0, c) if model.maps[0][c] is not None and model.pdf_class[0][c] >= MIN_CLASS_FRACTION
                      else None for c in range(cfg.K)]
             args = (specs, st.angles[on], None if inp.ctf is None else inp.ctf.take(on), model.sigma2_noise[0][0],
-                    cur, N, a, [[seed, it, c] for c in range(cfg.K)])
+                    strict or cur, N, a, [[seed, it, c] for c in range(cfg.K)])  # (RELION: the strict size too)
             acc = runner.accuracies(*args) if hasattr(runner, "accuracies") else class_accuracies(*args)
             model = replace(model, acc_rot=np.array([r for r, _ in acc]),
                             acc_trans_angst=np.array([t for _, t in acc]))
@@ -324,6 +326,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         grid = OrientationGrid(sched.healpix_order, dirs.pix, angular_step(sched.healpix_order),
                                sched.offset_range_px, sched.offset_step_px, sched.perturb)
         cs = coarse_size(N, a, sched.healpix_order, inp.diameter, cur)
+        if strict:  # --strict_highres_exp replaces the coarse size (RELION), both passes' probabilities use it
+            cs = strict
         # classification seeding: random class per particle in the first non-CC iteration
         seed_iter = seed_classes and ((it == 1 and not cfg.firstiter_cc) or (it == 2 and cfg.firstiter_cc))
         if seed_classes and it == 1 and cfg.firstiter_cc:
@@ -349,7 +353,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                         local_sigma_rot=sched.local_sigma_rot, local_sigma_psi=sched.local_sigma_psi,
                                         symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
                                         n_groups=len(inp.group_names),
-                                        coarse_dtype=cfg.coarse_precision, fixed_poses=cfg.skip_align)
+                                        coarse_dtype=cfg.coarse_precision, fixed_poses=cfg.skip_align,
+                                        strict_size=strict if strict < cur else 0)
         tasks = _make_tasks(inp, st, cfg.pool if sched.local_sigma_rot > 0 else pool_global)
         if seeds is not None:
             tasks = [(r, replace(p, seed_class=seeds[r])) for r, p in tasks]

@@ -437,7 +437,7 @@ def write_optimiser_star(
         "rlnBodyStarFile": "None",
         "rlnTauSpectrumName": "None",
         "rlnMaximumCoarseImageSize": -1,
-        "rlnHighresLimitExpectation": -1.0,
+        "rlnHighresLimitExpectation": float(config.strict_highres_exp) if config.strict_highres_exp > 0 else -1.0,
         "rlnLowresLimitExpectation": -1.0,
         "rlnIncrementImageSize": int(config.incr_size),
         "rlnDoMapEstimation": True,

@@ -138,7 +138,7 @@ def _unknown_flag(d, o):
 
 
 def _unsupported_relion_flag(d, o):
-    return {"--strict_highres_exp": "8"}, "--strict_highres_exp: limiting the E-step's resolution"
+    return {"--skip_rotate": None}, "--skip_rotate: keeping the particles' orientations fixed"
 
 
 def _skip_align_in_refine(d, o):

@@ -576,6 +576,32 @@ def test_fixed_pose_pass_equals_a_direct_evaluation_and_finds_the_classes(xp):
     assert (res.class_number - 1 == truth).mean() >= 0.9
 
 
+@pytest.mark.parametrize("cc", [False, True])
+def test_strict_highres_exp_takes_the_probabilities_of_the_smaller_window(cc, xp):
+    # oracle: RELION's --strict_highres_exp (both passes' probabilities at image_coarse_size, the weighted sums at the
+    # current size) -- an E-step at the full current size whose probabilities are limited to a 16-px window gives
+    # the same weights (pmax, best pose, class) as the E-step of 16-px images, whose own sums stop at 16 px; the
+    # noise sums of the limited E-step still reach the full size
+    maps = [phantom_map(N, APIX, "blobs"), phantom_map(N, APIX, "blobs2")]
+    img, parts, A, off, s2, maps = _dataset(8, 1.0, seed=4, maps=maps, classes=np.arange(8) % 2)
+    model, st = _model_settings(maps, s2, order=1)
+    c = 16
+    st = replace(st, coarse_size=c, do_cc=cc)
+    small = replace(st, preprocess=replace(st.preprocess, current_size=c))
+    limited = replace(st, strict_size=c)
+    mx = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
+    ps, rs = expectation_pool(xp.asarray(img), parts, mx, small)
+    pl, rl = expectation_pool(xp.asarray(img), parts, mx, limited)
+    pf, rf = expectation_pool(xp.asarray(img), parts, mx, st)  # the whole window: other weights
+    assert np.allclose(rl.pmax, rs.pmax, rtol=1e-9, atol=1e-12)
+    assert list(rl.class_number) == list(rs.class_number)
+    for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst"):
+        assert np.allclose(getattr(rl, f), getattr(rs, f), atol=1e-9), f
+    assert not np.allclose(rf.pmax, rl.pmax, rtol=1e-6) or cc
+    nsh = np.asarray(pl.wsum_sigma2)[0]
+    assert nsh[c // 2 + 2 : N // 2].min() > 0 and np.allclose(np.asarray(pl.wsum_sigma2)[0][N // 2 + 1 :], 0)
+
+
 @pytest.mark.parametrize("maxsig", [-1, 20000])
 def test_flat_particles_in_dense_blocks_give_the_sums_of_the_sparse_path(maxsig, xp, monkeypatch):
     # oracle: the fine pass with every particle's children evaluated one significant sample at a time

@@ -73,6 +73,7 @@ class EStepSettings:
     fine_max_elems: int = 0  # E-step: most values per chunk or group of particles (0: by backend, see fine.py)
     coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)
     fixed_poses: bool = False  # --skip_align: each particle keeps its angles and offset (expectation.fixed)
+    strict_size: int = 0  # --strict_highres_exp: probabilities from the window of this size only (0: current size)
 
 
 

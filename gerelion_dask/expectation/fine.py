@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import deep_nbytes, get_xp, scatter_add, to_host
-from ..conventions import freq_indices_2d, matrix_to_euler, shift_phase
+from ..conventions import freq_indices_2d, matrix_to_euler, shift_phase, window_rfft2
 from ..ops.backprojector import BackProjection, insert_slices
 from ..ops.fourier import cc_image_norm, cc_pixel_weights, likelihood_pixels, shells_2d
 from ..ops.indexing import concat_ranges, distinct
@@ -387,12 +387,38 @@ def pool_pixels(xp, pre, particles, model, settings, cache: ProjectionCache | No
     Wd_all = xp.where(lik[None], 1.0 / (2.0 * s2_all), 0.0)
     X2_all = xp.abs(X_all) ** 2
     hr_xi2 = to_host(pre.highres_xi2)
+    a = (Wd_all * X2_all).sum(axis=1)
+    strict = 0 < settings.strict_size < n  # --strict_highres_exp: probabilities from a smaller window's pixels
+    if strict:
+        window, circle = (xp.asarray(v)[None] for v in strict_pixels(pix, settings.strict_size))
+        a = (Wd_all * window * X2_all).sum(axis=1)  # the image term of the smaller window's diff2
+        Wd_all = Wd_all * circle  # where its projections are not 0 (beyond, diff2 gets the same |X|^2 always)
+    wcc = xnorm = None
+    if settings.do_cc:
+        m = settings.strict_size if strict else n
+        wcc = gather(cc_pixel_weights(n, xp), mb_x)[None, :] * (circle if strict else 1.0)
+        xnorm = cc_image_norm(window_rfft2(pre.fimg, m), m)
     px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
-                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all,
-                     (Wd_all * X2_all).sum(axis=1) + xp.asarray(hr_xi2) / 2.0,
-                     gather(cc_pixel_weights(n, xp), mb_x)[None, :] if settings.do_cc else None,
-                     cc_image_norm(pre.fimg, n) if settings.do_cc else None)
+                     xp.ones_like(C_all), Wd_all, 1.0 / s2_all, a + xp.asarray(hr_xi2) / 2.0, wcc, xnorm)
     return pix, px, X2_all
+
+
+def strict_pixels(pix: "_FinePixels", size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the fine pass's pixels (``pix``, of a window of the current size) are likelihood pixels of the
+    smaller window ``size`` at the same frequency, and which of those lie within its projections' circle
+    ``|k| <= size / 2`` (``--strict_highres_exp``: RELION computes the probabilities of both passes at that size,
+    where projections are 0 beyond the circle, and the weighted sums at the current size): two ``(M,)`` bool arrays
+    on the host."""
+    ky, kx = freq_indices_2d(size)
+    small = likelihood_pixels(size, include_dc=True)
+    big = max(size, pix.mask.shape[0])  # frequencies of either window lie in [-big/2, big/2]
+    span = 2 * big + 1
+    keys = np.sort((ky[small] + big) * span + kx[small])
+    mine = (to_host(pix.ky) + big) * span + to_host(pix.kx)
+    pos = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
+    window = keys[pos] == mine
+    k2 = to_host(pix.kx).astype(np.int64) ** 2 + to_host(pix.ky).astype(np.int64) ** 2
+    return window, window & (4 * k2 <= size * size)
 
 
 def _group_particles(order: np.ndarray, n_sig: np.ndarray, max_elems: int) -> list[np.ndarray]:
