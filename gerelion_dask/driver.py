@@ -301,7 +301,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
 
         # --strict_highres_exp: the window of the E-step's probabilities (RELION's image_coarse_size then), <= cur
-        strict = min(2 * int(round(N * a / cfg.strict_highres_exp)), cur) if cfg.strict_highres_exp > 0 else 0
+        strict = min(max(2 * int(round(N * a / cfg.strict_highres_exp)), 2), cur) if cfg.strict_highres_exp > 0 else 0
         # accuracies per class (not in CC iterations nor the final one), then auto-sampling from the best class's
         if not cc_iter and not final and not cfg.skip_align:  # (RELION skips them without alignment too)
             on = st.half == halves[0]
