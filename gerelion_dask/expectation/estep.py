@@ -165,6 +165,19 @@ class OrientationPriors:
         return dirs, cl, value[:, None, :]
 
 
+def searched_classes(model: EStepModel, particles: PoolParticles) -> np.ndarray:
+    """``(B, K)`` bool: the classes each particle of a pool may take -- those with a map and a positive fraction, or
+    in a classification's seed iteration its seed class alone."""
+    B, K = len(particles.index), len(model.refs)
+    active = np.array([r is not None and p > 0 for r, p in zip(model.refs, model.pdf_class, strict=True)])
+    search = np.broadcast_to(active, (B, K)).copy()
+    if particles.seed_class is not None:
+        keep = np.zeros((B, K), bool)
+        keep[np.arange(B), particles.seed_class] = True
+        search &= keep
+    return search
+
+
 def orientation_priors(particles: PoolParticles, model: EStepModel, settings: EStepSettings) -> OrientationPriors:
     """Direction, psi and offset log priors of one pool (§3.5, §4.4).
 
@@ -175,14 +188,8 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
     from ..ops.sampling import local_search_sparse
 
     grid = settings.grid
-    K = len(model.refs)
     B = len(particles.index)
-    active = np.array([r is not None and p > 0 for r, p in zip(model.refs, model.pdf_class, strict=True)])
-    search = np.broadcast_to(active, (B, K)).copy()
-    if particles.seed_class is not None:
-        keep = np.zeros((B, K), bool)
-        keep[np.arange(B), particles.seed_class] = True
-        search &= keep
+    search = searched_classes(model, particles)
     k_b = search.sum(axis=1)
     local = settings.local_sigma_rot > 0
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -41,7 +41,7 @@ from ..ops.likelihood import add_rows, block_diff2, block_sums, children_diff2, 
 from ..ops.projector import project
 from .grid import OrientationGrid
 from .partials import Partials, PoolResult, empty_partials
-from .weights import posterior_weights, significance_threshold
+from .weights import best_sample_weights, kept_weights, posterior_weights
 
 __all__ = ["FINE_LIMITS", "GPU_SIZED_FOR", "ProjectionCache", "Significant", "device_memory_bytes",
            "fine_limits", "fine_pass", "gpu_limits", "insert_row_bytes", "project_row_bytes"]
@@ -343,6 +343,21 @@ class _PoolPixels:
     wcc: object = None  # --firstiter_cc: the pixels' weights in RELION's CC sums, (1, M)
     xnorm: object = None  # --firstiter_cc: the images' norms over the whole window, (B,)
 
+    def backprojection_terms(self):
+        """The back-projection's data and weight terms of each image: ``X c / sigma^2`` (unmasked image) and
+        ``c^2 / sigma^2``, ``(B, M)``."""
+        return self.Xnm * self.C * self.Wbp, self.C * self.C * self.Wbp
+
+    def diff2_terms(self, rows, cc: bool):
+        """``(Z, V, a)`` of the particles ``rows`` (an index array, or ``slice(None)``) for
+        :func:`~gerelion_dask.ops.likelihood.children_diff2`: ``w c X``, ``w c^2`` and the image term, or for CC
+        RELION's CC sums (``cc_pixel_weights``) and the whole window's image power (``cc_image_norm``)."""
+        X, Cr = self.X[rows], self.Cr[rows]
+        if cc:
+            return Cr * X * self.wcc, Cr * Cr * self.wcc, self.xnorm[rows]
+        Wd = self.Wd[rows]
+        return Wd * Cr * X, Wd * Cr * Cr, self.a[rows]
+
 
 @dataclass(frozen=True)
 class _FinePixels:
@@ -401,6 +416,26 @@ def pool_pixels(xp, pre, particles, model, settings, cache: ProjectionCache | No
     px = _PoolPixels(X_all, gather(pre.fimg_nomask, mb_x), C_all, C_all if settings.ctf_on_reference else
                      xp.ones_like(C_all), Wd_all, 1.0 / s2_all, a + xp.asarray(hr_xi2) / 2.0, wcc, xnorm)
     return pix, px, X2_all
+
+
+def pass_start(xp, pre, particles, model, settings, cache: ProjectionCache | None = None):
+    """What a pass over a pool's samples starts from: :func:`pool_pixels` ``(pix, px, |X|^2)``, then per optics group
+    the log-likelihood's normalisation ``sum log(2 pi sigma^2)`` over the likelihood shells, per class the pixels of
+    the scale sums (shells where its data dominate its prior), each image's power beyond the current size, the
+    pool's empty :class:`Partials` and its host accumulators (summed into by :func:`_sums_to_host`)."""
+    N = settings.preprocess.ori_size
+    K = len(model.refs)
+    pix, px, X2 = pool_pixels(xp, pre, particles, model, settings, cache)
+    shb = pix.shells
+    sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
+    logsig = np.array([np.log(2 * np.pi * sig2[g][shb[shb >= 1]]).sum() for g in range(sig2.shape[0])])
+    goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
+    partials = empty_partials(particles.half, grid_of(model), K, settings.grid.n_dir, settings.n_optics,
+                              settings.n_groups, N, np)
+    acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
+           ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
+            "group_counts")}
+    return pix, px, X2, logsig, goodf, to_host(pre.power_highres), partials, acc
 
 
 def strict_pixels(pix: "_FinePixels", size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -463,13 +498,7 @@ def _children_diff2(xp, px: _PoolPixels, fp: FineProjections, cr: np.ndarray, ta
     ``cr`` their classes on the host) of the group of particles ``G``: ``(len(cr), 32)``, child ``4 f + t`` for fine
     orientation ``f`` and fine translation ``t`` (:func:`~gerelion_dask.ops.likelihood.children_diff2`, per
     class)."""
-    Gx = xp.asarray(G)
-    X, Cr = px.X[Gx], px.Cr[Gx]
-    if do_cc:  # RELION's CC sums (cc_pixel_weights) and the whole window's image power (cc_image_norm)
-        Z, V, a = Cr * X * px.wcc, Cr * Cr * px.wcc, px.xnorm[Gx]
-    else:
-        Wd = px.Wd[Gx]
-        Z, V, a = Wd * Cr * X, Wd * Cr * Cr, px.a[Gx]
+    Z, V, a = px.diff2_terms(xp.asarray(G), do_cc)
     d = xp.empty((len(cr), 32), np.float64)
     for c in distinct(cr):
         sel = np.nonzero(cr == c)[0]
@@ -511,15 +540,11 @@ def _child_posteriors(xp, d, lp, jl: np.ndarray, q: np.ndarray, first: np.ndarra
     LP[jq] = xp.asarray(lp)[:, None]  # children inherit their parent's prior
     D, LP = D.reshape(b, L), LP.reshape(b, L)
     if settings.do_cc:
-        best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
-        w = xp.zeros_like(D)
-        w[xp.arange(b), best] = 1.0
-        dmin, sumw, bad = D[xp.arange(b), best], xp.ones(b), xp.zeros(b, bool)
+        w, dmin, sumw, bad = best_sample_weights(D, LP)
     else:
         w, dmin, sumw, bad = posterior_weights(D, LP)
         del D, LP
-        thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
-        w = xp.where(w >= thr[:, None], w, 0.0) / sumw[:, None]
+        w = kept_weights(w, sumw, settings.adaptive_fraction, settings.maxsig)
     best, pmax = xp.argmax(w, axis=1), w.max(axis=1)
     return w.reshape(b, L // 32, 32)[jq], dmin, sumw, bad, best, pmax
 
@@ -619,16 +644,14 @@ def _flat_group(xp, lay: _FlatLayout, px: _PoolPixels, ph_pool, sig: Significant
     LP = xp.broadcast_to(lpc.reshape(b, K2, nt, 1, nu, 1), (b, K2, nt, 4, nu, 8)).reshape(b, K2 * 4 * nt, 8 * nu)
     del lpc
     Gx = xp.asarray(G)
-    Cr, Wd = px.Cr[Gx], px.Wd[Gx]
-    Z, V, a = Wd * Cr * px.X[Gx], Wd * Cr * Cr, px.a[Gx]
+    Z, V, a = px.diff2_terms(Gx, False)
     D = xp.empty((b, K2 * 4 * nt, 8 * nu))  # a particle's row: K' 4 n_t rows of F columns (reduced column-wise)
     for k in range(K2):
         D[:, 4 * nt * k : 4 * nt * (k + 1)] = block_diff2(Z, V, a, ph_pool, lay.P[k], lay.power[k])
     del Z, V
     w, dmin, sumw, bad = posterior_weights(D, LP)
     del D, LP
-    thr = significance_threshold(w, settings.adaptive_fraction, settings.maxsig, sumw)
-    w = xp.where(w >= thr[:, None, None], w, 0.0) / sumw[:, None, None]
+    w = kept_weights(w, sumw, settings.adaptive_fraction, settings.maxsig)
     return w.reshape(b, K2, 4 * nt, 8 * nu), dmin, sumw, bad
 
 
@@ -734,23 +757,12 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     limits = fine_limits(xp)
     max_elems = settings.fine_max_elems or limits["max_elems"]
 
-    sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
     og = np.asarray(particles.optics_group)
-    pix, px, X2_all = pool_pixels(xp, pre, particles, model, settings, cache)
-    mb, shb = pix.mask, pix.shells
-    M = len(shb)
-    lik_h = shb >= 1
-    highres = to_host(pre.power_highres)
+    pix, px, X2_all, logsig, goodf, highres, partials, acc = pass_start(xp, pre, particles, model, settings, cache)
+    mb = pix.mask
+    M = len(pix.shells)
     shell_1hot = pix.shell_1hot  # (M, N/2+1)
-    # the scale sums' resolution range: shells where the class's data dominate its prior
-    goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
     int_off = pre.int_offset_px
-
-    partials = empty_partials(particles.half, grid_of(model), K, grid.n_dir, settings.n_optics, settings.n_groups,
-                              N, np)
-    acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
-           ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
-            "group_counts")}
     n_zero = 0  # particles whose weights all underflowed
     out = {k: np.zeros(B) for k in ("rot", "tilt", "psi", "ox", "oy", "cls", "pmax", "ll", "norm")}
 
@@ -758,15 +770,13 @@ def fine_pass(xp, pre, particles, model, settings, sig: Significant, cache: Proj
     bp_i = {c: xp.zeros((len(fp.gids(c)), M), np.complex128) for c in fp.data}  # per pool row
     bp_w = {c: xp.zeros((len(fp.gids(c)), M), np.float64) for c in fp.data}
     touched = {c: xp.zeros(len(fp.gids(c)), bool) for c in fp.data}
-    logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
 
     # the phases of every fine translation of the pool, made once (chunks take their rows)
     ut_pool = distinct(sig.t)
     t_fine_pool = grid.fine_translations(ut_pool).reshape(-1, 2)
     ph_pool = shift_phase(pix.kx, pix.ky, N, xp.asarray(t_fine_pool), xp)  # (4 |ut_pool|, M)
     resid = xp.zeros((B, M), np.float64)  # per particle: sum over its weighted samples of |X - C P|^2 terms
-    XCW = px.Xnm * px.C * px.Wbp  # the back-projection's data and weight terms of each image
-    CCW = px.C * px.C * px.Wbp
+    XCW, CCW = px.backprojection_terms()
     xa = xp.zeros(B, np.float64)  # the scale sums' model/data and model/model terms per particle
     aa = xp.zeros(B, np.float64)
     ws = xp.zeros(B, np.float64)  # each particle's kept weight (normalised: ~1)

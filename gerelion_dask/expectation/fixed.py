@@ -19,31 +19,23 @@ import numpy as np
 from ..backend import to_host
 from ..conventions import euler_to_matrix, shift_phase
 from ..ops.backprojector import BackProjection, insert_slices
-from ..ops.likelihood import pair_sums
-from .fine import _pool_output, _sums_to_host, _to_host_together, fine_limits, grid_of, pool_pixels, project_gathered
-from .partials import empty_partials
-from .weights import posterior_weights, significance_threshold
+from ..ops.likelihood import diff2_from_terms, pair_sums
+from .estep import searched_classes
+from .fine import _pool_output, _sums_to_host, _to_host_together, fine_limits, grid_of, pass_start, project_gathered
+from .weights import best_sample_weights, kept_weights, posterior_weights
 
 __all__ = ["fixed_pose_pass", "fixed_pose_log_prior"]
 
 
-def fixed_pose_log_prior(pdf_class, active, seed_class=None) -> np.ndarray:
+def fixed_pose_log_prior(pdf_class, search: np.ndarray) -> np.ndarray:
     """``(B, K)`` log prior of each particle's classes: ``log pdf_class`` minus the log of its mean over the classes
-    the particle may take (all active ones, or its ``seed_class`` in a classification's seed iteration), ``-inf``
-    elsewhere; ``active (K,)`` marks classes with a map and a positive fraction."""
+    the particle may take (``search``: :func:`~gerelion_dask.expectation.estep.searched_classes`), ``-inf``
+    elsewhere."""
     pdf = np.asarray(pdf_class, dtype=np.float64)
-    B = 1 if seed_class is None else len(seed_class)
-    search = np.broadcast_to(np.asarray(active, bool) & (pdf > 0), (B, len(pdf))).copy()
-    if seed_class is not None:
-        keep = np.zeros_like(search)
-        keep[np.arange(B), seed_class] = True
-        search &= keep
-    with np.errstate(divide="ignore"):
-        logp = np.log(pdf)[None, :]
     n = search.sum(axis=1, keepdims=True)
     mean = np.where(search, pdf[None, :], 0.0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
     with np.errstate(divide="ignore"):
-        return np.where(search, logp - np.log(np.where(mean > 0, mean, 1.0)), -np.inf)
+        return np.where(search, np.log(pdf)[None, :] - np.log(np.where(mean > 0, mean, 1.0)), -np.inf)
 
 
 def fixed_pose_pass(xp, pre, particles, model, settings, cache=None):
@@ -53,60 +45,41 @@ def fixed_pose_pass(xp, pre, particles, model, settings, cache=None):
     grid = settings.grid
     K = len(model.refs)
     B = len(particles.index)
-    limits = fine_limits(xp)
-    max_elems = settings.fine_max_elems or limits["max_elems"]
-    sig2 = np.asarray(model.sigma2_noise, dtype=np.float64)
+    max_elems = settings.fine_max_elems or fine_limits(xp)["max_elems"]
     og = np.asarray(particles.optics_group)
-    pix, px, X2 = pool_pixels(xp, pre, particles, model, settings, cache)
-    mb, shb = pix.mask, pix.shells
-    M = len(shb)
-    lik_h = shb >= 1
-    logsig = np.array([np.log(2 * np.pi * sig2[g][shb[lik_h]]).sum() for g in range(sig2.shape[0])])
-    highres = to_host(pre.power_highres)
-    goodf = {c: xp.asarray((np.asarray(model.data_vs_prior)[c][shb] > 3).astype(np.float64)) for c in range(K)}
+    pix, px, X2, logsig, goodf, highres, partials, acc = pass_start(xp, pre, particles, model, settings, cache)
+    mb = pix.mask
+    M = len(pix.shells)
     int_off = np.asarray(pre.int_offset_px, dtype=np.float64)
     frac = np.asarray(particles.offset_px, dtype=np.float64) - int_off  # the one translation (pixels)
     ph = shift_phase(pix.kx, pix.ky, N, xp.asarray(frac), xp)  # (B, M)
     A = euler_to_matrix(*np.asarray(particles.angles, dtype=np.float64).T)  # (B, 3, 3), host
-    active = np.array([r is not None for r in model.refs])
-    LP = xp.asarray(np.broadcast_to(fixed_pose_log_prior(model.pdf_class, active, particles.seed_class), (B, K)))
+    search = searched_classes(model, particles)
+    LP = xp.asarray(fixed_pose_log_prior(model.pdf_class, search))
 
     # diff2 (or -CC) of every particle against every class at its pose
-    if settings.do_cc:  # RELION's CC sums (cc_pixel_weights) and the whole window's image power (cc_image_norm)
-        Z, V, a = px.Cr * px.X * px.wcc, px.Cr * px.Cr * px.wcc, px.xnorm
-    else:
-        Z, V, a = px.Wd * px.Cr * px.X, px.Wd * px.Cr * px.Cr, px.a
+    Z, V, a = px.diff2_terms(slice(None), settings.do_cc)
     Zs = Z * ph
     del Z
     D = xp.full((B, K), xp.inf)
-    for c in np.nonzero(active)[0]:
+    for c in np.nonzero(search.any(axis=0))[0]:
         P = project_gathered(model.refs[c], A, n, mb, xp)
         g = (Zs * xp.conj(P)).real.sum(axis=1)
         p = (V * (P.real**2 + P.imag**2)).sum(axis=1)
-        D[:, c] = -g / (xp.sqrt(p) * a + 1e-300) if settings.do_cc else (a + p) - 2.0 * g
+        D[:, c] = diff2_from_terms(a, p, g, settings.do_cc)
         del P, g, p
     del Zs, V
     if settings.do_cc:  # the best class alone takes the particle (RELION's maximum cross-correlation)
-        best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
-        W = xp.zeros((B, K))
-        W[xp.arange(B), best] = 1.0
-        dmin, sumw, bad = D[xp.arange(B), best], xp.ones(B), xp.zeros(B, bool)
+        W, dmin, sumw, bad = best_sample_weights(D, LP)
     else:
         W, dmin, sumw, bad = posterior_weights(D, LP)
-        thr = significance_threshold(W, settings.adaptive_fraction, settings.maxsig, sumw)
-        W = xp.where(W >= thr[:, None], W, 0.0) / sumw[:, None]
+        W = kept_weights(W, sumw, settings.adaptive_fraction, settings.maxsig)
     del D, LP
     cls, pmax, nsig, dmin, sumw, bad = _to_host_together(
         xp, [xp.argmax(W, axis=1), W.max(axis=1), (W > 0).sum(axis=1), dmin, sumw, bad])
 
     # the weighted sums: each (particle, class) pair that kept weight, with its one translation
-    partials = empty_partials(particles.half, grid_of(model), K, grid.n_dir, settings.n_optics, settings.n_groups,
-                              N, np)
-    acc = {f: np.array(getattr(partials, f), dtype=np.float64, copy=True) for f in
-           ("wsum_sigma2", "sumw_optics", "wsum_pdf_class", "wsum_pdf_direction", "wsum_scale_xa", "wsum_scale_aa",
-            "group_counts")}
-    XCW = px.Xnm * px.C * px.Wbp
-    CCW = px.C * px.C * px.Wbp
+    XCW, CCW = px.backprojection_terms()
     resid = xp.zeros((B, M), np.float64)
     xa = xp.zeros(B, np.float64)
     aa = xp.zeros(B, np.float64)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["posterior_weights", "significance_threshold", "significant_set"]
+__all__ = ["best_sample_weights", "kept_weights", "posterior_weights", "significance_threshold", "significant_set"]
 
 
 def _per_row(x, reduce):
@@ -105,6 +105,27 @@ def significance_threshold(w, adaptive_fraction: float = 0.999, maxsig: int = -1
         k = xp.minimum(k, maxsig - 1)
     thr = srt[xp.arange(b), k]
     return xp.where(thr > 0, thr, xp.asarray(np.finfo(np.float64).tiny))
+
+
+def kept_weights(w, total, adaptive_fraction: float = 0.999, maxsig: int = -1):
+    """RELION's weights of the weighted sums: per row of ``w`` (a row of one or more axes, its sum ``total``), the
+    weights at or above the row's :func:`significance_threshold`, divided by the row's sum; 0 elsewhere."""
+    xp = get_xp(w)
+    thr = significance_threshold(w, adaptive_fraction, maxsig, total)
+    col = (len(w),) + (1,) * (w.ndim - 1)
+    return xp.where(w >= thr.reshape(col), w, 0.0) / total.reshape(col)
+
+
+def best_sample_weights(D, LP):
+    """``--firstiter_cc``'s weights: per row of ``D (b, N)`` (-CC) the sample of smallest ``D`` among those with a
+    finite log prior ``LP`` takes weight 1 (RELION's maximum cross-correlation).  Returns ``(w, dmin, sumw, bad)``
+    as :func:`posterior_weights` (sums 1, nothing underflowed)."""
+    xp = get_xp(D)
+    b = len(D)
+    best = xp.argmin(xp.where(xp.isfinite(LP), D, xp.inf), axis=1)
+    w = xp.zeros_like(D)
+    w[xp.arange(b), best] = 1.0
+    return w, D[xp.arange(b), best], xp.ones(b), xp.zeros(b, bool)
 
 
 def significant_set(w, adaptive_fraction: float = 0.999, maxsig: int = -1, total=None):

@@ -31,7 +31,7 @@ from ..backend import get_xp
 
 __all__ = ["CANDIDATE_CAP", "REDO_SAMPLES", "add_rows", "block_diff2", "block_sums", "candidate_segment",
            "children_diff2", "coarse_diff2", "coarse_select", "coarse_select_dense", "coarse_weights", "cross_term",
-           "interleaved", "orientation_log_prior", "power_term", "shifted_rows"]
+           "diff2_from_terms", "interleaved", "orientation_log_prior", "power_term", "shifted_rows"]
 
 # candidates per particle the GPU twin of coarse_select sorts in shared memory (128 KiB); a particle with more
 # (a flat posterior: the first likelihood iterations put 4,000-16,000 of 96,768 samples above the bound) is
@@ -136,6 +136,13 @@ def candidate_segment(n_samples: int) -> int:
     return int(min(CANDIDATE_CAP, 1 << max(0, int(n_samples - 1).bit_length())))
 
 
+def diff2_from_terms(a, p, g, cc: bool = False):
+    """diff2 ``(a + p) - 2 g`` from a sample's image term ``a``, model power ``p`` and cross term ``g`` (broadcast
+    together), or for ``--firstiter_cc`` ``-g / (sqrt(p) a)`` (``a`` the image norm): RELION's negative CC."""
+    xp = get_xp(a, p, g)
+    return -g / (xp.sqrt(p) * a + 1e-300) if cc else (a + p) - 2.0 * g
+
+
 def children_diff2(Z, V, a, ph, P, j, prow, trow, cc: bool = False, max_elems: int = 1 << 22):
     """diff2 (or ``-CC``) of the 32 children of significant samples, each child on its own: ``(R, 32)`` float64.
 
@@ -167,11 +174,7 @@ def children_diff2(Z, V, a, ph, P, j, prow, trow, cc: bool = False, max_elems: i
         g = np.matmul(Y.view(np.float64), Pg.view(np.float64).transpose(0, 2, 1))  # (S, 4, 8) = Re(Y conj(P))
         p = np.matmul(Pg.real**2 + Pg.imag**2, V[js][:, :, None])[:, :, 0]  # (S, 8)
         g = g.transpose(0, 2, 1)  # (S, 8, 4): child 4 f + t
-        if cc:
-            d = -g / (np.sqrt(p)[:, :, None] * a[js][:, None, None] + 1e-300)
-        else:
-            d = (a[js][:, None, None] + p[:, :, None]) - 2.0 * g
-        out[sel] = d.reshape(-1, 32)
+        out[sel] = diff2_from_terms(a[js][:, None, None], p[:, :, None], g, cc).reshape(-1, 32)
     return out
 
 
@@ -222,11 +225,7 @@ def _children_dense(Z, V, a, ph, P, j, prow, trow, cc: bool, max_elems: int, out
             mine = by_o[cut[k] : cut[k + 1]]
             oo = io[mine] - o0
             g = G[it[mine], :, oo, :].transpose(0, 2, 1)  # (S, 8, 4): child 4 f + t
-            if cc:
-                d = -g / (np.sqrt(p[oo])[:, :, None] * a[jj] + 1e-300)
-            else:
-                d = (a[jj] + p[oo][:, :, None]) - 2.0 * g
-            out[idx[mine]] = d.reshape(-1, 32)
+            out[idx[mine]] = diff2_from_terms(a[jj], p[oo][:, :, None], g, cc).reshape(-1, 32)
     return np.concatenate(left) if left else np.zeros(0, np.int64)
 
 
