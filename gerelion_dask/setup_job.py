@@ -119,22 +119,32 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
             vol, vs = read_map(p)
         except InputError as e:
             raise InputError(e.path, e.problem, e.hint or "check the map named by --ref") from None
-        if vol.ndim != 3 or vol.shape != (box, box, box):
-            raise InputError(p, f"reference map has shape {vol.shape} but the particles are {box} x {box} pixels",
-                             "resample the reference to the particle box")
-        if vs > 0 and abs(vs - apix) > 0.01 * apix:
-            if cfg.trust_ref_size:
-                log.warning("%s: reference voxel size %.4g Å differs from the particle pixel size %.4g Å; used as "
-                            "it is (--trust_ref_size)", p, vs, apix)
-            else:
-                raise InputError(p, f"reference voxel size {vs:.4g} Å differs from the particle pixel size "
-                                 f"{apix:.4g} Å by more than 1%", f"rescale the reference to {apix:.4g} Å/px and box "
-                                 f"{box} (relion_image_handler --rescale_angpix --new_box), or give --trust_ref_size "
-                                 "if only its header is wrong")
-        if not np.all(np.isfinite(vol)):
-            raise InputError(p, "reference map contains NaN or infinite values", "use another --ref map")
+        _check_map(p, vol, vs, box, apix, "reference map", "reference",
+                   ("resample the reference to the particle box",
+                    f"rescale the reference to {apix:.4g} Å/px and box {box} (relion_image_handler --rescale_angpix "
+                    "--new_box), or give --trust_ref_size if only its header is wrong", "use another --ref map"),
+                   "--trust_ref_size" if cfg.trust_ref_size else None)
         maps.append(vol.astype(np.float64))
     return maps if len(maps) == cfg.K else [maps[0].copy() for _ in range(cfg.K)]
+
+
+def _check_map(p, vol, vs: float, box: int, apix: float, what: str, size_what: str, hints: tuple,
+               trusted: str | None = None) -> None:
+    """InputError naming map ``p`` (``what``: "reference map", "solvent mask") unless it is one ``box``-sized volume
+    of the particles' pixel size (within 1 %; a header of 0 says nothing) without NaN or infinite values;
+    ``hints``: what to do about the box, the voxel size and the values.  ``trusted`` (the flag that said so): a
+    differing voxel size is a warning instead."""
+    if vol.ndim != 3 or vol.shape != (box, box, box):
+        raise InputError(p, f"{what} has shape {vol.shape} but the particles are {box} x {box} pixels", hints[0])
+    if vs > 0 and abs(vs - apix) > 0.01 * apix:
+        if trusted:
+            log.warning("%s: %s voxel size %.4g Å differs from the particle pixel size %.4g Å; used as it is (%s)",
+                        p, size_what, vs, apix, trusted)
+        else:
+            raise InputError(p, f"{size_what} voxel size {vs:.4g} Å differs from the particle pixel size "
+                             f"{apix:.4g} Å by more than 1%", hints[1])
+    if not np.all(np.isfinite(vol)):
+        raise InputError(p, f"{what} contains NaN or infinite values", hints[2])
 
 
 # how far a --solvent_mask may stray outside [0, 1] (resampling in other programs) before it is refused; values
@@ -149,14 +159,9 @@ def _read_solvent_mask(cfg: JobConfig, box: int, apix: float) -> np.ndarray | No
         return None
     p = cfg.solvent_mask
     vol, vs = read_map(p)
-    if vol.ndim != 3 or vol.shape != (box, box, box):
-        raise InputError(p, f"solvent mask has shape {vol.shape} but the particles are {box} x {box} pixels",
-                         "resample the mask to the particle box (relion_image_handler --new_box)")
-    if vs > 0 and abs(vs - apix) > 0.01 * apix:
-        raise InputError(p, f"solvent mask voxel size {vs:.4g} Å differs from the particle pixel size {apix:.4g} Å "
-                         "by more than 1%", f"rescale the mask to {apix:.4g} Å/px")
-    if not np.all(np.isfinite(vol)):
-        raise InputError(p, "solvent mask contains NaN or infinite values", "make the mask again (relion_mask_create)")
+    _check_map(p, vol, vs, box, apix, "solvent mask", "solvent mask",
+               ("resample the mask to the particle box (relion_image_handler --new_box)",
+                f"rescale the mask to {apix:.4g} Å/px", "make the mask again (relion_mask_create)"))
     lo, hi = float(vol.min()), float(vol.max())
     if lo < -MASK_TOLERANCE or hi > 1 + MASK_TOLERANCE:
         raise InputError(p, f"solvent mask values run from {lo:.4g} to {hi:.4g}; a mask holds values in [0, 1]",
