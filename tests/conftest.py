@@ -1,4 +1,5 @@
-"""Shared fixtures: the array backend (NumPy always, CuPy on a GPU machine) and the shared data folder."""
+"""Shared fixtures: the array backend (NumPy always, CuPy on a GPU machine), the shared data folder, and a tiny
+simulated data set for command-line tests."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ from gerelion_dask.backend import gpu_count
 SHARED_DATA = Path(os.environ.get("GERELION_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GOLDEN = SHARED_DATA / "golden"
 REPO = Path(__file__).resolve().parents[1]
+# the tiny simulated data set of command-line tests (tiny_set): 12 particles, box 24, 5 A/px
+TINY_BOX, TINY_APIX = 24, 5.0
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory):
+    """12 simulated particles of the blobs phantom (box 24, 5 A/px, SNR 2) with a 25 A initial reference: the
+    ``SimulationPaths`` of a folder that tests read (copy it before changing anything)."""
+    from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
+
+    out = tmp_path_factory.mktemp("tiny_set")
+    spec = SimulationSpec(n_particles=12, box=TINY_BOX, apix=TINY_APIX, snr=2.0, seed=3, ini_lowpass_angst=25.0,
+                          class_fractions=None, n_classes=1, boxpad=1)
+    return simulate_dataset([phantom_map(TINY_BOX, TINY_APIX, "blobs")], spec, out)
 
 
 def child_env(one_blas_thread: bool = False, **extra) -> dict:

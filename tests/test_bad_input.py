@@ -21,21 +21,16 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import TINY_APIX, TINY_BOX, child_env
 
 from gerelion_dask.io.mrc import write_map, write_stack
-from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
 
-BOX, APIX = 24, 5.0
+BOX, APIX = TINY_BOX, TINY_APIX
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bad_input_data")
-    spec = SimulationSpec(n_particles=12, box=BOX, apix=APIX, snr=2.0, seed=3, ini_lowpass_angst=25.0,
-                          class_fractions=None, n_classes=1, boxpad=1)
-    simulate_dataset([phantom_map(BOX, APIX, "blobs")], spec, out)
-    return out
+def dataset(tiny_set):
+    return tiny_set.out_dir  # each case works on a copy
 
 
 def _edit_star(path: Path, old: str, new: str, count: int = 1):

@@ -920,22 +920,30 @@ def _two_half_pools(n, noise, seed, do_norm=False):
     return p1, p2, model, s2, maps
 
 
+def _two_half_model(vol, s2, pdf_direction):
+    """The model an auto-refine M-step starts from: one class, the map ``vol`` in both half sets, the direction
+    prior ``pdf_direction (1, n_dir)`` and noise ``s2`` in each, flat spectra, sigma_offset 5 A."""
+    from gerelion_dask.maximization.model import Model
+
+    nsh = N // 2 + 1
+    return Model(N, APIX, [[vol], [vol]], np.ones((2, 1)), np.stack([np.asarray(pdf_direction)] * 2),
+                 np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
+                 np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+
+
 def test_each_half_set_keeps_its_own_other_parameters():
     # oracle: RELION 3.1's gold-standard auto-refine (ALGORITHM.md §6.2 step 10; its MPI followers add the weighted
     # sums of their own half set only, and its run_it001_half1/half2_model.star differ in norm average, sigma offset,
     # direction priors, noise and log-likelihood) -- each half's other parameters are the §5.4 formulas written out on
     # that half's sums alone; data_vs_prior and the average Pmax are half 1's in both (RELION broadcasts them); the
     # final iteration joins the sums, so both halves then hold the joined values
-    from gerelion_dask.maximization.model import Model
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
     from gerelion_dask.ops.fourier import npix_per_shell
 
     p1, p2, model, s2, maps = _two_half_pools(40, 1.0, seed=11, do_norm=True)
     nsh = N // 2 + 1
     n_dir = np.asarray(model.pdf_direction).shape[-1]
-    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.full((2, 1, n_dir), 1.0 / n_dir),
-               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
-               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    m0 = _two_half_model(maps[0], s2, np.full((1, n_dir), 1.0 / n_dir))
     ms = MStepSettings(True, do_norm=True)
     got, _ = maximization({1: p1, 2: p2}, m0, ms)
     npix = np.maximum(npix_per_shell(N), 1)
@@ -968,15 +976,11 @@ def test_solvent_flattening_multiplies_each_half_map_by_the_mask(xp):
     # oracle: RELION's solventFlatten (ALGORITHM.md §5.5) -- the maps of an M-step with --flatten_solvent are the
     # maps of the same M-step without it, times the --solvent_mask (values in [0, 1]) or, without one, times the soft
     # sphere of the particle diameter; the final iteration is not flattened
-    from gerelion_dask.maximization.model import Model
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
     from gerelion_dask.ops.masks import radius_grid, soft_sphere
 
     p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    nsh = N // 2 + 1
-    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
-               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
-               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
     parts = {1: p1.on(xp), 2: p2.on(xp)}
     r = radius_grid(N, 3)
     z = np.arange(N)[:, None, None] - N // 2
@@ -1000,17 +1004,13 @@ def test_solvent_corrected_fsc_replaces_the_gold_standard_fsc(xp):
     # oracle: RELION's reconstructUnregularisedMapAndCalculateSolventCorrectedFSC -- with --solvent_correct_fsc and
     # a mask, the M-step's FSC is the phase-randomisation-corrected FSC of the masked unregularised half maps, zero
     # beyond the current size, and the same seed gives the same curve; without a mask the flag changes nothing
-    from gerelion_dask.maximization.model import Model
     from gerelion_dask.maximization.mstep import MStepSettings, maximization, symmetrised
     from gerelion_dask.ops.fsc import solvent_corrected_fsc
     from gerelion_dask.ops.masks import soft_sphere
     from gerelion_dask.ops.reconstruct import reconstruct
 
     p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    nsh = N // 2 + 1
-    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
-               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
-               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
     parts = {1: p1.on(xp), 2: p2.on(xp)}
     mask = soft_sphere(N, 0.3 * N, 2.0)
     base = MStepSettings(True)
@@ -1032,14 +1032,10 @@ def test_non_finite_e_step_sums_stop_the_m_step_with_one_clear_error(xp):
     # then into its noise spectra) stops the run with one RunFailedError naming the half set and the sums, instead
     # of maps of NaN or zeros; finite sums pass
     from gerelion_dask.errors import RunFailedError
-    from gerelion_dask.maximization.model import Model
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
 
     p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    nsh = N // 2 + 1
-    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
-               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
-               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
     ms = MStepSettings(True)
     maximization({1: p1.on(xp), 2: p2.on(xp)}, m0, ms)
     data = np.array(p2.bp_data)
@@ -1059,15 +1055,11 @@ def test_mstep_gpu_matches_numpy(xp, final, gridding, sym):
     # final iteration's joined halves
     if xp is np:
         pytest.skip("compares CuPy with NumPy")
-    from gerelion_dask.maximization.model import Model
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
     from gerelion_dask.ops.symmetry import symmetry_operators
 
     p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    nsh = N // 2 + 1
-    m0 = Model(N, APIX, [[maps[0]], [maps[0]]], np.ones((2, 1)), np.stack([np.asarray(model.pdf_direction)] * 2),
-               np.stack([np.asarray(s2)[None]] * 2), np.ones((2, 1, nsh)), np.ones((2, 1, nsh)), np.zeros((1, nsh)),
-               np.ones((2, 1, nsh)), np.full(2, 5.0), np.ones(2), np.ones((2, 1)), 1.0 / 20.0, loglik=np.zeros(2))
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
     ms = MStepSettings(True, final=final, low_resol_join_halves=40.0, flatten_solvent=True,
                        particle_diameter_angst=0.9 * N * APIX, symmetry_operators=symmetry_operators(sym),
                        gridding_iterations=gridding)

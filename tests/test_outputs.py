@@ -420,29 +420,35 @@ def test_relion_star_handler_reads_data_star(tmp_path):
     assert o["rlnImagePixelSize"].tolist() == [APIX]
 
 
-@pytest.mark.relion
-@have_relion
-def test_relion_postprocess_reads_half_maps(tmp_path):
-    golden = need_golden()
-    vol, apix = read_map(golden / "recon_box64_ctf.mrc")
+def _postprocess_golden_halves(tmp_path, noise: float, seed: int, r_in: float, r_out: float, *flags):
+    """Two half maps (the golden box-64 reconstruction plus independent noise of ``noise`` times its std) and a soft
+    sphere mask (1 inside ``r_in`` px, raised cosine to 0 at ``r_out``) written in ``tmp_path``, and
+    ``relion_postprocess`` run on them with ``flags``: ``(halves, apix, mask, postprocess.star's blocks)``."""
+    vol, apix = read_map(need_golden() / "recon_box64_ctf.mrc")
     vol = vol.astype(np.float64)
-    rng = np.random.default_rng(5)
-    halves = [vol + 5.0 * vol.std() * rng.normal(size=vol.shape) for _ in range(2)]
+    rng = np.random.default_rng(seed)
+    halves = [vol + noise * vol.std() * rng.normal(size=vol.shape) for _ in range(2)]
     for h, m in enumerate(halves, 1):
         write_map(tmp_path / f"run_half{h}_class001_unfil.mrc", m, apix)
     n = vol.shape[0]
     z, y, x = np.mgrid[:n, :n, :n] - n // 2
     r = np.sqrt(x * x + y * y + z * z)
-    mask = np.where(r < 20, 1.0, np.where(r < 26, 0.5 + 0.5 * np.cos(np.pi * (r - 20) / 6), 0.0))
+    mask = np.where(r < r_in, 1.0, np.where(r < r_out, 0.5 + 0.5 * np.cos(np.pi * (r - r_in) / (r_out - r_in)), 0.0))
     write_map(tmp_path / "mask.mrc", mask, apix)
     (tmp_path / "PostProcess").mkdir()  # RELION 3.1 writes logfile.pdf next to --o: its folder must exist
     res = subprocess.run(
         ["relion_postprocess", "--i", "run_half1_class001_unfil.mrc", "--o", "PostProcess/postprocess",
-         "--angpix", str(apix), "--mask", "mask.mrc", "--auto_bfac"],
+         "--angpix", str(apix), "--mask", "mask.mrc", *flags],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    blocks = read_star(tmp_path / "PostProcess" / "postprocess.star")
+    return halves, apix, read_map(tmp_path / "mask.mrc")[0], read_star(tmp_path / "PostProcess" / "postprocess.star")
+
+
+@pytest.mark.relion
+@have_relion
+def test_relion_postprocess_reads_half_maps(tmp_path):
+    halves, apix, _, blocks = _postprocess_golden_halves(tmp_path, 5.0, 5, 20, 26, "--auto_bfac")
     general = blocks["general"].iloc[0]
     assert general["rlnUnfilteredMapHalf2"] == "run_half2_class001_unfil.mrc"  # found from the half-1 name
     assert 2 * apix <= general["rlnFinalResolution"] < 30.0
@@ -460,27 +466,9 @@ def test_solvent_corrected_fsc_follows_relion_postprocess(tmp_path):
     # against ours): RELION's curve must lie within 3 standard deviations of the mean of 12 of our draws
     from gerelion_dask.ops.fsc import solvent_corrected_fsc
 
-    golden = need_golden()
-    vol, apix = read_map(golden / "recon_box64_ctf.mrc")
-    vol = vol.astype(np.float64)
-    rng = np.random.default_rng(7)
-    halves = [vol + 2.0 * vol.std() * rng.normal(size=vol.shape) for _ in range(2)]
-    for h, m in enumerate(halves, 1):
-        write_map(tmp_path / f"run_half{h}_class001_unfil.mrc", m, apix)
-    n = vol.shape[0]
-    z, y, x = np.mgrid[:n, :n, :n] - n // 2
-    r = np.sqrt(x * x + y * y + z * z)
-    mask = np.where(r < 14, 1.0, np.where(r < 17, 0.5 + 0.5 * np.cos(np.pi * (r - 14) / 3), 0.0))
-    write_map(tmp_path / "mask.mrc", mask, apix)
-    (tmp_path / "PostProcess").mkdir()
-    res = subprocess.run(
-        ["relion_postprocess", "--i", "run_half1_class001_unfil.mrc", "--o", "PostProcess/postprocess",
-         "--angpix", str(apix), "--mask", "mask.mrc", "--adhoc_bfac", "0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    t = read_star(tmp_path / "PostProcess" / "postprocess.star")["fsc"]
-    m = read_map(tmp_path / "mask.mrc")[0]
+    halves, _, m, blocks = _postprocess_golden_halves(tmp_path, 2.0, 7, 14, 17, "--adhoc_bfac", "0")
+    t = blocks["fsc"]
+    n = m.shape[0]
     draws = [solvent_corrected_fsc(halves[0], halves[1], m, np.random.default_rng(seed)) for seed in range(12)]
     true, at, unmasked, masked, rand = draws[0]
     assert 2 < at < n // 2 - 4  # the unmasked FSC falls below 0.8 inside the box

@@ -8,17 +8,9 @@ import pytest
 
 from gerelion_dask import pipeline_control as pc
 from gerelion_dask.cli import main as cli_main
-from gerelion_dask.simulate import SimulationSpec, phantom_map, simulate_dataset
+from conftest import TINY_APIX, TINY_BOX
 
-BOX, APIX = 24, 5.0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pc_data")
-    spec = SimulationSpec(n_particles=12, box=BOX, apix=APIX, snr=2.0, seed=3, ini_lowpass_angst=25.0,
-                          class_fractions=None, n_classes=1, boxpad=1)
-    return simulate_dataset([phantom_map(BOX, APIX, "blobs")], spec, out)
+BOX, APIX = TINY_BOX, TINY_APIX
 
 
 def _args(paths, job, extra=()):
@@ -28,21 +20,21 @@ def _args(paths, job, extra=()):
             "--device", "cpu", "--pipeline_control", str(job) + "/", *extra]
 
 
-def test_success_failure_and_abort_files(tiny, tmp_path):
+def test_success_failure_and_abort_files(tiny_set, tmp_path):
     job = tmp_path / "Class3D" / "job003"
     job.mkdir(parents=True)
     (job / pc.EXIT_FAILURE).touch()  # from an earlier attempt: removed when the job starts
-    assert cli_main(_args(tiny, job)) == 0
+    assert cli_main(_args(tiny_set, job)) == 0
     assert sorted(p.name for p in job.glob("RELION_JOB_*")) == [pc.EXIT_SUCCESS]
     assert (job / "run_it001_model.star").is_file()
     # a bad flag under pipeline control: exit 2 and the failure file
-    assert cli_main(_args(tiny, job, ["--K", "0"])) == 2
+    assert cli_main(_args(tiny_set, job, ["--K", "0"])) == 2
     assert sorted(p.name for p in job.glob("RELION_JOB_*")) == [pc.EXIT_FAILURE]
     # an abort request: the job stops before its first iteration, removes the request, says it was aborted
     job2 = tmp_path / "Class3D" / "job004"
     job2.mkdir()
     (job2 / pc.ABORT_NOW).touch()
-    assert cli_main(_args(tiny, job2)) == 130
+    assert cli_main(_args(tiny_set, job2)) == 130
     assert sorted(p.name for p in job2.glob("RELION_JOB_*")) == [pc.EXIT_ABORTED]
     assert not list(job2.glob("run_it001*"))
 
