@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--maxsig", type=int, default=40)
     ap.add_argument("--lines", type=int, default=0, help="trace the E-step lines at --lines-size; print the top N")
     ap.add_argument("--lines-size", type=int, default=0, help="current size whose pools --lines traces (default: box)")
+    ap.add_argument("--json", default="", help="also write every pool's record (sizes, searches, peaks) to this file")
     ns = ap.parse_args()
 
     class Live(cupy.cuda.MemoryHook):
@@ -73,7 +74,10 @@ def main():
         sig = inner_coarse(xp, pre, particles, model, settings, pri, cache)
         K = len(model.refs)
         frac = len(np.unique(sig.c * sig.n_orient + sig.o)) / float(K * sig.n_orient)
-        pools.append([settings.preprocess.current_size, frac, 0])
+        # local searches: a chunk's rows are padded to its particles' most directions and psi angles
+        ol = int(np.diff(pri.dir_ptr).max() * np.isfinite(pri.psi_lp).sum(axis=1).max()) if pri.local else 0
+        pools.append([settings.preprocess.current_size, frac, 0, 0, 0, bool(pri.local), float(sig.n_sig.mean()),
+                      int(sig.n_sig.max()), len(particles.index), ol])
         return sig
 
     lines = {}  # (file, function, line) -> (highest live bytes during the line, live bytes when it started)
@@ -114,7 +118,7 @@ def main():
             if trace:
                 sys.settrace(None)
                 live.marks.clear()
-        pools[-1][2:] = [live.peak, start, cache.nbytes if cache is not None else 0]
+        pools[-1][2:5] = [live.peak, start, cache.nbytes if cache is not None else 0]
         return out
 
     estep.coarse_pass, estep._expectation_pool = coarse, pool
@@ -127,7 +131,7 @@ def main():
     diameter = ns.box * ns.apix  # job_config leaves --particle_diameter at its default: the box
     print(f"\n{ns.n} particles, box {ns.box}, pool {ns.pool}, HEALPix order {ns.healpix_order}, maxsig {ns.maxsig}; "
           "in process on one GPU\n")
-    print("| current size | pools | significant fraction (max) | measured live peak GiB (held before a task; "
+    print("| current size | pools | significant fraction (max; local: orientations, mean significant samples) | measured live peak GiB (held before a task; "
           "largest task; caches) | plan GiB (task; caches) | plan / measured |")
     print("|---|---|---|---|---|---|")
     g = 2.0**30
@@ -135,14 +139,27 @@ def main():
         sel = [p for p in pools if p[0] == size]
         f = max(p[1] for p in sel)
         peak = max(p[2] for p in sel)
+        local = [p for p in sel if p[5]]  # local searches: the plan's local model at the pools' own counts
         plan = plan_memory(ns.box, ns.n, ns.pool, 1, 2, ns.healpix_order, "C1", 3.0, 1.0, 2.0, ns.apix, diameter,
-                           "gpu", 0, significant_fraction=f, current_size=size,
-                           maxsig=ns.maxsig)
-        print(f"| {size} | {len(sel)} | {f:.4f} | {peak / g:.2f} ({max(p[3] for p in sel) / g:.2f}; "
+                           "gpu", 0, significant_fraction=f, current_size=size, maxsig=ns.maxsig,
+                           local_significant=max((p[6] for p in local), default=0.0),
+                           local_orientations=max((p[9] for p in local), default=0),
+                           local_max_significant=max((p[7] for p in local), default=0))
+        loc = (f"; local {max(p[9] for p in local)}, {max(p[6] for p in local):.1f}" if local else "")
+        print(f"| {size} | {len(sel)} | {f:.4f}{loc} | {peak / g:.2f} ({max(p[3] for p in sel) / g:.2f}; "
               f"{max(p[2] - p[3] for p in sel) / g:.2f}; {max(p[4] for p in sel) / g:.2f}) | "
               f"{plan.gpu_bytes / g:.2f} ({plan.task_bytes / g:.2f}; {plan.parts['projection caches'] / g:.2f}) | "
               f"{plan.gpu_bytes / max(peak, 1):.2f} |")
 
+    if ns.json:
+        import json
+
+        keys = ("current_size", "significant_fraction", "peak", "held", "cache", "local", "mean_significant",
+                "max_significant", "particles", "local_orientations")
+        top = sorted(lines.items(), key=lambda x: -x[1][0])[:max(ns.lines, 0)]
+        Path(ns.json).write_text(json.dumps({
+            "args": vars(ns), "pools": [dict(zip(keys, p)) for p in pools],
+            "lines": [[Path(f).name, name, ln, peak, start] for (f, name, ln), (peak, start) in top]}, indent=1))
     if lines:
         print(f"\nlines of the E-step at {ns.lines_size or ns.box} px with the most live GPU bytes (GiB: peak during the line; live when "
               "it started; the pools at full size, highest of each line)")

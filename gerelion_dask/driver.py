@@ -227,11 +227,11 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     cfg = replace(cfg, random_seed=seed)  # the resolved seed is written to optimiser.star and the checkpoint
     inp = drop_non_finite(load_inputs(cfg))
     runner = runner or InProcessRunner()
-    from .plan import execution_target, plan_for_inputs, pool_for_inputs
+    from .plan import execution_target, has_local_searches, plan_for_inputs, pool_for_inputs
 
     target = execution_target(runner)
     # the pools of global and of local searches: a local-search pool holds the fine-orientation rows of its
-    # particles' own neighbourhoods (plan.local_search_fine_bytes), so on a GPU it may be smaller; the particle
+    # particles' own neighbourhoods (the plan's local searches), so on a GPU it may be smaller; the particle
     # store's chunks and the noise spectra's tasks take the smaller one
     pool_global = pool_for_inputs(cfg, inp, target, local=False)
     pool = pool_for_inputs(cfg, inp, target)
@@ -244,8 +244,10 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                     "particles per CPU thread; its GUI passes 3), and GPU tasks of so few particles spend their time "
                     "in fixed costs: this run uses --pool %d", cfg.pool, pool)
     cfg = replace(cfg, pool=pool)
-    plan = plan_for_inputs(cfg, inp, runner, target=target, pool=pool_global)
-    log.info("%s", plan.summary())
+    if not getattr(cfg, "sigma_ang", 0.0) > 0:  # global searches (all of a classification, auto-refine's first)
+        log.info("%s", plan_for_inputs(cfg, inp, runner, target=target, pool=pool_global).summary())
+    if has_local_searches(cfg):
+        log.info("%s", plan_for_inputs(cfg, inp, runner, target=target, pool=pool, local=True).summary())
     N, a = inp.box, inp.pixel_size
     halves = [1, 2] if cfg.split_random_halves else [0]
     sym_ops = symmetry_operators(cfg.sym)

@@ -33,11 +33,14 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   interleaved copy) or the selection: each particle's candidate segment ``17 c b`` (``c = candidate_segment(O T
   K)``: at most 16,384) and the rows of particles with flat posteriors redone densely, a batch of at most
   ``ops.likelihood.REDO_SAMPLES`` samples at a time with their temporaries (``48 min(e, 2^22)``).  Local searches
-  (not modelled here: see :func:`local_search_fine_bytes`) gather each particle's own projection rows instead, at
-  most ``8 x local_rows_factor x E`` bytes a chunk (4 GiB on an 80 GB GPU), whatever the pool's size;
+  (``local_significant > 0``: auto-refine from ``--auto_local_healpix_order``, ``--sigma_ang``) project no grid:
+  each particle searches its own ``Ol`` orientations (:func:`local_search_orientations`), and a chunk gathers its
+  particles' rows of its distinct orientations' projections (:func:`_local_coarse_bytes`: at most
+  ``local_rows_factor x 8 E`` bytes of rows, 4 GiB on an 80 GB GPU, whatever the pool's size);
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
-  O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``). While they are projected: their projections ``16 R
+  O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``; in local searches at most ``8 B s``, ``s`` the
+  significant samples a particle, ``LOCAL_SIGNIFICANT`` unless measured: the grid no longer bounds them). While they are projected: their projections ``16 R
   M`` and one chunk's working memory (``min(R, S_p) x s_p``, ``S_p = project_bytes / s_p``, at most 4,096, ``s_p =
   16 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own
   array (no copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U,
@@ -48,7 +51,7 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   ``ops.likelihood.children_diff2`` (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps
   none); the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (NumPy's temporaries; checked
   by ``tests/test_plan.py``), ``w = min(e', max(E / 16, 32 s))`` padded children of a group of particles with
-  ``s`` significant samples each (``s = f O T K``, at most ``maxsig``; ``e' = min(e, 32 B maxsig)``); or a chunk of
+  ``s`` significant samples each (``s = f O T K``, local searches ``local_significant``, at most ``maxsig``; ``e' = min(e, 32 B maxsig)``); or a chunk of
   the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most
   ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host); or, where a
   particle's dense block of children holds at most ``4 E`` values and ``24 R M`` bytes fit
@@ -62,7 +65,7 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole iteration
-(``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections ``(8 + 4) K O Mc`` (in float32;
+(``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections (not in local searches) ``(8 + 4) K O Mc`` (in float32;
 ``24 K O Mc`` in float64, a CPU's and a fast-FP64 GPU's) and every fine orientation projected so far, ``16 M`` each: the
 union over the ``P`` pools of that half set on the process, ``U``, modelled as ``R P^(1/4)`` (an empirical fit: the
 pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
@@ -96,9 +99,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .config import COARSE_PRECISIONS
 
-__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_local_searches", "local_search_fine_bytes",
+__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_local_searches",
+           "local_search_orientations",
            "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
 
 _GIB = 1024.0**3
@@ -138,7 +144,10 @@ class MemoryPlan:
         s = self.sizes
         head = (f"memory plan ({self.mode}, {self.backend}, box {s['box']}, pool {s['pool']}, K {s['K']}, "
                 f"HEALPix order {s['healpix_order']}: {s['orientations']} orientations x {s['translations']} "
-                f"translations, significant fraction {s['significant_fraction']:g}): ")
+                f"translations, " + (f"local searches: {s['local_orientations']} orientations and "
+                                     f"{s['local_significant']:g} significant samples a particle): "
+                                     if s.get("local_orientations") else
+                                     f"significant fraction {s['significant_fraction']:g}): "))
         parts = [f"driver {self.driver_bytes / _GIB:.2f} GiB"]
         if self.mode == "dask":
             parts.append(f"per worker {self.worker_host_bytes / _GIB:.2f} GiB host")
@@ -157,13 +166,19 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
                 pixel_size: float = 1.0, diameter: float = 0.0, backend: str = "cpu", workers: int = 0,
                 significant_fraction: float = 1.0, current_size: int | None = None,
                 gpu_memory_bytes: float | None = None, maxsig: int = -1,
-                coarse_precision: str = "auto") -> MemoryPlan:
+                coarse_precision: str = "auto", local_significant: float = 0.0,
+                local_orientations: int = 0, local_max_significant: float = 0.0) -> MemoryPlan:
     """Predict the memory of a run (see the module docstring for the model); ``workers=0``: in process.
     ``gpu_memory_bytes``: the GPU's total memory, whose budgets the E-step takes (``fine.gpu_limits``; default: those
     of an 80 GB H100).  ``maxsig`` (``--maxsig``, > 0): at most that many significant samples per particle, which
     bounds the fine pass's per-group weights.  ``coarse_precision`` float64 on a GPU doubles the coarse pass's
     cross terms and shifted images (8 bytes a value instead of 4); ``auto`` is counted as float64 there (what GPUs
-    with fast double precision choose, ``fine.fine_limits``; an upper bound for the others)."""
+    with fast double precision choose, ``fine.fine_limits``; an upper bound for the others).
+    ``local_significant`` (> 0): the pools search locally (auto-refine's last iterations, ``--sigma_ang``) and keep
+    that many significant samples a particle (mean; ``local_max_significant`` the most one particle keeps, default
+    the mean), each particle searching ``local_orientations`` orientations (default
+    :func:`local_search_orientations` of the HEALPix order: auto-refine's own prior width); see the module
+    docstring's local searches."""
     from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
@@ -211,13 +226,22 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     else:  # float64 cross terms, diff2, weights and the significance sort of the whole block; the shifted images
         chunk_c = 7 * 8 * e_c + 32 * min(b_c, B) * T * Mc
     coarse = 16 * K * O * Mc + 8 * O * Mc + chunk_c
-    R = 8 * f * K * O
-    e_f = min(E, 32 * B * f * O * T * K)
-    e_w, P = e_f, B * R  # a group's padded children; (particle, fine orientation) pairs
+    local = local_significant > 0
+    s_p = s_top = f * O * T * K  # significant samples a particle (mean; most): global searches, all the pool's
+    if local:
+        Ol = min(O, int(local_orientations) if local_orientations > 0 else
+                 local_search_orientations(healpix_order, sym))
+        coarse = _local_coarse_bytes(backend, limits, coarse_precision, B, K, T, Mc, O, Ol, nc)
+        s_p = min(s_p, float(local_significant))
+        s_top = min(s_top, max(s_p, float(local_max_significant)))
+    R = min(8 * f * K * O, 8 * B * s_p)
+    e_f = min(E, 32 * B * s_p)
+    e_w, P = e_f, min(B * R, 8 * B * s_p)  # a group's padded children; (particle, fine orientation) pairs
     if maxsig and maxsig > 0:  # at most maxsig significant samples a particle, 32 children (8 orientations) each
-        R, e_w, P = min(R, 8 * B * maxsig), min(e_f, 32 * B * maxsig), min(B * R, 8 * B * maxsig)
+        R, e_w, P = min(R, 8 * B * maxsig), min(e_f, 32 * B * maxsig), min(P, 8 * B * maxsig)
     e_g = min(E // 16, e_w)  # children of one group of particles (fine._group_particles)
-    per_particle = 32 * f * O * T * K if not (maxsig and maxsig > 0) else min(32 * f * O * T * K, 32 * maxsig)
+    # the children of the particle with the most: groups are padded to it, and it may take a dense block
+    per_particle = 32 * s_top if not (maxsig and maxsig > 0) else min(32 * s_top, 32 * maxsig)
     # a group's padded weights: its children (the particles' equal counts pad nothing), or one particle's own
     w_g = min(e_w, max(E // 16, per_particle))
     dense_w = (6 if backend == "gpu" else 10) * 8 * w_g  # the group's posterior weights; NumPy's temporaries
@@ -245,7 +269,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # pools of one half set on one process: all of them in process or on one worker, else their share
     per_process = max(math.ceil(c / pool) for c in counts) * (1 if workers <= halves else halves / workers)
     union = min(8 * K * O, R * max(1.0, per_process) ** 0.25)
-    cache_want = (12 if backend == "gpu" and coarse_precision == "float32" else 24) * K * O * Mc + 16 * M * union
+    grid_bytes = 0 if local else (12 if backend == "gpu" and coarse_precision == "float32" else 24) * K * O * Mc
+    cache_want = grid_bytes + 16 * M * union  # (local searches project each chunk's own orientations: no grid)
     cache_one = min(limits["cache_bytes"], cache_want)
     # growing the cache's array by a pool's missing rows holds a second copy of it for a moment; a pool reads that
     # array (its projections are the cache's) unless the cache is full, when it keeps its own rows beside it
@@ -285,9 +310,60 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
         driver, mode = driver_own, "dask"
     sizes = {"box": N, "current_size": n, "coarse_size": nc, "pool": B, "K": K, "halves": halves,
              "healpix_order": healpix_order, "orientations": O, "translations": T, "pixels": M, "volume_voxels": L,
-             "fine_orientations": int(R), "max_elems": E, "pools": n_pools, "significant_fraction": f}
+             "fine_orientations": int(R), "max_elems": E, "pools": n_pools, "significant_fraction": f,
+             "local_significant": float(local_significant), "local_orientations": int(Ol) if local else 0}
     return MemoryPlan(backend, mode, int(workers), float(driver), float(worker), float(gpu), float(task),
                       {k: float(v) for k, v in parts.items()}, sizes)
+
+
+def _local_coarse_bytes(backend: str, limits: dict, coarse_precision: str, B: int, K: int, T: int, Mc: int, O: int,
+                        Ol: int, nc: int) -> float:
+    """The local-search coarse pass of one pool (``estep.coarse_pass``, ``_local_chunks``): chunks of ``b``
+    particles whose ``rc = b Ol`` rows (a particle and one of its orientations) hold at most ``local_rows_factor x 8
+    E / (40 Mc)`` rows and ``E / (T K)`` of them a class; a chunk's cross terms ``(K, b, T, Ol)`` (``g`` bytes a value,
+    the GEMMs' precision; float64 on a CPU), the model powers ``8 K rc``, the class's projections of the chunk's
+    distinct orientations (at most ``rc``, at most ``O``: complex128 from the projector, ``16 Mc``, and their
+    interleaved copy and power, ``3 g Mc``, with the projector's working chunk) beside each particle's rows gathered
+    from them (``3 g Mc`` a row), then the larger of the GEMM's shifted images (``4 g b T Mc``) or, on a GPU, the
+    selection (each particle's candidate segment ``17 c b``, ``c = candidate_segment(T K Ol)``, and the flat rows
+    redone densely, ``48 min(e, 2^22)``); on a CPU the selection's float64 diff2, weights and sort (``~6 x 8 e``)."""
+    from .expectation.fine import project_row_bytes
+    from .ops.likelihood import REDO_SAMPLES, candidate_segment
+
+    E = limits["max_elems"]
+    gpu = backend == "gpu"
+    g = 8 if not gpu or coarse_precision != "float32" else 4
+    budget = max(1, limits["local_rows_factor"] * E * 8 // (40 * Mc))
+    rc = min(B * Ol, max(Ol, min(budget, E // max(1, T * K))))
+    b = min(B, max(1, rc // Ol))
+    e = K * rc * T
+    row_p = project_row_bytes(nc, gpu)
+    proj = (16 + 3 * g) * min(rc, O) * Mc + min(rc, O, 4096, max(1, limits["project_bytes"] // row_p)) * row_p
+    held = g * e + 8 * K * rc + 3 * g * Mc * rc
+    if gpu:
+        select = 48 * min(e, REDO_SAMPLES) + 17 * candidate_segment(T * K * Ol) * b
+    else:
+        select = 6 * 8 * e
+    return held + max(proj, 4 * g * b * T * Mc, select)
+
+
+def local_search_orientations(healpix_order: int, sym: str = "C1", sigma: float = 0.0) -> int:
+    """Orientations one particle searches locally at a HEALPix order (the coarse pass's padded rows): its directions
+    within 3 sigma of its own, times its psi angles within 3 sigma, the largest of 32 particles spread over the
+    sphere (``ops.sampling.local_search_sparse``).  ``sigma`` (degrees; 0: auto-refine's, twice the angular step of
+    the next order, ``maximization.schedule.update_sampling``)."""
+    from .ops.sampling import angular_step, asymmetric_unit_directions, local_search_sparse, psi_angles
+    from .ops.symmetry import direction_operators
+
+    s = float(sigma) if sigma > 0 else 2.0 * angular_step(int(healpix_order) + 1)
+    dirs = asymmetric_unit_directions(int(healpix_order), sym)
+    i = np.arange(32) + 0.5  # a Fibonacci spiral of prior directions, psi priors between the grid's angles
+    tilt = np.degrees(np.arccos(1.0 - 2.0 * i / 32))
+    rot = (i * 137.50776405) % 360.0 - 180.0
+    psi = (i * 53.3) % 360.0
+    lp = local_search_sparse(rot, tilt, psi, s, s, s, dirs.rot, dirs.tilt, psi_angles(int(healpix_order)),
+                             direction_operators(sym))
+    return int(np.diff(lp.dir_ptr).max()) * int((lp.psi_prior > 0).sum(axis=1).max())
 
 
 def _half_counts(n: int, halves: int) -> list[int]:
@@ -356,15 +432,6 @@ def task_pool_size(pool: int, backend: str, n_particles: int = 0, workers: int =
     return B
 
 
-def local_search_fine_bytes(pool: int, box: int, significant: int = LOCAL_SIGNIFICANT) -> float:
-    """GPU bytes of a local-search pool's fine-orientation rows at the full size (the last iterations): 8 fine
-    orientations per significant sample, each a row of the window's likelihood pixels holding the back-projection
-    sums (24 bytes a pixel) and its projection when the cache cannot hold it (16), ``fine.fine_pass``.  The memory
-    plan's own fine term bounds these rows by the starting grid (global searches); this is the bound the default
-    GPU pool size takes into account as well."""
-    return 40.0 * 8 * significant * int(pool) * _likelihood_pixels(int(box))
-
-
 @dataclass(frozen=True)
 class ExecutionTarget:
     """Where a job's E-step tasks run: ``workers`` Dask workers (0: in process), on ``backend``, with the total
@@ -402,18 +469,25 @@ def execution_target(runner) -> ExecutionTarget:
 
 
 def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0, target: ExecutionTarget | None = None,
-                    pool: int | None = None) -> MemoryPlan:
+                    pool: int | None = None, local: bool = False) -> MemoryPlan:
     """The plan of a job about to run (the driver logs its summary at the start of every run), with the budgets of
     the smallest GPU the tasks run on (``target``: :func:`execution_target` of ``runner`` unless given), for
-    ``pool`` particles per task (default: the pool of its global searches, :func:`pool_for_inputs` with
-    ``local=False``: the searches this plan models)."""
+    ``pool`` particles per task (default: :func:`pool_for_inputs` of the same searches).  ``local``: the plan of its
+    local searches (:data:`LOCAL_SIGNIFICANT` significant samples a particle, at the full size: auto-refine's last
+    iterations, or every iteration with ``--sigma_ang``), else of its global ones."""
     t = target if target is not None else execution_target(runner)
     if pool is None:
-        pool = pool_for_inputs(cfg, inp, t, local=False)
+        pool = pool_for_inputs(cfg, inp, t, local=local)
+    order = cfg.healpix_order
+    sigma = getattr(cfg, "sigma_ang", 0.0) or 0.0
+    if local and getattr(cfg, "auto_refine", False) and sigma <= 0:  # local from auto_local_healpix_order on
+        order = max(order, getattr(cfg, "auto_local_healpix_order", 4))
     return plan_memory(inp.box, inp.particles.n, pool, cfg.K, 2 if cfg.split_random_halves else 1,
-                       cfg.healpix_order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
+                       order, cfg.sym, cfg.offset_range, cfg.offset_step, cfg.pad, inp.pixel_size,
                        inp.diameter, t.backend, t.workers, significant_fraction, gpu_memory_bytes=t.gpu_memory,
-                       maxsig=getattr(cfg, "maxsig", -1), coarse_precision=getattr(cfg, "coarse_precision", "auto"))
+                       maxsig=getattr(cfg, "maxsig", -1), coarse_precision=getattr(cfg, "coarse_precision", "auto"),
+                       local_significant=LOCAL_SIGNIFICANT if local else 0.0,
+                       local_orientations=(local_search_orientations(order, cfg.sym, sigma) if local else 0))
 
 
 def has_local_searches(cfg) -> bool:
@@ -423,16 +497,15 @@ def has_local_searches(cfg) -> bool:
 
 def pool_for_inputs(cfg, inp, target: ExecutionTarget, local: bool | None = None) -> int:
     """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target, the pool's GPU
-    bytes from the plan plus, for iterations with local searches, the local-search rows of
-    :func:`local_search_fine_bytes`.  ``local``: the pool of the job's local-search iterations (True) or of its
+    bytes from the plan of the same searches (:func:`plan_for_inputs`; local searches: each particle's fine rows,
+    which the grid does not bound).  ``local``: the pool of the job's local-search iterations (True) or of its
     global ones (False); None: of a job's every iteration (local if it has any, :func:`has_local_searches`).  A given
     ``--pool`` is the same for both."""
     if local is None:
         local = has_local_searches(cfg)
 
     def gpu_bytes(B):
-        extra = local_search_fine_bytes(B, inp.box) if local else 0.0
-        return plan_for_inputs(cfg, inp, None, target=target, pool=B).gpu_bytes + extra
+        return plan_for_inputs(cfg, inp, None, target=target, pool=B, local=local).gpu_bytes
 
     return task_pool_size(cfg.pool, target.backend, inp.particles.n, target.workers, gpu_bytes, target.gpu_memory)
 
@@ -510,9 +583,7 @@ def plan_main(argv) -> int:
     inp = SimpleNamespace(box=box, particles=SimpleNamespace(n=n), pixel_size=apix, diameter=ns.particle_diameter)
     plan = plan_for_inputs(cfg, inp, None, ns.significant, target)
     print(plan.table())
-    if has_local_searches(cfg):
-        pool_local = pool_for_inputs(cfg, inp, target, local=True)
-        print(f"local searches (auto-refine's last iterations): pool {pool_local}, whose fine-orientation rows at the "
-              f"full size (8 significant samples a particle) add {local_search_fine_bytes(pool_local, box) / _GIB:.2f}"
-              f" GiB on a GPU (not in the table above)")
+    if has_local_searches(cfg):  # auto-refine's last iterations, at the full size
+        print("\nlocal searches (auto-refine's last iterations):")
+        print(plan_for_inputs(cfg, inp, None, ns.significant, target, local=True).table())
     return 0

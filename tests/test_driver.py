@@ -282,13 +282,15 @@ def test_default_gpu_pool_leaves_room_for_local_searches():
     from types import SimpleNamespace as NS
 
     from gerelion_dask.config import JobConfig
-    from gerelion_dask.plan import ExecutionTarget, _likelihood_pixels, local_search_fine_bytes, pool_for_inputs
+    from gerelion_dask.plan import ExecutionTarget, _likelihood_pixels, plan_for_inputs, pool_for_inputs
 
     assert _likelihood_pixels(256) == 25934
-    assert local_search_fine_bytes(1000, 256) == 40.0 * 8 * 8 * 1000 * 25934
     inp = NS(box=256, particles=NS(n=100_000), pixel_size=1.0, diameter=0.0)
     gpu = ExecutionTarget(0, "gpu", 80e9)
     refine = JobConfig(i="p.star", o="out/run", ref="r.mrc", auto_refine=True, split_random_halves=True)
+    local = plan_for_inputs(refine, inp, None, target=gpu, pool=1000, local=True)
+    assert local.sizes["fine_orientations"] == 8 * 8 * 1000
+    assert local.parts["fine pass (per task)"] >= 40.0 * 8 * 8 * 1000 * 25934
     classify = JobConfig(i="p.star", o="out/run", ref="r.mrc", K=3)
     assert pool_for_inputs(refine, inp, gpu) == 250
     assert pool_for_inputs(classify, inp, gpu) == 4000
