@@ -286,6 +286,34 @@ def test_sparse_local_search_equals_the_dense_reference(sym, order):
         assert np.all(np.diff(row) > 0)
 
 
+@pytest.mark.parametrize("sym,order", [("C1", 3), ("D3", 2), ("I", 2)])
+def test_dense_local_search_equals_the_neighbourhood_query(xp, sym, order, monkeypatch):
+    # oracle: the neighbourhood query on NumPy (itself checked against _dense_local_oracle above) -- the dense search
+    # a GPU takes for every particle (ops.sampling._dense_directions; on NumPy forced with _WIDE_CAPS 0, on CuPy the
+    # GPU path itself, in blocks of a few particles) keeps the same directions with the same weights: on NumPy the
+    # same bits (element-by-element cosines), on a GPU within rounding (its GEMM's cosines)
+    au = s.asymmetric_unit_directions(order, sym)
+    ops = direction_operators(sym)
+    rng = np.random.default_rng(12)
+    P = 40
+    prot = np.r_[rng.uniform(-180, 180, P - 4), [0.0, 0.0, 359.999, 45.0]]
+    ptilt = np.r_[rng.uniform(0, 180, P - 4), [0.0, 180.0, 90.0, 179.9999]]
+    sig = rng.choice([0.05, 2.0, 5.0, 12.0, 70.0], P)
+    sig[[3, 11]] = 0.0
+    args = (prot, ptilt, rng.uniform(-180, 180, P), sig, sig, 5.0, au.rot, au.tilt, s.psi_angles(order), ops)
+    want = s.local_search_sparse(*args)
+    if xp is np:
+        monkeypatch.setattr(s, "_WIDE_CAPS", 0.0)
+    monkeypatch.setattr(s, "_DENSE_ELEMS", 7 * len(au.rot))  # blocks of 7 particles
+    got = s.local_search_sparse(*args, xp=xp)
+    for name in ("dir_ptr", "dir_index"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    if xp is np:
+        np.testing.assert_array_equal(got.dir_prior, want.dir_prior)
+    np.testing.assert_allclose(got.dir_prior, want.dir_prior, rtol=1e-9)
+    np.testing.assert_array_equal(got.psi_prior, want.psi_prior)
+
+
 def test_sparse_local_search_in_blocks_of_particles_gives_the_same_priors(monkeypatch):
     # oracle: the one-block result -- particles taken a few at a time (the candidate budget bounds memory for wide
     # searches) give the same rows, weights and psi priors; an empty pool gives empty rows

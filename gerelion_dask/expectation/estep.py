@@ -178,12 +178,14 @@ def searched_classes(model: EStepModel, particles: PoolParticles) -> np.ndarray:
     return search
 
 
-def orientation_priors(particles: PoolParticles, model: EStepModel, settings: EStepSettings) -> OrientationPriors:
-    """Direction, psi and offset log priors of one pool (§3.5, §4.4).
+def orientation_priors(particles: PoolParticles, model: EStepModel, settings: EStepSettings,
+                       xp=np) -> OrientationPriors:
+    """Direction, psi and offset log priors of one pool (§3.5, §4.4), on the host.
 
     Global searches: the learned direction distribution per class.  Local searches: Gaussian priors around each
-    particle's previous angles (one implementation: :func:`gerelion_dask.ops.sampling.local_search_sparse`), without
-    class fractions (RELION, all versions), kept for the directions in range only.
+    particle's previous angles (one implementation: :func:`gerelion_dask.ops.sampling.local_search_sparse`, whose
+    directions are tested on the backend ``xp`` of the pool), without class fractions (RELION, all versions), kept
+    for the directions in range only.
     """
     from ..ops.sampling import local_search_sparse
 
@@ -198,7 +200,7 @@ def orientation_priors(particles: PoolParticles, model: EStepModel, settings: ES
             a = particles.angles
             s = settings.local_sigma_rot
             lp = local_search_sparse(a[:, 0], a[:, 1], a[:, 2], s, s, settings.local_sigma_psi, rot, tilt, grid.psi,
-                                     settings.symmetry_operators)
+                                     settings.symmetry_operators, xp=xp)
             dir_value = np.log(lp.dir_prior)
             psi_lp = np.full(lp.psi_prior.shape, -np.inf)  # log 0 = -inf: the logarithm at the kept samples only
             kept = np.nonzero(lp.psi_prior)
@@ -348,7 +350,7 @@ def _expectation_pool(xp, images, particles, model, settings, cache=None):
         from .fixed import fixed_pose_pass
 
         return fixed_pose_pass(xp, pre, particles, model, settings, cache)
-    pri = orientation_priors(particles, model, settings)
+    pri = orientation_priors(particles, model, settings, xp)
     sig = coarse_pass(xp, pre, particles, model, settings, pri, cache)
     return fine_pass(xp, pre, particles, model, settings, sig, cache)
 

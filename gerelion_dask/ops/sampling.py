@@ -513,22 +513,56 @@ _WIDE_CAPS = 1.0 / 64  # local-search caps covering more of the sphere than this
 # 1,000 particles, this VM: 0.34 / 0.32 / 1.9 s at sigma 5 / 10 / 40 deg against 0.45 / 2.5 / 16.7 s by the query)
 
 
-def _kept_directions(pdir, sig_dir, bands, images, ops, cutoff: float) -> tuple:
+_DENSE_ELEMS = 1 << 24  # (particle, direction) cosines of one block of the dense search (128 MiB in float64)
+
+
+def _dense_directions(xp, pdir, sig_dir, images, cutoff: float) -> tuple:
+    """Every direction of ``images (G, N, 3)`` tested against the priors ``pdir (P, 3)`` with widths ``sig_dir
+    (P,)`` (degrees) on the backend ``xp``, in blocks of particles: ``(rows, cols, dist)`` on the host, the pairs
+    within ``cutoff x sig_dir`` sorted by particle then direction, ``dist`` their angle in degrees (the closest
+    symmetry image).  NumPy's cosines are element by element (the same bits in any block); a GPU's come from its
+    GEMM (within a few ulps)."""
+    from ..backend import to_host
+
+    N = images.shape[1]
+    step = max(1, _DENSE_ELEMS // max(N, 1))
+    img = xp.asarray(images)
+    out = []
+    for s in range(0, len(pdir), step):
+        p = xp.asarray(pdir[s : s + step])
+        cos = xp.einsum("pj,nj->pn", p, img[0])
+        for g in img[1:]:
+            xp.maximum(cos, xp.einsum("pj,nj->pn", p, g), out=cos)
+        d = xp.rad2deg(xp.arccos(xp.clip(cos, -1.0, 1.0)))
+        del cos
+        r, c = xp.nonzero(d < cutoff * xp.asarray(sig_dir[s : s + step])[:, None])
+        # one copy to the host: rows (offset by the block's start), columns and the distances' bits
+        out.append(to_host(xp.stack([r.astype(np.int64) + s, c.astype(np.int64),
+                                     d[r, c].astype(np.float64).view(np.int64)])))
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    rcd = np.concatenate(out, axis=1)
+    return rcd[0], rcd[1], rcd[2].view(np.float64)
+
+
+def _kept_directions(pdir, sig_dir, bands, images, ops, cutoff: float, xp=np) -> tuple:
     """Local-search directions of particles with prior directions ``pdir (P, 3)`` and widths ``sig_dir (P,)``
     (degrees) among the directions of ``bands`` (their symmetry images ``images (G, N, 3)`` under ``ops``):
     ``(rows, cols, w)`` sorted by particle then direction, ``w`` the unnormalised Gaussian weights.  A particle with
     no direction in range keeps its nearest one (weight 1; the whole list tested for these particles only), one with
-    ``sig_dir <= 0`` every direction (weight 1)."""
+    ``sig_dir <= 0`` every direction (weight 1).  On a GPU (``xp`` CuPy) every particle takes the dense search
+    (:func:`_dense_directions`: a few kernels, where NumPy's neighbourhood query is ~5 ms of host work a
+    1,000-particle pool); ``bands`` is then unused."""
     n_part, N = len(pdir), images.shape[1]
     r = np.deg2rad(cutoff * sig_dir)
-    # wide caps (their images cover over _WIDE_CAPS of the sphere): every direction tested, per symmetry image;
-    # narrow ones: the candidates of the neighbourhood query only
-    wide = (sig_dir > 0) & (len(ops) * 0.5 * (1.0 - np.cos(np.minimum(r, np.pi))) > _WIDE_CAPS)
+    # wide caps (their images cover over _WIDE_CAPS of the sphere), and every cap on a GPU: every direction tested,
+    # per symmetry image; narrow ones on a CPU: the candidates of the neighbourhood query only
+    wide = (sig_dir > 0) & ((xp is not np) | (len(ops) * 0.5 * (1.0 - np.cos(np.minimum(r, np.pi))) > _WIDE_CAPS))
     narrow = np.flatnonzero((sig_dir > 0) & ~wide)
     # angle(p, g d) = angle(g^T p, d): the caps sit around every symmetry image of the prior direction
     q = np.einsum("gji,pj->gpi", ops, pdir[narrow]).reshape(-1, 3)
     qrow = np.tile(narrow, len(ops))
-    rows, cols = _candidate_pairs(q, qrow, r[qrow], bands)
+    rows, cols = _candidate_pairs(q, qrow, r[qrow], bands) if narrow.size else (np.zeros(0, np.int64),) * 2
     rows, cols = np.divmod(distinct(rows * N + cols), N)  # ascending: by particle, then direction
     best = np.einsum("ij,ij->i", pdir[rows], images[0][cols])
     for img in images[1:]:
@@ -538,15 +572,11 @@ def _kept_directions(pdir, sig_dir, bands, images, ops, cutoff: float) -> tuple:
     rows, cols, dist = rows[keep], cols[keep], dist[keep]
     wi = np.flatnonzero(wide)
     if wi.size:
-        cos = np.einsum("pj,nj->pn", pdir[wi], images[0])  # (element by element: the same bits in any block)
-        for img in images[1:]:
-            np.maximum(cos, np.einsum("pj,nj->pn", pdir[wi], img), out=cos)
-        d_w = np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0)))
-        rw, cw = np.nonzero(d_w < cutoff * sig_dir[wi][:, None])
-        rows, cols, dist = (np.concatenate([rows, wi[rw]]), np.concatenate([cols, cw]),
-                            np.concatenate([dist, d_w[rw, cw]]))
-        o = np.lexsort((cols, rows))
-        rows, cols, dist = rows[o], cols[o], dist[o]
+        rw, cw, d_w = _dense_directions(xp, pdir[wi], sig_dir[wi], images, cutoff)
+        rows, cols, dist = (np.concatenate([rows, wi[rw]]), np.concatenate([cols, cw]), np.concatenate([dist, d_w]))
+        if narrow.size:
+            o = np.lexsort((cols, rows))
+            rows, cols, dist = rows[o], cols[o], dist[o]
     on = np.flatnonzero(sig_dir > 0)
     w = np.exp(-0.5 * (dist / sig_dir[rows]) ** 2)
     lonely = on[np.bincount(rows, minlength=n_part)[on] == 0]
@@ -578,6 +608,7 @@ def local_search_sparse(
     psi,
     dir_operators=None,
     sigma_cutoff: float = 3.0,
+    xp=np,
 ) -> LocalPriors:
     """Gaussian local-search priors (RELION ``selectOrientationsWithNonZeroPriorProbability``), kept samples only.
 
@@ -596,6 +627,9 @@ def local_search_sparse(
         :func:`gerelion_dask.ops.symmetry.direction_operators` of the symmetry group (identity when omitted).
     sigma_cutoff : float
         Keep samples whose distance is ``< sigma_cutoff * sigma`` (RELION: 3).
+    xp : module
+        Where the directions are tested: NumPy (a neighbourhood query of the narrow caps) or CuPy (every direction,
+        on the device: :func:`_dense_directions`); the result is on the host either way.
 
     Returns
     -------
@@ -624,13 +658,14 @@ def local_search_sparse(
     sig_dir = np.maximum(s_rot, s_tilt)
     images = np.einsum("gij,nj->gni", ops, dirs)  # (G, N, 3)
     radius = np.deg2rad(sigma_cutoff * sig_dir)
-    bands = _direction_bands(dirs, float(np.median(radius[sig_dir > 0])) if np.any(sig_dir > 0) else np.pi)
+    bands = (_direction_bands(dirs, float(np.median(radius[sig_dir > 0])) if np.any(sig_dir > 0) else np.pi)
+             if xp is np else None)  # (a GPU tests every direction)
     # particles in blocks whose candidate pairs stay bounded: ~4x the widest cap's share of the sphere, per image
     r_max = float(np.max(radius, initial=0.0))
     per = len(ops) * N * min(1.0, 2.0 * (1.0 - math.cos(min(r_max, np.pi))) + 8.0 / max(N, 1))
-    step = max(1, int(_CANDIDATE_PAIRS // max(per, 1.0)))
+    step = max(1, int(_CANDIDATE_PAIRS // max(per, 1.0))) if xp is np else max(1, n_part)  # (dense: own blocks)
     starts = range(0, max(n_part, 1), step)
-    found = [_kept_directions(pdir[s : s + step], sig_dir[s : s + step], bands, images, ops, sigma_cutoff)
+    found = [_kept_directions(pdir[s : s + step], sig_dir[s : s + step], bands, images, ops, sigma_cutoff, xp)
              for s in starts]
     rows = np.concatenate([f[0] + s for f, s in zip(found, starts, strict=True)])
     cols = np.concatenate([f[1] for f in found])
