@@ -598,6 +598,13 @@ def test_strict_highres_exp_takes_the_probabilities_of_the_smaller_window(cc, xp
     for f in ("rot", "tilt", "psi", "origin_x_angst", "origin_y_angst"):
         assert np.allclose(getattr(rl, f), getattr(rs, f), atol=1e-9), f
     assert not np.allclose(rf.pmax, rl.pmax, rtol=1e-6) or cc
+    from gerelion_dask.expectation.fine import ProjectionCache
+
+    cache = ProjectionCache(1 << 30)  # the smaller window's pixel masks made once and reused (as a run's pools do)
+    for _ in range(2):
+        _, rc = expectation_pool(xp.asarray(img), parts, mx, limited, cache)
+        assert np.array_equal(rc.pmax, rl.pmax) and np.array_equal(rc.rot, rl.rot)
+    assert any(k[0] == "strict-pixels" for k in cache._whole)
     nsh = np.asarray(pl.wsum_sigma2)[0]
     assert nsh[c // 2 + 2 : N // 2].min() > 0 and np.allclose(np.asarray(pl.wsum_sigma2)[0][N // 2 + 1 :], 0)
 

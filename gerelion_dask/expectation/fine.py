@@ -405,7 +405,11 @@ def pool_pixels(xp, pre, particles, model, settings, cache: ProjectionCache | No
     a = (Wd_all * X2_all).sum(axis=1)
     strict = 0 < settings.strict_size < n  # --strict_highres_exp: probabilities from a smaller window's pixels
     if strict:
-        window, circle = (xp.asarray(v)[None] for v in strict_pixels(pix, settings.strict_size))
+        def masks():  # (device arrays; once per iteration and sizes with a cache, like the fine pixels)
+            return tuple(xp.asarray(v)[None] for v in strict_pixels(pix, settings.strict_size))
+
+        skey = ("strict-pixels", n, N, settings.strict_size)
+        window, circle = cache.whole(skey, masks) if cache is not None else masks()
         a = (Wd_all * window * X2_all).sum(axis=1)  # the image term of the smaller window's diff2
         Wd_all = Wd_all * circle  # where its projections are not 0 (beyond, diff2 gets the same |X|^2 always)
     wcc = xnorm = None
