@@ -227,14 +227,14 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     cfg = replace(cfg, random_seed=seed)  # the resolved seed is written to optimiser.star and the checkpoint
     inp = drop_non_finite(load_inputs(cfg))
     runner = runner or InProcessRunner()
-    from .plan import execution_target, has_local_searches, plan_for_inputs, pool_for_inputs
+    from .plan import execution_target, has_global_searches, has_local_searches, plan_for_inputs, pool_for_inputs
 
     target = execution_target(runner)
     # the pools of global and of local searches: a local-search pool holds the fine-orientation rows of its
     # particles' own neighbourhoods (the plan's local searches), so on a GPU it may be smaller; the particle
     # store's chunks and the noise spectra's tasks take the smaller one
-    pool_global = pool_for_inputs(cfg, inp, target, local=False)
     pool = pool_for_inputs(cfg, inp, target)
+    pool_global = pool_for_inputs(cfg, inp, target, local=False) if has_global_searches(cfg) else pool
     if cfg.pool == 0:
         log.info("--pool not given: %d particles per E-step task on %s%s", pool_global,
                  "GPUs" if target.backend == "gpu" else "CPUs",
@@ -244,7 +244,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                     "particles per CPU thread; its GUI passes 3), and GPU tasks of so few particles spend their time "
                     "in fixed costs: this run uses --pool %d", cfg.pool, pool)
     cfg = replace(cfg, pool=pool)
-    if not getattr(cfg, "sigma_ang", 0.0) > 0:  # global searches (all of a classification, auto-refine's first)
+    if has_global_searches(cfg):  # (all of a classification's iterations, auto-refine's first ones)
         log.info("%s", plan_for_inputs(cfg, inp, runner, target=target, pool=pool_global).summary())
     if has_local_searches(cfg):
         log.info("%s", plan_for_inputs(cfg, inp, runner, target=target, pool=pool, local=True).summary())

@@ -103,9 +103,8 @@ import numpy as np
 
 from .config import COARSE_PRECISIONS
 
-__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_local_searches",
-           "local_search_orientations",
-           "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
+__all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_global_searches", "has_local_searches",
+           "local_search_orientations", "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
 
 _GIB = 1024.0**3
 
@@ -495,6 +494,15 @@ def has_local_searches(cfg) -> bool:
     return bool(getattr(cfg, "auto_refine", False) or getattr(cfg, "sigma_ang", 0.0) > 0)
 
 
+def has_global_searches(cfg) -> bool:
+    """Whether a job searches globally in some iterations: all but ``--sigma_ang`` jobs and auto-refines that start
+    at ``--auto_local_healpix_order`` or above (local searches from the first iteration)."""
+    if getattr(cfg, "sigma_ang", 0.0) > 0:
+        return False
+    return not (getattr(cfg, "auto_refine", False)
+                and cfg.healpix_order >= getattr(cfg, "auto_local_healpix_order", 4))
+
+
 def pool_for_inputs(cfg, inp, target: ExecutionTarget, local: bool | None = None) -> int:
     """Particles per E-step task of a job: :func:`task_pool_size` of its ``--pool`` on its target, the pool's GPU
     bytes from the plan of the same searches (:func:`plan_for_inputs`; local searches: each particle's fine rows,
@@ -543,12 +551,13 @@ def plan_main(argv) -> int:
     p.add_argument("--significant", type=float, default=1.0,
                    help="fraction of coarse orientations significant in a pool (1: the worst case)")
     ns, rest = p.parse_known_args(argv)
-    if rest:  # the rest of a refine/classify command line (--o, --ref, --ctf ...): accepted if those take it
-        from .cli import refine_parser
+    # the rest of a refine/classify command line (--o, --ref, --ctf ...): accepted if those take it; its local
+    # searches' flags (--sigma_ang, --auto_local_healpix_order) shape the plan of its local searches
+    from .cli import refine_parser
 
-        _, unknown = refine_parser("gerelion plan", ns.classify).parse_known_args(rest)
-        if unknown:
-            p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    refine_ns, unknown = refine_parser("gerelion plan", ns.classify).parse_known_args(rest)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     from .errors import InputError
 
     if ns.i:
@@ -579,11 +588,13 @@ def plan_main(argv) -> int:
     cfg = SimpleNamespace(pool=ns.pool, K=ns.K, auto_refine=not ns.classify, split_random_halves=not ns.classify,
                           healpix_order=ns.healpix_order, sym=ns.sym, offset_range=ns.offset_range,
                           offset_step=ns.offset_step, pad=ns.pad, maxsig=ns.maxsig,
-                          coarse_precision=ns.coarse_precision)
+                          coarse_precision=ns.coarse_precision, sigma_ang=refine_ns.sigma_ang,
+                          auto_local_healpix_order=refine_ns.auto_local_healpix_order)
     inp = SimpleNamespace(box=box, particles=SimpleNamespace(n=n), pixel_size=apix, diameter=ns.particle_diameter)
-    plan = plan_for_inputs(cfg, inp, None, ns.significant, target)
-    print(plan.table())
-    if has_local_searches(cfg):  # auto-refine's last iterations, at the full size
-        print("\nlocal searches (auto-refine's last iterations):")
+    if has_global_searches(cfg):
+        print(plan_for_inputs(cfg, inp, None, ns.significant, target).table())
+    if has_local_searches(cfg):  # auto-refine's last iterations (all from --auto_local_healpix_order), full size
+        print("\nlocal searches (auto-refine's last iterations):" if has_global_searches(cfg) else
+              "local searches (every iteration):")
         print(plan_for_inputs(cfg, inp, None, ns.significant, target, local=True).table())
     return 0

@@ -117,6 +117,12 @@ def test_plan_scales_and_cli(capsys):
     assert "memory plan" in out and "fine pass (per task)" in out
     # auto-refine's local searches get their own table: 8 significant samples a particle, its own orientations
     assert "local searches: 192 orientations and 8 significant samples a particle" in out
+    # a job that searches locally from its first iteration (auto-refine from --auto_local_healpix_order up, or
+    # --sigma_ang) has no global plan to print: a global one at its order would say ~50x too much
+    for argv in (["--healpix_order", "4"], ["--healpix_order", "3", "--sigma_ang", "5", "--classify"]):
+        assert cli_main(["plan", "--box", "128"] + argv) == 0
+        out = capsys.readouterr().out
+        assert "local searches (every iteration)" in out and "significant fraction" not in out
     assert cli_main(["plan"]) == 2
     # a refine command line with "plan" in place of "refine": its other flags are accepted and change nothing
     # (oracle: the same plan printed as for the sizes alone); a flag refine does not know either is refused
