@@ -7,7 +7,7 @@
 # 1. the GPU tests of the latest additions (-k below; edit it to the session's), 2. local-search priors on the GPU
 # against NumPy (benchmarks/priors.py --gpu), 3. live GPU memory of a local-search auto-refine at box 256 against
 # the plan (memory_check.py; JSON and table in $OUT), 4. host and wall time of a local order-5 pool's passes
-# (line_profile.py L5).  Each step gets what is left of the call's 560 s.
+# (line_profile.py L5).  Each step gets what is left of the call's BUDGET_S (560) s; MEM_N (3000) particles in 3.
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit
@@ -22,7 +22,7 @@ timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py
 echo "tests done at $(( $(date +%s) - T0 )) s"
 timeout 60 python3 benchmarks/priors.py --gpu --orders 4 5 6 2>&1 | tail -5
 echo "priors done at $(( $(date +%s) - T0 )) s"
-timeout $(( $(left) - 70 )) python3 benchmarks/memory_check.py --n 3000 --box 256 --apix 1 --pool 1000 --iters 2 \
+timeout $(( $(left) - 70 )) python3 benchmarks/memory_check.py --n ${MEM_N:-3000} --box 256 --apix 1 --pool 1000 --iters 2 \
     --healpix-order 4 --maxsig -1 --lines 20 --json "$OUT/mem256_o4.json" > "$OUT/mem256_o4.txt" 2>&1
 echo "memory_check rc $?"
 grep -v INFO "$OUT/mem256_o4.txt" | tail -n 72
