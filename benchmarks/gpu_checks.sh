@@ -23,7 +23,7 @@ echo "tests done at $(( $(date +%s) - T0 )) s"
 timeout 60 python3 benchmarks/priors.py --gpu --orders 4 5 6 2>&1 | tail -5
 echo "priors done at $(( $(date +%s) - T0 )) s"
 timeout $(( $(left) - 70 )) python3 benchmarks/memory_check.py --n ${MEM_N:-3000} --box 256 --apix 1 --pool 1000 --iters 2 \
-    --healpix-order 4 --maxsig -1 --lines 20 --json "$OUT/mem256_o4.json" > "$OUT/mem256_o4.txt" 2>&1
+    --healpix-order 4 --maxsig -1 --lines ${LINES:-20} --json "$OUT/mem256_o4.json" > "$OUT/mem256_o4.txt" 2>&1
 echo "memory_check rc $?"
 grep -v INFO "$OUT/mem256_o4.txt" | tail -n 72
 echo "memory_check done at $(( $(date +%s) - T0 )) s"
