@@ -131,8 +131,9 @@ def main():
     diameter = ns.box * ns.apix  # job_config leaves --particle_diameter at its default: the box
     print(f"\n{ns.n} particles, box {ns.box}, pool {ns.pool}, HEALPix order {ns.healpix_order}, maxsig {ns.maxsig}; "
           "in process on one GPU\n")
-    print("| current size | pools | significant fraction (max; local: orientations, mean significant samples) | measured live peak GiB (held before a task; "
-          "largest task; caches) | plan GiB (task; caches) | plan / measured |")
+    print("| current size | pools | significant fraction (max; local: orientations, mean significant samples) | "
+          "measured live peak GiB (held before a task; largest task; caches) | plan GiB (task; caches) | "
+          "plan / measured |")
     print("|---|---|---|---|---|---|")
     g = 2.0**30
     for size in dict.fromkeys(p[0] for p in pools):

@@ -40,9 +40,9 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``fine``: the pool's window pixels (images masked and unmasked, CTFs, noise weights, the back-projection terms and
   the per-particle residuals: ``112 B M``) and the union of the children of the significant orientations, ``R = 8 f K
   O`` fine orientations (at most ``8 B maxsig`` with ``--maxsig``; in local searches at most ``8 B s``, ``s`` the
-  significant samples a particle, ``LOCAL_SIGNIFICANT`` unless measured: the grid no longer bounds them). While they are projected: their projections ``16 R
-  M`` and one chunk's working memory (``min(R, S_p) x s_p``, ``S_p = project_bytes / s_p``, at most 4,096, ``s_p =
-  16 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own
+  significant samples a particle, ``LOCAL_SIGNIFICANT`` unless measured: the grid no longer bounds them). While they
+  are projected: their projections ``16 R M`` and one chunk's working memory (``min(R, S_p) x s_p``, ``S_p =
+  project_bytes / s_p``, at most 4,096, ``s_p = 16 h`` on a GPU, ``200 h`` on a CPU; ``fine.project_row_bytes``). The projections are the process's cache's own
   array (no copy; growing it by a pool's missing rows holds a second copy of it for a moment, ``min(16 M U,
   cache_bytes)``, ``U`` below) unless the cache cannot hold them, when the pool keeps its own, ``16 R M``. Then each
   fine orientation with its back-projection sums, ``24 R M``, and the largest of the pass's phases (they do not
@@ -51,7 +51,8 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
   ``ops.likelihood.children_diff2`` (shifted images, gathered projections and powers: ``11 E``; the GPU kernel keeps
   none); the group's posterior weights ``~6 x 8 w`` on a GPU, ``~10 x 8 w`` on a CPU (NumPy's temporaries; checked
   by ``tests/test_plan.py``), ``w = min(e', max(E / 16, 32 s))`` padded children of a group of particles with
-  ``s`` significant samples each (``s = f O T K``, local searches ``local_significant``, at most ``maxsig``; ``e' = min(e, 32 B maxsig)``); or a chunk of
+  ``s`` significant samples each (``s = f O T K``, local searches ``local_significant``, at most ``maxsig``; ``e' =
+  min(e, 32 B maxsig)``); or a chunk of
   the weighted sums' pairs, ``100 min(E / 8, P M)`` (``P = B R`` pairs of a particle and a fine orientation, at most
   ``8 B maxsig``) beside the children's index arrays (``40 g`` on a GPU, ``120 g`` on a CPU's host); or, where a
   particle's dense block of children holds at most ``4 E`` values and ``24 R M`` bytes fit
@@ -65,7 +66,8 @@ One E-step task (one pool; ``expectation/estep.py``, ``fine.py``):
 * ``partials``: the pool's back-projection sums ``24 K L``, made for the 3D insertion (so beside that phase only).
 
 Each process that runs E-step tasks also keeps one projection cache per half set it works on, for the whole iteration
-(``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections (not in local searches) ``(8 + 4) K O Mc`` (in float32;
+(``expectation/fine.py::ProjectionCache``): the coarse pass's whole-grid projections (not in local searches)
+``(8 + 4) K O Mc`` (in float32;
 ``24 K O Mc`` in float64, a CPU's and a fast-FP64 GPU's) and every fine orientation projected so far, ``16 M`` each: the
 union over the ``P`` pools of that half set on the process, ``U``, modelled as ``R P^(1/4)`` (an empirical fit: the
 pools of an iteration share most of their orientations; measured on an H100: 1.17 R over 2 pools at 256 px, eighth
@@ -104,7 +106,8 @@ import numpy as np
 from .config import COARSE_PRECISIONS
 
 __all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_global_searches", "has_local_searches",
-           "local_search_orientations", "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs", "task_pool_size"]
+           "local_search_orientations", "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs",
+           "task_pool_size"]
 
 _GIB = 1024.0**3
 
