@@ -102,6 +102,9 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--solvent_mask", default="", metavar="MAP",
       help="with --flatten_solvent: multiply the references by this map (values 0..1, the particles' box and pixel "
            "size) instead of the soft sphere of --particle_diameter")
+    a("--solvent_mask2", default="", metavar="MAP",
+      help="with --flatten_solvent: after the solvent mask, set the region of this map (values 0..1, 1: the region) "
+           "to its own average density, e.g. a detergent micelle or a virus's interior (RELION's secondary mask)")
     a("--sigma_ang", type=float, default=0.0)
     a("--auto_iter_max", type=int, default=999)
     a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 4000 on GPUs, fewer for "

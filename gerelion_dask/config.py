@@ -44,6 +44,7 @@ class JobConfig:
     auto_local_healpix_order: int = 4
     flatten_solvent: bool = False
     solvent_mask: str = ""  # map (values in [0, 1]) that --flatten_solvent multiplies the references by; "": a sphere
+    solvent_mask2: str = ""  # map (values in [0, 1]) whose region --flatten_solvent sets to its own average density
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)

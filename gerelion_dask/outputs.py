@@ -433,7 +433,7 @@ def write_optimiser_star(
         "rlnDoSolventFlattening": bool(config.flatten_solvent),
         "rlnDoSolventFscCorrection": bool(config.solvent_correct_fsc and config.solvent_mask),
         "rlnSolventMaskName": config.solvent_mask or "None",
-        "rlnSolventMask2Name": "None",
+        "rlnSolventMask2Name": config.solvent_mask2 or "None",
         "rlnBodyStarFile": "None",
         "rlnTauSpectrumName": "None",
         "rlnMaximumCoarseImageSize": -1,

@@ -39,6 +39,7 @@ class JobInputs:
     optics_index: np.ndarray  # (n,) 0-based optics group
     ctf: CtfParams | None
     solvent_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask), or None
+    solvent_mask2: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask2), or None
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     oidx = optics_index(ps)
     ctf = ctf_params(ps, oidx) if cfg.ctf else None
     mask = _read_solvent_mask(cfg, box, apix)
+    mask2 = _read_solvent_mask(cfg, box, apix, second=True)
     lacking = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in md]
     if cfg.skip_align and lacking:
         raise InputError(cfg.i, f"--skip_align keeps every particle's pose, but the particles have no "
@@ -92,7 +94,7 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
         log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",
                     "without --solvent_mask" if mask is None else "in a classification")
-    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask)
+    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2)
 
 
 def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
@@ -152,23 +154,30 @@ def _check_map(p, vol, vs: float, box: int, apix: float, what: str, size_what: s
 MASK_TOLERANCE = 1e-3
 
 
-def _read_solvent_mask(cfg: JobConfig, box: int, apix: float) -> np.ndarray | None:
-    """The ``--solvent_mask`` map checked against the particles (box, pixel size within 1 %, finite, values in
-    [0, 1]), or None without one.  It only acts with ``--flatten_solvent`` (as in RELION)."""
-    if not cfg.solvent_mask or cfg.solvent_mask == "None":
+def _read_solvent_mask(cfg: JobConfig, box: int, apix: float, second: bool = False) -> np.ndarray | None:
+    """The ``--solvent_mask`` map (``second``: ``--solvent_mask2``) checked against the particles (box, pixel size
+    within 1 %, finite, values in [0, 1]; a second mask must cover something, its region's average is taken), or
+    None without one.  It only acts with ``--flatten_solvent`` (as in RELION)."""
+    p = cfg.solvent_mask2 if second else cfg.solvent_mask
+    if not p or p == "None":
         return None
-    p = cfg.solvent_mask
+    flag, what = ("--solvent_mask2", "second solvent mask") if second else ("--solvent_mask", "solvent mask")
     vol, vs = read_map(p)
-    _check_map(p, vol, vs, box, apix, "solvent mask", "solvent mask",
+    _check_map(p, vol, vs, box, apix, what, what,
                ("resample the mask to the particle box (relion_image_handler --new_box)",
                 f"rescale the mask to {apix:.4g} Å/px", "make the mask again (relion_mask_create)"))
     lo, hi = float(vol.min()), float(vol.max())
     if lo < -MASK_TOLERANCE or hi > 1 + MASK_TOLERANCE:
-        raise InputError(p, f"solvent mask values run from {lo:.4g} to {hi:.4g}; a mask holds values in [0, 1]",
+        raise InputError(p, f"{what} values run from {lo:.4g} to {hi:.4g}; a mask holds values in [0, 1]",
                          "make the mask with relion_mask_create")
-    if not cfg.flatten_solvent and not (cfg.solvent_correct_fsc and cfg.auto_refine):
-        log.warning("--solvent_mask %s has no effect without --flatten_solvent (or --solvent_correct_fsc in "
-                    "auto-refine), as in RELION", p)
+    if second and hi <= 0:
+        raise InputError(p, "second solvent mask is zero everywhere: it has no region to set to its average",
+                         "make the mask with relion_mask_create (1 inside the region)")
+    if second and not cfg.flatten_solvent:
+        log.warning("--solvent_mask2 %s has no effect without --flatten_solvent, as in RELION", p)
+    elif not second and not cfg.flatten_solvent and not (cfg.solvent_correct_fsc and cfg.auto_refine):
+        log.warning("%s %s has no effect without --flatten_solvent (or --solvent_correct_fsc in "
+                    "auto-refine), as in RELION", flag, p)
     return np.clip(vol, 0.0, 1.0).astype(np.float32)
 
 

@@ -127,6 +127,12 @@ def _mask_values(d, o):
     return {"--flatten_solvent": None, "--solvent_mask": d / "mask.mrc"}, "mask.mrc: solvent mask values"
 
 
+def _empty_second_mask(d, o):
+    write_map(d / "mask2.mrc", np.zeros((BOX,) * 3, np.float32), APIX)  # no region: its average is 0 / 0
+    return ({"--flatten_solvent": None, "--solvent_mask2": d / "mask2.mrc"},
+            "mask2.mrc: second solvent mask is zero everywhere")
+
+
 def _unknown_flag(d, o):
     # argparse's usage text (40 lines) used to come before the error
     return {"--bogus_flag": None}, "unrecognized arguments: --bogus_flag"
@@ -312,7 +318,8 @@ def _missing_required_flags(d, o):
 
 CASES = {f.__name__[1:]: f for f in (
     _truncated_stack, _corrupt_stack_header, _wrong_mode, _no_image_name, _no_ctf_columns, _index_beyond_stack,
-    _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values, _unknown_flag,
+    _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values, _empty_second_mask,
+    _unknown_flag,
     _unsupported_relion_flag, _flag_value_not_a_number, _skip_align_in_refine, _skip_align_without_angles,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
     _reference_box,    _reference_pixel_size, _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,

@@ -322,6 +322,34 @@ def test_solvent_mask_flattens_the_references_and_is_named_in_the_optimiser(smal
     assert any("has no effect without --flatten_solvent" in r.getMessage() for r in caplog.records)
     vol, _ = read_map(tmp_path / "b" / "run_it001_class001.mrc")
     assert np.abs(vol[mask == 0]).max() > 0
+    # --solvent_mask2 (RELION's secondary mask): its region of the flattened map holds one value, its own average
+    # (a slab inside the first mask's 1s here), and the optimiser file names it
+    m2 = ((z >= 15) & (z < 18)).astype(np.float32)
+    write_map(tmp_path / "mask2.mrc", m2, APIX)
+    assert cli_main(["classify", "--o", str(tmp_path / "c" / "run"), "--flatten_solvent", *common,
+                     "--solvent_mask2", str(tmp_path / "mask2.mrc")]) == 0
+    vol, _ = read_map(tmp_path / "c" / "run_it001_class001.mrc")
+    flat, _ = read_map(tmp_path / "a" / "run_it001_class001.mrc")
+    assert np.ptp(vol[m2 == 1]) <= 1e-6 * np.abs(vol).max() < np.ptp(flat[m2 == 1])
+    assert np.isclose(vol[m2 == 1][0], flat[m2 == 1].astype(np.float64).mean(), rtol=1e-4)
+    assert np.array_equal(vol[m2 == 0], flat[m2 == 0])
+    opt = read_star(tmp_path / "c" / "run_it001_optimiser.star")
+    assert str(next(iter(opt.values()))["rlnSolventMask2Name"].iloc[0]) == str(tmp_path / "mask2.mrc")
+    if shutil.which("relion_refine") is None:
+        pytest.skip("Debian relion not installed: RELION's reading of the two masks not compared")
+    # RELION 3.1.3 with the same masks: its map is zero where the solvent mask is, and one value in the region of
+    # the second mask (1 = the region, as ours), not elsewhere
+    (tmp_path / "rel").mkdir()
+    r = subprocess.run(["relion_refine", "--i", paths.particles_star.name, "--ref", paths.initial_reference.name,
+                        "--o", str(tmp_path / "rel" / "run"), "--iter", "1", "--K", "1", "--flatten_solvent",
+                        "--solvent_mask", str(tmp_path / "mask.mrc"), "--solvent_mask2", str(tmp_path / "mask2.mrc"),
+                        "--particle_diameter", str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2",
+                        "--offset_step", "2", "--ctf", "--ctf_corrected_ref", "--random_seed", "1", "--j", "1"],
+                       cwd=paths.out_dir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    theirs, _ = read_map(tmp_path / "rel" / "run_it001_class001.mrc")
+    assert np.abs(theirs[mask == 0]).max() == 0
+    assert np.ptp(theirs[m2 == 1]) <= 1e-6 * np.abs(theirs).max() < np.ptp(theirs[(m2 == 0) & (mask == 1)])
 
 
 def test_trust_ref_size_takes_a_reference_whose_header_voxel_size_is_wrong(small_set, tmp_path, caplog):

@@ -1007,6 +1007,43 @@ def test_solvent_flattening_multiplies_each_half_map_by_the_mask(xp):
         assert np.array_equal(final.maps[h][0], final_plain.maps[h][0])
 
 
+def test_second_solvent_mask_sets_its_region_to_its_average(xp):
+    # oracle: RELION 3.1's solventFlatten with --solvent_mask2, written out voxel by voxel in float64 -- after the
+    # solvent mask, softMaskOutsideMap(map, mask2, invert): avg = sum(m2 map) / sum(m2), map = (1 - m2) map + m2 avg;
+    # where the second mask is 1 the map is that one value; the final iteration is not flattened
+    from gerelion_dask.maximization.mstep import MStepSettings, maximization
+    from gerelion_dask.ops.masks import radius_grid
+
+    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
+    parts = {1: p1.on(xp), 2: p2.on(xp)}
+    r = radius_grid(N, 3)
+    mask = np.clip(1.3 - r / (0.35 * N), 0, 1)
+    z = np.arange(N)[:, None, None] - N // 2
+    m2 = (np.clip(1.5 - np.abs(r - 0.22 * N) / 1.5, 0, 1) * (z > 0)).astype(np.float32)  # a soft-edged half shell
+    base = MStepSettings(True, particle_diameter_angst=0.8 * N * APIX, flatten_solvent=True,
+                         solvent_mask=mask.astype(np.float32))
+    one, _ = maximization(parts, m0, base)
+    two, _ = maximization(parts, m0, replace(base, solvent_mask2=m2))
+    final, _ = maximization(parts, m0, replace(base, final=True, solvent_mask2=m2))
+    final_one, _ = maximization(parts, m0, replace(base, final=True))
+    w = m2.astype(np.float64).ravel()
+    for h in range(2):
+        v = np.asarray(one.maps[h][0], np.float64).ravel()
+        sum_w = sum_bg = 0.0
+        for i in np.flatnonzero(w):
+            sum_w += w[i]
+            sum_bg += w[i] * v[i]
+        want = (1.0 - w) * v + w * (sum_bg / sum_w)
+        got = np.asarray(two.maps[h][0], np.float64).ravel()
+        assert np.allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(v).max())
+        inside = w == 1
+        assert inside.sum() > 50 and np.ptp(got[inside]) <= 1e-9 * np.abs(v).max()
+        assert np.ptp(v[inside]) > 1e-3 * np.abs(v).max()  # (the region was not constant before)
+        assert np.array_equal(got[w == 0], np.asarray(one.maps[h][0]).ravel()[w == 0])
+        assert np.array_equal(final.maps[h][0], final_one.maps[h][0])
+
+
 def test_solvent_corrected_fsc_replaces_the_gold_standard_fsc(xp):
     # oracle: RELION's reconstructUnregularisedMapAndCalculateSolventCorrectedFSC -- with --solvent_correct_fsc and
     # a mask, the M-step's FSC is the phase-randomisation-corrected FSC of the masked unregularised half maps, zero

@@ -18,7 +18,7 @@ from ..backend import get_xp, to_host
 from ..ops.backprojector import BackProjection, enforce_hermitian
 from ..ops.fourier import npix_per_shell
 from ..ops.fsc import fsc_from_backprojections, solvent_corrected_fsc
-from ..ops.masks import soft_sphere
+from ..ops.masks import average_region, soft_sphere
 from ..ops.projector import ReferenceSpec, reference_power_spectrum
 from ..ops.reconstruct import reconstruct, shell_index
 from ..ops.symmetry import symmetrise_fourier
@@ -52,6 +52,7 @@ class MStepSettings:
     reference_r_max: int | None = None  # how the E-step's references were made (classification's tau2 prior):
     padding: float = 2.0  # ReferenceSpec(map, reference_r_max, padding)
     solvent_mask: np.ndarray | None = None  # --solvent_mask (N, N, N) in [0, 1]; None: the soft sphere
+    solvent_mask2: np.ndarray | None = None  # --solvent_mask2 (N, N, N) in [0, 1]: a region set to its own average
     solvent_correct_fsc: bool = False  # --solvent_correct_fsc: the FSC of masked unregularised half maps, corrected
     fsc_seed: int = 0  # seed of its phase randomisation (the driver's: random seed and iteration)
 
@@ -260,6 +261,8 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 mask = soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp) \
                     if ms.solvent_mask is None else xp.asarray(ms.solvent_mask)
                 vol = vol * mask
+                if ms.solvent_mask2 is not None:
+                    vol = average_region(vol, xp.asarray(ms.solvent_mask2, dtype=vol.dtype))  # (sums in float64)
             maps[hi][c] = to_host(vol)
     if ms.cc_iteration and ms.ini_high_angst > 0:
         taper = ini_high_taper(nsh, N, a, ms.ini_high_angst)

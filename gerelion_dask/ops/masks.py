@@ -11,7 +11,7 @@ import numpy as np
 
 from ..backend import get_xp
 
-__all__ = ["radius_grid", "soft_edge", "soft_sphere", "soft_mask_outside", "noise_fill_background"]
+__all__ = ["average_region", "radius_grid", "soft_edge", "soft_sphere", "soft_mask_outside", "noise_fill_background"]
 
 
 def radius_grid(n: int, ndim: int, xp=np, dtype=np.float64, origin: int | None = None):
@@ -52,7 +52,16 @@ def soft_mask_outside(x, radius: float | None = None, width: float = 3.0, origin
     R = n / 2.0 if radius is None else float(radius)
     real = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
     h = soft_edge(radius_grid(n, ndim, xp, real, origin), R, width)
-    axes = tuple(range(-ndim, 0))
+    return average_region(x, h, ndim)
+
+
+def average_region(x, h, ndim: int | None = None):
+    """``(1 - h) x + h <x>_h``: the region of the soft mask ``h`` (1 inside, values in [0, 1]) set to the
+    ``h``-weighted mean of ``x`` there, blended over its edge, per item of a batch over the last ``ndim`` axes (default
+    ``h.ndim``).  RELION's ``softMaskOutsideMap`` (``h`` the outside of a sphere: the background; with
+    ``--solvent_mask2``, that mask's region of each reference)."""
+    nd = h.ndim if ndim is None else ndim
+    axes = tuple(range(-nd, 0))
     bg = (x * h).sum(axis=axes, keepdims=True) / h.sum()
     out = x * (1.0 - h)  # one image-sized temporary besides the result (a pool of images at a time)
     out += bg * h
