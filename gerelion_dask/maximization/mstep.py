@@ -114,7 +114,9 @@ def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc
 
 
 def lowpass_map(vol, resolution_angst: float, pixel_size: float, edge_shells: float = 2.0):
-    """Raised-cosine low-pass at ``resolution_angst`` (edge ``edge_shells`` wide, centred there; RELION ``lowPassFilterMap``)."""
+    """Raised-cosine low-pass at ``resolution_angst`` (edge ``edge_shells`` wide, centred on the unrounded shell
+    ``N a / resolution``): RELION's ``initialLowPassFilterReferences`` (--ini_high).  Not its ``lowPassFilterMap``,
+    which centres the edge on the rounded shell."""
     xp = get_xp(vol)
     n = vol.shape[-1]
     F = xp.fft.rfftn(vol)
