@@ -105,6 +105,10 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--solvent_mask2", default="", metavar="MAP",
       help="with --flatten_solvent: after the solvent mask, set the region of this map (values 0..1, 1: the region) "
            "to its own average density, e.g. a detergent micelle or a virus's interior (RELION's secondary mask)")
+    a("--lowpass_mask", default="", metavar="MAP",
+      help="with --flatten_solvent: add this map's region of each reference (values 0..1), low-pass filtered at "
+           "--lowpass, to the solvent-masked reference (RELION's low-pass mask, e.g. a flexible domain)")
+    a("--lowpass", type=float, default=0.0, metavar="ANGSTROM", help="resolution of --lowpass_mask's filter")
     a("--sigma_ang", type=float, default=0.0)
     a("--auto_iter_max", type=int, default=999)
     a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 4000 on GPUs, fewer for "

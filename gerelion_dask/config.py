@@ -45,6 +45,8 @@ class JobConfig:
     flatten_solvent: bool = False
     solvent_mask: str = ""  # map (values in [0, 1]) that --flatten_solvent multiplies the references by; "": a sphere
     solvent_mask2: str = ""  # map (values in [0, 1]) whose region --flatten_solvent sets to its own average density
+    lowpass_mask: str = ""  # map (values in [0, 1]) whose region --flatten_solvent keeps, low-pass filtered at lowpass
+    lowpass: float = 0.0  # Å: that filter's resolution (RELION's --lowpass; needed with lowpass_mask)
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)

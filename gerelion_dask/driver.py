@@ -376,7 +376,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                            cfg.flatten_solvent, inp.diameter, cfg.maskedge, sym_ops, 5,
                            10 if cfg.dont_skip_gridding else 0, cfg.fix_sigma_noise, cfg.fix_sigma_offset, cfg.norm,
                            cfg.scale, reference_r_max=cur // 2, padding=cfg.pad, solvent_mask=inp.solvent_mask,
-                           solvent_mask2=inp.solvent_mask2,
+                           solvent_mask2=inp.solvent_mask2, lowpass_mask=inp.lowpass_mask, lowpass_angst=cfg.lowpass,
                            solvent_correct_fsc=cfg.solvent_correct_fsc, fsc_seed=_fsc_seed(cfg.random_seed, it))
         try:
             new_model, unfil = runner.maximize(parts, model, ms) if hasattr(runner, "maximize") \

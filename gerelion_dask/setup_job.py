@@ -40,6 +40,7 @@ class JobInputs:
     ctf: CtfParams | None
     solvent_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask), or None
     solvent_mask2: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask2), or None
+    lowpass_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--lowpass_mask), or None
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     oidx = optics_index(ps)
     ctf = ctf_params(ps, oidx) if cfg.ctf else None
     mask = _read_solvent_mask(cfg, box, apix)
-    mask2 = _read_solvent_mask(cfg, box, apix, second=True)
+    mask2 = _read_solvent_mask(cfg, box, apix, which="--solvent_mask2")
+    lowpass = _read_solvent_mask(cfg, box, apix, which="--lowpass_mask")
     lacking = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in md]
     if cfg.skip_align and lacking:
         raise InputError(cfg.i, f"--skip_align keeps every particle's pose, but the particles have no "
@@ -94,7 +96,7 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
         log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",
                     "without --solvent_mask" if mask is None else "in a classification")
-    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2)
+    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2, lowpass)
 
 
 def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
@@ -154,14 +156,24 @@ def _check_map(p, vol, vs: float, box: int, apix: float, what: str, size_what: s
 MASK_TOLERANCE = 1e-3
 
 
-def _read_solvent_mask(cfg: JobConfig, box: int, apix: float, second: bool = False) -> np.ndarray | None:
-    """The ``--solvent_mask`` map (``second``: ``--solvent_mask2``) checked against the particles (box, pixel size
-    within 1 %, finite, values in [0, 1]; a second mask must cover something, its region's average is taken), or
-    None without one.  It only acts with ``--flatten_solvent`` (as in RELION)."""
-    p = cfg.solvent_mask2 if second else cfg.solvent_mask
+# each mask flag's JobConfig field and its name in messages
+_MASKS = {"--solvent_mask": ("solvent_mask", "solvent mask"),
+          "--solvent_mask2": ("solvent_mask2", "second solvent mask"),
+          "--lowpass_mask": ("lowpass_mask", "low-pass mask")}
+
+
+def _read_solvent_mask(cfg: JobConfig, box: int, apix: float, which: str = "--solvent_mask") -> np.ndarray | None:
+    """The mask of flag ``which`` (``--solvent_mask``, ``--solvent_mask2``, ``--lowpass_mask``) checked against the
+    particles (box, pixel size within 1 %, finite, values in [0, 1]; a second mask must cover something, its
+    region's average is taken; a low-pass mask needs ``--lowpass``), or None without one.  They only act with
+    ``--flatten_solvent`` (as in RELION; the solvent mask also with ``--solvent_correct_fsc``)."""
+    field, what = _MASKS[which]
+    p, flag, second = getattr(cfg, field), which, which == "--solvent_mask2"
     if not p or p == "None":
         return None
-    flag, what = ("--solvent_mask2", "second solvent mask") if second else ("--solvent_mask", "solvent mask")
+    if which == "--lowpass_mask" and not cfg.lowpass > 0:
+        raise InputError(p, f"--lowpass_mask needs --lowpass (the filter's resolution in Å), got {cfg.lowpass:g}",
+                         "add e.g. --lowpass 15")
     vol, vs = read_map(p)
     _check_map(p, vol, vs, box, apix, what, what,
                ("resample the mask to the particle box (relion_image_handler --new_box)",
@@ -173,9 +185,9 @@ def _read_solvent_mask(cfg: JobConfig, box: int, apix: float, second: bool = Fal
     if second and hi <= 0:
         raise InputError(p, "second solvent mask is zero everywhere: it has no region to set to its average",
                          "make the mask with relion_mask_create (1 inside the region)")
-    if second and not cfg.flatten_solvent:
-        log.warning("--solvent_mask2 %s has no effect without --flatten_solvent, as in RELION", p)
-    elif not second and not cfg.flatten_solvent and not (cfg.solvent_correct_fsc and cfg.auto_refine):
+    if which != "--solvent_mask" and not cfg.flatten_solvent:
+        log.warning("%s %s has no effect without --flatten_solvent, as in RELION", flag, p)
+    elif which == "--solvent_mask" and not cfg.flatten_solvent and not (cfg.solvent_correct_fsc and cfg.auto_refine):
         log.warning("%s %s has no effect without --flatten_solvent (or --solvent_correct_fsc in "
                     "auto-refine), as in RELION", flag, p)
     return np.clip(vol, 0.0, 1.0).astype(np.float32)

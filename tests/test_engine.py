@@ -1044,6 +1044,42 @@ def test_second_solvent_mask_sets_its_region_to_its_average(xp):
         assert np.array_equal(final.maps[h][0], final_one.maps[h][0])
 
 
+def test_lowpass_mask_adds_its_region_low_pass_filtered(xp):
+    # oracle: RELION 3.1's solventFlatten with --lowpass_mask / --lowpass, written out in float64 with its
+    # lowPassFilterMap (shell ROUND(N a / lowpass), a raised cosine from one shell below to one above, in 1/pixel
+    # units) -- map = solvent mask x map + lowpass(low-pass mask x map); the final iteration is not flattened
+    from gerelion_dask.maximization.mstep import MStepSettings, maximization
+    from gerelion_dask.ops.masks import radius_grid
+
+    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
+    parts = {1: p1.on(xp), 2: p2.on(xp)}
+    r = radius_grid(N, 3)
+    z = np.arange(N)[:, None, None] - N // 2
+    mask = np.clip(1.3 - r / (0.35 * N), 0, 1) * (z <= 0)
+    lmask = np.clip(1.3 - r / (0.35 * N), 0, 1) * (z > 0)  # the other half, low-pass filtered
+    res = N * APIX / 4.4  # shell 4.4: RELION rounds it to 4 (an unrounded edge would keep 4 < r < 5.4)
+    base = MStepSettings(True, particle_diameter_angst=0.8 * N * APIX)
+    plain, _ = maximization(parts, m0, base)
+    flat = replace(base, flatten_solvent=True, solvent_mask=mask.astype(np.float32),
+                   lowpass_mask=lmask.astype(np.float32), lowpass_angst=res)
+    got, _ = maximization(parts, m0, flat)
+    final, _ = maximization(parts, m0, replace(flat, final=True))
+    final_plain, _ = maximization(parts, m0, replace(base, final=True))
+    ires = int(np.floor(N * APIX / res + 0.5))
+    lo, hi = max(0.0, (ires - 1) / N), (ires + 1) / N
+    k = np.fft.fftfreq(N) * N
+    rr = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(N // 2 + 1)[None, None, :] ** 2) / N
+    filt = np.where(rr < lo, 1.0, np.where(rr > hi, 0.0, 0.5 + 0.5 * np.cos(np.pi * (rr - lo) / (hi - lo))))
+    for h in range(2):
+        v = np.asarray(plain.maps[h][0], np.float64)
+        region = np.fft.irfftn(np.fft.rfftn(v * lmask.astype(np.float32)) * filt, s=v.shape, axes=(0, 1, 2))
+        want = v * mask.astype(np.float32) + region
+        assert np.allclose(got.maps[h][0], want, rtol=1e-10, atol=1e-12 * np.abs(v).max())
+        assert np.abs(region).max() > 1e-3 * np.abs(v).max()
+        assert np.array_equal(final.maps[h][0], final_plain.maps[h][0])
+
+
 def test_solvent_corrected_fsc_replaces_the_gold_standard_fsc(xp):
     # oracle: RELION's reconstructUnregularisedMapAndCalculateSolventCorrectedFSC -- with --solvent_correct_fsc and
     # a mask, the M-step's FSC is the phase-randomisation-corrected FSC of the masked unregularised half maps, zero

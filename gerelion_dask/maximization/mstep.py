@@ -53,6 +53,8 @@ class MStepSettings:
     padding: float = 2.0  # ReferenceSpec(map, reference_r_max, padding)
     solvent_mask: np.ndarray | None = None  # --solvent_mask (N, N, N) in [0, 1]; None: the soft sphere
     solvent_mask2: np.ndarray | None = None  # --solvent_mask2 (N, N, N) in [0, 1]: a region set to its own average
+    lowpass_mask: np.ndarray | None = None  # --lowpass_mask (N, N, N) in [0, 1]: a region kept low-pass filtered
+    lowpass_angst: float = 0.0  # --lowpass: that filter's resolution
     solvent_correct_fsc: bool = False  # --solvent_correct_fsc: the FSC of masked unregularised half maps, corrected
     fsc_seed: int = 0  # seed of its phase randomisation (the driver's: random seed and iteration)
 
@@ -113,18 +115,24 @@ def ssnr_spectra(bp: BackProjection, nsh: int, tau2_fudge: float, tau2=None, fsc
     return sigma2_recon, tau2_out, dvp, coverage
 
 
-def lowpass_map(vol, resolution_angst: float, pixel_size: float, edge_shells: float = 2.0):
-    """Raised-cosine low-pass at ``resolution_angst`` (edge ``edge_shells`` wide, centred on the unrounded shell
-    ``N a / resolution``): RELION's ``initialLowPassFilterReferences`` (--ini_high).  Not its ``lowPassFilterMap``,
-    which centres the edge on the rounded shell."""
+def lowpass_map(vol, resolution_angst: float, pixel_size: float, edge_shells: float = 2.0,
+                round_shell: bool = False):
+    """Raised-cosine low-pass at ``resolution_angst`` (edge ``edge_shells`` wide, centred on the shell ``N a /
+    resolution``): RELION's ``initialLowPassFilterReferences`` (--ini_high); with ``round_shell`` its
+    ``lowPassFilterMap`` (--lowpass_mask), which centres the edge on the rounded shell and starts it at 0 at most."""
     xp = get_xp(vol)
     n = vol.shape[-1]
     F = xp.fft.rfftn(vol)
     c = xp.fft.fftfreq(n) * n
     r = xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + (xp.arange(n // 2 + 1)[None, None, :]) ** 2)
     shell = n * pixel_size / resolution_angst
+    if round_shell:
+        shell = float(np.floor(shell + 0.5))
     lo, hi = shell - edge_shells / 2, shell + edge_shells / 2
-    filt = xp.where(r < lo, 1.0, xp.where(r > hi, 0.0, 0.5 + 0.5 * xp.cos(np.pi * (r - lo) / edge_shells)))
+    width = edge_shells
+    if round_shell and lo < 0:  # (RELION's edge starts at frequency 0 at the lowest)
+        lo, width = 0.0, hi
+    filt = xp.where(r < lo, 1.0, xp.where(r > hi, 0.0, 0.5 + 0.5 * xp.cos(np.pi * (r - lo) / width)))
     return xp.fft.irfftn(F * filt, s=vol.shape, axes=(0, 1, 2))
 
 
@@ -262,7 +270,13 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 xp = get_xp(vol)
                 mask = soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp) \
                     if ms.solvent_mask is None else xp.asarray(ms.solvent_mask)
-                vol = vol * mask
+                if ms.lowpass_mask is not None:  # RELION: the region low-pass filtered, added to the masked map
+                    region = lowpass_map(vol * xp.asarray(ms.lowpass_mask, dtype=vol.dtype), ms.lowpass_angst, a,
+                                         round_shell=True)
+                    vol = vol * mask + region
+                    del region
+                else:
+                    vol = vol * mask
                 if ms.solvent_mask2 is not None:
                     vol = average_region(vol, xp.asarray(ms.solvent_mask2, dtype=vol.dtype))  # (sums in float64)
             maps[hi][c] = to_host(vol)
