@@ -98,6 +98,7 @@ within a factor stated there).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -349,6 +350,7 @@ def _local_coarse_bytes(backend: str, limits: dict, coarse_precision: str, B: in
     return held + max(proj, 4 * g * b * T * Mc, select)
 
 
+@functools.lru_cache(maxsize=64)  # (a run's start asks once per pool size tried and per plan logged)
 def local_search_orientations(healpix_order: int, sym: str = "C1", sigma: float = 0.0) -> int:
     """Orientations one particle searches locally at a HEALPix order (the coarse pass's padded rows): its directions
     within 3 sigma of its own, times its psi angles within 3 sigma, the largest of 32 particles spread over the

@@ -168,7 +168,7 @@ def _read_solvent_mask(cfg: JobConfig, box: int, apix: float, which: str = "--so
     region's average is taken; a low-pass mask needs ``--lowpass``), or None without one.  They only act with
     ``--flatten_solvent`` (as in RELION; the solvent mask also with ``--solvent_correct_fsc``)."""
     field, what = _MASKS[which]
-    p, flag, second = getattr(cfg, field), which, which == "--solvent_mask2"
+    p, second = getattr(cfg, field), which == "--solvent_mask2"
     if not p or p == "None":
         return None
     if which == "--lowpass_mask" and not cfg.lowpass > 0:
@@ -186,10 +186,10 @@ def _read_solvent_mask(cfg: JobConfig, box: int, apix: float, which: str = "--so
         raise InputError(p, "second solvent mask is zero everywhere: it has no region to set to its average",
                          "make the mask with relion_mask_create (1 inside the region)")
     if which != "--solvent_mask" and not cfg.flatten_solvent:
-        log.warning("%s %s has no effect without --flatten_solvent, as in RELION", flag, p)
+        log.warning("%s %s has no effect without --flatten_solvent, as in RELION", which, p)
     elif which == "--solvent_mask" and not cfg.flatten_solvent and not (cfg.solvent_correct_fsc and cfg.auto_refine):
         log.warning("%s %s has no effect without --flatten_solvent (or --solvent_correct_fsc in "
-                    "auto-refine), as in RELION", flag, p)
+                    "auto-refine), as in RELION", which, p)
     return np.clip(vol, 0.0, 1.0).astype(np.float32)
 
 

@@ -979,18 +979,24 @@ def test_each_half_set_keeps_its_own_other_parameters():
             assert np.allclose(np.asarray(getattr(fin, name))[hi], value, rtol=1e-12, atol=0), (hi, name)
 
 
+def _flattening_case(xp):
+    """The M-step inputs of the solvent-flattening tests: two half sets' sums on ``xp``, their model, and the
+    voxels' radius and z (from the centre) to make masks of."""
+    from gerelion_dask.ops.masks import radius_grid
+
+    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
+    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
+    return {1: p1.on(xp), 2: p2.on(xp)}, m0, radius_grid(N, 3), np.arange(N)[:, None, None] - N // 2
+
+
 def test_solvent_flattening_multiplies_each_half_map_by_the_mask(xp):
     # oracle: RELION's solventFlatten (ALGORITHM.md §5.5) -- the maps of an M-step with --flatten_solvent are the
     # maps of the same M-step without it, times the --solvent_mask (values in [0, 1]) or, without one, times the soft
     # sphere of the particle diameter; the final iteration is not flattened
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
-    from gerelion_dask.ops.masks import radius_grid, soft_sphere
+    from gerelion_dask.ops.masks import soft_sphere
 
-    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
-    parts = {1: p1.on(xp), 2: p2.on(xp)}
-    r = radius_grid(N, 3)
-    z = np.arange(N)[:, None, None] - N // 2
+    parts, m0, r, z = _flattening_case(xp)
     mask = np.clip(1.2 - r / (0.3 * N), 0, 1) * (z >= -2)  # off-centre, not a sphere: a wrong mask shows
     base = MStepSettings(True, particle_diameter_angst=0.8 * N * APIX)
     plain, _ = maximization(parts, m0, base)
@@ -1012,14 +1018,9 @@ def test_second_solvent_mask_sets_its_region_to_its_average(xp):
     # solvent mask, softMaskOutsideMap(map, mask2, invert): avg = sum(m2 map) / sum(m2), map = (1 - m2) map + m2 avg;
     # where the second mask is 1 the map is that one value; the final iteration is not flattened
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
-    from gerelion_dask.ops.masks import radius_grid
 
-    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
-    parts = {1: p1.on(xp), 2: p2.on(xp)}
-    r = radius_grid(N, 3)
+    parts, m0, r, z = _flattening_case(xp)
     mask = np.clip(1.3 - r / (0.35 * N), 0, 1)
-    z = np.arange(N)[:, None, None] - N // 2
     m2 = (np.clip(1.5 - np.abs(r - 0.22 * N) / 1.5, 0, 1) * (z > 0)).astype(np.float32)  # a soft-edged half shell
     base = MStepSettings(True, particle_diameter_angst=0.8 * N * APIX, flatten_solvent=True,
                          solvent_mask=mask.astype(np.float32))
@@ -1049,13 +1050,8 @@ def test_lowpass_mask_adds_its_region_low_pass_filtered(xp):
     # lowPassFilterMap (shell ROUND(N a / lowpass), a raised cosine from one shell below to one above, in 1/pixel
     # units) -- map = solvent mask x map + lowpass(low-pass mask x map); the final iteration is not flattened
     from gerelion_dask.maximization.mstep import MStepSettings, maximization
-    from gerelion_dask.ops.masks import radius_grid
 
-    p1, p2, model, s2, maps = _two_half_pools(24, 1.0, seed=5)
-    m0 = _two_half_model(maps[0], s2, model.pdf_direction)
-    parts = {1: p1.on(xp), 2: p2.on(xp)}
-    r = radius_grid(N, 3)
-    z = np.arange(N)[:, None, None] - N // 2
+    parts, m0, r, z = _flattening_case(xp)
     mask = np.clip(1.3 - r / (0.35 * N), 0, 1) * (z <= 0)
     lmask = np.clip(1.3 - r / (0.35 * N), 0, 1) * (z > 0)  # the other half, low-pass filtered
     res = N * APIX / 4.4  # shell 4.4: RELION rounds it to 4 (an unrounded edge would keep 4 < r < 5.4)

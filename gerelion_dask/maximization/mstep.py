@@ -270,13 +270,13 @@ def maximization(partials: dict, model: Model, ms: MStepSettings):
                 xp = get_xp(vol)
                 mask = soft_sphere(N, ms.particle_diameter_angst / (2 * a), ms.width_mask_edge, 3, xp) \
                     if ms.solvent_mask is None else xp.asarray(ms.solvent_mask)
-                if ms.lowpass_mask is not None:  # RELION: the region low-pass filtered, added to the masked map
+                region = None  # RELION: the low-pass mask's region, low-pass filtered, added to the masked map
+                if ms.lowpass_mask is not None:
                     region = lowpass_map(vol * xp.asarray(ms.lowpass_mask, dtype=vol.dtype), ms.lowpass_angst, a,
                                          round_shell=True)
-                    vol = vol * mask + region
-                    del region
-                else:
-                    vol = vol * mask
+                vol = vol * mask
+                if region is not None:
+                    vol += region
                 if ms.solvent_mask2 is not None:
                     vol = average_region(vol, xp.asarray(ms.solvent_mask2, dtype=vol.dtype))  # (sums in float64)
             maps[hi][c] = to_host(vol)
