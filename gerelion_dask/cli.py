@@ -70,6 +70,8 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
                  ("--overwrite", "replace the results of an earlier run under --o"),
                  ("--skip_align", "classification without alignment: every particle keeps the angles and offsets "
                   "of its STAR row, only its class is sampled"),
+                 ("--skip_rotate", "classification with translational searches only: every particle keeps the angles "
+                  "of its STAR row; its class and offset are sampled"),
                  ("--trust_ref_size", "use a reference whose header voxel size differs from the particles' (a "
                   "warning instead of an error; the box must still match)"),
                  ("--solvent_correct_fsc", "auto-refine: the gold-standard FSC of the half maps masked by "

@@ -16,7 +16,6 @@ __all__ = ["ArgumentParser", "NOT_SUPPORTED", "refuse_unsupported"]
 
 # relion_refine flags of features this program does not have (README: flag table)
 NOT_SUPPORTED = {
-    "--skip_rotate": "keeping the particles' orientations fixed is not implemented",
     "--bodies": "multi-body refinement is not implemented",
     "--helix": "helical refinement is not implemented",
     "--grad": "gradient-driven (VDAM) refinement is not implemented",

@@ -50,6 +50,7 @@ class JobConfig:
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)
+    skip_rotate: bool = False  # classification with translational searches only: the particles keep their angles
     strict_highres_exp: float = -1.0  # Å > 0: the E-step's probabilities from frequencies up to this resolution
     zero_mask: bool = False
     norm: bool = False
@@ -79,6 +80,9 @@ class JobConfig:
         if self.skip_align and self.auto_refine:
             raise InputError(None, "--skip_align is for classification without alignment (gerelion classify), not "
                              "for auto-refine")
+        if self.skip_rotate and self.auto_refine:
+            raise InputError(None, "--skip_rotate is for classification with translational searches only (gerelion "
+                             "classify), not for auto-refine")
         if self.auto_refine and not self.split_random_halves:
             raise InputError(None, "--auto_refine needs --split_random_halves (gold-standard refinement)",
                              "add --split_random_halves")

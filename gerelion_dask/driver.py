@@ -314,7 +314,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             args = (specs, st.angles[on], None if inp.ctf is None else inp.ctf.take(on), model.sigma2_noise[0][0],
                     strict or cur, N, a, [[seed, it, c] for c in range(cfg.K)])  # (RELION: the strict size too)
             acc = runner.accuracies(*args) if hasattr(runner, "accuracies") else class_accuracies(*args)
-            model = replace(model, acc_rot=np.array([r for r, _ in acc]),
+            # --skip_rotate: the translations' accuracies only (RELION's imode_start = 1)
+            model = replace(model, acc_rot=model.acc_rot if cfg.skip_rotate else np.array([r for r, _ in acc]),
                             acc_trans_angst=np.array([t for _, t in acc]))
         if it > 1 and not cc_iter and cfg.auto_refine and not final:
             acc_r, acc_t = model.overall_accuracy()
@@ -326,7 +327,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                 model = replace(model, pdf_direction=np.full((len(halves), K, len(dirs.pix)),
                                                              1.0 / (K * len(dirs.pix))))
         grid = OrientationGrid(sched.healpix_order, dirs.pix, angular_step(sched.healpix_order),
-                               sched.offset_range_px, sched.offset_step_px, sched.perturb)
+                               sched.offset_range_px, sched.offset_step_px,
+                               0.0 if cfg.skip_rotate else sched.perturb)  # (RELION: no perturbation without rotations)
         cs = coarse_size(N, a, sched.healpix_order, inp.diameter, cur)
         if strict:  # --strict_highres_exp replaces the coarse size (RELION), both passes' probabilities use it
             cs = strict
@@ -355,7 +357,9 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                         local_sigma_rot=sched.local_sigma_rot, local_sigma_psi=sched.local_sigma_psi,
                                         symmetry_operators=dir_ops, n_optics=len(inp.particles.optics),
                                         n_groups=len(inp.group_names),
-                                        coarse_dtype=cfg.coarse_precision, fixed_poses=cfg.skip_align,
+                                        coarse_dtype=cfg.coarse_precision,
+                                        fixed_poses=cfg.skip_align or cfg.skip_rotate,
+                                        search_translations=cfg.skip_rotate and not cfg.skip_align,
                                         strict_size=strict if strict < cur else 0)
         tasks = _make_tasks(inp, st, cfg.pool if sched.local_sigma_rot > 0 else pool_global)
         if seeds is not None:

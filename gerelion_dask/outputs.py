@@ -465,7 +465,7 @@ def write_optimiser_star(
         "rlnBestResolutionThusFar": float(best_res),
         "rlnNumberOfIterWithoutChangingAssignments": int(schedule.n_iter_wo_large_changes),
         "rlnDoSkipAlign": bool(config.skip_align),
-        "rlnDoSkipRotate": False,
+        "rlnDoSkipRotate": bool(config.skip_rotate),
         "rlnOverallAccuracyRotations": float(acc_rot),
         "rlnOverallAccuracyTranslationsAngst": float(acc_trans_angst),
         "rlnChangesOptimalOrientations": float(schedule.changes_orient),

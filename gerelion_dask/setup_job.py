@@ -90,8 +90,9 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     mask2 = _read_solvent_mask(cfg, box, apix, which="--solvent_mask2")
     lowpass = _read_solvent_mask(cfg, box, apix, which="--lowpass_mask")
     lacking = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in md]
-    if cfg.skip_align and lacking:
-        raise InputError(cfg.i, f"--skip_align keeps every particle's pose, but the particles have no "
+    if (cfg.skip_align or cfg.skip_rotate) and lacking:
+        flag = "--skip_align" if cfg.skip_align else "--skip_rotate"
+        raise InputError(cfg.i, f"{flag} keeps every particle's angles, but the particles have no "
                          f"{', '.join(lacking)}", "classify the particles of an earlier refinement (its run_data.star)")
     if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
         log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",

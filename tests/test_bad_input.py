@@ -139,11 +139,19 @@ def _unknown_flag(d, o):
 
 
 def _unsupported_relion_flag(d, o):
-    return {"--skip_rotate": None}, "--skip_rotate: keeping the particles' orientations fixed"
+    return {"--bodies": "bodies.star"}, "--bodies: multi-body refinement is not implemented"
 
 
 def _skip_align_in_refine(d, o):
     return {"--skip_align": None}, "--skip_align is for classification without alignment"
+
+
+def _skip_rotate_in_refine(d, o):
+    return {"--skip_rotate": None}, "--skip_rotate is for classification with translational searches only"
+
+
+def _skip_rotate_without_angles(d, o):
+    return {"cmd": "classify", "--K": "2", "--skip_rotate": None}, "particles.star: --skip_rotate keeps every particle"
 
 
 def _skip_align_without_angles(d, o):
@@ -321,6 +329,7 @@ CASES = {f.__name__[1:]: f for f in (
     _nan_defocus, _text_in_numeric_column, _zero_pixel_size, _mask_box, _mask_values, _empty_second_mask,
     _unknown_flag,
     _unsupported_relion_flag, _flag_value_not_a_number, _skip_align_in_refine, _skip_align_without_angles,
+    _skip_rotate_in_refine, _skip_rotate_without_angles,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
     _reference_box,    _reference_pixel_size, _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,
     _output_unwritable, _output_read_only, _output_holds_run, _k_zero, _healpix_order_high, _healpix_order_negative,

@@ -441,6 +441,81 @@ def test_classification_without_alignment_keeps_poses_and_finds_the_classes(smal
     assert max(same, 1 - same) >= 0.95
 
 
+def _rescaled_copy(paths, tmp_path, apix: float, shifts_px=None):
+    """``truth.star`` of the small set with its pixel size set to ``apix`` (offsets kept in pixels), optionally moved
+    by ``shifts_px (n, 2)`` whole pixels, one micrograph (one RELION 3.1 noise group), and the initial reference
+    with that voxel size; written beside the stacks (RELION reads the names from there).  Returns the STAR's and
+    the map's names and the true offsets in pixels."""
+    import starfile
+
+    d = starfile.read(paths.truth_star)
+    p = d["particles"]
+    true_px = np.stack([p.rlnOriginXAngst, p.rlnOriginYAngst], 1) / APIX
+    moved = true_px + (0 if shifts_px is None else shifts_px)
+    p["rlnOriginXAngst"], p["rlnOriginYAngst"] = moved[:, 0] * apix, moved[:, 1] * apix
+    p["rlnMicrographName"] = "mic1.mrc"
+    d["optics"]["rlnImagePixelSize"] = apix
+    star = paths.out_dir / f"moved_{apix:g}.star"
+    starfile.write(d, star, overwrite=True)
+    vol, _ = read_map(paths.initial_reference)
+    ref = paths.out_dir / f"ref_{apix:g}.mrc"
+    write_map(ref, vol, apix)
+    return star.name, ref.name, true_px
+
+
+def test_classification_with_translations_only_keeps_angles_and_matches_relion(small_set, tmp_path):
+    # oracles: the simulated truth and RELION 3.1.3 -- `classify --skip_rotate` from particles whose offsets were
+    # moved by up to 2 px keeps every particle's angles, writes rlnDoSkipRotate, brings the offsets back towards the
+    # truth and separates the two phantoms; beside Debian's relion_refine --skip_rotate (where installed) one
+    # iteration gives the same offset for >= 95 % of the particles and the same mean Pmax within 5 %.  That
+    # comparison runs at 1 A/px: RELION (3.1-5.0, CPU and GPU code) adds the grid's translations in Angstroms to the
+    # rounded old offset in pixels before the offset prior, so beyond 1 A/px its prior is sharper than the model's
+    # (at 5 A/px a 1-px step costs 25x its own squared distance); ours keeps pixels throughout.
+    import starfile
+
+    paths, _ = small_set
+    rng = np.random.default_rng(7)
+    shifts = rng.integers(-2, 3, (120, 2))
+    star, ref, true_px = _rescaled_copy(paths, tmp_path, APIX, shifts)
+    flags = ["--ref", str(paths.out_dir / ref), "--ctf", "--particle_diameter", str(0.8 * BOX * APIX), "--K", "2",
+             "--iter", "4", "--skip_rotate", "--tau2_fudge", "4", "--flatten_solvent", "--zero_mask", "--random_seed", "1",
+             "--offset_range", "3", "--offset_step", "1"]
+    out = tmp_path / "Class3D"
+    assert cli_main(["classify", "--i", str(paths.out_dir / star), "--o", str(out / "run"), "--in-process",
+                     "--device", "cpu", *flags]) == 0
+    truth = starfile.read(paths.truth_star)["particles"]
+    ours = starfile.read(out / "run_it004_data.star")["particles"]
+    for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        assert np.allclose(ours[c], truth[c], atol=1e-6), c
+    got = np.stack([ours.rlnOriginXAngst, ours.rlnOriginYAngst], 1) / APIX
+    err0, err = np.abs(true_px + shifts - true_px).mean(), np.abs(got - true_px).mean()
+    assert err < 0.5 * err0, (err, err0)
+    agree = (ours.rlnClassNumber.values == truth.rlnClassNumber.values).mean()
+    assert max(agree, 1 - agree) >= 0.95
+    opt = next(iter(read_star(out / "run_it004_optimiser.star").values()))
+    assert int(opt["rlnDoSkipRotate"].iloc[0]) == 1 and int(opt["rlnDoSkipAlign"].iloc[0]) == 0
+    if shutil.which("relion_refine") is None:
+        pytest.skip("Debian relion not installed: RELION's translational searches not compared")
+    star1, ref1, _ = _rescaled_copy(paths, tmp_path, 1.0, shifts)
+    one = ["--ref", ref1, "--ctf", "--particle_diameter", str(0.8 * BOX), "--K", "1", "--iter", "1", "--skip_rotate",
+           "--zero_mask", "--random_seed", "1", "--offset_range", "3", "--offset_step", "1", "--offset", "2"]
+    ours1 = ["--ref", str(paths.out_dir / ref1)] + one[2:]
+    assert cli_main(["classify", "--i", str(paths.out_dir / star1), "--o", str(tmp_path / "O1" / "run"),
+                     "--in-process", "--device", "cpu", *ours1]) == 0
+    rel = tmp_path / "Rel"
+    rel.mkdir()
+    r = subprocess.run(["relion_refine", "--i", star1, "--o", str(rel / "run"), "--j", "1", "--pad", "2", *one],
+                       cwd=paths.out_dir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    a = starfile.read(tmp_path / "O1" / "run_it001_data.star")["particles"]
+    b = starfile.read(rel / "run_it001_data.star")["particles"]
+    same = (np.abs(a.rlnOriginXAngst - b.rlnOriginXAngst) < 1e-3) & (np.abs(a.rlnOriginYAngst - b.rlnOriginYAngst) < 1e-3)
+    assert same.mean() >= 0.95, same.mean()
+    pa, pb = a.rlnMaxValueProbDistribution.mean(), b.rlnMaxValueProbDistribution.mean()
+    assert abs(pa - pb) < 0.05 * pb, (pa, pb)
+    assert np.allclose(a.rlnAngleRot, b.rlnAngleRot, atol=1e-4)
+
+
 def test_a_star_of_references_names_maps_relative_to_its_folder_or_the_project(small_set, tmp_path, monkeypatch):
     # oracle: RELION's file names (relative to the project directory, where it runs) and ours for stacks (the STAR
     # file's folder first) -- a references STAR in a job folder may name its maps either way; a missing one is

@@ -483,10 +483,13 @@ def test_fine_pass_equals_a_direct_evaluation_of_every_child(K, flat, xp, monkey
     assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), want_o, atol=1e-9)
 
 
-def _direct_fixed_pose(pre, parts, model, st):
-    """``--skip_align``'s E-step written out per particle and class in float64 NumPy (RELION's do_skip_align: one
-    orientation, the particle's own angles, and one translation, its offset's fractional part; class prior pdf_class
-    over its mean): diff2 as in _direct_fine_pass, weights and significance over the classes, each sum per pair."""
+def _direct_fixed_pose(pre, parts, model, st, translations=None):
+    """``--skip_align``'s E-step written out per particle, class and translation in float64 NumPy (RELION's
+    do_skip_align: one orientation, the particle's own angles, and one translation, its offset's fractional part;
+    class prior pdf_class over its mean), or with ``translations (T, 2)`` (pixels from the integer pre-shift)
+    ``--skip_rotate``'s (do_skip_rotate: those translations under the Gaussian offset prior over its mean): diff2 as
+    in _direct_fine_pass, weights and significance over the samples, each sum per sample.  Returns the volumes, the
+    noise, class, scale and offset sums, and per particle norm, pmax, log-likelihood, class and offset (pixels)."""
     from gerelion_dask.expectation.fine import gather, grid_of, project_gathered
     from gerelion_dask.expectation.weights import posterior_weights, significance_threshold
     from gerelion_dask.ops.backprojector import BackProjection, insert_slices
@@ -501,48 +504,63 @@ def _direct_fixed_pose(pre, parts, model, st):
     s2 = np.asarray(model.sigma2_noise)[parts.optics_group][:, shb]
     K = len(model.refs)
     pdf = np.asarray(model.pdf_class)
-    lp = np.log(pdf) - np.log(pdf.mean())
     vol_d = np.zeros((K,) + grid_of(model).shape, complex)
     vol_w = np.zeros((K,) + grid_of(model).shape)
-    sigma2, wcls, xa, aa, norm, pmax, ll, cls = np.zeros((1, NB // 2 + 1)), np.zeros(K), 0.0, 0.0, [], [], [], []
+    sigma2, wcls, xa, aa, off_sum = np.zeros((1, NB // 2 + 1)), np.zeros(K), 0.0, 0.0, 0.0
+    norm, pmax, ll, cls, best_off = [], [], [], [], []
+    s2o = model.sigma_offset_angst**2
     for j in range(len(parts.index)):
         C = ctf[j] * model.scales[parts.group[j]]
         Cr = C if st.ctf_on_reference else np.ones_like(C)
         A = cv.euler_to_matrix(*parts.angles[j])[None]
-        s = gather(cv.shift_phase_2d(n, NB, parts.offset_px[j] - pre.int_offset_px[j]), mb)
+        if translations is None:
+            offs = parts.offset_px[j][None]
+            lpo = np.zeros(1)
+        else:
+            offs = pre.int_offset_px[j] + translations
+            po = np.exp(-(((offs - parts.offset_prior_px[j]) * APIX) ** 2).sum(1) / (2 * s2o)) / (2 * np.pi * s2o)
+            lpo = np.log(po / po.mean())
+        lp = (np.log(pdf) - np.log(pdf.mean()))[:, None] + lpo[None]  # (K, T)
+        sh = [gather(cv.shift_phase_2d(n, NB, o - pre.int_offset_px[j]), mb) for o in offs]
         P = [project_gathered(model.refs[c], A, n, mb, np)[0] for c in range(K)]
-        d = np.array([(np.abs(X[j] * s - Cr * P[c]) ** 2 / (2 * s2[j]))[lik].sum() + pre.highres_xi2[j] / 2
-                      for c in range(K)])
-        w, dmin, sumw, _ = posterior_weights(d[None], lp[None])
+        d = np.array([[(np.abs(X[j] * s - Cr * P[c]) ** 2 / (2 * s2[j]))[lik].sum() + pre.highres_xi2[j] / 2
+                       for s in sh] for c in range(K)])
+        w, dmin, sumw, _ = posterior_weights(d.reshape(1, -1), lp.reshape(1, -1))
         thr = significance_threshold(w, st.adaptive_fraction, st.maxsig, sumw)
-        w = np.where(w >= thr[:, None], w, 0.0)[0] / sumw[0]
-        cls.append(int(np.argmax(w)) + 1)
+        w = (np.where(w >= thr[:, None], w, 0.0)[0] / sumw[0]).reshape(K, len(offs))
+        c_b, t_b = np.unravel_index(np.argmax(w), w.shape)
+        cls.append(c_b + 1)
+        best_off.append(offs[t_b])
         pmax.append(w.max())
         ll.append(np.log(sumw[0]) - dmin[0] - np.log(2 * np.pi * s2[j][lik]).sum())
         resid = np.zeros(len(shb))
-        for c in range(K):
-            if w[c] == 0:
-                continue
+        for c, t in zip(*np.nonzero(w)):
+            s = sh[t]
             sl = np.zeros((1, n, n // 2 + 1), complex)
             wt = np.zeros((1, n, n // 2 + 1))
-            sl[0, mb] = w[c] * Xnm[j] * s * C / s2[j]
-            wt[0, mb] = w[c] * C * C / s2[j]
+            sl[0, mb] = w[c, t] * Xnm[j] * s * C / s2[j]
+            wt[0, mb] = w[c, t] * C * C / s2[j]
             insert_slices(BackProjection(vol_d[c], vol_w[c], grid_of(model)), A, sl, wt)
-            resid += w[c] * np.abs(X[j] * s - Cr * P[c]) ** 2
+            resid += w[c, t] * np.abs(X[j] * s - Cr * P[c]) ** 2
             good = np.asarray(model.data_vs_prior)[c][shb] > 3
-            xa += w[c] * (Cr * np.real(X[j] * s * np.conj(P[c])) * good).sum()
-            aa += w[c] * (Cr * Cr * np.abs(P[c]) ** 2 * good).sum()
-            wcls[c] += w[c]
+            xa += w[c, t] * (Cr * np.real(X[j] * s * np.conj(P[c])) * good).sum()
+            aa += w[c, t] * (Cr * Cr * np.abs(P[c]) ** 2 * good).sum()
+            wcls[c] += w[c, t]
+            off_sum += w[c, t] * (((offs[t] - parts.offset_prior_px[j]) * APIX) ** 2).sum()
         np.add.at(sigma2[0], shb, resid)
         sigma2[0] += pre.power_highres[j]
         norm.append(parts.norm[j] / model.avg_norm * np.sqrt(2 * (resid.sum() + pre.power_highres[j].sum())))
-    return vol_d, vol_w, sigma2, wcls, xa, aa, np.array(norm), np.array(pmax), np.array(ll), np.array(cls)
+    return (vol_d, vol_w, sigma2, wcls, xa, aa, off_sum, np.array(norm), np.array(pmax), np.array(ll), np.array(cls),
+            np.array(best_off))
 
 
-def test_fixed_pose_pass_equals_a_direct_evaluation_and_finds_the_classes(xp):
-    # oracle: _direct_fixed_pose (float64 NumPy, per particle and class) -- --skip_align's pass (on NumPy and CuPy)
-    # gives the same volumes, noise, class, scale and norm sums, pmax, log-likelihood and class per particle; the
-    # particles keep their angles and offsets; and with the true poses the two classes separate (the simulated truth)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_fixed_pose_pass_equals_a_direct_evaluation_and_finds_the_classes(rotate, xp):
+    # oracle: _direct_fixed_pose (float64 NumPy, per particle, class and translation) -- the pass of --skip_align
+    # (rotate False) and of --skip_rotate (True: the grid's translations searched) gives, on NumPy and CuPy, the same
+    # volumes, noise, class, scale, norm and offset sums, pmax, log-likelihood, class and offset per particle; the
+    # particles keep their angles; and with the true poses (--skip_rotate: offsets 1-2 px off the truth) the two
+    # classes separate and the offsets come back (the simulated truth)
     from gerelion_dask.expectation.fixed import fixed_pose_pass
     from gerelion_dask.expectation.preprocess import PreprocessedPool, preprocess_pool
 
@@ -550,17 +568,20 @@ def test_fixed_pose_pass_equals_a_direct_evaluation_and_finds_the_classes(xp):
     truth = np.arange(12) % 2
     img, parts, A, off, s2, maps = _dataset(12, 2.0, seed=11, maps=maps, classes=truth)
     angles = np.stack(cv.matrix_to_euler(A), 1)
-    parts = replace(parts, angles=angles, offset_px=off.copy(), offset_prior_px=off + 0.3)
+    start = off + (np.random.default_rng(3).integers(-2, 3, off.shape) if rotate else 0)
+    parts = replace(parts, angles=angles, offset_px=start.copy(), offset_prior_px=start + 0.3)
     model, st = _model_settings(maps, s2, order=1)
-    st = replace(st, do_scale=True, preprocess=replace(st.preprocess, do_norm=True))
-    model = replace(model, pdf_class=np.array([0.6, 0.4]),
+    st = replace(st, do_scale=True, preprocess=replace(st.preprocess, do_norm=True), search_translations=rotate,
+                 grid=replace(st.grid, perturb=0.0, offset_range_px=3.0, offset_step_px=1.0))
+    model = replace(model, pdf_class=np.array([0.6, 0.4]), sigma_offset_angst=4.0,
                     data_vs_prior=np.where(np.arange(N // 2 + 1) < 6, 10.0, 1.0)[None].repeat(2, 0))
     mx = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
     pre = preprocess_pool(xp.asarray(img), parts, st.preprocess, model.sigma2_noise)
     part, res = fixed_pose_pass(xp, pre, parts, mx, st)
     part = part.to_host()
     pre = PreprocessedPool(*(to_np(getattr(pre, f.name)) for f in fields(pre)))
-    vd, vw, sigma2, wcls, xa, aa, norm, pmax, ll, cls = _direct_fixed_pose(pre, parts, model, st)
+    vd, vw, sigma2, wcls, xa, aa, off_sum, norm, pmax, ll, cls, best = _direct_fixed_pose(
+        pre, parts, model, st, st.grid.translations if rotate else None)
     close = dict(rtol=1e-9, atol=1e-12)
     assert np.allclose(part.bp_data, vd, rtol=1e-9, atol=1e-12 * np.abs(vd).max())
     assert np.allclose(part.bp_weight, vw, rtol=1e-9, atol=1e-12 * np.abs(vw).max())
@@ -568,11 +589,15 @@ def test_fixed_pose_pass_equals_a_direct_evaluation_and_finds_the_classes(xp):
     assert np.isclose(part.wsum_scale_xa.sum(), xa, **close) and np.isclose(part.wsum_scale_aa.sum(), aa, **close)
     assert np.allclose(res.norm, norm, **close) and np.allclose(res.pmax, pmax, **close)
     assert np.allclose(res.loglik, ll, **close) and list(res.class_number) == list(cls)
-    want_off = ((parts.offset_prior_px - parts.offset_px) * APIX) ** 2
-    assert np.isclose(part.wsum_sigma2_offset, want_off.sum(), rtol=1e-9)  # every particle's weights sum to 1
+    assert np.isclose(part.wsum_sigma2_offset, off_sum, rtol=1e-9)
     assert np.allclose(part.wsum_pdf_direction.sum(axis=1), wcls, **close)
     assert np.allclose(np.stack([res.rot, res.tilt, res.psi], 1), angles)
-    assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), off * APIX)
+    assert np.allclose(np.stack([res.origin_x_angst, res.origin_y_angst], 1), best * APIX)
+    if rotate:  # the true offsets come back to the 1-px grid's spacing (the images were made at off)
+        assert np.abs(best - off).max() < 1.0 and np.abs(best - off).mean() < 0.5 < np.abs(start - off).mean()
+        assert res.n_significant.max() > 1  # more than one sample kept: the sums over translations are exercised
+    else:
+        assert np.allclose(best, off)
     assert (res.class_number - 1 == truth).mean() >= 0.9
 
 

@@ -73,6 +73,7 @@ class EStepSettings:
     fine_max_elems: int = 0  # E-step: most values per chunk or group of particles (0: by backend, see fine.py)
     coarse_dtype: str = "auto"  # precision of the coarse-pass GEMMs: "float32", "float64" or by backend (fine.py)
     fixed_poses: bool = False  # --skip_align: each particle keeps its angles and offset (expectation.fixed)
+    search_translations: bool = False  # --skip_rotate (with fixed_poses): the angles kept, the grid's translations
     strict_size: int = 0  # --strict_highres_exp: probabilities from the window of this size only (0: current size)
 
 
@@ -346,7 +347,7 @@ def _split_pool(images, particles: PoolParticles, model, settings, cache):
 
 def _expectation_pool(xp, images, particles, model, settings, cache=None):
     pre = preprocess_pool(images, particles, settings.preprocess, model.sigma2_noise)
-    if settings.fixed_poses:  # --skip_align: the particles keep their poses, only the class is sampled
+    if settings.fixed_poses:  # --skip_align / --skip_rotate: the particles keep their angles
         from .fixed import fixed_pose_pass
 
         return fixed_pose_pass(xp, pre, particles, model, settings, cache)
