@@ -34,7 +34,8 @@ from .ops.sampling import angular_step, asymmetric_unit_directions, next_perturb
 from .ops.symmetry import direction_operators, symmetry_operators
 from .errors import InputError, RunFailedError
 from .progress import memory_usage
-from .setup_job import JobInputs, ParticleState, drop_non_finite, initial_sigma2, load_inputs, particle_state
+from .setup_job import (JobInputs, ParticleState, drop_non_finite, initial_sigma2, input_classes, load_inputs,
+                        particle_state)
 
 log = logging.getLogger(__name__)
 
@@ -264,13 +265,11 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
         model = None  # made below, once the runner has its images (the noise spectra are summed where they are)
         records, it, final, unfil = [], 0, False, None
-        prev_A = None
     else:
         _check_resume(resume, inp)
         st, sched, original, model = resume.state, resume.schedule, resume.original_schedule, resume.model
         records, it, final, unfil = list(resume.records), resume.iteration, resume.final, resume.unfil
         dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
-        prev_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2]) if it > 0 else None
     if hasattr(runner, "prepare"):
         runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
     if model is None:  # the initial noise spectra, pool by pool (a Dask runner sums each pool on a worker)
@@ -278,8 +277,11 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         model = _initial_model(inp, cfg, sigma2, len(dirs.pix), halves)
     if writer and resume is None:
         writer(0, cfg, inp, model, st, sched, None, final=False, original=original)
+    # iteration 1's changes are measured from the STAR file's poses (RELION: missing angles and offsets read as 0,
+    # a missing class as 0, so every class changes)
+    prev_A = euler_to_matrix(st.angles[:, 0], st.angles[:, 1], st.angles[:, 2])
     prev_off = st.offsets_px * a
-    prev_cls = st.class_index.copy()
+    prev_cls = st.class_index.copy() if it > 0 else input_classes(inp.particles.metadata)
     max_iter = cfg.auto_iter_max if cfg.auto_refine else cfg.iter
     seed_classes = cfg.K > 1 and len(inp.reference) == cfg.K and not cfg.ref.endswith(".star")
     while it < max_iter and not final:

@@ -242,6 +242,12 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512) -> JobInputs:
                    ctf=ctf)
 
 
+def input_classes(md) -> np.ndarray:
+    """The STAR file's classes, 0-based (``rlnClassNumber - 1``; -1 where the column is missing, as RELION reads a
+    missing class as 0): what iteration 1's class changes are measured from."""
+    return (_col(md, "rlnClassNumber", 0.0) - 1).astype(np.int64)
+
+
 def particle_state(inp: JobInputs, cfg: JobConfig, seed: int) -> ParticleState:
     md = inp.particles.metadata
     n = inp.particles.n

@@ -426,6 +426,14 @@ def test_classification_without_alignment_keeps_poses_and_finds_the_classes(smal
     assert max(agree, 1 - agree) >= 0.95
     opt = next(iter(read_star(out / "run_it004_optimiser.star").values()))
     assert int(opt["rlnDoSkipAlign"].iloc[0]) == 1
+    # iteration 1's changes are measured from the STAR file's poses and classes, as RELION's (not 999)
+    first = next(iter(read_star(out / "run_it001_optimiser.star").values()))
+    it1 = starfile.read(out / "run_it001_data.star")["particles"]
+    assert float(first["rlnChangesOptimalOrientations"].iloc[0]) < 1e-6
+    assert float(first["rlnChangesOptimalOffsets"].iloc[0]) < 1e-6
+    moved = (it1.rlnClassNumber.values != truth.rlnClassNumber.values).mean()
+    assert np.isclose(float(first["rlnChangesOptimalClasses"].iloc[0]), moved)
+    assert int(first["rlnSmallestChangesClasses"].iloc[0]) == int(np.floor(moved + 0.5))
     if shutil.which("relion_refine") is None:
         pytest.skip("Debian relion not installed: RELION's classification without alignment not compared")
     rel = tmp_path / "Rel"
@@ -435,6 +443,9 @@ def test_classification_without_alignment_keeps_poses_and_finds_the_classes(smal
                         "2", *flags], cwd=paths.out_dir, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     theirs = starfile.read(rel / "run_it004_data.star")["particles"]
+    rel_first = next(iter(read_star(rel / "run_it001_optimiser.star").values()))
+    assert float(rel_first["rlnChangesOptimalOrientations"].iloc[0]) < 1e-3  # RELION measures from the STAR too
+    assert float(rel_first["rlnChangesOptimalOffsets"].iloc[0]) < 1e-3
     agree = (theirs.rlnClassNumber.values == truth.rlnClassNumber.values).mean()
     assert max(agree, 1 - agree) >= 0.95
     same = (theirs.rlnClassNumber.values == ours.rlnClassNumber.values).mean()

@@ -109,7 +109,7 @@ def update_counters(st: ScheduleState, new_resolution: float, old_resolution: fl
     best_res = max(st.best_resolution, new_resolution)
     so = min(st.smallest_changes_orient, orient)
     sf = min(st.smallest_changes_offset, offset)
-    sc = min(st.smallest_changes_class, float(round(cls)) if cls > 0 else cls)
+    sc = min(st.smallest_changes_class, float(np.floor(cls + 0.5)))  # RELION's ROUND (0.5 -> 1)
     small = (1.03 * cls >= st.smallest_changes_class) and \
             (offset < 0.40 * st.fine_offset_step_px or 1.03 * offset >= st.smallest_changes_offset) and \
             (orient < 0.40 * st.fine_angular_step or 1.03 * orient >= st.smallest_changes_orient)
