@@ -32,10 +32,15 @@ _COMPAT_VALUE = {"--j": "threads per task (ignored: one task per worker)",
                  "--memory_per_thread": "ignored (memory is planned from the GPU/host size)",
                  "--mode": "ignored (GeRelion's --mode 1 is our only mode)",
                  "--gpu": "ignored (GPUs are found automatically)",
-                 "--free_gpu_memory": "ignored", "--keep_free_scratch": "ignored (no scratch copy)"}
+                 "--free_gpu_memory": "ignored", "--keep_free_scratch": "ignored (no scratch copy)",
+                 "--failsafe_threshold": "ignored (no fail-safe mode: particles whose weights all vanish are "
+                                         "counted in the log and the progress file)"}
 _COMPAT_FLAG = {"--dont_combine_weights_via_disc": "always (partial sums travel in memory)",
                 "--no_parallel_disc_io": "ignored", "--preread_images": "ignored (images are read per pool)",
-                "--scratch_dir": "ignored", "--reuse_scratch": "ignored",
+                "--scratch_dir": "ignored", "--reuse_scratch": "ignored", "--keep_scratch": "ignored",
+                "--onthefly_shifts": "ignored (shifted images are never stored here)",
+                "--no_norm": "no normalisation correction (the default here; overrides --norm, as RELION)",
+                "--no_scale": "no intensity-scale correction (the default here; overrides --scale, as RELION)",
                 "--skip_gridding": "the default here (RELION 3.1's flag; --dont_skip_gridding does the gridding)"}
 # relion_refine's speed heuristics that change which particles or samples an iteration uses: accepted so that
 # RELION command lines run, with a warning that every iteration here uses all particles and the full sampling
@@ -46,7 +51,10 @@ _IGNORED_HEURISTICS = {"--fast_subsets": "subsets of the particles in the first 
 
 
 def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=prog, description=(
+    from . import __version__
+
+    # no abbreviations (relion_refine has none: its --tau, a STAR file, must not become --tau2_fudge)
+    p = _OneLineParser(prog=prog, allow_abbrev=False, description=(
         "3D classification" if classify else "3D auto-refinement (gold-standard halves)") +
         " with relion_refine's flags. Example: see README.")
     a = p.add_argument
@@ -72,11 +80,17 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
                   "of its STAR row, only its class is sampled"),
                  ("--skip_rotate", "classification with translational searches only: every particle keeps the angles "
                   "of its STAR row; its class and offset are sampled"),
+                 ("--dont_check_norm", "no warning about particle images whose background is not normalised to "
+                  "mean 0 and standard deviation 1"),
                  ("--trust_ref_size", "use a reference whose header voxel size differs from the particles' (a "
                   "warning instead of an error; the box must still match)"),
                  ("--solvent_correct_fsc", "auto-refine: the gold-standard FSC of the half maps masked by "
                   "--solvent_mask, corrected by phase randomisation (as relion_postprocess)")):
         a(f, action="store_true", help=h)
+    a("--ref_angpix", type=float, default=-1.0,
+      help="voxel size (Å) of the reference instead of its header's (it must still match the particles')")
+    a("--version", action="version", version=f"gerelion {__version__}")
+    a("--verb", type=int, default=1, help="0: warnings and errors only; 1 (default): progress too")
     a("--healpix_order", type=int, default=2)
     a("--oversampling", type=int, default=1)
     a("--offset_range", type=float, default=6.0, help="pixels")
@@ -193,6 +207,10 @@ def _job_config(ns, classify: bool):
 
     fields = set(JobConfig.__dataclass_fields__)
     kw = {k: v for k, v in vars(ns).items() if k in fields}
+    if ns.no_norm:  # RELION: --no_norm and --no_scale switch the corrections off whatever --norm / --scale say
+        kw["norm"] = False
+    if ns.no_scale:
+        kw["scale"] = False
     if not classify:
         kw["auto_refine"] = True
         kw["split_random_halves"] = True
@@ -281,7 +299,7 @@ def cmd_refine(argv, classify: bool) -> int:
 
 
 def _refine(ns, argv, classify: bool, pipeline_control) -> int:
-    from .job_files import make_writer, restart_progress
+    from .job_files import restart_progress
 
     resume = None
     if ns.continue_from:
@@ -295,13 +313,24 @@ def _refine(ns, argv, classify: bool, pipeline_control) -> int:
                              "give --i, --o and --ref, or --continue <root>_itNNN_optimiser.star")
         cfg = _job_config(ns, classify).validate()
         _check_output(cfg)
+    root_level = logging.getLogger().level
+    if ns.verb <= 0:  # RELION's --verb 0: no progress output; warnings and errors still print
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _run_refine(ns, cfg, resume, pipeline_control)
+    finally:
+        logging.getLogger().setLevel(root_level)
+
+
+def _run_refine(ns, cfg, resume, pipeline_control) -> int:
+    from .job_files import make_writer
     from .progress import ProgressBar
 
     for f, h in _IGNORED_HEURISTICS.items():
         if getattr(ns, f[2:]):
             logging.getLogger(__name__).warning("%s ignored (RELION: %s); every iteration here uses all particles "
                                                 "and the full sampling", f, h)
-    progress = ProgressBar()  # draws only on a terminal
+    progress = ProgressBar() if ns.verb > 0 else None  # draws only on a terminal
     if pipeline_control:
         from .pipeline_control import AbortWatch
 
@@ -309,7 +338,7 @@ def _refine(ns, argv, classify: bool, pipeline_control) -> int:
     res = run_with_dask_flags(ns, cfg, make_writer(cfg.o), ns.device if ns.device != "gpu" else "auto", resume,
                               progress=progress)
     last = res.iterations[-1] if res.iterations else None
-    if last:
+    if last and ns.verb > 0:
         print(f"done: {len(res.iterations)} iterations, resolution {last.resolution_angst:.2f} Å; "
               f"files under {Path(cfg.o).parent}")
     return 0
@@ -379,6 +408,11 @@ def main(argv=None) -> int:
     cmds = {"refine": lambda a: cmd_refine(a, False), "classify": lambda a: cmd_refine(a, True),
             "reconstruct": cmd_reconstruct, "import": cmd_import, "cluster": _cmd_cluster,
             "plan": _cmd_plan, "report": _cmd_report}
+    if argv and argv[0] == "--version":
+        from . import __version__
+
+        print(f"gerelion {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds | {"simulate": 0, "demo": 0}:
         print("usage: gerelion {refine,classify,simulate,import,reconstruct,demo,cluster,plan,report} ...  "
               "(each takes --help)")

@@ -12,7 +12,7 @@ import argparse
 
 from .errors import InputError
 
-__all__ = ["ArgumentParser", "NOT_SUPPORTED", "refuse_unsupported"]
+__all__ = ["ArgumentParser", "NOT_SUPPORTED", "NOT_SUPPORTED_PREFIXES", "refuse_unsupported"]
 
 # relion_refine flags of features this program does not have (README: flag table)
 NOT_SUPPORTED = {
@@ -20,15 +20,45 @@ NOT_SUPPORTED = {
     "--helix": "helical refinement is not implemented",
     "--grad": "gradient-driven (VDAM) refinement is not implemented",
     "--blush": "Blush regularisation is not implemented",
+    "--sgd": "initial-model generation by SGD is not implemented",
+    "--mu": "initial-model generation by SGD is not implemented",
+    "--tau": "a fixed tau2 spectrum from a STAR file is not implemented (--tau2_fudge is)",
+    "--stochastic_em": "initial-model generation by stochastic EM is not implemented",
+    "--denovo_3dref": "de novo initial-model generation is not implemented",
+    "--external_reconstruct": "reconstruction by an external program is not supported",
+    "--local_symmetry": "local symmetry is not implemented",
+    "--relax_sym": "symmetry relaxation is not implemented",
+    "--fourier_mask": "Fourier-space masks are not implemented",
+    "--skip_maximize": "an E-step without maximisation is not implemented",
+    "--always_cc": "cross-correlation in every iteration is not implemented (--firstiter_cc is)",
+    "--limit_tilt": "a limited tilt range is not implemented",
+    "--bimodal_psi": "bimodal psi priors are not implemented",
+    "--sigma_rot": "separate prior widths per angle are not implemented (--sigma_ang is)",
+    "--sigma_tilt": "separate prior widths per angle are not implemented (--sigma_ang is)",
+    "--sigma_psi": "separate prior widths per angle are not implemented (--sigma_ang is)",
+    "--psi_step": "an in-plane step apart from --healpix_order's is not implemented",
+    "--coarse_size": "a fixed coarse image size is not implemented (it follows the sampling)",
+    "--strict_lowres_exp": "a low-resolution limit on the E-step is not implemented",
+    "--pad_ctf": "CTF padding is not implemented",
+    "--r_min_nn": "a nearest-neighbour core in the projections is not implemented",
+    "--print_symmetry_ops": "printing symmetry operators is not implemented (relion_refine --print_symmetry_ops)",
+    "--print_metadata_labels": "printing RELION's metadata labels is not implemented",
 }
+# families of relion_refine flags refused together: prefix -> why
+NOT_SUPPORTED_PREFIXES = {"--helical_": "helical refinement is not implemented",
+                          "--sgd_": "initial-model generation by SGD is not implemented"}
 
 
 def refuse_unsupported(argv, prog: str) -> None:
-    """InputError for the first flag of ``argv`` in :data:`NOT_SUPPORTED` (or a helical ``--helical_*`` one)."""
+    """InputError for the first flag of ``argv`` in :data:`NOT_SUPPORTED` or a family of
+    :data:`NOT_SUPPORTED_PREFIXES` (``--helical_*``, ``--sgd_*``)."""
     for a in argv:
         flag = a.split("=", 1)[0]
-        if flag in NOT_SUPPORTED or flag.startswith("--helical_"):
-            why = NOT_SUPPORTED.get(flag, "helical refinement is not implemented")
+        why = NOT_SUPPORTED.get(flag) or next((w for p, w in NOT_SUPPORTED_PREFIXES.items() if flag.startswith(p)),
+                                              None)
+        if flag == "--ignore_helical_symmetry":
+            why = NOT_SUPPORTED["--helix"]
+        if why:
             raise InputError(None, f"{prog}: {flag}: {why} here", "leave the flag out, or run this job with RELION")
 
 

@@ -49,6 +49,8 @@ class JobConfig:
     lowpass: float = 0.0  # Å: that filter's resolution (RELION's --lowpass; needed with lowpass_mask)
     solvent_correct_fsc: bool = False  # auto-refine: gold-standard FSC of half maps masked by solvent_mask, corrected
     trust_ref_size: bool = False  # a reference whose header voxel size differs from the particles' is used as it is
+    ref_angpix: float = -1.0  # Å > 0: the reference's voxel size instead of its header's (RELION's --ref_angpix)
+    dont_check_norm: bool = False  # no warning about images whose background is not normalised (RELION's flag)
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)
     skip_rotate: bool = False  # classification with translational searches only: the particles keep their angles
     strict_highres_exp: float = -1.0  # Å > 0: the E-step's probabilities from frequencies up to this resolution

@@ -226,7 +226,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
     else:
         seed = cfg.random_seed if cfg.random_seed >= 0 else int(time.time()) % 2**31
     cfg = replace(cfg, random_seed=seed)  # the resolved seed is written to optimiser.star and the checkpoint
-    inp = drop_non_finite(load_inputs(cfg))
+    inp = drop_non_finite(load_inputs(cfg), check_norm=not cfg.dont_check_norm)
     runner = runner or InProcessRunner()
     from .plan import execution_target, has_global_searches, has_local_searches, plan_for_inputs, pool_for_inputs
 

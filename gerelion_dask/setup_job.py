@@ -124,7 +124,10 @@ def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
             vol, vs = read_map(p)
         except InputError as e:
             raise InputError(e.path, e.problem, e.hint or "check the map named by --ref") from None
-        _check_map(p, vol, vs, box, apix, "reference map", "reference",
+        if cfg.ref_angpix > 0:  # RELION's --ref_angpix: the header's voxel size is not read
+            vs = cfg.ref_angpix
+        named = "reference (--ref_angpix)" if cfg.ref_angpix > 0 else "reference"
+        _check_map(p, vol, vs, box, apix, "reference map", named,
                    ("resample the reference to the particle box",
                     f"rescale the reference to {apix:.4g} Å/px and box {box} (relion_image_handler --rescale_angpix "
                     "--new_box), or give --trust_ref_size if only its header is wrong", "use another --ref map"),
@@ -217,17 +220,48 @@ def ctf_params(ps: ParticleSet, oidx: np.ndarray) -> CtfParams:
                      _col(md, "rlnCtfScalefactor", 1.0))
 
 
-def drop_non_finite(inp: JobInputs, chunk: int = 512) -> JobInputs:
+def background_stats(img: np.ndarray, radius_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each image's pixels farther than ``radius_px`` from its centre ``(n/2, n/2)``
+    (RELION's ``calculateBackgroundAvgStddev`` for single particles: ``r > radius``, corners included)."""
+    n = img.shape[-1]
+    c = np.arange(n) - n // 2
+    out = (c[:, None] ** 2 + c[None, :] ** 2) > radius_px**2
+    bg = np.asarray(img, dtype=np.float64)[:, out]
+    return bg.mean(axis=1), bg.std(axis=1)
+
+
+def badly_normalised(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """RELION's test of an image's background (warned unless ``--dont_check_norm``): mean beyond +/-0.5 of the
+    standard deviation, or a standard deviation outside [0.5, 2]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.abs(mean / std) > 0.5) | (std < 0.5) | (std > 2.0)
+
+
+def drop_non_finite(inp: JobInputs, chunk: int = 512, check_norm: bool = True) -> JobInputs:
     """Drop particles whose image holds NaN or infinite pixels, with one warning that counts them.
 
     RELION stops on such images; we keep the run going without them (they are absent from the output STAR files).
+    With ``check_norm`` (no ``--dont_check_norm``) the same pass warns once, as RELION, about the first image whose
+    background outside the particle diameter is not normalised (mean 0, standard deviation 1: :func:`badly_normalised`).
     """
     ps = inp.particles
     bad = []
+    radius = int(np.floor(inp.diameter / (2.0 * inp.pixel_size) + 0.5))
     for s in range(0, ps.n, chunk):
         rows = np.arange(s, min(s + chunk, ps.n))
         img = ps.read_images(rows)
-        bad.extend(rows[~np.isfinite(img).all(axis=(1, 2))].tolist())
+        finite = np.isfinite(img).all(axis=(1, 2))
+        bad.extend(rows[~finite].tolist())
+        if check_norm and finite.any():
+            mean, std = background_stats(img[finite], radius)
+            off = np.nonzero(badly_normalised(mean, std))[0]
+            if off.size:
+                j = rows[finite][off[0]]
+                log.warning("%s: %s: background mean %.4g, standard deviation %.4g outside a %d-px radius: the images "
+                            "seem not normalised to mean 0 and standard deviation 1 (relion_preprocess --norm; "
+                            "--dont_check_norm silences this)", ps.star_path, ps.metadata["rlnImageName"].iloc[j],
+                            mean[off[0]], std[off[0]], radius)
+                check_norm = False  # once, as RELION
     if not bad:
         return inp
     if len(bad) == ps.n:

@@ -404,6 +404,62 @@ def test_trust_ref_size_takes_a_reference_whose_header_voxel_size_is_wrong(small
     assert (tmp_path / "b" / "run_it001_class001.mrc").is_file()
 
 
+def test_ref_angpix_replaces_a_wrong_header_and_verb_0_is_quiet(small_set, tmp_path, caplog, capsys):
+    # oracle: relion_refine's --ref_angpix and --verb -- a reference whose header says 1.2x the particles' pixel size
+    # runs with --ref_angpix set to the particles' (its header is not read), and --verb 0 prints no progress: no
+    # INFO records and no closing line, while the files are written as usual
+    paths, _ = small_set
+    vol, _ = read_map(paths.initial_reference)
+    write_map(tmp_path / "ref.mrc", vol, APIX * 1.2)
+    args = ["--i", str(paths.particles_star), "--ref", str(tmp_path / "ref.mrc"), "--ctf", "--particle_diameter",
+            str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2", "--offset_step", "2", "--iter", "1",
+            "--random_seed", "1", "--in-process", "--device", "cpu", "--ref_angpix", str(APIX), "--verb", "0"]
+    capsys.readouterr()
+    with caplog.at_level("INFO"):
+        assert cli_main(["classify", "--o", str(tmp_path / "a" / "run"), *args]) == 0
+    assert not [r for r in caplog.records if r.levelname == "INFO" and r.name.startswith("gerelion")]
+    assert "done:" not in capsys.readouterr().out
+    _, vs = read_map(tmp_path / "a" / "run_it001_class001.mrc")
+    assert abs(vs - APIX) < 1e-4
+
+
+def test_the_background_normalisation_check_warns_once_like_relion(small_set, tmp_path, caplog):
+    # oracle: RELION 3.1's check in calculateSumOfPowerSpectraAndAverageImage (background outside the particle
+    # diameter: |mean / std| > 0.5, std < 0.5 or std > 2 is warned about, once) written out with numpy -- the
+    # simulated (normalised) images pass; the same images times 3 warn once, naming the first image, and
+    # --dont_check_norm silences it
+    import mrcfile
+
+    from gerelion_dask.setup_job import background_stats, badly_normalised
+
+    paths, _ = small_set
+    img = mrcfile.read(paths.particles_mrcs).astype(np.float64)
+    r = int(np.floor(0.8 * BOX * APIX / (2 * APIX) + 0.5))
+    yy, xx = np.mgrid[:BOX, :BOX] - BOX // 2
+    out = yy**2 + xx**2 > r * r
+    want_m = np.array([im[out].mean() for im in img])
+    want_s = np.array([im[out].std() for im in img])
+    m, s = background_stats(img, r)
+    assert np.allclose(m, want_m) and np.allclose(s, want_s)
+    assert not badly_normalised(m, s).any()
+    assert badly_normalised(np.array([0.6, 0.0, 0.0]), np.array([1.0, 0.4, 2.1])).all()
+    folder = tmp_path / "scaled"
+    shutil.copytree(paths.out_dir, folder)
+    with mrcfile.open(folder / paths.particles_mrcs.name, "r+") as f:
+        f.data[:] = f.data * 3
+    args = ["--i", str(folder / paths.particles_star.name), "--ref", str(folder / paths.initial_reference.name),
+            "--ctf", "--particle_diameter", str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2",
+            "--offset_step", "2", "--iter", "1", "--random_seed", "1", "--in-process", "--device", "cpu"]
+    for extra, n_warn in (([], 1), (["--dont_check_norm"], 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert cli_main(["classify", "--o", str(tmp_path / f"o{n_warn}" / "run"), *args, *extra]) == 0
+        warned = [rec.getMessage() for rec in caplog.records if "not normalised" in rec.getMessage()]
+        assert len(warned) == n_warn, warned
+        if n_warn:
+            assert "000001@" in warned[0] and "--dont_check_norm" in warned[0]
+
+
 def test_classification_without_alignment_keeps_poses_and_finds_the_classes(small_set, tmp_path):
     # oracles: the simulated truth and RELION 3.1.3 -- `classify --skip_align` from the true poses (truth.star) keeps
     # every particle's angles and offsets, writes rlnDoSkipAlign, and separates the two phantoms; Debian's
@@ -547,3 +603,16 @@ def test_a_star_of_references_names_maps_relative_to_its_folder_or_the_project(s
     assert (tmp_path / "C" / "run_it001_class002.mrc").is_file()
     star.write_text("data_\nloop_\n_rlnReferenceImage #1\nMaps/a.mrc\nMaps/missing.mrc\n")
     assert cli_main(["classify", "--o", "D/run", *args]) == 2
+
+
+def test_no_norm_and_no_scale_override_norm_and_scale_as_in_relion():
+    # oracle: relion_refine's parser (--no_norm / --no_scale switch the corrections off whatever --norm / --scale
+    # say) -- and the compatibility flags RELION's GUI writes are accepted
+    from gerelion_dask.cli import _job_config, refine_parser
+
+    base = ["--i", "p.star", "--o", "o/run", "--ref", "r.mrc", "--norm", "--scale"]
+    p = refine_parser("gerelion classify", True)
+    on = _job_config(p.parse_args(base), True)
+    off = _job_config(p.parse_args(base + ["--no_norm", "--no_scale", "--keep_scratch", "--onthefly_shifts",
+                                           "--failsafe_threshold", "40", "--dont_check_norm"]), True)
+    assert on.norm and on.scale and not off.norm and not off.scale and off.dont_check_norm
