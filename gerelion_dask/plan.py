@@ -182,7 +182,8 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     the mean), each particle searching ``local_orientations`` orientations (default
     :func:`local_search_orientations` of the HEALPix order: auto-refine's own prior width); see the module
     docstring's local searches."""
-    from .expectation.fine import FINE_LIMITS, GPU_SIZED_FOR, gpu_limits, insert_row_bytes, project_row_bytes
+    from .expectation.fine import (FINE_LIMITS, FLAT_MIN_RUN, GPU_SIZED_FOR, gpu_limits, insert_row_bytes,
+                                   project_row_bytes)
     from .expectation.grid import coarse_translations
     from .maximization.schedule import coarse_size
     from .expectation.preprocess import _NOISE_BATCH as NOISE_BATCH
@@ -264,8 +265,17 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # group's sums being made (24 R M each) beside the group's weights and their temporaries (~6 x 8 bytes of at most
     # E values, or one particle's block)
     width = 4 * T * R  # the union's fine orientations (R) x fine translations (4 T)
+    # a block is made for runs of at least min(blocks a chunk holds, FLAT_MIN_RUN) consecutive flat particles: where
+    # one particle is a run, the most significant one decides; where a run takes several, the most significant one
+    # only while the mean particle keeps at least half its samples (a few outliers among 1,000 particles of a 256-px
+    # local search, 799 of a mean 117 significant samples, made no block on the H100, benchmarks/gpu_checks.sh; 40
+    # particles at box 32 with 3,129 of a mean 1,984 made one: tests/test_plan.py)
+    runs_of_one = min(max(1, E // max(width, 1)), FLAT_MIN_RUN) <= 1
+    flat_particle = per_particle if runs_of_one else min(per_particle, 2 * 32 * s_p)
+    if maxsig and maxsig > 0:
+        flat_particle = min(flat_particle, 32 * maxsig)
     flat = 0.0
-    if limits["flat_waste"] * per_particle >= width and width <= 4 * E and 24 * R * M <= limits["cache_bytes"]:
+    if limits["flat_waste"] * flat_particle >= width and width <= 4 * E and 24 * R * M <= limits["cache_bytes"]:
         flat = 72 * R * M + 48 * max(min(B * width, E), width)
     partials = 24 * K * L
     counts = _half_counts(n_particles, halves)
