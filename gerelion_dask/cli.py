@@ -87,6 +87,8 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
                  ("--solvent_correct_fsc", "auto-refine: the gold-standard FSC of the half maps masked by "
                   "--solvent_mask, corrected by phase randomisation (as relion_postprocess)")):
         a(f, action="store_true", help=h)
+    a("--limit_tilt", type=float, default=-91.0,
+      help="degrees: positive keeps side views (|tilt| >= it), negative top views (|tilt| <= |it|); default: all")
     a("--ref_angpix", type=float, default=-1.0,
       help="voxel size (Å) of the reference instead of its header's (it must still match the particles')")
     a("--version", action="version", version=f"gerelion {__version__}")

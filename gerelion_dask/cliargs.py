@@ -31,7 +31,6 @@ NOT_SUPPORTED = {
     "--fourier_mask": "Fourier-space masks are not implemented",
     "--skip_maximize": "an E-step without maximisation is not implemented",
     "--always_cc": "cross-correlation in every iteration is not implemented (--firstiter_cc is)",
-    "--limit_tilt": "a limited tilt range is not implemented",
     "--bimodal_psi": "bimodal psi priors are not implemented",
     "--sigma_rot": "separate prior widths per angle are not implemented (--sigma_ang is)",
     "--sigma_tilt": "separate prior widths per angle are not implemented (--sigma_ang is)",

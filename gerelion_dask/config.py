@@ -52,6 +52,7 @@ class JobConfig:
     ref_angpix: float = -1.0  # Å > 0: the reference's voxel size instead of its header's (RELION's --ref_angpix)
     dont_check_norm: bool = False  # no warning about images whose background is not normalised (RELION's flag)
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)
+    limit_tilt: float = -91.0  # degrees: > 0 keeps side views (|tilt| >= it), < 0 top views; |limit| >= 90: all
     skip_rotate: bool = False  # classification with translational searches only: the particles keep their angles
     strict_highres_exp: float = -1.0  # Å > 0: the E-step's probabilities from frequencies up to this resolution
     zero_mask: bool = False

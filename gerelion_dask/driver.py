@@ -262,14 +262,14 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         if cfg.sigma_ang > 0:
             sched = replace(sched, local_sigma_rot=cfg.sigma_ang, local_sigma_psi=cfg.sigma_ang)
         original = sched
-        dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+        dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym, cfg.limit_tilt)
         model = None  # made below, once the runner has its images (the noise spectra are summed where they are)
         records, it, final, unfil = [], 0, False, None
     else:
         _check_resume(resume, inp)
         st, sched, original, model = resume.state, resume.schedule, resume.original_schedule, resume.model
         records, it, final, unfil = list(resume.records), resume.iteration, resume.final, resume.unfil
-        dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+        dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym, cfg.limit_tilt)
     if hasattr(runner, "prepare"):
         runner.prepare(inp, st, cfg)  # e.g. DaskRunner: import the images into <output folder>/particles.zarr
     if model is None:  # the initial noise spectra, pool by pool (a Dask runner sums each pool on a worker)
@@ -324,7 +324,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             old_order = sched.healpix_order
             sched = update_sampling(sched, acc_r, acc_t, a, cfg.auto_local_healpix_order)
             if sched.healpix_order != old_order:
-                dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym)
+                dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym, cfg.limit_tilt)
                 K = cfg.K
                 model = replace(model, pdf_direction=np.full((len(halves), K, len(dirs.pix)),
                                                              1.0 / (K * len(dirs.pix))))

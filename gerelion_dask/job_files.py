@@ -94,7 +94,7 @@ def make_writer(root: str, plots: bool = True):
                              orientational_prior_mode=prior_mode, sigma_prior_rot=sched.local_sigma_rot,
                              sigma_prior_psi=sched.local_sigma_psi, current_size=sched.current_size or None)
         write_sampling_star(names["sampling"], schedule=sched, symmetry=cfg.sym, pixel_size=inp.pixel_size,
-                            perturb_factor=cfg.perturb, original=original)
+                            perturb_factor=cfg.perturb, original=original, limit_tilt=cfg.limit_tilt)
         extra = None
         if checkpoint is not None:  # before the optimiser STAR that names it: that file marks a complete iteration
             ck = save_checkpoint(checkpoint_path(root, it), checkpoint)

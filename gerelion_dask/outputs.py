@@ -531,6 +531,7 @@ def write_sampling_star(
     perturb_factor: float,
     original: ScheduleState,
     directions: bool = True,
+    limit_tilt: float = -91.0,
 ) -> Path:
     """Write ``sampling.star``: ``sampling_general`` (key-value) and, optionally, ``sampling_directions``.
 
@@ -552,19 +553,20 @@ def write_sampling_star(
     directions : bool
         Also write ``sampling_directions`` (``rlnAngleRot``, ``rlnAngleTilt`` of the coarse directions in the
         asymmetric unit, unperturbed), as RELION does for 3D sampling.
+    limit_tilt : float
+        ``rlnTiltAngleLimit`` (``--limit_tilt``; -91: no limit); the directions written are those it keeps.
 
     Notes
     -----
     ``rlnPsiStep`` is ``360 / (6 * 2**order)``, the coarse in-plane step (RELION sets
-    ``psi_step = fine psi step * 2**oversampling``).  ``rlnTiltAngleLimit`` is -91 (no limit) and
-    ``rlnHelicalOffsetStep`` -1, RELION's defaults.
+    ``psi_step = fine psi step * 2**oversampling``).  ``rlnHelicalOffsetStep`` is -1, RELION's default.
     """
     kv = {
         "rlnIs3DSampling": True,
         "rlnIs3DTranslationalSampling": False,
         "rlnHealpixOrder": int(schedule.healpix_order),
         "rlnSymmetryGroup": str(symmetry),
-        "rlnTiltAngleLimit": -91.0,
+        "rlnTiltAngleLimit": float(limit_tilt),
         "rlnPsiStep": _angular_step(schedule.healpix_order),
         "rlnOffsetRange": float(schedule.offset_range_px) * pixel_size,
         "rlnOffsetStep": float(schedule.offset_step_px) * pixel_size,
@@ -578,7 +580,7 @@ def write_sampling_star(
     }
     blocks = {"sampling_general": _key_value(kv)}
     if directions:
-        d = asymmetric_unit_directions(int(schedule.healpix_order), symmetry)
+        d = asymmetric_unit_directions(int(schedule.healpix_order), symmetry, limit_tilt)
         blocks["sampling_directions"] = pd.DataFrame({"rlnAngleRot": d.rot, "rlnAngleTilt": d.tilt})
     return write_star(blocks, path, key_value={"sampling_general"})
 

@@ -616,3 +616,38 @@ def test_no_norm_and_no_scale_override_norm_and_scale_as_in_relion():
     off = _job_config(p.parse_args(base + ["--no_norm", "--no_scale", "--keep_scratch", "--onthefly_shifts",
                                            "--failsafe_threshold", "40", "--dont_check_norm"]), True)
     assert on.norm and on.scale and not off.norm and not off.scale and off.dont_check_norm
+
+
+def test_limit_tilt_searches_relions_directions(small_set, tmp_path):
+    # oracle: relion_refine 3.1.3 --limit_tilt -- the sampling.star of one classification iteration lists the same
+    # coarse directions as RELION's (where installed) and says the limit; every particle's tilt stays on the kept side
+    # of it within one fine angular step (the grid's perturbation and oversampling move the samples a little)
+    import starfile
+
+    paths, _ = small_set
+    limit = 50.0  # side views (the other sign: tests/test_sampling.py)
+    flags = ["--ref", paths.initial_reference.name, "--ctf", "--particle_diameter", str(0.8 * BOX * APIX), "--K", "1",
+             "--iter", "1", "--zero_mask", "--random_seed", "1", "--healpix_order", "1", "--offset_range", "3",
+             "--offset_step", "1.5", "--limit_tilt", str(limit)]
+    ours = tmp_path / "O"
+    flags_here = ["--ref", str(paths.initial_reference)] + flags[2:]
+    assert cli_main(["classify", "--i", str(paths.particles_star), "--o", str(ours / "run"), "--in-process",
+                     "--device", "cpu", *flags_here]) == 0
+    s = starfile.read(ours / "run_it001_sampling.star")
+    assert float(s["sampling_general"]["rlnTiltAngleLimit"]) == limit
+    d = s["sampling_directions"]
+    t = starfile.read(ours / "run_it001_data.star")["particles"].rlnAngleTilt.to_numpy()
+    folded = np.abs(np.where(t > 90, t - 180, t))
+    fine_step = 15.0  # HEALPix order 1's 30 degrees, oversampled once
+    assert len(d) < 48 and (folded >= limit - fine_step).all()
+    if shutil.which("relion_refine") is None:
+        pytest.skip("Debian relion not installed: RELION's direction list not compared")
+    rel = tmp_path / "R"
+    rel.mkdir()
+    r = subprocess.run(["relion_refine", "--i", paths.particles_star.name, "--o", str(rel / "run"), "--j", "1",
+                        "--pad", "2", *flags], cwd=paths.out_dir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    dr = starfile.read(rel / "run_it001_sampling.star")["sampling_directions"]
+    mine = np.sort(np.c_[d.rlnAngleRot, d.rlnAngleTilt], axis=0)
+    theirs = np.sort(np.c_[dr.rlnAngleRot, dr.rlnAngleTilt], axis=0)
+    assert mine.shape == theirs.shape and np.allclose(mine, theirs, atol=1e-3)

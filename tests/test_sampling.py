@@ -521,3 +521,25 @@ def test_psi_priors_equal_the_dense_formula():
         want[i] = w / w.sum()
     assert np.array_equal(got, want)
     assert (np.count_nonzero(got, axis=1) == 1).sum() >= 2  # some rows fell back to the nearest sample
+
+
+def test_limit_tilt_keeps_relions_side_or_top_views():
+    # oracle: RELION 3.1's removePointsOutsideLimitedTiltAngles written out per direction (tilt above 90 folded to
+    # tilt - 180; a positive limit keeps |tilt| >= limit, a negative one |tilt| <= |limit|), applied after the
+    # symmetry reduction; a limit that keeps nothing is a one-line error
+    from gerelion_dask.errors import InputError
+    from gerelion_dask.ops.sampling import asymmetric_unit_directions, limit_tilt_mask
+
+    for sym in ("C1", "D2"):
+        full = asymmetric_unit_directions(2, sym)
+        for limit in (50.0, -30.0, -91.0, 90.0):
+            want = []
+            for t in full.tilt:
+                f = t - 180.0 if t > 90.0 else t
+                want.append(abs(limit) >= 90.0 or (abs(f) >= abs(limit) if limit > 0 else abs(f) <= abs(limit)))
+            got = asymmetric_unit_directions(2, sym, limit)
+            assert np.array_equal(got.pix, full.pix[np.array(want)]), (sym, limit)
+            assert np.array_equal(limit_tilt_mask(full.tilt, limit), np.array(want))
+        assert 0 < len(asymmetric_unit_directions(2, sym, 50.0).pix) < len(full.pix)
+    with pytest.raises(InputError, match="--limit_tilt"):
+        asymmetric_unit_directions(0, "C1", -1.0)

@@ -777,7 +777,18 @@ def _remove_seam_duplicates(d: np.ndarray, ops: np.ndarray, cos_max: float) -> n
     return keep
 
 
-def asymmetric_unit_directions(order: int, symmetry: str = "C1") -> Directions:
+def limit_tilt_mask(tilt, limit: float) -> np.ndarray:
+    """RELION's ``--limit_tilt`` (``removePointsOutsideLimitedTiltAngles``): with the tilt folded into [-90, 90]
+    (above 90 minus 180), a positive limit keeps |tilt| >= limit (side views), a negative one |tilt| <= |limit| (top
+    views); |limit| >= 90 keeps everything."""
+    t = np.asarray(tilt, dtype=np.float64)
+    t = np.where(t > 90.0, t - 180.0, t)
+    if abs(limit) >= 90.0:
+        return np.ones(t.shape, bool)
+    return np.abs(t) >= abs(limit) if limit > 0 else np.abs(t) <= abs(limit)
+
+
+def asymmetric_unit_directions(order: int, symmetry: str = "C1", limit_tilt: float = -91.0) -> Directions:
     """The coarse direction list of a refinement: HEALPix directions reduced to one asymmetric unit.
 
     Parameters
@@ -786,6 +797,8 @@ def asymmetric_unit_directions(order: int, symmetry: str = "C1") -> Directions:
         HEALPix order (``--healpix_order``).
     symmetry : str
         RELION point-group name (``--sym``), case-insensitive.
+    limit_tilt : float
+        ``--limit_tilt`` (:func:`limit_tilt_mask`, applied after the symmetry reduction); the default -91 keeps all.
 
     Returns
     -------
@@ -796,7 +809,7 @@ def asymmetric_unit_directions(order: int, symmetry: str = "C1") -> Directions:
     ------
     InputError
         For an unknown symmetry name, or when no direction is left (I, I2, I3, Ih at order 1; RELION 3.1.3
-        silently continues with zero orientations there).
+        silently continues with zero orientations there; or a ``limit_tilt`` that keeps none).
 
     Notes
     -----
@@ -822,4 +835,8 @@ def asymmetric_unit_directions(order: int, symmetry: str = "C1") -> Directions:
             f"no HEALPix order-{order} direction lies in the asymmetric unit of symmetry '{symmetry}'",
             "use a finer --healpix_order",
         )
-    return Directions(pix, rot, tilt)
+    keep = limit_tilt_mask(tilt, limit_tilt)  # after the symmetry reduction, as RELION
+    if not keep.any():
+        raise InputError(None, f"--limit_tilt {limit_tilt:g} keeps none of the {len(pix)} HEALPix order-{order} "
+                         f"directions of symmetry '{symmetry}'", "use a limit closer to 0 or a finer --healpix_order")
+    return Directions(pix[keep], rot[keep], tilt[keep])
