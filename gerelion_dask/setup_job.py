@@ -61,12 +61,38 @@ def _col(df: pd.DataFrame, name: str, default) -> np.ndarray:
     return df[name].to_numpy(dtype=np.float64) if name in df else np.full(len(df), default, dtype=np.float64)
 
 
+# optics groups whose pixel sizes differ by more than this (relative) are warned about (up to PIXEL_SIZE_RTOL)
+PIXEL_SIZE_WARN = 1e-3
+
+
+def pixel_size_spread_warning(sizes: dict, box: int, apix: float) -> str:
+    """The warning (or "") for optics groups whose pixel sizes (``{group: Å}``) differ by more than
+    :data:`PIXEL_SIZE_WARN`: they are all taken as ``apix`` (beyond
+    :data:`~gerelion_dask.io.particles.PIXEL_SIZE_RTOL` the set is refused), and a relative difference d misplaces a
+    group's Fourier data by half a voxel at shell 0.5 / d, the resolution beyond which its images stop adding up with
+    the others' (RELION 3.1 rescales each group instead)."""
+    lo, hi = min(sizes.values()), max(sizes.values())
+    d = (hi - lo) / lo
+    if d <= PIXEL_SIZE_WARN:
+        return ""
+    shell = 0.5 / d
+    where = (f"beyond ~{box * apix / shell:.2f} Å (shell {shell:.0f} of {box // 2})" if shell < box / 2
+             else "only beyond Nyquist")
+    groups = ", ".join(f"group {g}: {v:g} Å" for g, v in sorted(sizes.items()))
+    return (f"the optics groups' pixel sizes differ by {100 * d:.2f} % ({groups}); all are taken as {apix:.4g} Å, "
+            f"which misplaces their Fourier data by half a voxel or more {where} (RELION rescales each group; "
+            "re-extract at one pixel size for data beyond that)")
+
+
 def load_inputs(cfg: JobConfig) -> JobInputs:
     ps = ParticleSet.from_star(cfg.i, require_ctf=cfg.ctf)
     if ps.n == 0:
         raise InputError(cfg.i, "the STAR file holds no particles")
     box = ps.box_size
     apix = ps.pixel_size
+    spread = pixel_size_spread_warning(ps.pixel_sizes(), box, apix)
+    if spread:
+        log.warning("%s: %s", ps.star_path, spread)
     if box % 2:
         raise InputError(cfg.i, f"odd box size {box}: refinement needs even boxes (as RELION)",
                          "re-extract the particles with an even box")

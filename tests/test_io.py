@@ -624,3 +624,16 @@ def test_dev_refine_float16_stack(tmp_path):
     assert store.n_pools == 3
     with mrcfile.open(DEV_REFINE / "particles.mrcs") as m:
         np.testing.assert_array_equal(store.read_pool(2), m.data[256:300].astype(np.float32))
+
+
+def test_optics_groups_a_little_apart_in_pixel_size_are_warned_about_with_the_resolution_affected():
+    # oracle: the analytic misplacement -- a relative pixel-size difference d moves a group's Fourier voxel at
+    # shell r by r d voxels, half a voxel at r = 0.5 / d: at 0.5 % and box 300 x 1.06 A that is shell 100, 3.18 A;
+    # within 0.1 % nothing is said; at box 24 the shell lies beyond Nyquist
+    from gerelion_dask.setup_job import pixel_size_spread_warning
+
+    msg = pixel_size_spread_warning({1: 1.06, 2: 1.0653}, 300, 1.06)
+    assert "0.50 %" in msg and "shell 100 of 150" in msg and "3.18 Å" in msg
+    assert pixel_size_spread_warning({1: 1.06, 2: 1.0605}, 300, 1.06) == ""
+    assert pixel_size_spread_warning({1: 1.06}, 300, 1.06) == ""
+    assert "only beyond Nyquist" in pixel_size_spread_warning({1: 5.0, 2: 5.025}, 24, 5.0)
