@@ -1004,14 +1004,15 @@ def test_each_half_set_keeps_its_own_other_parameters():
             assert np.allclose(np.asarray(getattr(fin, name))[hi], value, rtol=1e-12, atol=0), (hi, name)
 
 
-def _same_run(xp, a, b) -> None:
-    """Two M-steps that must give the same result: bit for bit on NumPy; on CuPy to 1e-12 of the largest value
+def _same_run(xp, a, b, tol: float = 1e-12) -> None:
+    """Two M-steps that must give the same result: bit for bit on NumPy; on CuPy to ``tol`` of the largest value
     (its symmetrisation and sums add with atomics, whose order changes the last bits from call to call)."""
     a, b = np.asarray(to_np(a)), np.asarray(to_np(b))
     if xp is np:
         assert np.array_equal(a, b)
     else:
-        assert np.allclose(a, b, rtol=1e-12, atol=1e-12 * max(np.abs(a).max(), 1e-300))
+        err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-300)
+        assert err <= tol, err
 
 
 def _flattening_case(xp):
@@ -1126,7 +1127,8 @@ def test_solvent_corrected_fsc_replaces_the_gold_standard_fsc(xp):
     mask = soft_sphere(N, 0.3 * N, 2.0)
     base = MStepSettings(True)
     plain, _ = maximization(parts, m0, base)
-    _same_run(xp, maximization(parts, m0, replace(base, solvent_correct_fsc=True))[0].fsc, plain.fsc)
+    # (an FSC divides sums that carry the atomics' last bits: 1e-9 on CuPy)
+    _same_run(xp, maximization(parts, m0, replace(base, solvent_correct_fsc=True))[0].fsc, plain.fsc, 1e-9)
     ms = replace(base, solvent_correct_fsc=True, solvent_mask=mask, fsc_seed=11)
     got, _ = maximization(parts, m0, ms)
     u = [reconstruct(symmetrised(p.bp_data[0], p.bp_weight[0], p.grid, None), tau2=None) for p in (p1, p2)]
@@ -1135,7 +1137,7 @@ def test_solvent_corrected_fsc_replaces_the_gold_standard_fsc(xp):
     assert at > 0
     np.testing.assert_allclose(np.asarray(got.fsc)[0], want, rtol=1e-9, atol=1e-9)
     assert np.abs(np.asarray(got.fsc)[0] - np.asarray(plain.fsc)[0]).max() > 0.01
-    np.testing.assert_array_equal(maximization(parts, m0, ms)[0].fsc, got.fsc)
+    _same_run(xp, maximization(parts, m0, ms)[0].fsc, got.fsc, 1e-8)  # the same seed, the same curve
 
 
 def test_non_finite_e_step_sums_stop_the_m_step_with_one_clear_error(xp):
