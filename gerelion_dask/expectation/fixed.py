@@ -62,9 +62,9 @@ def fixed_pose_pass(xp, pre, particles, model, settings, cache=None):
     if settings.search_translations:  # the grid's translations (pixels from the pre-shift), shared phase rows
         u = np.asarray(grid.translations, dtype=np.float64)  # (T, 2)
         ph = shift_phase(pix.kx, pix.ky, N, xp.asarray(u), xp)  # (T, M)
-        off_lp = _offset_log_prior(int_off[:, None, :] + u[None], np.asarray(particles.offset_prior_px), ps.pixel_size,
-                                   model.sigma_offset_angst)  # (B, T)
         offsets = int_off[:, None, :] + u[None]  # (B, T, 2) pixels
+        off_lp = _offset_log_prior(offsets, np.asarray(particles.offset_prior_px), ps.pixel_size,
+                                   model.sigma_offset_angst)  # (B, T)
     else:  # --skip_align: the one translation, the fractional part of the offset (the prior normalises to 1)
         frac = np.asarray(particles.offset_px, dtype=np.float64) - int_off
         ph = shift_phase(pix.kx, pix.ky, N, xp.asarray(frac), xp)  # (B, M): a phase row per particle
