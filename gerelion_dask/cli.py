@@ -128,6 +128,9 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
            "--lowpass, to the solvent-masked reference (RELION's low-pass mask, e.g. a flexible domain)")
     a("--lowpass", type=float, default=0.0, metavar="ANGSTROM", help="resolution of --lowpass_mask's filter")
     a("--sigma_ang", type=float, default=0.0)
+    for f, h in (("--sigma_rot", "directions' local-search width with --sigma_tilt (the larger is used, as RELION)"),
+                 ("--sigma_tilt", "see --sigma_rot"), ("--sigma_psi", "psi's local-search width (default: every psi)")):
+        a(f, type=float, default=-1.0, help=h + "; --sigma_ang overrides all three")
     a("--auto_iter_max", type=int, default=999)
     a("--pool", type=int, default=0, help="particles per E-step task (default: 64 on CPUs, 4000 on GPUs, fewer for "
       "several GPUs, a small GPU, large boxes or local searches at large boxes (gerelion plan prints it); at least "

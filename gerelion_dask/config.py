@@ -11,10 +11,23 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import InputError
 
-__all__ = ["COARSE_PRECISIONS", "JobConfig"]
+__all__ = ["COARSE_PRECISIONS", "JobConfig", "local_widths"]
 
 # --coarse_precision: the coarse pass's products (auto: float64 on a CPU and on GPUs with fast double precision)
 COARSE_PRECISIONS = ("auto", "float32", "float64")
+
+
+def local_widths(cfg) -> tuple[float, float]:
+    """``(direction, psi)`` widths (degrees) of a job's local searches from its first iteration, or ``(0, 0)``:
+    ``--sigma_ang`` for all three angles; else ``--sigma_rot`` / ``--sigma_tilt`` (the larger, as RELION's
+    ``selectOrientationsWithNonZeroPriorProbability`` takes it when both are set) and ``--sigma_psi`` (<= 0: every
+    psi).  Works on a :class:`JobConfig` or any object with those attributes."""
+    ang = float(getattr(cfg, "sigma_ang", 0.0) or 0.0)
+    if ang > 0:
+        return ang, ang
+    rot, tilt, psi = (float(getattr(cfg, k, -1.0)) for k in ("sigma_rot", "sigma_tilt", "sigma_psi"))
+    d = max(rot, tilt)
+    return (d, max(psi, 0.0)) if d > 0 else (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,9 @@ class JobConfig:
     incr_size: int = 10
     maskedge: float = 5.0
     sigma_ang: float = 0.0  # local angular searches in classification
+    sigma_rot: float = -1.0  # RELION's per-angle widths (without --sigma_ang): directions take max(rot, tilt) ...
+    sigma_tilt: float = -1.0
+    sigma_psi: float = -1.0  # ... and psi its own (<= 0: every psi)
     auto_iter_max: int = 999
     pool: int = 0  # particles per E-step task (0: chosen for the device, plan.task_pool_size)
     dont_skip_gridding: bool = False
@@ -83,6 +99,13 @@ class JobConfig:
         if self.skip_align and self.auto_refine:
             raise InputError(None, "--skip_align is for classification without alignment (gerelion classify), not "
                              "for auto-refine")
+        if self.sigma_ang <= 0 and max(self.sigma_rot, self.sigma_tilt, self.sigma_psi) > 0:
+            if (self.sigma_rot > 0) != (self.sigma_tilt > 0):
+                raise InputError(None, "--sigma_rot or --sigma_tilt alone: RELION's rot-only and tilt-only priors "
+                                 "are not implemented", "give both (the directions take the larger) or --sigma_ang")
+            if self.sigma_rot <= 0:
+                raise InputError(None, "--sigma_psi without --sigma_rot and --sigma_tilt (local psi, every "
+                                 "direction) is not implemented", "add --sigma_rot and --sigma_tilt, or use --sigma_ang")
         if self.skip_rotate and self.auto_refine:
             raise InputError(None, "--skip_rotate is for classification with translational searches only (gerelion "
                              "classify), not for auto-refine")

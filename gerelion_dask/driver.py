@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import JobConfig
+from .config import JobConfig, local_widths
 from .conventions import euler_to_matrix
 from .expectation.estep import EStepModel, EStepSettings, expectation_pool
 from .expectation.grid import OrientationGrid
@@ -259,8 +259,9 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         if cfg.auto_refine and cfg.healpix_order >= cfg.auto_local_healpix_order:
             s = 2 * angular_step(cfg.healpix_order + 1)
             sched = replace(sched, local_sigma_rot=s, local_sigma_psi=s)
-        if cfg.sigma_ang > 0:
-            sched = replace(sched, local_sigma_rot=cfg.sigma_ang, local_sigma_psi=cfg.sigma_ang)
+        d_sigma, psi_sigma = local_widths(cfg)  # --sigma_ang, or --sigma_rot/--sigma_tilt and --sigma_psi
+        if d_sigma > 0:
+            sched = replace(sched, local_sigma_rot=d_sigma, local_sigma_psi=psi_sigma)
         original = sched
         dirs = asymmetric_unit_directions(sched.healpix_order, cfg.sym, cfg.limit_tilt)
         model = None  # made below, once the runner has its images (the noise spectra are summed where they are)

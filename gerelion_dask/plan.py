@@ -104,7 +104,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import COARSE_PRECISIONS
+from .config import COARSE_PRECISIONS, local_widths
 
 __all__ = ["ExecutionTarget", "MemoryPlan", "execution_target", "has_global_searches", "has_local_searches",
            "local_search_orientations", "plan_for_inputs", "plan_main", "plan_memory", "pool_for_inputs",
@@ -361,11 +361,13 @@ def _local_coarse_bytes(backend: str, limits: dict, coarse_precision: str, B: in
 
 
 @functools.lru_cache(maxsize=64)  # (a run's start asks once per pool size tried and per plan logged)
-def local_search_orientations(healpix_order: int, sym: str = "C1", sigma: float = 0.0) -> int:
+def local_search_orientations(healpix_order: int, sym: str = "C1", sigma: float = 0.0,
+                              sigma_psi: float | None = None) -> int:
     """Orientations one particle searches locally at a HEALPix order (the coarse pass's padded rows): its directions
     within 3 sigma of its own, times its psi angles within 3 sigma, the largest of 32 particles spread over the
     sphere (``ops.sampling.local_search_sparse``).  ``sigma`` (degrees; 0: auto-refine's, twice the angular step of
-    the next order, ``maximization.schedule.update_sampling``)."""
+    the next order, ``maximization.schedule.update_sampling``); ``sigma_psi`` the psi width when it differs (<= 0:
+    every psi; ``--sigma_psi``)."""
     from .ops.sampling import angular_step, asymmetric_unit_directions, local_search_sparse, psi_angles
     from .ops.symmetry import direction_operators
 
@@ -375,7 +377,8 @@ def local_search_orientations(healpix_order: int, sym: str = "C1", sigma: float 
     tilt = np.degrees(np.arccos(1.0 - 2.0 * i / 32))
     rot = (i * 137.50776405) % 360.0 - 180.0
     psi = (i * 53.3) % 360.0
-    lp = local_search_sparse(rot, tilt, psi, s, s, s, dirs.rot, dirs.tilt, psi_angles(int(healpix_order)),
+    sp = s if sigma_psi is None else float(sigma_psi)
+    lp = local_search_sparse(rot, tilt, psi, s, s, sp, dirs.rot, dirs.tilt, psi_angles(int(healpix_order)),
                              direction_operators(sym))
     return int(np.diff(lp.dir_ptr).max()) * int((lp.psi_prior > 0).sum(axis=1).max())
 
@@ -493,7 +496,7 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0, target:
     if pool is None:
         pool = pool_for_inputs(cfg, inp, t, local=local)
     order = cfg.healpix_order
-    sigma = getattr(cfg, "sigma_ang", 0.0) or 0.0
+    sigma, sigma_psi = local_widths(cfg)
     if local and getattr(cfg, "auto_refine", False) and sigma <= 0:  # local from auto_local_healpix_order on
         order = max(order, getattr(cfg, "auto_local_healpix_order", 4))
     return plan_memory(inp.box, inp.particles.n, pool, cfg.K, 2 if cfg.split_random_halves else 1,
@@ -501,18 +504,21 @@ def plan_for_inputs(cfg, inp, runner, significant_fraction: float = 1.0, target:
                        inp.diameter, t.backend, t.workers, significant_fraction, gpu_memory_bytes=t.gpu_memory,
                        maxsig=getattr(cfg, "maxsig", -1), coarse_precision=getattr(cfg, "coarse_precision", "auto"),
                        local_significant=LOCAL_SIGNIFICANT if local else 0.0,
-                       local_orientations=(local_search_orientations(order, cfg.sym, sigma) if local else 0))
+                       local_orientations=(local_search_orientations(order, cfg.sym, sigma,
+                                                                     sigma_psi if sigma > 0 else None)
+                                           if local else 0))
 
 
 def has_local_searches(cfg) -> bool:
-    """Whether a job searches locally in some iterations: auto-refine (its last ones) or ``--sigma_ang`` (all)."""
-    return bool(getattr(cfg, "auto_refine", False) or getattr(cfg, "sigma_ang", 0.0) > 0)
+    """Whether a job searches locally in some iterations: auto-refine (its last ones) or ``--sigma_ang`` (all; or
+    ``--sigma_rot`` / ``--sigma_tilt``: :func:`~gerelion_dask.config.local_widths`)."""
+    return bool(getattr(cfg, "auto_refine", False) or local_widths(cfg)[0] > 0)
 
 
 def has_global_searches(cfg) -> bool:
     """Whether a job searches globally in some iterations: all but ``--sigma_ang`` jobs and auto-refines that start
     at ``--auto_local_healpix_order`` or above (local searches from the first iteration)."""
-    if getattr(cfg, "sigma_ang", 0.0) > 0:
+    if local_widths(cfg)[0] > 0:
         return False
     return not (getattr(cfg, "auto_refine", False)
                 and cfg.healpix_order >= getattr(cfg, "auto_local_healpix_order", 4))
@@ -604,6 +610,8 @@ def plan_main(argv) -> int:
                           healpix_order=ns.healpix_order, sym=ns.sym, offset_range=ns.offset_range,
                           offset_step=ns.offset_step, pad=ns.pad, maxsig=ns.maxsig,
                           coarse_precision=ns.coarse_precision, sigma_ang=refine_ns.sigma_ang,
+                          sigma_rot=refine_ns.sigma_rot, sigma_tilt=refine_ns.sigma_tilt,
+                          sigma_psi=refine_ns.sigma_psi,
                           auto_local_healpix_order=refine_ns.auto_local_healpix_order)
     inp = SimpleNamespace(box=box, particles=SimpleNamespace(n=n), pixel_size=apix, diameter=ns.particle_diameter)
     if has_global_searches(cfg):

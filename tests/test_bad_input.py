@@ -221,6 +221,14 @@ def _reference_angpix_differs(d, o):
     return {"--ref_angpix": str(1.05 * APIX)}, "initial_lp25.mrc: reference (--ref_angpix) voxel size"
 
 
+def _sigma_rot_alone(d, o):
+    return {"cmd": "classify", "--sigma_rot": "10"}, "--sigma_rot or --sigma_tilt alone"
+
+
+def _sigma_psi_alone(d, o):
+    return {"cmd": "classify", "--sigma_psi": "10"}, "--sigma_psi without --sigma_rot and --sigma_tilt"
+
+
 def _sgd_flag_family(d, o):
     return {"--sgd_ini_iter": "50"}, "--sgd_ini_iter: initial-model generation by SGD is not implemented"
 
@@ -345,7 +353,8 @@ CASES = {f.__name__[1:]: f for f in (
     _unsupported_relion_flag, _flag_value_not_a_number, _skip_align_in_refine, _skip_align_without_angles,
     _skip_rotate_in_refine, _skip_rotate_without_angles,
     _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
-    _reference_box, _reference_pixel_size, _reference_angpix_differs, _sgd_flag_family, _abbreviated_flag,
+    _reference_box, _reference_pixel_size, _reference_angpix_differs, _sigma_rot_alone, _sigma_psi_alone,
+    _sgd_flag_family, _abbreviated_flag,
     _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,
     _output_unwritable, _output_read_only, _output_holds_run, _k_zero, _healpix_order_high, _healpix_order_negative,
     _unknown_symmetry, _negative_offset_range, _diameter_larger_than_box, _auto_refine_without_halves,

@@ -651,3 +651,27 @@ def test_limit_tilt_searches_relions_directions(small_set, tmp_path):
     mine = np.sort(np.c_[d.rlnAngleRot, d.rlnAngleTilt], axis=0)
     theirs = np.sort(np.c_[dr.rlnAngleRot, dr.rlnAngleTilt], axis=0)
     assert mine.shape == theirs.shape and np.allclose(mine, theirs, atol=1e-3)
+
+
+def test_separate_angle_widths_follow_relions_rule(small_set, tmp_path):
+    # oracle: RELION 3.1's selectOrientationsWithNonZeroPriorProbability -- with --sigma_rot and --sigma_tilt both
+    # set the directions take the larger width and psi --sigma_psi, so `--sigma_rot 10 --sigma_tilt 6 --sigma_psi 10`
+    # is `--sigma_ang 10` (every output equal); --sigma_psi left out searches every psi (a different run)
+    import starfile
+
+    paths, _ = small_set
+    base = ["--i", str(paths.truth_star), "--ref", str(paths.initial_reference), "--ctf", "--particle_diameter",
+            str(0.8 * BOX * APIX), "--K", "1", "--iter", "1", "--healpix_order", "2", "--offset_range", "2",
+            "--offset_step", "1", "--zero_mask", "--random_seed", "1", "--in-process", "--device", "cpu"]
+    runs = {"ang": ["--sigma_ang", "10"], "sep": ["--sigma_rot", "10", "--sigma_tilt", "6", "--sigma_psi", "10"],
+            "all_psi": ["--sigma_rot", "10", "--sigma_tilt", "10"]}
+    out = {}
+    for name, extra in runs.items():
+        assert cli_main(["classify", "--o", str(tmp_path / name / "run"), *base, *extra]) == 0
+        out[name] = starfile.read(tmp_path / name / "run_it001_data.star")["particles"]
+    num = [c for c in out["ang"].columns if out["ang"][c].dtype.kind in "fi"]
+    assert out["ang"][num].equals(out["sep"][num])
+    a, _ = read_map(tmp_path / "ang" / "run_it001_class001.mrc")
+    b, _ = read_map(tmp_path / "sep" / "run_it001_class001.mrc")
+    assert np.array_equal(a, b)
+    assert (out["all_psi"].rlnNrOfSignificantSamples.values != out["ang"].rlnNrOfSignificantSamples.values).any()
