@@ -92,6 +92,7 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
     a("--ref_angpix", type=float, default=-1.0,
       help="voxel size (Å) of the reference instead of its header's (it must still match the particles')")
     a("--version", action="version", version=f"gerelion {__version__}")
+    a("--print_symmetry_ops", action="store_true", help="print the --sym group's operator matrices and exit")
     a("--verb", type=int, default=1, help="0: warnings and errors only; 1 (default): progress too")
     a("--healpix_order", type=int, default=2)
     a("--oversampling", type=int, default=1)
@@ -281,10 +282,25 @@ def _continue_config(ns, argv, classify: bool):
     return cfg, ck, same_root
 
 
+def print_symmetry_ops(sym: str) -> str:
+    """RELION's ``--print_symmetry_ops`` text: the group's name, count and operator matrices (identity first)."""
+    from .ops.symmetry import symmetry_operators
+
+    ops = symmetry_operators(sym)
+    lines = [f" ++++ Using symmetry group {sym}, with the following {len(ops)} transformation matrices:"]
+    for i, R in enumerate(ops, 1):
+        lines.append(f" R({i})= ")
+        lines += ["".join(f"{v:14.6g}" for v in row) for row in R + 0.0]  # (+ 0.0: no -0)
+    return "\n".join(lines)
+
+
 def cmd_refine(argv, classify: bool) -> int:
     prog = "gerelion classify" if classify else "gerelion refine"
     refuse_unsupported(argv, prog)
     ns = refine_parser(prog, classify).parse_args(argv)
+    if ns.print_symmetry_ops:  # as relion_refine: print the --sym group's operators and exit
+        print(print_symmetry_ops(ns.sym))
+        return 0
     if not ns.pipeline_control:
         return _refine(ns, argv, classify, None)
     from . import pipeline_control as pc

@@ -37,7 +37,6 @@ NOT_SUPPORTED = {
     "--strict_lowres_exp": "a low-resolution limit on the E-step is not implemented",
     "--pad_ctf": "CTF padding is not implemented",
     "--r_min_nn": "a nearest-neighbour core in the projections is not implemented",
-    "--print_symmetry_ops": "printing symmetry operators is not implemented (relion_refine --print_symmetry_ops)",
     "--print_metadata_labels": "printing RELION's metadata labels is not implemented",
 }
 # families of relion_refine flags refused together: prefix -> why

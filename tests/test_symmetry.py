@@ -266,3 +266,37 @@ def test_symmetrise_cupy_matches_numpy():
     assert type(got_d).__module__.startswith("cupy")
     np.testing.assert_allclose(cp.asnumpy(got_d), ref_d, atol=1e-12 * np.abs(ref_d).max())
     np.testing.assert_allclose(cp.asnumpy(got_w), ref_w, atol=1e-12 * np.abs(ref_w).max())
+
+
+def _parse_symmetry_ops(text: str) -> np.ndarray:
+    """The matrices of a ``--print_symmetry_ops`` text (RELION's or ours): the three rows after each ``R(i)=``."""
+    lines = text.splitlines()
+    mats = []
+    for i, line in enumerate(lines):
+        if line.strip().startswith("R(") and line.strip().endswith("="):
+            mats.append([[float(v) for v in lines[i + k].split()] for k in (1, 2, 3)])
+    return np.array(mats)
+
+
+@pytest.mark.parametrize("sym", ["C4", "D2", "D7", "T", "O", "I2"])
+def test_print_symmetry_ops_lists_relions_operators(sym, capsys):
+    # oracle: relion_refine 3.1.3 --print_symmetry_ops (where installed; else our own operators) -- the same count
+    # and the same set of matrices, identity first, and exit code 0 without any other flag
+    import shutil
+    import subprocess
+
+    from gerelion_dask.cli import main as cli_main
+    from gerelion_dask.ops.symmetry import symmetry_operators
+
+    assert cli_main(["classify", "--print_symmetry_ops", "--sym", sym]) == 0
+    ours = _parse_symmetry_ops(capsys.readouterr().out)
+    assert np.allclose(ours[0], np.eye(3)) and np.allclose(ours, symmetry_operators(sym), atol=1e-5)
+    if shutil.which("relion_refine") is None:
+        pytest.skip("Debian relion not installed: RELION's operator list not compared")
+    r = subprocess.run(["relion_refine", "--print_symmetry_ops", "--sym", sym], capture_output=True, text=True,
+                       timeout=60)
+    theirs = _parse_symmetry_ops(r.stdout)
+    assert len(theirs) == len(ours)
+    # as sets: each of RELION's matrices is one of ours
+    d = np.abs(theirs[:, None] - ours[None]).max(axis=(2, 3))
+    assert (d.min(axis=1) < 1e-4).all() and len(set(d.argmin(axis=1))) == len(ours)
