@@ -33,7 +33,6 @@ NOT_SUPPORTED = {
     "--always_cc": "cross-correlation in every iteration is not implemented (--firstiter_cc is)",
     "--bimodal_psi": "bimodal psi priors are not implemented",
     "--psi_step": "an in-plane step apart from --healpix_order's is not implemented",
-    "--coarse_size": "a fixed coarse image size is not implemented (it follows the sampling)",
     "--strict_lowres_exp": "a low-resolution limit on the E-step is not implemented",
     "--pad_ctf": "CTF padding is not implemented",
     "--r_min_nn": "a nearest-neighbour core in the projections is not implemented",

@@ -67,6 +67,7 @@ class JobConfig:
     skip_align: bool = False  # classification without alignment: the particles keep their poses (RELION)
     limit_tilt: float = -91.0  # degrees: > 0 keeps side views (|tilt| >= it), < 0 top views; |limit| >= 90: all
     skip_rotate: bool = False  # classification with translational searches only: the particles keep their angles
+    coarse_size: int = -1  # pixels > 0: the most the coarse pass's image size may be (RELION's --coarse_size)
     strict_highres_exp: float = -1.0  # Å > 0: the E-step's probabilities from frequencies up to this resolution
     zero_mask: bool = False
     norm: bool = False
@@ -106,6 +107,9 @@ class JobConfig:
             if self.sigma_rot <= 0:
                 raise InputError(None, "--sigma_psi without --sigma_rot and --sigma_tilt (local psi, every "
                                  "direction) is not implemented", "add --sigma_rot and --sigma_tilt, or use --sigma_ang")
+        if self.coarse_size > 0 and self.coarse_size % 2:
+            raise InputError(None, f"--coarse_size {self.coarse_size} must be even (an image size)",
+                             f"use --coarse_size {self.coarse_size + 1}")
         if self.skip_rotate and self.auto_refine:
             raise InputError(None, "--skip_rotate is for classification with translational searches only (gerelion "
                              "classify), not for auto-refine")

@@ -333,6 +333,8 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                sched.offset_range_px, sched.offset_step_px,
                                0.0 if cfg.skip_rotate else sched.perturb)  # (RELION: no perturbation without rotations)
         cs = coarse_size(N, a, sched.healpix_order, inp.diameter, cur)
+        if cfg.coarse_size > 0:  # --coarse_size caps it (RELION: not with --strict_highres_exp, which replaces it)
+            cs = min(cs, cfg.coarse_size)
         if strict:  # --strict_highres_exp replaces the coarse size (RELION), both passes' probabilities use it
             cs = strict
         # classification seeding: random class per particle in the first non-CC iteration

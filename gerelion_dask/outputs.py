@@ -436,7 +436,7 @@ def write_optimiser_star(
         "rlnSolventMask2Name": config.solvent_mask2 or "None",
         "rlnBodyStarFile": "None",
         "rlnTauSpectrumName": "None",
-        "rlnMaximumCoarseImageSize": -1,
+        "rlnMaximumCoarseImageSize": int(config.coarse_size),
         "rlnHighresLimitExpectation": float(config.strict_highres_exp) if config.strict_highres_exp > 0 else -1.0,
         "rlnLowresLimitExpectation": -1.0,
         "rlnIncrementImageSize": int(config.incr_size),

@@ -675,3 +675,36 @@ def test_separate_angle_widths_follow_relions_rule(small_set, tmp_path):
     b, _ = read_map(tmp_path / "sep" / "run_it001_class001.mrc")
     assert np.array_equal(a, b)
     assert (out["all_psi"].rlnNrOfSignificantSamples.values != out["ang"].rlnNrOfSignificantSamples.values).any()
+
+
+def test_coarse_size_caps_the_coarse_pass_as_relion(small_set, tmp_path, monkeypatch):
+    # oracle: RELION 3.1's updateImageSizeAndResolutionPointers -- with --coarse_size C the coarse pass's image size
+    # is min(the sampling's size, C) in every iteration (and never above the current size); optimiser.star says C;
+    # an odd C is refused
+    from gerelion_dask.expectation import estep
+    from gerelion_dask.maximization.schedule import coarse_size
+
+    paths, _ = small_set
+    seen = []
+    inner = estep.coarse_pass
+
+    def record(xp, pre, particles, model, settings, pri, cache=None):
+        seen.append((settings.coarse_size, settings.preprocess.current_size))
+        return inner(xp, pre, particles, model, settings, pri, cache)
+
+    monkeypatch.setattr(estep, "coarse_pass", record)
+    base = ["--i", str(paths.truth_star), "--ref", str(paths.initial_reference), "--ctf", "--particle_diameter",
+            str(0.8 * BOX * APIX), "--K", "1", "--iter", "1", "--healpix_order", "2", "--sigma_ang", "5",
+            "--offset_range", "1", "--offset_step", "1", "--zero_mask", "--random_seed", "1", "--in-process",
+            "--device", "cpu"]  # (local searches from the true poses: a quick E-step at HEALPix order 2)
+    assert cli_main(["classify", "--o", str(tmp_path / "free" / "run"), *base]) == 0
+    free = sorted(set(seen))
+    seen.clear()
+    assert cli_main(["classify", "--o", str(tmp_path / "cap" / "run"), *base, "--coarse_size", "12"]) == 0
+    capped = sorted(set(seen))
+    want = {coarse_size(BOX, APIX, 2, 0.8 * BOX * APIX, cur) for _, cur in free}
+    assert {c for c, _ in free} == want and max(want) > 12  # the cap acts
+    assert {c for c, _ in capped} == {min(w, 12) for w in want}
+    opt = next(iter(read_star(tmp_path / "cap" / "run_it001_optimiser.star").values()))
+    assert int(opt["rlnMaximumCoarseImageSize"].iloc[0]) == 12
+    assert cli_main(["classify", "--o", str(tmp_path / "odd" / "run"), *base, "--coarse_size", "13"]) == 2
