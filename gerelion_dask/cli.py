@@ -33,6 +33,8 @@ _COMPAT_VALUE = {"--j": "threads per task (ignored: one task per worker)",
                  "--mode": "ignored (GeRelion's --mode 1 is our only mode)",
                  "--gpu": "ignored (GPUs are found automatically)",
                  "--free_gpu_memory": "ignored", "--keep_free_scratch": "ignored (no scratch copy)",
+                 "--r_min_nn": "ignored (projections interpolate trilinearly, RELION's default interpolator, which "
+                               "does not read it)",
                  "--failsafe_threshold": "ignored (no fail-safe mode: particles whose weights all vanish are "
                                          "counted in the log and the progress file)"}
 _COMPAT_FLAG = {"--dont_combine_weights_via_disc": "always (partial sums travel in memory)",

@@ -35,7 +35,6 @@ NOT_SUPPORTED = {
     "--psi_step": "an in-plane step apart from --healpix_order's is not implemented",
     "--strict_lowres_exp": "a low-resolution limit on the E-step is not implemented",
     "--pad_ctf": "CTF padding is not implemented",
-    "--r_min_nn": "a nearest-neighbour core in the projections is not implemented",
     "--print_metadata_labels": "printing RELION's metadata labels is not implemented",
 }
 # families of relion_refine flags refused together: prefix -> why
