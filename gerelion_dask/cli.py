@@ -89,6 +89,8 @@ def refine_parser(prog: str, classify: bool) -> argparse.ArgumentParser:
                  ("--solvent_correct_fsc", "auto-refine: the gold-standard FSC of the half maps masked by "
                   "--solvent_mask, corrected by phase randomisation (as relion_postprocess)")):
         a(f, action="store_true", help=h)
+    a("--strict_lowres_exp", type=float, default=-1.0,
+      help="Å: the E-step's references carry no frequencies up to this resolution (RELION's high-pass)")
     a("--coarse_size", type=int, default=-1, help="pixels: the most the coarse pass's image size may be")
     a("--limit_tilt", type=float, default=-91.0,
       help="degrees: positive keeps side views (|tilt| >= it), negative top views (|tilt| <= |it|); default: all")

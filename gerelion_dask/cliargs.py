@@ -33,7 +33,6 @@ NOT_SUPPORTED = {
     "--always_cc": "cross-correlation in every iteration is not implemented (--firstiter_cc is)",
     "--bimodal_psi": "bimodal psi priors are not implemented",
     "--psi_step": "an in-plane step apart from --healpix_order's is not implemented",
-    "--strict_lowres_exp": "a low-resolution limit on the E-step is not implemented",
     "--pad_ctf": "CTF padding is not implemented",
     "--print_metadata_labels": "printing RELION's metadata labels is not implemented",
 }

@@ -302,8 +302,11 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
                                                                              np.random.default_rng([seed, it])))
         # the references go to the E-step as maps (ReferenceSpec): each worker makes the transforms on its device
 
+        # --strict_lowres_exp: RELION zeroes the E-step references' shells up to ROUND(N a / limit)
+        low = int(np.floor(N * a / cfg.strict_lowres_exp + 0.5)) if cfg.strict_lowres_exp > 0 else 0
+
         def ref_of(hi, c, maps=model.maps, cur=cur):
-            return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad)
+            return ReferenceSpec(maps[hi][c], r_max=cur // 2, padding=cfg.pad, min_ires=low)
 
         # --strict_highres_exp: the window of the E-step's probabilities (RELION's image_coarse_size then), <= cur
         strict = min(max(2 * int(round(N * a / cfg.strict_highres_exp)), 2), cur) if cfg.strict_highres_exp > 0 else 0

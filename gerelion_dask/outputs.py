@@ -438,7 +438,7 @@ def write_optimiser_star(
         "rlnTauSpectrumName": "None",
         "rlnMaximumCoarseImageSize": int(config.coarse_size),
         "rlnHighresLimitExpectation": float(config.strict_highres_exp) if config.strict_highres_exp > 0 else -1.0,
-        "rlnLowresLimitExpectation": -1.0,
+        "rlnLowresLimitExpectation": float(config.strict_lowres_exp) if config.strict_lowres_exp > 0 else -1.0,
         "rlnIncrementImageSize": int(config.incr_size),
         "rlnDoMapEstimation": True,
         "rlnDoFastSubsetOptimisation": False,

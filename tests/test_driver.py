@@ -708,3 +708,37 @@ def test_coarse_size_caps_the_coarse_pass_as_relion(small_set, tmp_path, monkeyp
     opt = next(iter(read_star(tmp_path / "cap" / "run_it001_optimiser.star").values()))
     assert int(opt["rlnMaximumCoarseImageSize"].iloc[0]) == 12
     assert cli_main(["classify", "--o", str(tmp_path / "odd" / "run"), *base, "--coarse_size", "13"]) == 2
+
+
+def test_strict_lowres_exp_high_passes_the_e_step_references(small_set, tmp_path, monkeypatch):
+    # oracle: RELION 3.1's setFourierTransformMaps(strict_lowres_exp) -- every reference the E-step (and the
+    # accuracy estimate) builds carries min_ires = ROUND(N a / limit); optimiser.star says the limit; the run's
+    # probabilities change (a different mean Pmax)
+    import starfile
+
+    from gerelion_dask.ops import projector
+
+    paths, _ = small_set
+    seen = []
+    inner = projector.ReferenceSpec.build
+
+    def build(self, xp=None):
+        seen.append(self.min_ires)
+        return inner(self, xp)
+
+    monkeypatch.setattr(projector.ReferenceSpec, "build", build)
+    base = ["--i", str(paths.truth_star), "--ref", str(paths.initial_reference), "--ctf", "--particle_diameter",
+            str(0.8 * BOX * APIX), "--K", "1", "--iter", "1", "--healpix_order", "2", "--sigma_ang", "5",
+            "--offset_range", "1", "--offset_step", "1", "--zero_mask", "--random_seed", "1", "--in-process",
+            "--device", "cpu"]
+    assert cli_main(["classify", "--o", str(tmp_path / "a" / "run"), *base]) == 0
+    assert set(seen) == {0}
+    seen.clear()
+    limit = 40.0  # Å: shell ROUND(24 x 5 / 40) = 3
+    assert cli_main(["classify", "--o", str(tmp_path / "b" / "run"), *base, "--strict_lowres_exp", str(limit)]) == 0
+    assert 3 in seen and set(seen) <= {0, 3}  # (the M-step's tau2 spectrum is taken before the high-pass: 0)
+    opt = next(iter(read_star(tmp_path / "b" / "run_it001_optimiser.star").values()))
+    assert float(opt["rlnLowresLimitExpectation"].iloc[0]) == limit
+    pa = starfile.read(tmp_path / "a" / "run_it001_data.star")["particles"].rlnMaxValueProbDistribution.mean()
+    pb = starfile.read(tmp_path / "b" / "run_it001_data.star")["particles"].rlnMaxValueProbDistribution.mean()
+    assert pa != pb

@@ -369,6 +369,24 @@ def test_reference_transform_equals_the_full_padded_fft(n, r_max, padding, dtype
     assert np.array_equal(ref.data, want)
 
 
+@pytest.mark.parametrize("min_ires, padding", [(2, 2.0), (3, 1.5)])
+def test_strict_lowres_exp_zeroes_the_reference_up_to_relions_radius(min_ires, padding):
+    # oracle: RELION 3.1's computeFourierTransformMap with min_ires -- every padded voxel with
+    # kx^2 + ky^2 + kz^2 <= ROUND(min_ires p)^2 is zero, every other one is the plain transform's (bit for bit)
+    from gerelion_dask.ops.projector import ReferenceSpec
+
+    vol = np.random.default_rng(3).normal(size=(24, 24, 24))
+    plain = make_reference(vol, r_max=10, padding=padding)
+    cut = ReferenceSpec(vol, r_max=10, padding=padding, min_ires=min_ires).build()
+    c = plain.grid.r_pad + 1
+    k = np.arange(-c, c + 1)
+    kx = np.arange(plain.data.shape[2])
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    inner = r2 <= int(np.floor(min_ires * padding + 0.5)) ** 2
+    assert inner.sum() > 1 and np.abs(plain.data[inner]).max() > 0
+    assert np.all(cut.data[inner] == 0) and np.array_equal(cut.data[~inner], plain.data[~inner])
+
+
 def _coarse_block(rng, b=5, K=2, T=7, O=33):
     g = rng.normal(size=(b, T, O)) * 40
     a, hr = rng.uniform(500, 900, b), rng.uniform(0, 20, b)

@@ -44,20 +44,25 @@ class ReferenceSpec:
     volume: object  # (N, N, N) real map, origin at voxel N//2
     r_max: int | None = None
     padding: float = 2.0
+    min_ires: int = 0  # --strict_lowres_exp: shells up to this one are zeroed (make_reference)
 
     def build(self, xp=None) -> FourierReference:
         """The transform on ``xp`` (default: the map's own array module)."""
         v = self.volume if xp is None else xp.asarray(self.volume)
-        return make_reference(v, r_max=self.r_max, padding=self.padding)
+        return make_reference(v, r_max=self.r_max, padding=self.padding, min_ires=self.min_ires)
 
     def __sizeof__(self) -> int:
         return 64 + int(getattr(self.volume, "nbytes", 0))
 
 
-def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dtype=None) -> FourierReference:
+def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dtype=None,
+                   min_ires: int = 0) -> FourierReference:
     """Padded 3D transform of a real map ``(N, N, N)`` (origin at voxel N//2), cut to ``r_max`` shells.
 
-    ``dtype`` defaults to complex128 for float64 input and complex64 otherwise.
+    ``dtype`` defaults to complex128 for float64 input and complex64 otherwise.  ``min_ires`` > 0
+    (``--strict_lowres_exp``): the padded transform is zero where ``|q|^2 <= ROUND(min_ires p)^2``, as RELION's
+    ``computeFourierTransformMap`` high-passes the E-step's references (after their power spectrum, which
+    :func:`reference_power_spectrum` callers take from a reference without it).
     """
     xp = get_xp(volume)
     n = volume.shape[-1]
@@ -72,7 +77,14 @@ def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dt
     F = _padded_transform(v, pad_n, grid.r_pad, xp)
     del v
     F /= n * n
-    return FourierReference(_to_layout(F.astype(dtype, copy=False), grid.r_pad), grid)
+    out = _to_layout(F.astype(dtype, copy=False), grid.r_pad)
+    if min_ires > 0:
+        c = grid.r_pad + 1
+        k = xp.arange(-c, c + 1, dtype=xp.int64)
+        kx = xp.arange(out.shape[2], dtype=xp.int64)
+        cut = int(np.floor(min_ires * padding + 0.5)) ** 2
+        out[(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2) <= cut] = 0
+    return FourierReference(out, grid)
 
 
 def _padded_transform(v, pad_n: int, r_pad: int, xp):
