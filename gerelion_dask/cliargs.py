@@ -18,6 +18,7 @@ __all__ = ["ArgumentParser", "NOT_SUPPORTED", "NOT_SUPPORTED_PREFIXES", "refuse_
 NOT_SUPPORTED = {
     "--bodies": "multi-body refinement is not implemented",
     "--helix": "helical refinement is not implemented",
+    "--ignore_helical_symmetry": "helical refinement is not implemented",
     "--grad": "gradient-driven (VDAM) refinement is not implemented",
     "--blush": "Blush regularisation is not implemented",
     "--sgd": "initial-model generation by SGD is not implemented",
@@ -48,8 +49,6 @@ def refuse_unsupported(argv, prog: str) -> None:
         flag = a.split("=", 1)[0]
         why = NOT_SUPPORTED.get(flag) or next((w for p, w in NOT_SUPPORTED_PREFIXES.items() if flag.startswith(p)),
                                               None)
-        if flag == "--ignore_helical_symmetry":
-            why = NOT_SUPPORTED["--helix"]
         if why:
             raise InputError(None, f"{prog}: {flag}: {why} here", "leave the flag out, or run this job with RELION")
 

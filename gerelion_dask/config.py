@@ -68,8 +68,8 @@ class JobConfig:
     limit_tilt: float = -91.0  # degrees: > 0 keeps side views (|tilt| >= it), < 0 top views; |limit| >= 90: all
     skip_rotate: bool = False  # classification with translational searches only: the particles keep their angles
     coarse_size: int = -1  # pixels > 0: the most the coarse pass's image size may be (RELION's --coarse_size)
-    strict_highres_exp: float = -1.0
-    strict_lowres_exp: float = -1.0  # Å > 0: the E-step's references carry no frequencies up to this resolution  # Å > 0: the E-step's probabilities from frequencies up to this resolution
+    strict_highres_exp: float = -1.0  # Å > 0: the E-step's probabilities from frequencies up to this resolution
+    strict_lowres_exp: float = -1.0  # Å > 0: the E-step's references carry no frequencies up to this resolution
     zero_mask: bool = False
     norm: bool = False
     scale: bool = False

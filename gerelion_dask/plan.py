@@ -271,9 +271,7 @@ def plan_memory(box: int, n_particles: int, pool: int = 64, K: int = 1, halves: 
     # local search, 799 of a mean 117 significant samples, made no block on the H100, benchmarks/gpu_checks.sh; 40
     # particles at box 32 with 3,129 of a mean 1,984 made one: tests/test_plan.py)
     runs_of_one = min(max(1, E // max(width, 1)), FLAT_MIN_RUN) <= 1
-    flat_particle = per_particle if runs_of_one else min(per_particle, 2 * 32 * s_p)
-    if maxsig and maxsig > 0:
-        flat_particle = min(flat_particle, 32 * maxsig)
+    flat_particle = per_particle if runs_of_one else min(per_particle, 2 * 32 * s_p)  # (maxsig: in per_particle)
     flat = 0.0
     if limits["flat_waste"] * flat_particle >= width and width <= 4 * E and 24 * R * M <= limits["cache_bytes"]:
         flat = 72 * R * M + 48 * max(min(B * width, E), width)

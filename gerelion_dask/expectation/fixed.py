@@ -114,9 +114,9 @@ def fixed_pose_pass(xp, pre, particles, model, settings, cache=None):
         rows = np.nonzero(kept[:, c].any(axis=1))[0]
         r_i, t_i = np.nonzero(kept[rows, c])  # children in pair order (pair i: particle rows[i])
         cstart = np.concatenate([[0], np.cumsum(np.bincount(r_i, minlength=len(rows)))])
-        rx = xp.asarray(rows)
-        tp = xp.asarray(t_i) if settings.search_translations else rx  # phase row: a translation, or the particle's
-        wv = W[rx[xp.asarray(r_i)], c, xp.asarray(t_i)]
+        rx, tx = xp.asarray(rows), xp.asarray(t_i)
+        tp = tx if settings.search_translations else rx  # phase row: a translation, or the particle's
+        wv = W[rx[xp.asarray(r_i)], c, tx]
         P = project_gathered(model.refs[c], A[rows], n, mb, xp)
         bp_i = xp.zeros((len(rows), M), np.complex128)
         bp_w = xp.zeros((len(rows), M), np.float64)

@@ -77,14 +77,8 @@ def make_reference(volume, r_max: int | None = None, padding: float = 2.0, *, dt
     F = _padded_transform(v, pad_n, grid.r_pad, xp)
     del v
     F /= n * n
-    out = _to_layout(F.astype(dtype, copy=False), grid.r_pad)
-    if min_ires > 0:
-        c = grid.r_pad + 1
-        k = xp.arange(-c, c + 1, dtype=xp.int64)
-        kx = xp.arange(out.shape[2], dtype=xp.int64)
-        cut = int(np.floor(min_ires * padding + 0.5)) ** 2
-        out[(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2) <= cut] = 0
-    return FourierReference(out, grid)
+    min_r2 = int(np.floor(min_ires * padding + 0.5)) ** 2 if min_ires > 0 else -1
+    return FourierReference(_to_layout(F.astype(dtype, copy=False), grid.r_pad, min_r2), grid)
 
 
 def _padded_transform(v, pad_n: int, r_pad: int, xp):
@@ -120,8 +114,9 @@ def _padded_transform(v, pad_n: int, r_pad: int, xp):
     return vol[keep]  # (2c+1, 2c+1, nkx)
 
 
-def _to_layout(F, r_pad: int):
-    """The centred layout of the sphere ``|q| <= r_pad`` from :func:`_padded_transform`'s output."""
+def _to_layout(F, r_pad: int, min_r2: int = -1):
+    """The centred layout of the sphere ``|q| <= r_pad`` from :func:`_padded_transform`'s output, zero where
+    ``|q|^2 <= min_r2`` (``--strict_lowres_exp``)."""
     xp = get_xp(F)
     c = r_pad + 1
     _, _, px = layout_shape(r_pad)
@@ -131,7 +126,8 @@ def _to_layout(F, r_pad: int):
         out[:, :, : F.shape[2]] = F
     k = xp.arange(-c, c + 1, dtype=xp.int32)
     kx = xp.arange(px, dtype=xp.int32)
-    out[(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2) > r_pad * r_pad] = 0  # in place
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    out[(r2 > r_pad * r_pad) | (r2 <= min_r2)] = 0  # in place
     return out
 
 
