@@ -41,6 +41,7 @@ class JobInputs:
     solvent_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask), or None
     solvent_mask2: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask2), or None
     lowpass_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--lowpass_mask), or None
+    max_size: int = 0  # the largest image size every optics group's data fill (ParticleSet.data_size); 0: the box
 
 
 @dataclass(frozen=True)
@@ -61,27 +62,21 @@ def _col(df: pd.DataFrame, name: str, default) -> np.ndarray:
     return df[name].to_numpy(dtype=np.float64) if name in df else np.full(len(df), default, dtype=np.float64)
 
 
-# optics groups whose pixel sizes differ by more than this (relative) are warned about (up to PIXEL_SIZE_RTOL)
-PIXEL_SIZE_WARN = 1e-3
-
-
-def pixel_size_spread_warning(sizes: dict, box: int, apix: float) -> str:
-    """The warning (or "") for optics groups whose pixel sizes (``{group: Å}``) differ by more than
-    :data:`PIXEL_SIZE_WARN`: they are all taken as ``apix`` (beyond
-    :data:`~gerelion_dask.io.particles.PIXEL_SIZE_RTOL` the set is refused), and a relative difference d misplaces a
-    group's Fourier data by half a voxel at shell 0.5 / d, the resolution beyond which its images stop adding up with
-    the others' (RELION 3.1 rescales each group instead)."""
-    lo, hi = min(sizes.values()), max(sizes.values())
-    d = (hi - lo) / lo
-    if d <= PIXEL_SIZE_WARN:
+def coarser_groups_warning(ps: ParticleSet) -> str:
+    """The warning (or "") for optics groups coarser than the model's grid: their images, resampled onto it, hold
+    nothing beyond their own Nyquist frequency, so the refinement's image size stops at
+    :meth:`~gerelion_dask.io.particles.ParticleSet.data_size` (RELION 3.1 goes on with the finer groups' data)."""
+    N, a = ps.box_size, ps.pixel_size
+    size = ps.data_size()
+    if size >= N:
         return ""
-    shell = 0.5 / d
-    where = (f"beyond ~{box * apix / shell:.2f} Å (shell {shell:.0f} of {box // 2})" if shell < box / 2
-             else "only beyond Nyquist")
-    groups = ", ".join(f"group {g}: {v:g} Å" for g, v in sorted(sizes.items()))
-    return (f"the optics groups' pixel sizes differ by {100 * d:.2f} % ({groups}); all are taken as {apix:.4g} Å, "
-            f"which misplaces their Fourier data by half a voxel or more {where} (RELION rescales each group; "
-            "re-extract at one pixel size for data beyond that)")
+    coarse = [f"optics group {g} ({n} px at {a_g:g} Å)" for g, (n, a_g) in ps.resampled_groups().items() if a_g > a]
+    one = len(coarse) == 1
+    return (f"{', '.join(coarse)} {'is' if one else 'are'} coarser than the model's grid ({N} px at {a:g} Å, the "
+            f"lowest-numbered group's): no data beyond {'its' if one else 'their'} Nyquist frequency, so images are "
+            f"used up to size {size} of {N}, "
+            f"{N * a / (size / 2):.3g} Å (RELION refines the finer groups' data beyond; give the finest group the lowest "
+            "rlnOpticsGroup number and the reference its pixel size, or re-extract at one pixel size, to go further)")
 
 
 def load_inputs(cfg: JobConfig) -> JobInputs:
@@ -90,9 +85,13 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
         raise InputError(cfg.i, "the STAR file holds no particles")
     box = ps.box_size
     apix = ps.pixel_size
-    spread = pixel_size_spread_warning(ps.pixel_sizes(), box, apix)
-    if spread:
-        log.warning("%s: %s", ps.star_path, spread)
+    resampled = ps.resampled_groups()
+    coarser = coarser_groups_warning(ps)
+    if coarser:
+        log.warning("%s: %s", ps.star_path, coarser)
+    for g, (n, a) in resampled.items():
+        log.info("%s: optics group %d (%d px at %g Å) is resampled onto the model's grid (%d px at %g Å) as its "
+                 "images are read", ps.star_path, g, n, a, box, apix)
     if box % 2:
         raise InputError(cfg.i, f"odd box size {box}: refinement needs even boxes (as RELION)",
                          "re-extract the particles with an even box")
@@ -102,6 +101,11 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
         raise InputError(None, f"--particle_diameter {cfg.particle_diameter} Å is larger than the box "
                          f"({box} px x {apix:.4g} Å = {box * apix:.4g} Å)",
                          f"use at most {box * apix:.4g} Å, or re-extract the particles in a larger box")
+    for g, (n, a) in resampled.items():
+        if diameter > n * a * (1 + 1e-6):
+            log.warning("%s: optics group %d's box (%d px x %g Å = %.4g Å) is smaller than the particle diameter "
+                        "(%.4g Å): its images are 0 beyond their box's edge, inside the mask", ps.star_path, g, n, a,
+                        n * a, diameter)
     md = ps.metadata
     gname = "rlnGroupName" if "rlnGroupName" in md else ("rlnMicrographName" if "rlnMicrographName" in md else None)
     if gname is None:
@@ -123,7 +127,7 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
         log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",
                     "without --solvent_mask" if mask is None else "in a classification")
-    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2, lowpass)
+    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2, lowpass, ps.data_size())
 
 
 def _read_references(cfg: JobConfig, box: int, apix: float) -> list:

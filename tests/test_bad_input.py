@@ -196,12 +196,11 @@ def _star_without_particles(d, o):
     return {}, "particles.star"
 
 
-def _particle_pixel_sizes(d, o):
-    # a second optics group 3% apart in pixel size
+def _particle_image_size(d, o):
+    # the optics table's rlnImageSize disagrees with the stack's images (optics groups of other boxes or pixel sizes
+    # are fine: they are resampled onto the first group's grid, tests/test_io.py)
     _edit_star(d / "particles.star", "opticsGroup1\t1\t300.000000\t2.700000\t0.100000\t5.000000\t24\t2",
-               "opticsGroup1\t1\t300.000000\t2.700000\t0.100000\t5.000000\t24\t2\n"
-               "opticsGroup2\t2\t300.000000\t2.700000\t0.100000\t5.150000\t24\t2")
-    _edit_star(d / "particles.star", "144.276000\t1\n", "144.276000\t2\n")
+               "opticsGroup1\t1\t300.000000\t2.700000\t0.100000\t5.000000\t26\t2")
     return {}, "particles.star"
 
 
@@ -352,7 +351,7 @@ CASES = {f.__name__[1:]: f for f in (
     _unknown_flag,
     _unsupported_relion_flag, _flag_value_not_a_number, _skip_align_in_refine, _skip_align_without_angles,
     _skip_rotate_in_refine, _skip_rotate_without_angles,
-    _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_pixel_sizes,
+    _stack_missing, _non_square, _odd_box, _empty_star_file, _star_without_particles, _particle_image_size,
     _reference_box, _reference_pixel_size, _reference_angpix_differs, _sigma_rot_alone, _sigma_psi_alone,
     _sgd_flag_family, _abbreviated_flag,
     _reference_missing, _reference_truncated, _reference_nan, _all_images_nan,

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from gerelion_dask.errors import InputError
+from gerelion_dask.ops.resample import resample_matrix
 from gerelion_dask.io import (
     ParticleSet,
     StackReader,
@@ -479,20 +480,36 @@ def test_particle_set_errors(tmp_path, kind):
 
 
 def test_particle_set_mixed_sizes(tmp_path):
-    _stack(tmp_path / "a.mrcs", 2, box=16)
-    _stack(tmp_path / "b.mrcs", 2, box=20)
-    optics = _optics(2, box=None)
-    optics["rlnImagePixelSize"] = [3.0, 3.02]  # within 1 %: one pixel size
-    particles = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "1@b.mrcs"], "rlnOpticsGroup": [1, 2]})
-    ps = ParticleSet.from_star(write_particles(optics, particles, tmp_path / "p.star"))
-    assert ps.pixel_size == 3.0 and ps.box_sizes() == {1: 16, 2: 20}
-    with pytest.raises(InputError, match="box sizes") as err:
-        _ = ps.box_size
-    _assert_names(err, tmp_path / "p.star")
-    optics["rlnImagePixelSize"] = [3.0, 3.1]
-    ps = ParticleSet.from_star(write_particles(optics, particles, tmp_path / "q.star"))
-    with pytest.raises(InputError, match="pixel sizes"):
-        _ = ps.pixel_size
+    """Optics groups of another box or pixel size are read onto the lowest-numbered group's grid (oracle: a
+    same-pixel-size box change is an exact crop; the resampling matrix itself is checked analytically in test_ops);
+    groups within 1e-4 of the model's pixel size at its box are read as they are."""
+    a = _stack(tmp_path / "a.mrcs", 2, box=16)
+    b = _stack(tmp_path / "b.mrcs", 2, box=20, seed=1)
+    particles = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@b.mrcs"], "rlnOpticsGroup": [1, 2]})
+
+    def star(sizes, name):
+        optics = _optics(2, box=None)
+        optics["rlnImagePixelSize"] = sizes
+        return ParticleSet.from_star(write_particles(optics, particles, tmp_path / name))
+
+    ps = star([3.0, 3.0], "p.star")  # another box, the same pixel size: the centre 16 x 16 of the 20-px image
+    assert ps.box_size == 16 and ps.pixel_size == 3.0 and ps.box_sizes() == {1: 16, 2: 20}
+    assert ps.resampled_groups() == {2: (20, 3.0)}
+    img = ps.read_images([1, 0])
+    assert img.shape == (2, 16, 16)
+    np.testing.assert_allclose(img[0], b[1, 2:18, 2:18], atol=1e-5)
+    np.testing.assert_array_equal(img[1], a[0])
+    ps = star([3.0, 2.5], "q.star")  # finer: resampled, band-limited to the model's Nyquist
+    m = resample_matrix(20, 2.5, 16, 3.0)
+    np.testing.assert_allclose(ps.read_images([1])[0], m @ b[1].astype(np.float64) @ m.T, atol=1e-5)
+    ps = star([3.0, 3.3], "r.star")  # coarser, another box: resampled too; its data end at its Nyquist
+    assert ps.resampled_groups() == {2: (20, 3.3)} and ps.data_size() == 2 * (int(np.ceil(8 * 3.0 / 3.3)) - 2)
+    m = resample_matrix(20, 3.3, 16, 3.0)
+    np.testing.assert_allclose(ps.read_images([1])[0], m @ b[1].astype(np.float64) @ m.T, atol=1e-5)
+    b16 = _stack(tmp_path / "b.mrcs", 2, box=16, seed=1)
+    ps = star([3.0, 3.0002], "s.star")  # within 1e-4 at the model's box: read as it is
+    assert ps.pixel_size == 3.0 and ps.resampled_groups() == {} and ps.data_size() == 16
+    np.testing.assert_array_equal(ps.read_images([1])[0], b16[1])
 
 
 def test_particle_set_group_with_two_box_sizes(tmp_path):
@@ -626,14 +643,27 @@ def test_dev_refine_float16_stack(tmp_path):
         np.testing.assert_array_equal(store.read_pool(2), m.data[256:300].astype(np.float32))
 
 
-def test_optics_groups_a_little_apart_in_pixel_size_are_warned_about_with_the_resolution_affected():
-    # oracle: the analytic misplacement -- a relative pixel-size difference d moves a group's Fourier voxel at
-    # shell r by r d voxels, half a voxel at r = 0.5 / d: at 0.5 % and box 300 x 1.06 A that is shell 100, 3.18 A;
-    # within 0.1 % nothing is said; at box 24 the shell lies beyond Nyquist
-    from gerelion_dask.setup_job import pixel_size_spread_warning
+def test_coarser_optics_groups_cap_the_image_size_with_a_warning(tmp_path):
+    # oracle: the band of a group of pixel size a_g on the model's grid (N, a) ends at R = N a / (2 a_g) model
+    # pixels; the size kept is 2 (ceil(R) - 2): 1.0653 A against 1.06 at box 16 gives R = 7.96, size 12; twice as
+    # coarse, R = 4 exactly, gives 4; a finer, equal or within-1e-4 group keeps the box and warns of nothing
+    from gerelion_dask.setup_job import coarser_groups_warning
 
-    msg = pixel_size_spread_warning({1: 1.06, 2: 1.0653}, 300, 1.06)
-    assert "0.50 %" in msg and "shell 100 of 150" in msg and "3.18 Å" in msg
-    assert pixel_size_spread_warning({1: 1.06, 2: 1.0605}, 300, 1.06) == ""
-    assert pixel_size_spread_warning({1: 1.06}, 300, 1.06) == ""
-    assert "only beyond Nyquist" in pixel_size_spread_warning({1: 5.0, 2: 5.025}, 24, 5.0)
+    def star(sizes, boxes=(16, 16)):
+        for b in set(boxes):
+            _stack(tmp_path / f"s{b}.mrcs", 1, box=b)
+        optics = _optics(len(sizes), box=None)
+        optics["rlnImagePixelSize"] = sizes
+        particles = pd.DataFrame({"rlnImageName": [f"1@s{b}.mrcs" for b in boxes],
+                                  "rlnOpticsGroup": np.arange(1, len(sizes) + 1)})
+        return ParticleSet.from_star(write_particles(optics, particles, tmp_path / "p.star"))
+
+    ps = star([1.06, 1.0653])
+    assert ps.resampled_groups() == {2: (16, 1.0653)} and ps.data_size() == 12
+    msg = coarser_groups_warning(ps)
+    assert "optics group 2 (16 px at 1.0653 Å)" in msg and "size 12 of 16" in msg and f"{16 * 1.06 / 6:.3g} Å" in msg
+    ps = star([1.06, 2.12], (16, 8))  # twice as coarse: R = 4 exactly -> 2 (4 - 2)
+    assert ps.data_size() == 4
+    for sizes in ([1.06, 1.06], [1.06, 0.9], [1.06, 1.06 * (1 + 5e-5)]):
+        ps = star(sizes)
+        assert ps.data_size() == 16 and coarser_groups_warning(ps) == ""

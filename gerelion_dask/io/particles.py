@@ -11,11 +11,12 @@ Decisions:
   up first relative to the STAR file's folder, then, as RELION does, relative to the current directory.
 * ``rlnImageSize`` (and ``rlnImageDimensionality``) missing from the optics table (RELION 3.0 input) are filled in
   from the stack headers; present ones must match the stacks.
-* :attr:`ParticleSet.box_size` and :attr:`ParticleSet.pixel_size` are single values and raise
-  :class:`~gerelion_dask.errors.InputError` when the particles' optics groups differ (any box difference; pixel sizes
-  more than 1 % apart).  ``pixel_size`` is then the value of the lowest-numbered optics group in use (RELION takes
-  the first optics group's pixel size as the model's).  Per-group values: :meth:`ParticleSet.box_sizes`,
-  :meth:`ParticleSet.pixel_sizes`.
+* :attr:`ParticleSet.box_size` and :attr:`ParticleSet.pixel_size` are the model's grid: the lowest-numbered optics
+  group's in use (RELION takes the first optics group's).  Images of optics groups of another box or pixel size
+  are resampled onto that grid as they are read (:mod:`gerelion_dask.ops.resample`; RELION 3.1 scales their
+  projections instead).  A group coarser than the model's grid holds nothing beyond its own Nyquist frequency, so
+  :meth:`ParticleSet.data_size` caps the image size a refinement may use.  Per-group values:
+  :meth:`ParticleSet.box_sizes`, :meth:`ParticleSet.pixel_sizes`.
 * :meth:`ParticleSet.pools` cuts the rows into consecutive pools (row order), the unit of work and of Zarr chunks.
 """
 
@@ -33,15 +34,18 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..ops.resample import resample_images, resample_matrix
 from .mrc import StackReader
 from .star import read_particles
 
-__all__ = ["PIXEL_SIZE_RTOL", "ParticleSet", "parse_image_names"]
+__all__ = ["SAME_GRID_RTOL", "ParticleSet", "parse_image_names"]
 
 logger = logging.getLogger(__name__)
 
-#: Relative tolerance for treating optics groups' pixel sizes as one value.
-PIXEL_SIZE_RTOL = 0.01
+#: Optics groups of the model's box within this (relative) of the model's pixel size are read as they are (their
+#: Fourier data misplaced by at most half a voxel at shell 5,000); others, and groups of another box, are resampled
+#: onto the model's grid (:mod:`gerelion_dask.ops.resample`).
+SAME_GRID_RTOL = 1e-4
 
 
 def parse_image_names(names: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +113,9 @@ class ParticleSet:
     # max_open_stacks() stay open, or a data set of thousands of micrograph stacks runs out of descriptors)
     _open: OrderedDict = field(init=False, repr=False, compare=False, default_factory=OrderedDict)
     _lock: Any = field(init=False, repr=False, compare=False, default_factory=threading.Lock)
+    # per optics group read onto the model's grid: its (model box, group box) resampling matrix
+    _resamplers: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+    _grid: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # the model grid, made once
 
     def __post_init__(self) -> None:
         star_path = Path(self.star_path)
@@ -234,34 +241,49 @@ class ParticleSet:
         table = self.optics[self.optics["rlnOpticsGroup"].isin(used)]
         return {int(g): float(p) for g, p in zip(table["rlnOpticsGroup"], table["rlnImagePixelSize"], strict=True)}
 
+    def _model_group(self) -> int:
+        """The lowest-numbered optics group in use: its box and pixel size are the model's (RELION: the first optics
+        group's)."""
+        return min(self.box_sizes())
+
+    def resampled_groups(self) -> dict[int, tuple[int, float]]:
+        """Optics groups in use whose images are resampled onto the model's grid as they are read (another box, or a
+        pixel size more than :data:`SAME_GRID_RTOL` away from the model's): ``{group: (box, pixel size)}``."""
+        if "resampled" not in self._grid:
+            boxes, sizes = self.box_sizes(), self.pixel_sizes()
+            g0 = self._model_group()
+            n0, a0 = boxes[g0], sizes[g0]
+            self._grid.update(box=n0, apix=a0, resampled={
+                g: (boxes[g], sizes[g]) for g in sorted(boxes)
+                if boxes[g] != n0 or abs(sizes[g] - a0) > SAME_GRID_RTOL * a0})
+        return self._grid["resampled"]
+
+    def data_size(self) -> int:
+        """The largest even image size (model pixels) whose Fourier window every optics group's images fill: the
+        model's box, less for groups coarser than the model's grid, whose resampled images hold nothing beyond their
+        Nyquist frequency, ``R = N a / (2 a_g)`` model pixels: ``2 (ceil(R) - 2)`` (every likelihood pixel of that
+        window, ``|kx|, |ky| <= size / 2``, lies inside the band with a pixel to spare for the band's edge)."""
+        N, a = self.box_size, self.pixel_size
+        size = N
+        for _, a_g in self.resampled_groups().values():
+            if a_g > a:
+                size = min(size, 2 * (int(np.ceil(N * a / (2.0 * a_g) - 1e-9)) - 2))
+        return max(size, 2)
+
     @property
     def box_size(self) -> int:
-        """The one box size of all particles (pixels).
-
-        Raises
-        ------
-        InputError
-            Optics groups in use have different box sizes.
-        """
-        sizes = self.box_sizes()
-        if len(set(sizes.values())) != 1:
-            raise InputError(self.star_path, f"particles have different box sizes per optics group: {sizes}")
-        return next(iter(sizes.values()))
+        """The model's box size (pixels): the lowest-numbered optics group's in use.  Other groups' images are read
+        onto it (:meth:`read_images`, :meth:`resampled_groups`)."""
+        if "box" not in self._grid:
+            self._grid["box"] = self.box_sizes()[self._model_group()]
+        return self._grid["box"]
 
     @property
     def pixel_size(self) -> float:
-        """The pixel size (Å) of the lowest-numbered optics group in use.
-
-        Raises
-        ------
-        InputError
-            Pixel sizes of the optics groups in use differ by more than 1 %.
-        """
-        sizes = self.pixel_sizes()
-        values = np.array(list(sizes.values()))
-        if values.max() - values.min() > PIXEL_SIZE_RTOL * values.min():
-            raise InputError(self.star_path, f"particles have pixel sizes more than 1% apart: {sizes}")
-        return sizes[min(sizes)]
+        """The model's pixel size (Å): the lowest-numbered optics group's in use (RELION takes the first optics
+        group's)."""
+        self.resampled_groups()
+        return self._grid["apix"]
 
     # ------------------------------------------------------------------------------------------------ subsets
 
@@ -317,7 +339,9 @@ class ParticleSet:
     def read_images(self, rows: Any) -> np.ndarray:
         """Images of the given rows as float32 ``(len(rows), N, N)``, in the order asked.
 
-        Reads are grouped by stack and sorted within a stack.
+        Reads are grouped by stack and sorted within a stack.  ``N`` is the model's box (:attr:`box_size`): the
+        images of optics groups of another box or pixel size come resampled onto the model's grid
+        (:meth:`resampled_groups`).
 
         Parameters
         ----------
@@ -326,26 +350,40 @@ class ParticleSet:
 
         Raises
         ------
-        InputError
-            The rows' optics groups have different box sizes.
         IndexError
             A row outside ``[0, n)``.
         """
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64)).ravel()
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"row out of range [0, {self.n}) in {self.star_path}")
+        box, apix = self.box_size, self.pixel_size
+        resampled = self.resampled_groups()
         stacks = self._stack_of_row[rows]
-        boxes = {self._readers[int(s)].shape[1] for s in np.unique(stacks)}
-        if len(boxes) > 1:
-            raise InputError(self.star_path, f"the rows asked for have different box sizes {sorted(boxes)}")
-        box = boxes.pop() if boxes else self.box_size
+        groups = self._column("rlnOpticsGroup")[rows] if resampled else None
         out = np.empty((rows.size, box, box), dtype=np.float32)
         with self._lock:  # threads may share a set; a map is never closed under another thread's read
             for s in np.unique(stacks):
                 where = np.flatnonzero(stacks == s)
-                out[where] = self._readers[int(s)].read(self._index_of_row[rows[where]])
+                raw = self._readers[int(s)].read(self._index_of_row[rows[where]])
                 self._opened(int(s))
+                if groups is None:
+                    out[where] = raw
+                    continue
+                for g in np.unique(groups[where]):
+                    sel = groups[where] == g
+                    if int(g) in resampled:
+                        out[where[sel]] = resample_images(raw[sel], self._resampler(int(g), box, apix))
+                    else:
+                        out[where[sel]] = raw[sel]
         return out
+
+    def _resampler(self, g: int, box: int, apix: float) -> np.ndarray:
+        """Group ``g``'s :func:`~gerelion_dask.ops.resample.resample_matrix` onto the model's grid (made once)."""
+        m = self._resamplers.get(g)
+        if m is None:
+            n, a = self.resampled_groups()[g]
+            m = self._resamplers[g] = resample_matrix(n, a, box, apix)
+        return m
 
     def _opened(self, s: int) -> None:
         """Stack ``s`` was just read (its map is open): close the least recently read maps beyond the limit."""
