@@ -284,21 +284,34 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512, check_norm: bool = True) -
     ps = inp.particles
     bad = []
     radius = int(np.floor(inp.diameter / (2.0 * inp.pixel_size) + 0.5))
+    resampled = ps.resampled_groups()
     for s in range(0, ps.n, chunk):
         rows = np.arange(s, min(s + chunk, ps.n))
         img = ps.read_images(rows)
         finite = np.isfinite(img).all(axis=(1, 2))
         bad.extend(rows[~finite].tolist())
         if check_norm and finite.any():
-            mean, std = background_stats(img[finite], radius)
-            off = np.nonzero(badly_normalised(mean, std))[0]
-            if off.size:
-                j = rows[finite][off[0]]
-                log.warning("%s: %s: background mean %.4g, standard deviation %.4g outside a %d-px radius: the images "
-                            "seem not normalised to mean 0 and standard deviation 1 (relion_preprocess --norm; "
-                            "--dont_check_norm silences this)", ps.star_path, ps.metadata["rlnImageName"].iloc[j],
-                            mean[off[0]], std[off[0]], radius)
-                check_norm = False  # once, as RELION
+            # the images as they are in their stacks (a resampled group's own box and pixels: RELION's test)
+            ok = rows[finite]
+            sets = [(ok, img[finite], radius)]
+            if resampled:
+                og = ps.metadata["rlnOpticsGroup"].to_numpy()[ok]
+                own = ~np.isin(og, list(resampled))
+                sets = [(ok[own], img[finite][own], radius)] + [
+                    (ok[og == g], ps.read_images(ok[og == g], native=True),
+                     int(np.floor(inp.diameter / (2.0 * a_g) + 0.5))) for g, (_, a_g) in resampled.items()]
+            for r, im, rad in sets:
+                if not len(r):
+                    continue
+                mean, std = background_stats(im, rad)
+                off = np.nonzero(badly_normalised(mean, std))[0]
+                if off.size:
+                    log.warning("%s: %s: background mean %.4g, standard deviation %.4g outside a %d-px radius: the "
+                                "images seem not normalised to mean 0 and standard deviation 1 (relion_preprocess "
+                                "--norm; --dont_check_norm silences this)", ps.star_path,
+                                ps.metadata["rlnImageName"].iloc[r[off[0]]], mean[off[0]], std[off[0]], rad)
+                    check_norm = False  # once, as RELION
+                    break
     if not bad:
         return inp
     if len(bad) == ps.n:

@@ -667,3 +667,39 @@ def test_coarser_optics_groups_cap_the_image_size_with_a_warning(tmp_path):
     for sizes in ([1.06, 1.06], [1.06, 0.9], [1.06, 1.06 * (1 + 5e-5)]):
         ps = star(sizes)
         assert ps.data_size() == 16 and coarser_groups_warning(ps) == ""
+
+
+def test_the_normalisation_check_reads_resampled_groups_as_they_are(tmp_path, caplog):
+    # oracle: RELION's check (background outside the diameter: |mean / std| <= 0.5, 0.5 <= std <= 2) applies to each
+    # group's own images at its own pixel size: white noise of std 1 in a 10-px box read onto a 16-px model box is
+    # mostly zeros in the model's background ring (std < 0.5 there), yet it is normalised and is not warned about;
+    # the same stack times 3 is, naming its image
+    import logging
+
+    from gerelion_dask.setup_job import JobInputs, background_stats, drop_non_finite
+
+    _stack(tmp_path / "a.mrcs", 4, box=16)
+    b = _stack(tmp_path / "b.mrcs", 4, box=10, seed=1)
+    optics = _optics(2, box=None)
+    particles = pd.DataFrame({"rlnImageName": [f"{i}@a.mrcs" for i in (1, 2, 3, 4)] +
+                              [f"{i}@b.mrcs" for i in (1, 2, 3, 4)], "rlnOpticsGroup": [1] * 4 + [2] * 4})
+
+    def inputs():
+        ps = ParticleSet.from_star(write_particles(optics, particles, tmp_path / "p.star"))
+        return JobInputs(ps, [], 16, 3.0, 30.0, np.zeros(8, np.int64), ["g"], np.r_[np.zeros(4), np.ones(4)]
+                         .astype(np.int64), None)
+
+    inp = inputs()
+    assert inp.particles.resampled_groups() == {2: (10, 3.0)}
+    _, s = background_stats(inp.particles.read_images(np.arange(4, 8)), 5)
+    assert s.max() < 0.5  # what the model's box shows (the padding's zeros): RELION's test would fail there
+    with caplog.at_level(logging.WARNING):
+        drop_non_finite(inp)
+    assert not [r for r in caplog.records if "not normalised" in r.getMessage()]
+    with mrcfile.open(tmp_path / "b.mrcs", "r+") as f:
+        f.data[:] = b * 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        drop_non_finite(inputs())
+    warned = [r.getMessage() for r in caplog.records if "not normalised" in r.getMessage()]
+    assert len(warned) == 1 and "1@b.mrcs" in warned[0], warned

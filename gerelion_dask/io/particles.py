@@ -336,17 +336,20 @@ class ParticleSet:
 
     # ------------------------------------------------------------------------------------------------- images
 
-    def read_images(self, rows: Any) -> np.ndarray:
+    def read_images(self, rows: Any, native: bool = False) -> np.ndarray:
         """Images of the given rows as float32 ``(len(rows), N, N)``, in the order asked.
 
         Reads are grouped by stack and sorted within a stack.  ``N`` is the model's box (:attr:`box_size`): the
         images of optics groups of another box or pixel size come resampled onto the model's grid
-        (:meth:`resampled_groups`).
+        (:meth:`resampled_groups`).  With ``native`` the images come as they are in their stacks, at their own box
+        (all rows must share one).
 
         Parameters
         ----------
         rows : array_like of int
             0-based row positions in :attr:`metadata`.
+        native : bool, optional
+            Skip the resampling.
 
         Raises
         ------
@@ -359,6 +362,11 @@ class ParticleSet:
         box, apix = self.box_size, self.pixel_size
         resampled = self.resampled_groups()
         stacks = self._stack_of_row[rows]
+        if native:
+            boxes = {self._readers[int(s)].shape[1] for s in np.unique(stacks)}
+            if len(boxes) > 1:
+                raise ValueError(f"read_images(native=True): the rows have different box sizes {sorted(boxes)}")
+            box, resampled = (boxes.pop() if boxes else box), {}
         groups = self._column("rlnOpticsGroup")[rows] if resampled else None
         out = np.empty((rows.size, box, box), dtype=np.float32)
         with self._lock:  # threads may share a set; a map is never closed under another thread's read
