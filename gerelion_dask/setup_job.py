@@ -321,6 +321,10 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512, check_norm: bool = True) -
                 ps.star_path, len(bad), ps.n, bad[0], ps.metadata["rlnImageName"].iloc[bad[0]])
     keep = np.setdiff1d(np.arange(ps.n), np.asarray(bad))
     sub = ParticleSet(ps.metadata.iloc[keep].reset_index(drop=True), ps.optics, ps.star_path)
+    if (sub.box_size, sub.pixel_size) != (inp.box, inp.pixel_size):
+        raise InputError(ps.star_path, f"every particle of optics group {min(ps.box_sizes())}, whose grid ({inp.box} "
+                         f"px at {inp.pixel_size:g} Å) the model takes, holds NaN or infinite pixels",
+                         "check the stacks it names (re-extract the particles), or leave that group out")
     ctf = None if inp.ctf is None else inp.ctf.take(keep)
     return replace(inp, particles=sub, group_index=inp.group_index[keep], optics_index=inp.optics_index[keep],
                    ctf=ctf)

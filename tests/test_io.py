@@ -703,3 +703,23 @@ def test_the_normalisation_check_reads_resampled_groups_as_they_are(tmp_path, ca
         drop_non_finite(inputs())
     warned = [r.getMessage() for r in caplog.records if "not normalised" in r.getMessage()]
     assert len(warned) == 1 and "1@b.mrcs" in warned[0], warned
+
+
+def test_dropping_every_particle_of_the_model_group_is_an_error(tmp_path):
+    # the model takes the lowest-numbered group's grid; if the non-finite scan drops all of its particles, the grid
+    # would silently change under the run: one clear error instead
+    from gerelion_dask.setup_job import JobInputs, drop_non_finite
+
+    a = _stack(tmp_path / "a.mrcs", 2, box=16)
+    with mrcfile.open(tmp_path / "a.mrcs", "r+") as f:
+        f.data[:] = np.where(np.arange(16) == 3, np.nan, a)
+    _stack(tmp_path / "b.mrcs", 2, box=20, seed=1)
+    optics = _optics(2, box=None)
+    optics["rlnImagePixelSize"] = [3.0, 2.5]
+    particles = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs", "1@b.mrcs", "2@b.mrcs"],
+                              "rlnOpticsGroup": [1, 1, 2, 2]})
+    ps = ParticleSet.from_star(write_particles(optics, particles, tmp_path / "p.star"))
+    inp = JobInputs(ps, [], 16, 3.0, 30.0, np.zeros(4, np.int64), ["g"], np.array([0, 0, 1, 1]), None)
+    with pytest.raises(InputError, match="every particle of optics group 1, whose grid .16 px at 3 Å.") as err:
+        drop_non_finite(inp)
+    _assert_names(err, tmp_path / "p.star")

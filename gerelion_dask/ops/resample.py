@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import get_xp
+
 __all__ = ["resample_matrix", "resample_images"]
 
 
@@ -59,8 +61,6 @@ def resample_matrix(n_from: int, a_from: float, n_to: int, a_to: float) -> np.nd
 def resample_images(images, m):
     """``images (B, n_from, n_from)`` -> ``(B, n_to, n_to)`` = ``m @ img @ m^T`` per image, in the images' array
     module and precision (``m`` from :func:`resample_matrix`, cast to it)."""
-    from ..backend import get_xp
-
     xp = get_xp(images)
     mm = xp.asarray(m, dtype=images.dtype)
     return xp.matmul(xp.matmul(mm, images), mm.T)
