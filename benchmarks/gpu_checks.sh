@@ -17,7 +17,7 @@ T0=$(date +%s)
 left() { echo $(( ${BUDGET_S:-560} - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_sampling.py tests/test_plan.py \
-    tests/test_ops.py -k "${GPU_TESTS:-resampling or strict_lowres or solvent or fixed_pose or non_finite or dense_local or plan}" \
+    tests/test_ops.py -k "${GPU_TESTS:-resampling or coarser_optics or strict_lowres or solvent or fixed_pose or non_finite or dense_local or plan}" \
     2>&1 | tail -8
 echo "tests done at $(( $(date +%s) - T0 )) s"
 timeout 60 python3 benchmarks/priors.py --gpu --orders 4 5 6 2>&1 | tail -5

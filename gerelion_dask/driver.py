@@ -298,7 +298,6 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
         cur = next_current_size(N, shell, cfg.incr_size, model.fsc[0] if cfg.auto_refine else None,
                                 sched.high_fsc_at_limit, model.ave_pmax, final) if it > 1 else \
             min(2 * (shell + cfg.incr_size), N)
-        cur = min(cur, inp.max_size or N)  # optics groups coarser than the model's grid: their data's size
         sched = replace(sched, current_size=cur, perturb=next_perturbation(sched.perturb, cfg.perturb,
                                                                              np.random.default_rng([seed, it])))
         # the references go to the E-step as maps (ReferenceSpec): each worker makes the transforms on its device
@@ -359,7 +358,7 @@ def run_job(cfg: JobConfig, runner=None, writer=None, progress=None, resume=None
             pp = PreprocessSettings(N, a, cur, inp.diameter, cfg.maskedge, cfg.zero_mask, cfg.norm,
                                     float(model.avg_norm[hi]),
                                     cfg.ctf, cfg.ctf_intact_first_peak, cfg.ctf_phase_flipped, cfg.only_flip_phases,
-                                    seed)
+                                    seed, inp.band_shells)
             settings[h] = EStepSettings(pp, grid, cs, cfg.adaptive_fraction, cfg.maxsig,
                                         do_cc=cc_iter, do_scale=cfg.scale and not cc_iter,
                                         ctf_on_reference=cfg.ctf_corrected_ref or it > 1,

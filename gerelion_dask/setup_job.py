@@ -41,7 +41,7 @@ class JobInputs:
     solvent_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask), or None
     solvent_mask2: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--solvent_mask2), or None
     lowpass_mask: np.ndarray | None = None  # (N, N, N) float32 in [0, 1] (--lowpass_mask), or None
-    max_size: int = 0  # the largest image size every optics group's data fill (ParticleSet.data_size); 0: the box
+    band_shells: tuple = ()  # per optics row: the last shell of data (ParticleSet.band_shells; N: all); (): all
 
 
 @dataclass(frozen=True)
@@ -64,19 +64,27 @@ def _col(df: pd.DataFrame, name: str, default) -> np.ndarray:
 
 def coarser_groups_warning(ps: ParticleSet) -> str:
     """The warning (or "") for optics groups coarser than the model's grid: their images, resampled onto it, hold
-    nothing beyond their own Nyquist frequency, so the refinement's image size stops at
-    :meth:`~gerelion_dask.io.particles.ParticleSet.data_size` (RELION 3.1 goes on with the finer groups' data)."""
+    nothing beyond their own Nyquist frequency, where the finer groups' particles alone make the map (as RELION)."""
     N, a = ps.box_size, ps.pixel_size
-    size = ps.data_size()
-    if size >= N:
+    band = ps.band_shells()
+    if not band:
         return ""
-    coarse = [f"optics group {g} ({n} px at {a_g:g} Å)" for g, (n, a_g) in ps.resampled_groups().items() if a_g > a]
-    one = len(coarse) == 1
-    return (f"{', '.join(coarse)} {'is' if one else 'are'} coarser than the model's grid ({N} px at {a:g} Å, the "
-            f"lowest-numbered group's): no data beyond {'its' if one else 'their'} Nyquist frequency, so images are "
-            f"used up to size {size} of {N}, "
-            f"{N * a / (size / 2):.3g} Å (RELION refines the finer groups' data beyond; give the finest group the lowest "
-            "rlnOpticsGroup number and the reference its pixel size, or re-extract at one pixel size, to go further)")
+    groups = ", ".join(f"optics group {g} ({ps.resampled_groups()[g][0]} px at {ps.resampled_groups()[g][1]:g} Å; "
+                       f"shells <= {s}, {N * a / s:.3g} Å)" for g, s in band.items())
+    one = len(band) == 1
+    return (f"{groups} {'is' if one else 'are'} coarser than the model's grid ({N} px at {a:g} Å, the "
+            f"lowest-numbered group's): beyond {'its' if one else 'their'} Nyquist frequency only the other groups' "
+            "particles refine the map (as in RELION)")
+
+
+def band_shells_per_row(ps: ParticleSet) -> tuple:
+    """:meth:`~gerelion_dask.io.particles.ParticleSet.band_shells` per row of the optics table (N, beyond every
+    shell of the window, corners included, for groups with data to the model's Nyquist), or () when every group
+    has."""
+    band = ps.band_shells()
+    if not band:
+        return ()
+    return tuple(int(band.get(int(g), ps.box_size)) for g in ps.optics["rlnOpticsGroup"].to_numpy())
 
 
 def load_inputs(cfg: JobConfig) -> JobInputs:
@@ -127,7 +135,8 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     if cfg.solvent_correct_fsc and (mask is None or not cfg.auto_refine):
         log.warning("--solvent_correct_fsc has no effect %s (as in RELION)",
                     "without --solvent_mask" if mask is None else "in a classification")
-    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2, lowpass, ps.data_size())
+    return JobInputs(ps, refs, box, apix, diameter, gidx, names, oidx, ctf, mask, mask2, lowpass,
+                     band_shells_per_row(ps))
 
 
 def _read_references(cfg: JobConfig, box: int, apix: float) -> list:
@@ -460,4 +469,7 @@ def initial_sigma2(inp: JobInputs, cfg: JobConfig, pools: list, runner=None) -> 
     everything = sums[0]
     for one in sums[1:]:
         everything = everything + one
-    return np.stack([sigma2_from_power_sums(per_half[h], ps, everything) for h in sorted(per_half)])
+    out = np.stack([sigma2_from_power_sums(per_half[h], ps, everything) for h in sorted(per_half)])
+    for g, last in enumerate(inp.band_shells):  # beyond a coarser group's band (no data): its band edge's value, as
+        out[:, g, last + 1:] = out[:, g, last:last + 1]  # the M-step keeps for shells without noise
+    return out

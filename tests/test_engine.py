@@ -1747,3 +1747,36 @@ def test_ssnr_spectra_and_coverage_follow_relion():
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=0, err_msg=name)
         cov = got[3]
         assert 0 < cov[grid.r_max] < cov[1] <= 1 and np.all(cov[grid.r_max + 1:] == 0)
+
+
+def test_a_coarser_optics_group_adds_nothing_beyond_its_band(xp):
+    # oracle: RELION leaves a coarser optics group's pixels beyond its Nyquist out of every sum (its images have none).
+    # With PreprocessSettings.band_shells the pool's particles of that group (optics row 1, last shell 6) have
+    # images and CTFs 0 beyond shell 6 and are unchanged below; the other group's particles are bit-identical to a run
+    # without band limits; and the pool's partial sums beyond shell 6 come from the other group's particles alone
+    # (the sums of the pool equal those of its group-0 particles there: back-projection data and weights, noise)
+    from gerelion_dask.expectation.preprocess import preprocess_pool
+    from gerelion_dask.ops.fourier import shells_2d
+
+    img, parts, A, off, s2, maps = _dataset(24, 0.5, seed=4)
+    og = np.r_[np.zeros(12, int), np.ones(12, int)]
+    parts = replace(parts, optics_group=og)
+    s2 = np.repeat(s2, 2, axis=0)
+    model, st = _model_settings(maps, s2)
+    pp = st.preprocess
+    band = replace(pp, band_shells=(N, 6))
+    ix = xp.asarray(img)
+    plain, lim = preprocess_pool(ix, parts, pp, s2), preprocess_pool(ix, parts, band, s2)
+    beyond = shells_2d(N) > 6
+    for f in ("fimg", "fimg_nomask", "ctf"):
+        a, b = to_np(getattr(plain, f)), to_np(getattr(lim, f))
+        assert np.array_equal(a[:12], b[:12]), f
+        assert np.array_equal(a[12:][:, ~beyond], b[12:][:, ~beyond]) and not np.any(b[12:][:, beyond]), f
+    assert np.array_equal(to_np(plain.power_highres), to_np(lim.power_highres))  # (current size = N: none beyond)
+    stb = replace(st, preprocess=band, n_optics=2)
+    whole, _ = expectation_pool(ix, parts, model, stb)
+    first, _ = expectation_pool(ix[:12], parts.take(slice(0, 12)), model, stb)
+    second, _ = expectation_pool(ix[12:], parts.take(slice(12, 24)), model, stb)
+    w2 = to_np(second.wsum_sigma2)
+    assert not np.any(w2[1, 7:]) and np.any(w2[1, 1:7])
+    assert np.allclose(to_np(whole.wsum_sigma2), to_np(first.wsum_sigma2) + w2, rtol=1e-9)

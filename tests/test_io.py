@@ -503,12 +503,12 @@ def test_particle_set_mixed_sizes(tmp_path):
     m = resample_matrix(20, 2.5, 16, 3.0)
     np.testing.assert_allclose(ps.read_images([1])[0], m @ b[1].astype(np.float64) @ m.T, atol=1e-5)
     ps = star([3.0, 3.3], "r.star")  # coarser, another box: resampled too; its data end at its Nyquist
-    assert ps.resampled_groups() == {2: (20, 3.3)} and ps.data_size() == 2 * (int(np.ceil(8 * 3.0 / 3.3)) - 2)
+    assert ps.resampled_groups() == {2: (20, 3.3)} and ps.band_shells() == {2: int(np.ceil(8 * 3.0 / 3.3)) - 2}
     m = resample_matrix(20, 3.3, 16, 3.0)
     np.testing.assert_allclose(ps.read_images([1])[0], m @ b[1].astype(np.float64) @ m.T, atol=1e-5)
     b16 = _stack(tmp_path / "b.mrcs", 2, box=16, seed=1)
     ps = star([3.0, 3.0002], "s.star")  # within 1e-4 at the model's box: read as it is
-    assert ps.pixel_size == 3.0 and ps.resampled_groups() == {} and ps.data_size() == 16
+    assert ps.pixel_size == 3.0 and ps.resampled_groups() == {} and ps.band_shells() == {}
     np.testing.assert_array_equal(ps.read_images([1])[0], b16[1])
 
 
@@ -643,11 +643,12 @@ def test_dev_refine_float16_stack(tmp_path):
         np.testing.assert_array_equal(store.read_pool(2), m.data[256:300].astype(np.float32))
 
 
-def test_coarser_optics_groups_cap_the_image_size_with_a_warning(tmp_path):
+def test_coarser_optics_groups_end_at_their_band_with_a_warning(tmp_path):
     # oracle: the band of a group of pixel size a_g on the model's grid (N, a) ends at R = N a / (2 a_g) model
-    # pixels; the size kept is 2 (ceil(R) - 2): 1.0653 A against 1.06 at box 16 gives R = 7.96, size 12; twice as
-    # coarse, R = 4 exactly, gives 4; a finer, equal or within-1e-4 group keeps the box and warns of nothing
-    from gerelion_dask.setup_job import coarser_groups_warning
+    # pixels; its last shell of data is ceil(R) - 2 (every pixel of it within R - 1): 1.0653 A against 1.06 at box 16
+    # gives R = 7.96, shell 6; twice as coarse, R = 4 exactly, shell 2; a finer, equal or within-1e-4 group has
+    # none and warns of nothing
+    from gerelion_dask.setup_job import band_shells_per_row, coarser_groups_warning
 
     def star(sizes, boxes=(16, 16)):
         for b in set(boxes):
@@ -659,14 +660,15 @@ def test_coarser_optics_groups_cap_the_image_size_with_a_warning(tmp_path):
         return ParticleSet.from_star(write_particles(optics, particles, tmp_path / "p.star"))
 
     ps = star([1.06, 1.0653])
-    assert ps.resampled_groups() == {2: (16, 1.0653)} and ps.data_size() == 12
+    assert ps.resampled_groups() == {2: (16, 1.0653)} and ps.band_shells() == {2: 6}
+    assert band_shells_per_row(ps) == (16, 6)
     msg = coarser_groups_warning(ps)
-    assert "optics group 2 (16 px at 1.0653 Å)" in msg and "size 12 of 16" in msg and f"{16 * 1.06 / 6:.3g} Å" in msg
-    ps = star([1.06, 2.12], (16, 8))  # twice as coarse: R = 4 exactly -> 2 (4 - 2)
-    assert ps.data_size() == 4
+    assert "optics group 2 (16 px at 1.0653 Å; shells <= 6, 2.83 Å) is coarser" in msg and "only the other" in msg
+    ps = star([1.06, 2.12], (16, 8))  # twice as coarse: R = 4 exactly -> shell 2
+    assert ps.band_shells() == {2: 2}
     for sizes in ([1.06, 1.06], [1.06, 0.9], [1.06, 1.06 * (1 + 5e-5)]):
         ps = star(sizes)
-        assert ps.data_size() == 16 and coarser_groups_warning(ps) == ""
+        assert ps.band_shells() == {} and band_shells_per_row(ps) == () and coarser_groups_warning(ps) == ""
 
 
 def test_the_normalisation_check_reads_resampled_groups_as_they_are(tmp_path, caplog):

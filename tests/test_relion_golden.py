@@ -236,10 +236,11 @@ def _pose_errors(data_star, truth_stars):
                     reason="RELION binaries not on PATH")
 def test_optics_groups_of_other_pixel_and_box_sizes_find_their_poses(tmp_path, caplog):
     # oracle: the true poses of relion_project's particles in three optics groups, 6 A / 32 px (the model's grid),
-    # 4.8 A / 40 px (finer) and 7.5 A / 26 px (coarser: no data beyond 15 A, so images are used up to size
-    # 2 (ceil(32 x 6 / 15) - 2) = 22, with a warning).  One E-step of `classify --K 1` with the true map finds every
-    # group's poses (median error < 5 deg and < 3 A at HEALPix order 3, 7.5 deg); the same particles with every group
-    # labelled 6 A (boxes cropped or padded, not rescaled) do not (> 15 deg for the two other groups).
+    # 4.8 A / 40 px (finer) and 7.5 A / 26 px (coarser: no data beyond 15 A; its images and CTFs are 0 beyond shell
+    # ceil(32 x 6 / 15) - 2 = 11, with a warning, and the others' go on to Nyquist).  One E-step of `classify --K 1`
+    # with the true map finds every group's poses (median error < 5 deg and < 3 A at HEALPix order 3, 7.5 deg); the
+    # same particles with every group labelled 6 A (boxes cropped or padded, not rescaled) do not (> 15 deg for the
+    # two other groups).
     import json
     import logging
 
@@ -252,10 +253,10 @@ def test_optics_groups_of_other_pixel_and_box_sizes_find_their_poses(tmp_path, c
     truths = [tmp_path / f"ang{g}.star" for g in (1, 2, 3)]
     with caplog.at_level(logging.WARNING):
         assert cli_main(["classify", "--i", str(star), "--o", str(tmp_path / "C" / "run"), *flags]) == 0
-    assert any("optics group 3 (26 px at 7.5 Å) is coarser" in r.getMessage() and "size 22 of 32" in r.getMessage()
+    assert any("optics group 3 (26 px at 7.5 Å; shells <= 11, 17.5 Å) is coarser" in r.getMessage()
                for r in caplog.records)
     rec = [json.loads(line) for line in open(tmp_path / "C" / "run_progress.jsonl")]
-    assert [r["current_size"] for r in rec if "current_size" in r] == [22]
+    assert [r["current_size"] for r in rec if "current_size" in r] == [32]  # the finer groups go on to Nyquist
     err = _pose_errors(tmp_path / "C" / "run_it001_data.star", truths)
     assert all(a < 5.0 and s < 3.0 for a, s in err.values()), err
     d = starfile.read(star, always_dict=True)

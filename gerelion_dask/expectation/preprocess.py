@@ -60,6 +60,9 @@ class PreprocessSettings:
     ctf_phase_flipped: bool = False
     only_flip_phases: bool = False
     random_seed: int = 0
+    # per optics group (0-based rows of the optics table): the last shell its images hold data in, for groups
+    # coarser than the model's grid (ParticleSet.band_shells); () or N: every shell of the window, corners included
+    band_shells: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,10 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
     del x  # the pool's own copies go before its transform: only the caller's images and xm stay
     ffull = centred_rfft2(xm)
     del xm
+    band = _band_limits(particles, settings)
+    if band is not None:  # coarser optics groups: no data beyond their band (images, and CTFs below, 0 there)
+        ffull = ffull * (xp.asarray(shells_2d(N))[None] <= xp.asarray(band)[:, None, None])
+        fnomask = fnomask * (xp.asarray(shells_2d(n))[None] <= xp.asarray(band)[:, None, None])
     # per-shell power beyond the current size (half plane, k != 0), RELION's highres_Xi2
     sh = xp.asarray(shells_2d(N))
     from ..ops.fourier import likelihood_pixels
@@ -182,7 +189,18 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
                        abs_ctf=settings.ctf_phase_flipped)
     else:
         ctf = xp.ones(fimg.shape, dtype=np.float64)
+    if band is not None:
+        ctf = ctf * (xp.asarray(shells_2d(n))[None] <= xp.asarray(band)[:, None, None])
     return PreprocessedPool(fimg, fnomask, ctf, power, power.sum(axis=1), int_off)
+
+
+def _band_limits(particles: PoolParticles, settings: PreprocessSettings):
+    """Each particle's last shell of data ``(B,)`` where a particle of the pool belongs to an optics group coarser
+    than the model's grid (:attr:`PreprocessSettings.band_shells`), else None."""
+    if not settings.band_shells:
+        return None
+    lim = np.asarray(settings.band_shells, dtype=np.int64)[np.asarray(particles.optics_group)]
+    return lim if (lim < settings.ori_size).any() else None
 
 
 def _to_xp_ctf(p: CtfParams, xp) -> CtfParams:

@@ -14,8 +14,8 @@ Decisions:
 * :attr:`ParticleSet.box_size` and :attr:`ParticleSet.pixel_size` are the model's grid: the lowest-numbered optics
   group's in use (RELION takes the first optics group's).  Images of optics groups of another box or pixel size
   are resampled onto that grid as they are read (:mod:`gerelion_dask.ops.resample`; RELION 3.1 scales their
-  projections instead).  A group coarser than the model's grid holds nothing beyond its own Nyquist frequency, so
-  :meth:`ParticleSet.data_size` caps the image size a refinement may use.  Per-group values:
+  projections instead).  A group coarser than the model's grid holds nothing beyond its own Nyquist frequency
+  (:meth:`ParticleSet.band_shells`: the E-step leaves its data out there).  Per-group values:
   :meth:`ParticleSet.box_sizes`, :meth:`ParticleSet.pixel_sizes`.
 * :meth:`ParticleSet.pools` cuts the rows into consecutive pools (row order), the unit of work and of Zarr chunks.
 """
@@ -258,17 +258,15 @@ class ParticleSet:
                 if boxes[g] != n0 or abs(sizes[g] - a0) > SAME_GRID_RTOL * a0})
         return self._grid["resampled"]
 
-    def data_size(self) -> int:
-        """The largest even image size (model pixels) whose Fourier window every optics group's images fill: the
-        model's box, less for groups coarser than the model's grid, whose resampled images hold nothing beyond their
-        Nyquist frequency, ``R = N a / (2 a_g)`` model pixels: ``2 (ceil(R) - 2)`` (every likelihood pixel of that
-        window, ``|kx|, |ky| <= size / 2``, lies inside the band with a pixel to spare for the band's edge)."""
+    def band_shells(self) -> dict[int, int]:
+        """Optics groups coarser than the model's grid: ``{group: its last shell}``.  Their images, resampled onto the
+        grid, hold nothing beyond their own Nyquist frequency, ``R = N a / (2 a_g)`` model pixels; every pixel of
+        shell ``ceil(R) - 2`` and below (``|k| < R - 1``) lies inside that band with a pixel to spare for its edge.
+        The E-step zeroes such a group's images and CTFs beyond that shell (``PreprocessSettings.band_shells``), so
+        beyond it the finer groups' particles alone make the map, as in RELION."""
         N, a = self.box_size, self.pixel_size
-        size = N
-        for _, a_g in self.resampled_groups().values():
-            if a_g > a:
-                size = min(size, 2 * (int(np.ceil(N * a / (2.0 * a_g) - 1e-9)) - 2))
-        return max(size, 2)
+        return {g: max(int(np.ceil(N * a / (2.0 * a_g) - 1e-9)) - 2, 1)
+                for g, (_, a_g) in self.resampled_groups().items() if a_g > a}
 
     @property
     def box_size(self) -> int:
