@@ -1774,6 +1774,7 @@ def test_a_coarser_optics_group_adds_nothing_beyond_its_band(xp):
         assert np.array_equal(a[12:][:, ~beyond], b[12:][:, ~beyond]) and not np.any(b[12:][:, beyond]), f
     assert np.array_equal(to_np(plain.power_highres), to_np(lim.power_highres))  # (current size = N: none beyond)
     stb = replace(st, preprocess=band, n_optics=2)
+    model = replace(model, refs=[replace(r, data=xp.asarray(r.data)) for r in model.refs])
     whole, _ = expectation_pool(ix, parts, model, stb)
     first, _ = expectation_pool(ix[:12], parts.take(slice(0, 12)), model, stb)
     second, _ = expectation_pool(ix[12:], parts.take(slice(12, 24)), model, stb)
