@@ -9,7 +9,7 @@ from .errors import InputError
 from .io.particles import ParticleSet
 from .ops.backprojector import empty_backprojection, insert_slices
 from .ops.ctf import ctf_rfft
-from .ops.fourier import PaddedGrid
+from .ops.fourier import PaddedGrid, shells_2d
 from .ops.reconstruct import reconstruct
 from .ops.symmetry import symmetry_operators
 from .maximization.mstep import symmetrised
@@ -45,6 +45,12 @@ def reconstruct_star(star: str, *, ctf: bool = True, sym: str = "C1", subset: in
     def col(name, default):
         return _col(md, name, default)
 
+    # optics groups coarser than the model's grid: no data beyond their band, so neither data nor weight there
+    band = ps.band_shells()
+    lim = None
+    if band:
+        g = ps.metadata["rlnOpticsGroup"].to_numpy()
+        lim = np.array([band.get(int(x), N) for x in g])
     bp = empty_backprojection(PaddedGrid.create(N, padding=pad))
     for s in range(0, rows.size, chunk):
         r = rows[s : s + chunk]
@@ -56,6 +62,8 @@ def reconstruct_star(star: str, *, ctf: bool = True, sym: str = "C1", subset: in
             c = ctf_rfft(ctf_all.take(r), N, a, N)
         else:
             c = np.ones(X.shape)
+        if lim is not None:
+            c = c * (shells_2d(N)[None] <= lim[r][:, None, None])
         bp = insert_slices(bp, A, X * c, c * c)
     bp = symmetrised(bp.data, bp.weight, bp.grid, symmetry_operators(sym))
     return reconstruct(bp, gridding_iterations=gridding_iterations).astype(np.float32), a

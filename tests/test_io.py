@@ -503,7 +503,7 @@ def test_particle_set_mixed_sizes(tmp_path):
     m = resample_matrix(20, 2.5, 16, 3.0)
     np.testing.assert_allclose(ps.read_images([1])[0], m @ b[1].astype(np.float64) @ m.T, atol=1e-5)
     ps = star([3.0, 3.3], "r.star")  # coarser, another box: resampled too; its data end at its Nyquist
-    assert ps.resampled_groups() == {2: (20, 3.3)} and ps.band_shells() == {2: int(np.ceil(8 * 3.0 / 3.3)) - 2}
+    assert ps.resampled_groups() == {2: (20, 3.3)} and ps.band_shells() == {2: int(np.floor(8 * 3.0 / 3.3 - 0.5))}
     m = resample_matrix(20, 3.3, 16, 3.0)
     np.testing.assert_allclose(ps.read_images([1])[0], m @ b[1].astype(np.float64) @ m.T, atol=1e-5)
     b16 = _stack(tmp_path / "b.mrcs", 2, box=16, seed=1)
@@ -645,8 +645,8 @@ def test_dev_refine_float16_stack(tmp_path):
 
 def test_coarser_optics_groups_end_at_their_band_with_a_warning(tmp_path):
     # oracle: the band of a group of pixel size a_g on the model's grid (N, a) ends at R = N a / (2 a_g) model
-    # pixels; its last shell of data is ceil(R) - 2 (every pixel of it within R - 1): 1.0653 A against 1.06 at box 16
-    # gives R = 7.96, shell 6; twice as coarse, R = 4 exactly, shell 2; a finer, equal or within-1e-4 group has
+    # pixels; its last shell of data is floor(R - 1/2) (every pixel of it within R): 1.0653 A against 1.06 at box 16
+    # gives R = 7.96, shell 7; twice as coarse, R = 4 exactly, shell 3; a finer, equal or within-1e-4 group has
     # none and warns of nothing
     from gerelion_dask.setup_job import band_shells_per_row, coarser_groups_warning
 
@@ -660,12 +660,12 @@ def test_coarser_optics_groups_end_at_their_band_with_a_warning(tmp_path):
         return ParticleSet.from_star(write_particles(optics, particles, tmp_path / "p.star"))
 
     ps = star([1.06, 1.0653])
-    assert ps.resampled_groups() == {2: (16, 1.0653)} and ps.band_shells() == {2: 6}
-    assert band_shells_per_row(ps) == (16, 6)
+    assert ps.resampled_groups() == {2: (16, 1.0653)} and ps.band_shells() == {2: 7}
+    assert band_shells_per_row(ps) == (16, 7)
     msg = coarser_groups_warning(ps)
-    assert "optics group 2 (16 px at 1.0653 Å; shells <= 6, 2.83 Å) is coarser" in msg and "only the other" in msg
-    ps = star([1.06, 2.12], (16, 8))  # twice as coarse: R = 4 exactly -> shell 2
-    assert ps.band_shells() == {2: 2}
+    assert "optics group 2 (16 px at 1.0653 Å; shells <= 7, 2.42 Å) is coarser" in msg and "only the other" in msg
+    ps = star([1.06, 2.12], (16, 8))  # twice as coarse: R = 4 exactly -> shell 3
+    assert ps.band_shells() == {2: 3}
     for sizes in ([1.06, 1.06], [1.06, 0.9], [1.06, 1.06 * (1 + 5e-5)]):
         ps = star(sizes)
         assert ps.band_shells() == {} and band_shells_per_row(ps) == () and coarser_groups_warning(ps) == ""

@@ -179,37 +179,44 @@ def _mixed_optics_set(tmp, n_each=150, a1=6.0, n1=32, a2=4.8, n2=40, seed=3, mor
 @pytest.mark.skipif(any(shutil.which(t) is None for t in ("relion_project", "relion_reconstruct",
                                                            "relion_image_handler")),
                     reason="RELION binaries not on PATH")
-@pytest.mark.parametrize("n2", [40, 36])
-def test_optics_groups_of_other_pixel_and_box_sizes_reconstruct_as_relion(tmp_path, n2):
+@pytest.mark.parametrize("a2,n2", [(4.8, 40), (4.8, 36), (7.5, 26)])
+def test_optics_groups_of_other_pixel_and_box_sizes_reconstruct_as_relion(tmp_path, a2, n2):
     # oracle: relion_reconstruct --ctf (RELION 3.1.3 scales each optics group's projection matrices) of particles in
-    # two optics groups, 6 A / 32 px and 4.8 A / n2 px (40: the same physical box; 36: a smaller one), made by
-    # relion_project.  Ours reads group 2 resampled onto group 1's grid.  Checks: FSC >= 0.99 with RELION's map and
-    # with the phantom below Nyquist, the same least-squares scale as RELION's within 2 % for the same physical box
-    # (RELION keeps each group's 1/N^2 FFT scale, so a smaller box differs by design: ops/resample.py); and group 2 on
-    # its own agrees with the phantom, while the same images read as 6 A pixels (not resampled) do not.
+    # two optics groups, 6 A / 32 px and a2 A / n2 px (4.8 A / 40: the same physical box; / 36: a smaller one;
+    # 7.5 A / 26: coarser, no data beyond its shell 11, where group 1 alone makes both maps), made by relion_project.
+    # Ours reads group 2 resampled onto group 1's grid.  Checks: FSC >= 0.99 with RELION's map and with the phantom
+    # below Nyquist (the coarser group: up to its shell 12, and at every shell at least RELION's FSC with the phantom
+    # less 0.005; measured 0.99 against 0.94 at shell 15: RELION uses group 2's pixels up to its edge), the same
+    # least-squares scale as RELION's within 2 % for the same physical box (RELION keeps each group's 1/N^2 FFT
+    # scale, so a smaller box differs by design: ops/resample.py); and group 2 on its own agrees with the phantom,
+    # while the same images read as 6 A pixels (not resampled) do not.
     from gerelion_dask.reconstruct_job import reconstruct_star
 
-    star, truth = _mixed_optics_set(tmp_path, n2=n2)
+    star, truth = _mixed_optics_set(tmp_path, a2=a2, n2=n2)
     subprocess.run(["relion_reconstruct", "--i", str(star), "--o", "relion.mrc", "--ctf"], cwd=tmp_path, check=True,
                    capture_output=True)
     relion = mrcfile.read(tmp_path / "relion.mrc").astype(np.float64)
     ours, apix = reconstruct_star(str(star), ctf=True)
     assert apix == 6.0 and ours.shape == (32, 32, 32)
-    assert fsc(ours, relion)[1:16].min() >= 0.99
-    assert fsc(ours, truth)[1:16].min() >= 0.99
+    if a2 < 6.0:
+        assert fsc(ours, relion)[1:16].min() >= 0.99
+    else:  # up to group 2's last shell (12) as RELION; beyond, RELION's edge pixels of group 2 cost it accuracy
+        assert fsc(ours, relion)[1:13].min() >= 0.99
+        assert np.all(fsc(ours, truth)[1:17] >= fsc(relion, truth)[1:17] - 0.005)
+    assert fsc(ours, truth)[1:16 if a2 < 6.0 else 13].min() >= 0.99
     t0 = truth - truth.mean()
 
     def ls(x):
         x0 = x - x.mean()
         return float((x0 * t0).sum() / (t0 * t0).sum())
 
-    if n2 * 4.8 == 32 * 6.0:
+    if n2 * a2 == 32 * 6.0:
         assert abs(ls(ours) / ls(relion) - 1.0) < 0.02
     d = starfile.read(star, always_dict=True)
     only2 = {"optics": d["optics"].iloc[[1]], "particles": d["particles"][d["particles"].rlnOpticsGroup == 2]}
     starfile.write(only2, tmp_path / "g2only.star", overwrite=True)
-    g2, a2 = reconstruct_star(str(tmp_path / "g2only.star"), ctf=True)
-    assert a2 == 4.8 and g2.shape == (n2,) * 3  # on its own: its own grid
+    g2, apix2 = reconstruct_star(str(tmp_path / "g2only.star"), ctf=True)
+    assert apix2 == a2 and g2.shape == (n2,) * 3  # on its own: its own grid
     bad = {"optics": d["optics"].assign(rlnImagePixelSize=6.0), "particles": d["particles"]}
     starfile.write(bad, tmp_path / "bad.star", overwrite=True)  # group 2 read as if at 6 A (cropped, not rescaled)
     wrong, _ = reconstruct_star(str(tmp_path / "bad.star"), ctf=True)
@@ -237,7 +244,7 @@ def _pose_errors(data_star, truth_stars):
 def test_optics_groups_of_other_pixel_and_box_sizes_find_their_poses(tmp_path, caplog):
     # oracle: the true poses of relion_project's particles in three optics groups, 6 A / 32 px (the model's grid),
     # 4.8 A / 40 px (finer) and 7.5 A / 26 px (coarser: no data beyond 15 A; its images and CTFs are 0 beyond shell
-    # ceil(32 x 6 / 15) - 2 = 11, with a warning, and the others' go on to Nyquist).  One E-step of `classify --K 1`
+    # floor(32 x 6 / 15 - 1/2) = 12, with a warning, and the others' go on to Nyquist).  One E-step of `classify --K 1`
     # with the true map finds every group's poses (median error < 5 deg and < 3 A at HEALPix order 3, 7.5 deg); the
     # same particles with every group labelled 6 A (boxes cropped or padded, not rescaled) do not (> 15 deg for the
     # two other groups).
@@ -253,7 +260,7 @@ def test_optics_groups_of_other_pixel_and_box_sizes_find_their_poses(tmp_path, c
     truths = [tmp_path / f"ang{g}.star" for g in (1, 2, 3)]
     with caplog.at_level(logging.WARNING):
         assert cli_main(["classify", "--i", str(star), "--o", str(tmp_path / "C" / "run"), *flags]) == 0
-    assert any("optics group 3 (26 px at 7.5 Å; shells <= 11, 17.5 Å) is coarser" in r.getMessage()
+    assert any("optics group 3 (26 px at 7.5 Å; shells <= 12, 16 Å) is coarser" in r.getMessage()
                for r in caplog.records)
     rec = [json.loads(line) for line in open(tmp_path / "C" / "run_progress.jsonl")]
     assert [r["current_size"] for r in rec if "current_size" in r] == [32]  # the finer groups go on to Nyquist

@@ -261,11 +261,11 @@ class ParticleSet:
     def band_shells(self) -> dict[int, int]:
         """Optics groups coarser than the model's grid: ``{group: its last shell}``.  Their images, resampled onto the
         grid, hold nothing beyond their own Nyquist frequency, ``R = N a / (2 a_g)`` model pixels; every pixel of
-        shell ``ceil(R) - 2`` and below (``|k| < R - 1``) lies inside that band with a pixel to spare for its edge.
-        The E-step zeroes such a group's images and CTFs beyond that shell (``PreprocessSettings.band_shells``), so
-        beyond it the finer groups' particles alone make the map, as in RELION."""
+        shell ``floor(R - 1/2)`` and below (``|k| < R``) lies inside that band.  The E-step and the reconstruction
+        zero such a group's images and CTFs beyond that shell (``PreprocessSettings.band_shells``), so beyond it the
+        finer groups' particles alone make the map, as in RELION."""
         N, a = self.box_size, self.pixel_size
-        return {g: max(int(np.ceil(N * a / (2.0 * a_g) - 1e-9)) - 2, 1)
+        return {g: max(int(np.floor(N * a / (2.0 * a_g) - 0.5 + 1e-9)), 1)
                 for g, (_, a_g) in self.resampled_groups().items() if a_g > a}
 
     @property
