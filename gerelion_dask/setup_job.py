@@ -103,7 +103,12 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     if box % 2:
         raise InputError(cfg.i, f"odd box size {box}: refinement needs even boxes (as RELION)",
                          "re-extract the particles with an even box")
-    refs = _read_references(cfg, box, apix)
+    grid_note = (f"; the model's grid is optics group {min(ps.box_sizes())}'s ({box} px at {apix:g} Å), onto which "
+                 "the other groups are resampled") if resampled else ""
+    try:
+        refs = _read_references(cfg, box, apix)
+    except InputError as e:  # a map that matches another optics group than the model's: say which grid counts
+        raise InputError(e.path, e.problem + grid_note, e.hint) from None
     diameter = cfg.particle_diameter if cfg.particle_diameter > 0 else box * apix
     if diameter > box * apix * (1 + 1e-6):
         raise InputError(None, f"--particle_diameter {cfg.particle_diameter} Å is larger than the box "
@@ -124,9 +129,12 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
         gidx, names = codes.astype(np.int64), list(uniq)
     oidx = optics_index(ps)
     ctf = ctf_params(ps, oidx) if cfg.ctf else None
-    mask = _read_solvent_mask(cfg, box, apix)
-    mask2 = _read_solvent_mask(cfg, box, apix, which="--solvent_mask2")
-    lowpass = _read_solvent_mask(cfg, box, apix, which="--lowpass_mask")
+    try:
+        mask = _read_solvent_mask(cfg, box, apix)
+        mask2 = _read_solvent_mask(cfg, box, apix, which="--solvent_mask2")
+        lowpass = _read_solvent_mask(cfg, box, apix, which="--lowpass_mask")
+    except InputError as e:
+        raise InputError(e.path, e.problem + grid_note, e.hint) from None
     lacking = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in md]
     if (cfg.skip_align or cfg.skip_rotate) and lacking:
         flag = "--skip_align" if cfg.skip_align else "--skip_rotate"

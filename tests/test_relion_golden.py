@@ -272,3 +272,20 @@ def test_optics_groups_of_other_pixel_and_box_sizes_find_their_poses(tmp_path, c
     assert cli_main(["classify", "--i", str(tmp_path / "as6.star"), "--o", str(tmp_path / "W" / "run"), *flags]) == 0
     wrong = _pose_errors(tmp_path / "W" / "run_it001_data.star", truths)
     assert wrong[1][0] < 5.0 and wrong[2][0] > 15.0 and wrong[3][0] > 15.0, wrong
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("relion_project", "relion_image_handler")),
+                    reason="RELION binaries not on PATH")
+def test_a_reference_at_another_optics_groups_grid_names_the_models_grid(tmp_path, capsys):
+    # a reference made for optics group 2 (4.8 A, 40 px) with group 1 at 6 A / 32 px: exit 2, one line naming the
+    # map, the problem and the grid that counts (the lowest-numbered group's), nothing written
+    from gerelion_dask.cli import main as cli_main
+
+    star, _ = _mixed_optics_set(tmp_path, n_each=4)
+    out = tmp_path / "C" / "run"
+    rc = cli_main(["classify", "--i", str(star), "--o", str(out), "--ref", str(tmp_path / "map2.mrc"), "--K", "1",
+                   "--iter", "1", "--in-process"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "map2.mrc" in err[0] and "(40, 40, 40)" in err[0] and "optics group 1's (32 px at 6 Å)" in err[0], err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
