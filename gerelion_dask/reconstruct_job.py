@@ -6,14 +6,15 @@ import numpy as np
 
 from .conventions import centred_rfft2, euler_to_matrix, shift_phase_2d
 from .errors import InputError
+from .expectation.preprocess import band_mask
 from .io.particles import ParticleSet
 from .ops.backprojector import empty_backprojection, insert_slices
 from .ops.ctf import ctf_rfft
-from .ops.fourier import PaddedGrid, shells_2d
+from .ops.fourier import PaddedGrid
 from .ops.reconstruct import reconstruct
 from .ops.symmetry import symmetry_operators
 from .maximization.mstep import symmetrised
-from .setup_job import _col, ctf_params, optics_index
+from .setup_job import _col, band_shells_per_row, ctf_params, optics_index
 
 __all__ = ["reconstruct_star"]
 
@@ -46,11 +47,8 @@ def reconstruct_star(star: str, *, ctf: bool = True, sym: str = "C1", subset: in
         return _col(md, name, default)
 
     # optics groups coarser than the model's grid: no data beyond their band, so neither data nor weight there
-    band = ps.band_shells()
-    lim = None
-    if band:
-        g = ps.metadata["rlnOpticsGroup"].to_numpy()
-        lim = np.array([band.get(int(x), N) for x in g])
+    band = band_shells_per_row(ps)
+    lim = np.asarray(band)[optics_index(ps)] if band else None
     bp = empty_backprojection(PaddedGrid.create(N, padding=pad))
     for s in range(0, rows.size, chunk):
         r = rows[s : s + chunk]
@@ -63,7 +61,7 @@ def reconstruct_star(star: str, *, ctf: bool = True, sym: str = "C1", subset: in
         else:
             c = np.ones(X.shape)
         if lim is not None:
-            c = c * (shells_2d(N)[None] <= lim[r][:, None, None])
+            c = c * band_mask(N, lim[r])
         bp = insert_slices(bp, A, X * c, c * c)
     bp = symmetrised(bp.data, bp.weight, bp.grid, symmetry_operators(sym))
     return reconstruct(bp, gridding_iterations=gridding_iterations).astype(np.float32), a

@@ -69,8 +69,9 @@ def coarser_groups_warning(ps: ParticleSet) -> str:
     band = ps.band_shells()
     if not band:
         return ""
-    groups = ", ".join(f"optics group {g} ({ps.resampled_groups()[g][0]} px at {ps.resampled_groups()[g][1]:g} Å; "
-                       f"shells <= {s}, {N * a / s:.3g} Å)" for g, s in band.items())
+    grids = ps.resampled_groups()
+    groups = ", ".join(f"optics group {g} ({grids[g][0]} px at {grids[g][1]:g} Å; shells <= {s}, {N * a / s:.3g} Å)"
+                       for g, s in band.items())
     one = len(band) == 1
     return (f"{groups} {'is' if one else 'are'} coarser than the model's grid ({N} px at {a:g} Å, the "
             f"lowest-numbered group's): beyond {'its' if one else 'their'} Nyquist frequency only the other groups' "
@@ -103,7 +104,7 @@ def load_inputs(cfg: JobConfig) -> JobInputs:
     if box % 2:
         raise InputError(cfg.i, f"odd box size {box}: refinement needs even boxes (as RELION)",
                          "re-extract the particles with an even box")
-    grid_note = (f"; the model's grid is optics group {min(ps.box_sizes())}'s ({box} px at {apix:g} Å), onto which "
+    grid_note = (f"; the model's grid is optics group {ps.model_group()}'s ({box} px at {apix:g} Å), onto which "
                  "the other groups are resampled") if resampled else ""
     try:
         refs = _read_references(cfg, box, apix)
@@ -302,33 +303,31 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512, check_norm: bool = True) -
     bad = []
     radius = int(np.floor(inp.diameter / (2.0 * inp.pixel_size) + 0.5))
     resampled = ps.resampled_groups()
+    og = ps.metadata["rlnOpticsGroup"].to_numpy() if resampled else None
     for s in range(0, ps.n, chunk):
         rows = np.arange(s, min(s + chunk, ps.n))
-        img = ps.read_images(rows)
-        finite = np.isfinite(img).all(axis=(1, 2))
-        bad.extend(rows[~finite].tolist())
-        if check_norm and finite.any():
-            # the images as they are in their stacks (a resampled group's own box and pixels: RELION's test)
-            ok = rows[finite]
-            sets = [(ok, img[finite], radius)]
-            if resampled:
-                og = ps.metadata["rlnOpticsGroup"].to_numpy()[ok]
-                own = ~np.isin(og, list(resampled))
-                sets = [(ok[own], img[finite][own], radius)] + [
-                    (ok[og == g], ps.read_images(ok[og == g], native=True),
-                     int(np.floor(inp.diameter / (2.0 * a_g) + 0.5))) for g, (_, a_g) in resampled.items()]
-            for r, im, rad in sets:
-                if not len(r):
-                    continue
-                mean, std = background_stats(im, rad)
+        # a resampled group's images as they are in their stacks, at its own pixel size (RELION's background test;
+        # a NaN or infinite pixel makes the whole resampled image NaN, so the finite test is the same either way)
+        parts = [(rows, radius, False)] if og is None else \
+            [(rows[~np.isin(og[rows], list(resampled))], radius, False)] + \
+            [(rows[og[rows] == g], int(np.floor(inp.diameter / (2.0 * a_g) + 0.5)), True)
+             for g, (_, a_g) in resampled.items()]
+        for r, rad, native in parts:
+            if not len(r):
+                continue
+            img = ps.read_images(r, native=native)
+            finite = np.isfinite(img).all(axis=(1, 2))
+            bad.extend(r[~finite].tolist())
+            if check_norm and finite.any():
+                mean, std = background_stats(img[finite], rad)
                 off = np.nonzero(badly_normalised(mean, std))[0]
                 if off.size:
                     log.warning("%s: %s: background mean %.4g, standard deviation %.4g outside a %d-px radius: the "
                                 "images seem not normalised to mean 0 and standard deviation 1 (relion_preprocess "
                                 "--norm; --dont_check_norm silences this)", ps.star_path,
-                                ps.metadata["rlnImageName"].iloc[r[off[0]]], mean[off[0]], std[off[0]], rad)
+                                ps.metadata["rlnImageName"].iloc[r[finite][off[0]]], mean[off[0]], std[off[0]], rad)
                     check_norm = False  # once, as RELION
-                    break
+    bad.sort()
     if not bad:
         return inp
     if len(bad) == ps.n:
@@ -339,7 +338,7 @@ def drop_non_finite(inp: JobInputs, chunk: int = 512, check_norm: bool = True) -
     keep = np.setdiff1d(np.arange(ps.n), np.asarray(bad))
     sub = ParticleSet(ps.metadata.iloc[keep].reset_index(drop=True), ps.optics, ps.star_path)
     if (sub.box_size, sub.pixel_size) != (inp.box, inp.pixel_size):
-        raise InputError(ps.star_path, f"every particle of optics group {min(ps.box_sizes())}, whose grid ({inp.box} "
+        raise InputError(ps.star_path, f"every particle of optics group {ps.model_group()}, whose grid ({inp.box} "
                          f"px at {inp.pixel_size:g} Å) the model takes, holds NaN or infinite pixels",
                          "check the stacks it names (re-extract the particles), or leave that group out")
     ctf = None if inp.ctf is None else inp.ctf.take(keep)

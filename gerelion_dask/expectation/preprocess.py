@@ -167,8 +167,9 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
     del xm
     band = _band_limits(particles, settings)
     if band is not None:  # coarser optics groups: no data beyond their band (images, and CTFs below, 0 there)
-        ffull = ffull * (xp.asarray(shells_2d(N))[None] <= xp.asarray(band)[:, None, None])
-        fnomask = fnomask * (xp.asarray(shells_2d(n))[None] <= xp.asarray(band)[:, None, None])
+        ffull = ffull * band_mask(N, band, xp)
+        band_n = band_mask(n, band, xp)
+        fnomask = fnomask * band_n
     # per-shell power beyond the current size (half plane, k != 0), RELION's highres_Xi2
     sh = xp.asarray(shells_2d(N))
     from ..ops.fourier import likelihood_pixels
@@ -190,8 +191,14 @@ def preprocess_pool(images, particles: PoolParticles, settings: PreprocessSettin
     else:
         ctf = xp.ones(fimg.shape, dtype=np.float64)
     if band is not None:
-        ctf = ctf * (xp.asarray(shells_2d(n))[None] <= xp.asarray(band)[:, None, None])
+        ctf = ctf * band_n
     return PreprocessedPool(fimg, fnomask, ctf, power, power.sum(axis=1), int_off)
+
+
+def band_mask(n: int, last_shell, xp=np):
+    """``(B, n, n/2+1)`` bool: the pixels of an ``n``-pixel half-complex window at or below each image's last shell
+    of data ``last_shell (B,)`` (RELION's ROUND shells; a value of the box or more keeps the corners too)."""
+    return xp.asarray(shells_2d(n))[None] <= xp.asarray(last_shell)[:, None, None]
 
 
 def _band_limits(particles: PoolParticles, settings: PreprocessSettings):

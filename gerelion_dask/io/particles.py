@@ -241,7 +241,7 @@ class ParticleSet:
         table = self.optics[self.optics["rlnOpticsGroup"].isin(used)]
         return {int(g): float(p) for g, p in zip(table["rlnOpticsGroup"], table["rlnImagePixelSize"], strict=True)}
 
-    def _model_group(self) -> int:
+    def model_group(self) -> int:
         """The lowest-numbered optics group in use: its box and pixel size are the model's (RELION: the first optics
         group's)."""
         return min(self.box_sizes())
@@ -251,7 +251,7 @@ class ParticleSet:
         pixel size more than :data:`SAME_GRID_RTOL` away from the model's): ``{group: (box, pixel size)}``."""
         if "resampled" not in self._grid:
             boxes, sizes = self.box_sizes(), self.pixel_sizes()
-            g0 = self._model_group()
+            g0 = self.model_group()
             n0, a0 = boxes[g0], sizes[g0]
             self._grid.update(box=n0, apix=a0, resampled={
                 g: (boxes[g], sizes[g]) for g in sorted(boxes)
@@ -272,8 +272,7 @@ class ParticleSet:
     def box_size(self) -> int:
         """The model's box size (pixels): the lowest-numbered optics group's in use.  Other groups' images are read
         onto it (:meth:`read_images`, :meth:`resampled_groups`)."""
-        if "box" not in self._grid:
-            self._grid["box"] = self.box_sizes()[self._model_group()]
+        self.resampled_groups()
         return self._grid["box"]
 
     @property
